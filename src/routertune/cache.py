@@ -1,0 +1,87 @@
+"""A KV cache that stores nothing for skipped (layer, sequence) pairs.
+
+A routed layer's cache holds only the rows of the sequences that execute it, in batch order; a layer every
+sequence skips holds nothing at all. The per-sequence decisions taken at prefill live here, with the
+request, and are reused by every decode step. Batch reshuffles (beam search, row selection) re-map both.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class RoutedCache(DynamicCache):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decisions: dict[int, torch.Tensor] = {}  # layer -> (B,) bool, taken at prefill
+
+    # --- decisions -------------------------------------------------------------------------------
+    def decision(self, layer: int) -> torch.Tensor | None:
+        return self.decisions.get(layer)
+
+    def set_decision(self, layer: int, runs: torch.Tensor) -> None:
+        self.decisions[layer] = runs
+
+    # --- lengths: a fully skipped layer is empty, so ask a layer of the same kind that holds tokens ----
+    def _representative(self, layer_idx: int) -> int:
+        if layer_idx < len(self.layers) and not self.layers[layer_idx].is_initialized:
+            kind = type(self.layers[layer_idx])
+            for idx, layer in enumerate(self.layers):
+                if type(layer) is kind and layer.is_initialized:
+                    return idx
+        return layer_idx
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(self._representative(layer_idx))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return super().get_mask_sizes(query_length, self._representative(layer_idx))
+
+    # --- batch reshuffles ----------------------------------------------------------------------------
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        """New batch row i is old row rows[i]; re-map decisions and each routed layer's subset rows."""
+        for idx, layer in enumerate(self.layers):
+            runs = self.decisions.get(idx)
+            if runs is None:  # dense layer: every row is stored
+                if layer.get_seq_length() > 0:
+                    layer.batch_select_indices(rows.to(layer.keys.device))
+                continue
+            new_runs = runs[rows.to(runs.device)]
+            if layer.get_seq_length() > 0:
+                # position of each old row among the stored (executed) rows
+                stored_pos = torch.cumsum(runs.long(), 0) - 1  # (B_old,)
+                local = stored_pos[rows.to(runs.device)][new_runs]
+                layer.batch_select_indices(local.to(layer.keys.device))
+        self.decisions = {
+            idx: runs[rows.to(runs.device)] for idx, runs in self.decisions.items()
+        }
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        batch = next(iter(self.decisions.values())).shape[0] if self.decisions else None
+        if batch is None:
+            return super().batch_repeat_interleave(repeats)
+        self._select_rows(torch.arange(batch).repeat_interleave(repeats))
+
+    # --- accounting --------------------------------------------------------------------------------
+    def kv_elements(self) -> int:
+        """Number of cached key + value elements over all layers."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys is not None:
+                total += layer.keys.numel() + layer.values.numel()
+        return total
+
+    def kv_bytes(self) -> int:
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys is not None:
+                total += layer.keys.numel() * layer.keys.element_size()
+                total += layer.values.numel() * layer.values.element_size()
+        return total

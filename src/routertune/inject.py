@@ -1,0 +1,261 @@
+"""The only module that changes a base model: wrap routed sublayers, hook the decoder's forward so every call
+gets its own routing state, mark only routers trainable, and undo it all exactly.
+
+Hugging Face modeling code is wrapped, never forked (the pattern of peft's adaption_prompt): each routed
+sublayer is replaced on its parent by a `RoutedSublayer` that keeps the original module as `base_layer`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import nn
+
+from . import arch
+from .cache import RoutedCache
+from .config import RouterConfig
+from .router import Router, masked_mean, straight_through_gate
+from .routing import (
+    RoutingCall,
+    active_call,
+    current_call,
+    current_forcing,
+    pool_mask_override,
+)
+
+# keyword arguments of a sublayer call that carry a batch dimension and must follow the row selection
+_BATCHED_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+_HOOK_ATTR = "_routertune_original_forward"
+
+
+class RoutedSublayer(nn.Module):
+    """Runs `base_layer` only for the sequences whose router says so.
+
+    Inference: gather the running rows, run, scatter back; skipped rows contribute nothing (attention/MLP
+    output zero, block output = its input) and write no K/V. Training: run every row and multiply by the
+    straight-through binary gate, so skipping rows still get a gradient (METHOD.md §6.5).
+    """
+
+    def __init__(self, base_layer: nn.Module, layer_idx: int, granularity: str, hidden_size: int,
+                 input_norm: nn.Module | None, threshold_for):
+        super().__init__()
+        self.base_layer = base_layer
+        self.router = Router(hidden_size)
+        self.layer_idx = layer_idx
+        self.granularity = granularity
+        # whole-block routing pools the block's normed input, like the sublayer variants; the norm is
+        # borrowed (not owned) so it is not registered twice
+        self._input_norm = [input_norm] if input_norm is not None else []
+        self._threshold_for = threshold_for
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # unknown attributes (e.g. Gemma 3's `attention_type` on a block) come from the wrapped module
+            return getattr(super().__getattr__("base_layer"), name)
+
+    # -- decisions --------------------------------------------------------------------------------------
+    def _router_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._input_norm:
+            return self._input_norm[0](hidden_states)
+        return hidden_states
+
+    def _decide(self, call: RoutingCall, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: which sequences run this sublayer. Prefill decides; decode reuses."""
+        batch = hidden_states.shape[0]
+        cache = call.cache
+        if cache is not None:
+            stored = cache.decision(self.layer_idx)
+            if stored is not None:
+                if stored.shape[0] != batch:
+                    raise ValueError(
+                        f"layer {self.layer_idx}: the cache holds decisions for {stored.shape[0]} sequences "
+                        f"but this step has {batch}; use one RoutedCache per batch of prompts"
+                    )
+                call.decisions[self.layer_idx] = stored
+                return stored
+            if call.past_length > 0:
+                raise ValueError(
+                    f"decode step without a prefill decision for layer {self.layer_idx}: the cache already "
+                    f"holds {call.past_length} tokens but no routing decisions. Start generation from the "
+                    "prompt with a fresh RoutedCache (RoutedModel.generate does this for you)."
+                )
+        forcing = current_forcing()
+        threshold = self._threshold_for(self.layer_idx)
+        if forcing is not None:
+            runs = forcing.decision(self.layer_idx, batch, hidden_states.device)
+        else:
+            pooled = masked_mean(self._router_input(hidden_states), call.pool_mask)  # (B, H)
+            scores = self.router(pooled)  # (B,)
+            call.scores[self.layer_idx] = scores
+            if call.training:
+                call.gates[self.layer_idx] = straight_through_gate(scores, threshold)
+            runs = scores.detach() >= threshold
+        if call.training and self.layer_idx not in call.gates:
+            call.gates[self.layer_idx] = runs.float()
+        call.decisions[self.layer_idx] = runs
+        if cache is not None:
+            cache.set_decision(self.layer_idx, runs)
+        return runs
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        call = current_call()
+        runs = self._decide(call, hidden_states)
+        if call.training:
+            return self._gated(hidden_states, call.gates[self.layer_idx], args, kwargs)
+        n_run = int(runs.sum())
+        if n_run == runs.shape[0]:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        if n_run == 0:
+            return self._skipped(hidden_states)
+        rows = runs.nonzero().squeeze(-1)  # (n_run,)
+        batch = hidden_states.shape[0]
+        sub_kwargs = {
+            k: (_select_rows(v, rows, batch) if k in _BATCHED_KWARGS else v) for k, v in kwargs.items()
+        }
+        out = self.base_layer(hidden_states.index_select(0, rows), *args, **sub_kwargs)
+        main = out[0] if isinstance(out, tuple) else out
+        full = self._skipped_tensor(hidden_states).index_copy(0, rows, main)
+        return (full, *out[1:]) if isinstance(out, tuple) else full
+
+    def _skipped_tensor(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # a skipped block passes its input through; a skipped sublayer adds nothing to the residual
+        return hidden_states if self.granularity == "block" else torch.zeros_like(hidden_states)
+
+    def _skipped(self, hidden_states: torch.Tensor):
+        out = self._skipped_tensor(hidden_states)
+        return (out, None) if self.granularity == "attention" else out
+
+    def _gated(self, hidden_states, gate, args, kwargs):
+        out = self.base_layer(hidden_states, *args, **kwargs)
+        main = out[0] if isinstance(out, tuple) else out
+        g = gate.to(main.dtype).view(-1, *([1] * (main.dim() - 1)))  # (B, 1, 1)
+        if self.granularity == "block":
+            # exact at g in {0, 1}: 1*F + 0*x == F and 0*F + 1*x == x
+            gated = g * main + (1 - g) * hidden_states
+        else:
+            gated = g * main
+        return (gated, *out[1:]) if isinstance(out, tuple) else gated
+
+
+def _select_rows(value, rows: torch.Tensor, batch: int):
+    """Index the batch dimension of tensors (or tuples of them); size-1 leading dims are broadcasts."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.index_select(0, rows.to(value.device))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select_rows(v, rows, batch) for v in value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+def add_routers(model: nn.Module, config: RouterConfig) -> dict[int, RoutedSublayer]:
+    """Wrap the configured sublayers of `model` in place; returns {layer index: wrapper}."""
+    if is_routed(model):
+        raise ValueError("this model already has routers; call remove_routers(model) before adding new ones")
+    spec = arch.arch_spec(model)
+    blocks = arch.blocks_of(model)
+    layers = config.resolved_layers(len(blocks))
+    name = arch.sublayer_name(model, config.granularity)
+    hidden = model.config.hidden_size
+    wrappers: dict[int, RoutedSublayer] = {}
+    for idx in layers:
+        block = blocks[idx]
+        if name is None:
+            original, norm = block, getattr(block, spec.input_norm)
+        else:
+            original, norm = getattr(block, name), None
+        device = next(original.parameters()).device
+        wrapper = RoutedSublayer(original, idx, config.granularity, hidden, norm, config.threshold_for)
+        wrapper.router.to(device)
+        if name is None:
+            blocks[idx] = wrapper
+        else:
+            setattr(block, name, wrapper)
+        wrappers[idx] = wrapper
+    _hook_decoder(arch.decoder_of(model), model)
+    return wrappers
+
+
+def remove_routers(model: nn.Module) -> nn.Module:
+    """Put every original module back; the model is then exactly the base model again."""
+    blocks = arch.blocks_of(model)
+    for idx, block in enumerate(blocks):
+        if isinstance(block, RoutedSublayer):
+            blocks[idx] = block.base_layer
+            continue
+        for child_name, child in list(block.named_children()):
+            if isinstance(child, RoutedSublayer):
+                setattr(block, child_name, child.base_layer)
+    decoder = arch.decoder_of(model)
+    if _HOOK_ATTR in decoder.__dict__:
+        del decoder.__dict__["forward"]
+        del decoder.__dict__[_HOOK_ATTR]
+    return model
+
+
+def routed_sublayers(model: nn.Module) -> dict[int, RoutedSublayer]:
+    return {m.layer_idx: m for m in model.modules() if isinstance(m, RoutedSublayer)}
+
+
+def is_routed(model: nn.Module) -> bool:
+    return bool(routed_sublayers(model))
+
+
+def set_trainable(model: nn.Module) -> int:
+    """Freeze everything but the routers (the one place trainable parameters are defined)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(".router." in f".{name}")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _hook_decoder(decoder: nn.Module, model: nn.Module) -> None:
+    """Give every decoder call its own RoutingCall (read from the call's arguments, never stored on modules)."""
+    original = decoder.forward
+    signature = inspect.signature(original)
+    cache_key = "cache" if "cache" in signature.parameters else "past_key_values"
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        extra = arguments.pop(next((n for n, p in signature.parameters.items()
+                                     if p.kind is inspect.Parameter.VAR_KEYWORD), "__none__"), {})
+        arguments.update(extra)
+        cache = arguments.get(cache_key, arguments.get("past_key_values"))
+        training = decoder.training and torch.is_grad_enabled()
+        use_cache = arguments.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(model.config, "use_cache", False)
+        if training:
+            if cache is not None:
+                raise ValueError("a training forward of a routed model takes no KV cache; pass use_cache=False")
+            arguments["use_cache"] = False
+        elif cache is None and use_cache:
+            cache = RoutedCache(config=model.config)
+            arguments.pop("past_key_values", None)
+            arguments[cache_key] = cache
+        if cache is not None and not isinstance(cache, RoutedCache):
+            raise ValueError(
+                f"a routed model needs a RoutedCache, got {type(cache).__name__}: call RoutedModel.generate "
+                "(it makes one), or pass cache=routertune.RoutedCache(config=model.config)"
+            )
+        mask = pool_mask_override()
+        if mask is None:
+            attention_mask = arguments.get("attention_mask")
+            mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        call = RoutingCall(
+            pool_mask=mask,
+            cache=cache,
+            past_length=cache.get_seq_length() if cache is not None else 0,
+            training=training,
+            forcing=current_forcing(),
+        )
+        with active_call(call):
+            return original(**arguments)
+
+    decoder.__dict__[_HOOK_ATTR] = original
+    decoder.forward = forward

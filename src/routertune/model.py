@@ -1,0 +1,196 @@
+"""RoutedModel: a frozen Hugging Face causal LM with MindSkip routers, with forward, generate, statistics and
+router-only checkpoints (router_config.json + routers.safetensors)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import inject, routing
+from .cache import RoutedCache
+from .config import CONFIG_NAME, BaseModelIdentity, RouterConfig
+
+WEIGHTS_NAME = "routers.safetensors"
+
+
+class RoutedModel(nn.Module):
+    """Wraps (never forks) a causal LM. Only the routers are trainable.
+
+    >>> routed = RoutedModel(base_model, RouterConfig())          # attention routing, paper's layers
+    >>> out = routed.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=20)
+    """
+
+    def __init__(self, base_model: nn.Module, config: RouterConfig | None = None):
+        super().__init__()
+        config = config if config is not None else RouterConfig()
+        self.base_model = base_model
+        identity = model_identity(base_model)
+        if config.base_model is None:
+            config.base_model = identity
+        self.router_config = config
+        inject.add_routers(base_model, config)
+        config.layers = sorted(inject.routed_sublayers(base_model))
+        inject.set_trainable(base_model)
+
+    # -- basic properties --------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    @property
+    def routed_layers(self) -> list[int]:
+        return list(self.router_config.layers)
+
+    @property
+    def routers(self) -> dict[int, nn.Module]:
+        return {idx: w.router for idx, w in inject.routed_sublayers(self.base_model).items()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- running -------------------------------------------------------------------------------------------
+    def forward(self, *args, routing_mask: torch.Tensor | None = None, **kwargs):
+        """The base model's forward. `routing_mask` (B, T) chooses the tokens decisions are pooled over
+        (default: the attention mask); training passes the prompt tokens, as generation decides from them."""
+        with routing.pool_over(routing_mask):
+            return self.base_model(*args, **kwargs)
+
+    def new_cache(self) -> RoutedCache:
+        return RoutedCache(config=self.base_model.config)
+
+    def generate(self, *args, **kwargs):
+        """transformers' generate (greedy, sampling, beam search) with a RoutedCache unless one is given.
+        Pass `cache=routed.new_cache()` to read the decisions afterwards (`cache.decisions`)."""
+        if not kwargs.get("use_cache", True):
+            # without a cache every step re-reads the whole sequence: keep deciding from the prompt alone
+            prompt = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            if mask is None and prompt is not None:
+                mask = torch.ones_like(prompt)
+            with routing.pool_over(mask):
+                return self.base_model.generate(*args, **kwargs)
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            kwargs["cache"] = self.new_cache()
+        return self.base_model.generate(*args, **kwargs)
+
+    @staticmethod
+    def forced(mode: str = "run", skip_layers=()):
+        """Context manager forcing decisions: "run" (dense), "skip" (all routed sublayers), or
+        "skip_set" with `skip_layers`."""
+        return routing.forced(mode, skip_layers)
+
+    def set_threshold(self, threshold: float, layer_thresholds: dict[int, float] | None = None) -> None:
+        """Change the decision threshold (global and optionally per layer) in place; validated like the config."""
+        checked = RouterConfig(
+            granularity=self.router_config.granularity,
+            layers=self.router_config.layers,
+            threshold=threshold,
+            layer_thresholds=layer_thresholds,
+        )
+        self.router_config.threshold = checked.threshold
+        self.router_config.layer_thresholds = checked.layer_thresholds
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[routing.RoutingCall]]:
+        """Collect the routing calls (scores, decisions, training gates) of forwards run inside the block."""
+        with routing.record() as calls:
+            yield calls
+
+    def unwrap(self) -> nn.Module:
+        """Remove the routers and return the base model, exactly as it was."""
+        for param in self.base_model.parameters():
+            param.requires_grad_(True)
+        return inject.remove_routers(self.base_model)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def router_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"layers.{idx}.router.weight": r.weight.detach().cpu().contiguous() for idx, r in self.routers.items()}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write router_config.json + routers.safetensors (kilobytes), each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(self.router_state_dict(), p))
+        text = json.dumps(self.router_config.to_dict(), indent=2)
+        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike, **overrides) -> "RoutedModel":
+        """Attach saved routers to `base_model`; refused with the differing fields if it is another base."""
+        config = RouterConfig.load(directory)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        config = RouterConfig.from_dict({k: v for k, v in config.to_dict().items()})
+        expected, actual = config.base_model, model_identity(base_model)
+        if expected is not None:
+            problems = expected.mismatches(actual)
+            if problems:
+                raise ValueError(
+                    f"the routers in {directory} belong to another base model ({expected.name_or_path or 'unnamed'}): "
+                    + "; ".join(problems)
+                    + ". Load them onto the model they were trained on."
+                )
+        routed = cls(base_model, config)
+        weights_path = Path(directory) / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path} not found next to {CONFIG_NAME}")
+        state = load_file(str(weights_path))
+        expected_keys = set(routed.router_state_dict())
+        if set(state) != expected_keys:
+            raise ValueError(
+                f"{weights_path} holds keys {sorted(set(state) ^ expected_keys)} that do not match the routed "
+                f"layers {routed.routed_layers}"
+            )
+        with torch.no_grad():
+            for idx, router in routed.routers.items():
+                router.weight.copy_(state[f"layers.{idx}.router.weight"])
+        return routed
+
+
+def model_identity(model: nn.Module) -> BaseModelIdentity:
+    """Type, depth, width and a weight fingerprint: a hash of the first values of every base weight, rounded
+    to bfloat16 so the same weights loaded in float32 or bfloat16 match."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if ".router." in f".{name}" or param.device.type == "meta":
+                continue
+            name = name.replace(".base_layer", "")  # the same weights whether or not routers are attached
+            digest.update(name.encode())
+            sample = param.detach().reshape(-1)[:64].to(torch.bfloat16).float().cpu()
+            digest.update(sample.numpy().tobytes())
+    cfg = model.config
+    return BaseModelIdentity(
+        model_type=cfg.model_type,
+        num_hidden_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        fingerprint=digest.hexdigest()[:16],
+        name_or_path=str(getattr(cfg, "_name_or_path", "") or ""),
+    )
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write to a temporary file beside `path`, then rename over it: a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,66 @@
+"""The router (one linear layer on the mean-pooled sublayer input) and the straight-through gate.
+
+Imports only torch so it can be reused anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Router(nn.Module):
+    """Linear(hidden_size, 1, bias=False), zero-initialised so every score starts at exactly 0.5.
+
+    Kept in float32 whatever the base model's dtype: in bf16, tiny logits near zero fall into a dead zone
+    (METHOD.md §6.6), and the router costs nothing either way.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1, bias=False, dtype=torch.float32)
+        nn.init.zeros_(self.proj.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.proj.weight
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled: (B, H) in any dtype -> scores (B,) in float32."""
+        return torch.sigmoid(self.proj(pooled.float())).squeeze(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the real tokens of each sequence: x (B, T, H), mask (B, T) of 0/1 -> (B, H) float32.
+
+    Padding never enters the mean, so a sequence's decision does not depend on its batch-mates.
+    """
+    x = x.float()
+    if mask is None:
+        return x.mean(dim=1)
+    if mask.shape[1] < x.shape[1]:
+        # a prompt mask over a longer sequence (uncached generation): later tokens do not count
+        mask = torch.nn.functional.pad(mask, (0, x.shape[1] - mask.shape[1]))
+    elif mask.shape[1] > x.shape[1]:
+        raise ValueError(f"pooling mask covers {mask.shape[1]} tokens but the input has {x.shape[1]}")
+    weights = mask.to(device=x.device, dtype=torch.float32).unsqueeze(-1)  # (B, T, 1)
+    counts = weights.sum(dim=1).clamp_min(1.0)  # (B, 1)
+    return (x * weights).sum(dim=1) / counts
+
+
+class _StraightThroughStep(torch.autograd.Function):
+    """Forward: 1.0 where score >= threshold else 0.0. Backward: identity to the score."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        return (scores >= threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None
+
+
+def straight_through_gate(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Binary gate whose value is exactly 0 or 1 (executed layers reproduce the base model bit for bit)
+    while the router still receives dL/dgate through the sigmoid."""
+    return _StraightThroughStep.apply(scores, threshold)

@@ -1,0 +1,115 @@
+"""Per-request routing state. It lives in a context variable scoped to one forward call (and, for cached
+generation, in the request's RoutedCache), never on modules: two requests interleaved in one process, or
+two threads, cannot read each other's decisions."""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class Forcing:
+    """Override the routers: run everything, skip everything, or skip an explicit set of routed layers."""
+
+    mode: str  # "run" | "skip" | "skip_set"
+    skip_layers: frozenset[int] = frozenset()
+
+    def decision(self, layer: int, batch: int, device: torch.device) -> torch.Tensor:
+        runs = self.mode == "run" or (self.mode == "skip_set" and layer not in self.skip_layers)
+        return torch.full((batch,), runs, dtype=torch.bool, device=device)
+
+
+@dataclass
+class RoutingCall:
+    """Everything one forward call of a routed model needs and produces."""
+
+    pool_mask: torch.Tensor | None  # (B, T) tokens a decision is pooled over (real prompt tokens)
+    cache: object | None  # the request's RoutedCache, when caching
+    past_length: int  # tokens already in the cache when this call started (0 = prefill)
+    training: bool  # straight-through gating on every row instead of gather/scatter
+    forcing: Forcing | None
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) float32
+    decisions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) bool
+    gates: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) STE gate (training)
+
+    def capacity(self) -> torch.Tensor:
+        """Mean executed fraction over routed sublayers and batch; differentiable in training."""
+        if self.gates:
+            return torch.stack(list(self.gates.values())).mean()
+        return torch.stack([d.float() for d in self.decisions.values()]).mean()
+
+
+_CURRENT_CALL: ContextVar[RoutingCall | None] = ContextVar("routertune_call", default=None)
+_FORCING: ContextVar[Forcing | None] = ContextVar("routertune_forcing", default=None)
+_POOL_MASK: ContextVar[torch.Tensor | None] = ContextVar("routertune_pool_mask", default=None)
+_RECORDERS: ContextVar[tuple[list, ...]] = ContextVar("routertune_recorders", default=())
+
+
+def current_call() -> RoutingCall:
+    call = _CURRENT_CALL.get()
+    if call is None:
+        raise RuntimeError(
+            "a routed sublayer was called outside a routed model's forward; call the model (or its decoder) "
+            "rather than a single layer, or unwrap the routers first"
+        )
+    return call
+
+
+@contextlib.contextmanager
+def active_call(call: RoutingCall) -> Iterator[RoutingCall]:
+    token = _CURRENT_CALL.set(call)
+    try:
+        yield call
+    finally:
+        _CURRENT_CALL.reset(token)
+        for recorder in _RECORDERS.get():
+            recorder.append(call)
+
+
+@contextlib.contextmanager
+def forced(mode: str = "run", skip_layers=()) -> Iterator[None]:
+    """Force routing decisions inside the block: `forced("run")`, `forced("skip")`, or
+    `forced("skip_set", skip_layers={20, 21})` for baselines and tests. Decisions already stored in a
+    cache (decode steps) are kept: prefill decides, decode reuses."""
+    if mode not in ("run", "skip", "skip_set"):
+        raise ValueError(f"forcing mode {mode!r} is not one of run, skip, skip_set")
+    token = _FORCING.set(Forcing(mode, frozenset(int(i) for i in skip_layers)))
+    try:
+        yield
+    finally:
+        _FORCING.reset(token)
+
+
+def current_forcing() -> Forcing | None:
+    return _FORCING.get()
+
+
+@contextlib.contextmanager
+def pool_over(mask: torch.Tensor | None) -> Iterator[None]:
+    """Pool decisions over `mask` (B, T) instead of the attention mask, e.g. the prompt part of a training
+    sequence, so training decides from what generation will see."""
+    token = _POOL_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _POOL_MASK.reset(token)
+
+
+def pool_mask_override() -> torch.Tensor | None:
+    return _POOL_MASK.get()
+
+
+@contextlib.contextmanager
+def record() -> Iterator[list[RoutingCall]]:
+    """Collect the RoutingCall of every forward that finishes inside the block (scores, decisions, gates)."""
+    calls: list[RoutingCall] = []
+    token = _RECORDERS.set(_RECORDERS.get() + (calls,))
+    try:
+        yield calls
+    finally:
+        _RECORDERS.reset(token)
