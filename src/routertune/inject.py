@@ -83,7 +83,7 @@ class RoutedSublayer(nn.Module):
                     f"holds {call.past_length} tokens but no routing decisions. Start generation from the "
                     "prompt with a fresh RoutedCache (RoutedModel.generate does this for you)."
                 )
-        forcing = current_forcing()
+        forcing = call.forcing
         threshold = self._threshold_for(self.layer_idx)
         if forcing is not None:
             runs = forcing.decision(self.layer_idx, batch, hidden_states.device)
@@ -176,7 +176,7 @@ def add_routers(model: nn.Module, config: RouterConfig) -> dict[int, RoutedSubla
         else:
             setattr(block, name, wrapper)
         wrappers[idx] = wrapper
-    _hook_decoder(arch.decoder_of(model), model)
+    _hook_decoder(arch.decoder_of(model), model, frozenset(layers))
     return wrappers
 
 
@@ -212,7 +212,7 @@ def set_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _hook_decoder(decoder: nn.Module, model: nn.Module) -> None:
+def _hook_decoder(decoder: nn.Module, model: nn.Module, routed_layers: frozenset[int]) -> None:
     """Give every decoder call its own RoutingCall (read from the call's arguments, never stored on modules)."""
     original = decoder.forward
     signature = inspect.signature(original)
@@ -243,6 +243,12 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module) -> None:
                 f"a routed model needs a RoutedCache, got {type(cache).__name__}: call RoutedModel.generate "
                 "(it makes one), or pass cache=routertune.RoutedCache(config=model.config)"
             )
+        forcing = current_forcing()
+        if forcing is not None and not forcing.skip_layers <= routed_layers:
+            raise ValueError(
+                f"cannot force-skip layers {sorted(forcing.skip_layers - routed_layers)}: they are not routed "
+                f"(routed layers: {sorted(routed_layers)}); route them via RouterConfig(layers=...)"
+            )
         mask = pool_mask_override()
         if mask is None:
             attention_mask = arguments.get("attention_mask")
@@ -252,7 +258,7 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module) -> None:
             cache=cache,
             past_length=cache.get_seq_length() if cache is not None else 0,
             training=training,
-            forcing=current_forcing(),
+            forcing=forcing,
         )
         with active_call(call):
             return original(**arguments)
