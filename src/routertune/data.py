@@ -21,7 +21,6 @@ kept out of the training mix: it is reserved for held-out perplexity
 
 from __future__ import annotations
 
-import copy
 import functools
 import gzip
 import hashlib
@@ -171,9 +170,8 @@ def _alpaca_to_messages(raw: dict, where: str) -> list[dict]:
 
 
 def _type_name(value: object) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return names.get(type(value), "null" if value is None else f"a {type(value).__name__}")
 
 
 def _describe(value: object) -> str:
@@ -217,7 +215,8 @@ def default_records(split: str = "train", n: int | None = None, seed: int = 0) -
     mixed = _round_robin(per_task)
     if n is not None:
         mixed = mixed[:n]
-    return copy.deepcopy(mixed)  # callers may mutate; the parsed files stay cached
+    # Fresh copies: callers may mutate records, the parsed files stay cached.
+    return [{**record, "messages": [dict(message) for message in record["messages"]]} for record in mixed]
 
 
 def lambada_passages(n: int | None = None) -> list[str]:
@@ -349,7 +348,8 @@ def _coqa_records(rows: list[dict]) -> Iterable[tuple[str, list[dict]]]:
             continue  # the file has one row per turn; every row holds the full conversation
         done.add(story)
         turns = doc["previous_qa"]
-        answerable = [i for i in range(min(len(turns), _COQA_MAX_TURN)) if turns[i]["answer"].strip(". ").lower() != "unknown"]
+        first_turns = range(min(len(turns), _COQA_MAX_TURN))
+        answerable = [i for i in first_turns if turns[i]["answer"].strip(". ").lower() != "unknown"]
         if not answerable:
             continue
         last = answerable[int(hashlib.sha256(story.encode()).hexdigest(), 16) % len(answerable)]
