@@ -4,10 +4,8 @@ router-only checkpoints (router_config.json + routers.safetensors)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +16,7 @@ from torch import nn
 from . import inject, routing
 from .cache import RoutedCache
 from .config import CONFIG_NAME, BaseModelIdentity, RouterConfig
+from .files import atomic_write, write_json
 
 WEIGHTS_NAME = "routers.safetensors"
 
@@ -123,9 +122,9 @@ class RoutedModel(nn.Module):
         """Write router_config.json + routers.safetensors (kilobytes), each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(self.router_state_dict(), p))
-        text = json.dumps(self.router_config.to_dict(), indent=2)
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        state = self.router_state_dict()
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
+        write_json(directory / CONFIG_NAME, self.router_config.to_dict())
         return directory
 
     @classmethod
@@ -181,16 +180,3 @@ def model_identity(model: nn.Module) -> BaseModelIdentity:
         fingerprint=digest.hexdigest()[:16],
         name_or_path=str(getattr(cfg, "_name_or_path", "") or ""),
     )
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write to a temporary file beside `path`, then rename over it: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

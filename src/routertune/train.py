@@ -6,6 +6,7 @@ with the straight-through binary gate; decisions are pooled over the prompt, as 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import IGNORE_INDEX
 from .model import RoutedModel
 
 log = logging.getLogger(__name__)
@@ -23,8 +26,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     target_capacity: float = field(default=0.5, metadata={"help": "fraction of routed sublayers to run, in [0, 1]"})
-    capacity_weight: float = field(default=1.0, metadata={"help": "lambda of the capacity hinge"})
-    learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate for the routers"})
+    capacity_weight: float = field(default=0.1, metadata={"help": "lambda of the capacity hinge"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for the routers"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps with linear warm-up"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
@@ -61,19 +64,33 @@ class TrainResult:
     dense: EvalResult | None = None
 
 
+def response_loss(routed: RoutedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over labelled (response) tokens and their count.
+
+    Logits are computed only at positions whose next token is labelled: with a 49k vocabulary the LM head
+    over every position would cost more than the routed layers themselves.
+    """
+    targets = batch["labels"][:, 1:]  # (B, T-1): the token at t+1 is predicted at position t
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # (K,) positions read by the loss
+    out = routed(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        routing_mask=batch.get("prompt_mask"),
+        use_cache=False,
+        logits_to_keep=keep,
+    )
+    chosen = targets[:, keep]  # (B, K)
+    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), chosen.flatten(), ignore_index=IGNORE_INDEX)
+    return loss, int((chosen != IGNORE_INDEX).sum())
+
+
 def routed_loss(routed: RoutedModel, batch: dict[str, torch.Tensor], cfg: TrainConfig):
     """(total loss, lm loss, capacity) for one batch, with the straight-through gates."""
     with routed.recording() as calls:
-        out = routed(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            routing_mask=batch.get("prompt_mask"),
-            use_cache=False,
-        )
+        lm_loss, _ = response_loss(routed, batch)
     capacity = calls[-1].capacity()
-    total = out.loss + cfg.capacity_weight * torch.relu(capacity - cfg.target_capacity)
-    return total, out.loss, capacity
+    total = lm_loss + cfg.capacity_weight * torch.relu(capacity - cfg.target_capacity)
+    return total, lm_loss, capacity
 
 
 @torch.no_grad()
@@ -85,14 +102,10 @@ def evaluate_loss(routed: RoutedModel, batches: Iterable[dict[str, torch.Tensor]
     runs: dict[int, list[torch.Tensor]] = {}
     try:
         for batch in batches:
-            tokens = int((batch["labels"][:, 1:] != -100).sum())
             with routed.recording() as calls:
-                if dense:
-                    with routed.forced("run"):
-                        out = routed(**_model_inputs(batch), use_cache=False)
-                else:
-                    out = routed(**_model_inputs(batch), use_cache=False)
-            total_loss += float(out.loss) * tokens
+                with routed.forced("run") if dense else contextlib.nullcontext():
+                    loss, tokens = response_loss(routed, batch)
+            total_loss += float(loss) * tokens
             total_tokens += tokens
             for layer, decision in calls[-1].decisions.items():
                 runs.setdefault(layer, []).append(decision.float())
@@ -104,15 +117,6 @@ def evaluate_loss(routed: RoutedModel, batches: Iterable[dict[str, torch.Tensor]
         loss=total_loss / max(total_tokens, 1),
         capacity=capacity,
         skip_rate={layer: 1.0 - rate for layer, rate in per_layer.items()},
-    )
-
-
-def _model_inputs(batch):
-    return dict(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        labels=batch["labels"],
-        routing_mask=batch.get("prompt_mask"),
     )
 
 
@@ -157,7 +161,7 @@ def train_routers(
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        record = {"step": step, "loss": float(loss), "lm_loss": float(lm_loss), "capacity": float(capacity)}
+        record = {"step": step, "loss": loss.item(), "lm_loss": lm_loss.item(), "capacity": capacity.item()}
         result.history.append(record)
         bar.set_postfix(lm=f"{record['lm_loss']:.3f}", cap=f"{record['capacity']:.2f}")
     routed.eval()

@@ -1,0 +1,143 @@
+"""`routertune` command line: a thin table from subcommand to library function. Flags come from the
+dataclass fields (help text lives with the field), and this is the only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+
+from . import pipeline
+from .train import TrainConfig
+
+
+def _flag_type(annotation):
+    """(argparse type, nargs, is_bool) for a dataclass field annotation."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return _flag_type(args[0])
+    if origin is list:
+        return args[0], "+", False
+    if annotation is bool:
+        return None, None, True
+    return annotation, None, False
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        kind, nargs, is_bool = _flag_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if is_bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, nargs=nargs, default=default,
+                               help=f"{help_text} (default: {default})")
+
+
+def _build(cls, namespace, **extra):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(namespace).items() if k in names}, **extra)
+
+
+def _print_tune(report: pipeline.TuneReport, cfg: TrainConfig) -> None:
+    res = report.result
+    print(f"routers saved to {report.output} ({report.trainable_parameters} trainable weights, "
+          f"{report.samples} samples, {report.truncated} truncated, {res.steps} steps in {res.seconds:.0f} s)")
+    if res.after is not None:
+        print(f"held-out response loss: dense {res.dense.loss:.4f}  routed {res.after.loss:.4f}  "
+              f"(capacity {res.after.capacity:.2f}, target {cfg.target_capacity:.2f})")
+
+
+def _print_generations(generations: list[pipeline.Generation]) -> None:
+    for gen in generations:
+        skipped = [layer for layer, ran in gen.runs.items() if not ran]
+        print(f"\n>>> {gen.prompt}\n{gen.completion}")
+        print("[layers] " + " ".join(f"{layer}:{'run' if ran else 'SKIP'}" for layer, ran in gen.runs.items()))
+        print(f"[skipped {len(skipped)} of {len(gen.runs)} routed layers: {skipped}]")
+
+
+def cmd_train(args) -> int:
+    cfg = _build(TrainConfig, args)
+    _print_tune(pipeline.tune(_build(pipeline.TuneJob, args), cfg), cfg)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    _print_generations(pipeline.generate(_build(pipeline.GenerateJob, args)))
+    return 0
+
+
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Write a haiku about autumn leaves.",
+]
+
+
+def cmd_demo(args) -> int:
+    """The README's main job: tune routers briefly on the default model, then generate with them."""
+    job = pipeline.TuneJob(output=args.output, model=args.model, cache_dir=args.cache_dir, samples=args.samples,
+                           heldout_samples=32, max_length=256, overwrite=True)
+    cfg = TrainConfig()
+    print(f"1/2 training routers on {args.model or 'the embedded SmolLM2-135M-Instruct'} "
+          f"({args.samples} samples) -> {args.output}")
+    _print_tune(pipeline.tune(job, cfg), cfg)
+    print("\n2/2 generating with the trained routers (greedy)")
+    _print_generations(pipeline.generate(pipeline.GenerateJob(
+        prompts=DEMO_PROMPTS, routers=args.output, model=args.model, cache_dir=args.cache_dir, max_new_tokens=48)))
+    return 0
+
+
+COMMANDS = {
+    "demo": (cmd_demo, "main job: train routers briefly on the default model, then generate and show skips", []),
+    "train": (cmd_train, "train routers on a frozen model (Router-Tuning)",
+              [(pipeline.TuneJob, ()), (TrainConfig, ())]),
+    "generate": (cmd_generate, "generate with trained routers and show which layers each prompt skipped",
+                 [(pipeline.GenerateJob, ("prompts",))]),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="routertune", description="Router-Tuning with MindSkip: let each input skip the attention layers it does not need.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (func, help_text, classes) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "generate":
+            p.add_argument("prompts", nargs="+", help="prompts to complete")
+        if name == "demo":
+            p.add_argument("--output", default="runs/demo", help="folder for the demo's routers")
+            p.add_argument("--samples", type=int, default=128, help="training records")
+            p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
+            p.add_argument("--cache-dir", default=None, help="cache folder of the converted default model")
+        for cls, skip in classes:
+            add_dataclass_flags(p, cls, skip)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("routertune").setLevel(logging.INFO)  # one-time conversion notices
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"routertune {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
