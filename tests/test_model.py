@@ -175,3 +175,26 @@ def test_forced_skip_set_outside_routed_layers_is_an_error():
     with pytest.raises(ValueError, match="not routed"):
         with routed.forced("skip_set", skip_layers=[0]):
             routed(input_ids=ids)
+
+
+def test_static_drop_importance_equals_hand_computation():
+    from routertune.baselines import attention_importance
+
+    model = build_tiny("llama")
+    ids, mask, _ = padded_batch([7, 4], "right")
+    got = attention_importance(model, [{"input_ids": ids, "attention_mask": mask}]).scores
+    # by hand: run the blocks one by one and compare the residual before and after attention
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        pos = torch.arange(ids.shape[1])[None]
+        rope = model.model.rotary_emb(h, pos)
+        from transformers.masking_utils import create_causal_mask
+
+        causal = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=mask, cache=None,
+                                    position_ids=pos)
+        for idx, block in enumerate(model.model.layers):
+            attn, _ = block.self_attn(block.input_layernorm(h), position_embeddings=rope, attention_mask=causal)
+            cos = torch.nn.functional.cosine_similarity(h, h + attn, dim=-1)
+            expected = float(((1 - cos) * mask).sum() / mask.sum())
+            assert got[idx] == pytest.approx(expected, rel=1e-5)
+            h = block(h, attention_mask=causal, position_embeddings=rope, position_ids=pos)
