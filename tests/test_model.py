@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import build_tiny, padded_batch
 from helpers import mix_decisions
 from routertune import RoutedCache, RoutedModel, RouterConfig
-from routertune.train import TrainConfig, routed_loss
+from routertune.train import TrainConfig, micro_batch_loss
 
 
 def _batch(seed=1):
@@ -35,7 +35,9 @@ def test_only_router_weights_change_and_trainable_count(family, granularity):
     optimizer = torch.optim.AdamW(routed.trainable_parameters(), lr=0.1)
     routed.train()
     for step in range(3):
-        loss, _, _ = routed_loss(routed, _batch(step), TrainConfig(target_capacity=0.3))
+        batch = _batch(step)
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        loss, _, _, _ = micro_batch_loss(routed, routed, batch, TrainConfig(target_capacity=0.3), tokens, 3)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

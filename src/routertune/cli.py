@@ -4,6 +4,7 @@ dataclass fields (help text lives with the field), and this is the only module t
 from __future__ import annotations
 
 import argparse
+import importlib
 import dataclasses
 import logging
 import sys
@@ -53,7 +54,7 @@ def _print_tune(report: pipeline.TuneReport, cfg: TrainConfig) -> None:
     res = report.result
     print(f"routers saved to {report.output} ({report.trainable_parameters} trainable weights, "
           f"{report.samples} samples, {report.truncated} truncated, {res.steps} steps in {res.seconds:.0f} s)")
-    if res.after is not None:
+    if res.after is not None and res.dense is not None:
         print(f"held-out response loss: dense {res.dense.loss:.4f}  routed {res.after.loss:.4f}  "
               f"(capacity {res.after.capacity:.2f}, target {cfg.target_capacity:.2f})")
 
@@ -99,12 +100,71 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from . import evaluate
+
+    report = evaluate.evaluate_job(_build(evaluate.EvalJob, args))
+    harness = report.harness
+    print(f"{report.setting['name']}: attention skip ratio {harness.skip_ratio:.1%} of all attention sublayers "
+          f"({harness.seconds:.0f} s in the harness, lm-eval {harness.harness_version}"
+          + (f", limit {harness.limit} per task" if harness.limit else "") + ")")
+    if report.dropped is not None:
+        print(f"dropped attention layers: {report.dropped}")
+    print(f"{'task':<16}{'shots':>6}{'items':>7}  {'acc':>14}  {'acc_norm':>14}  {'skip':>6}")
+    for name, score in harness.tasks.items():
+        cells = [f"{100 * score.metrics[m]:6.2f} ± {100 * score.stderr.get(m, float('nan')):4.2f}" if m in score.metrics
+                 else f"{'-':>14}" for m in ("acc", "acc_norm")]
+        print(f"{name:<16}{score.shots:>6}{score.samples:>7}  {cells[0]}  {cells[1]}  {score.skip['skip_ratio']:6.1%}")
+    print(f"average ({', '.join(f'{n} {s.headline}' for n, s in harness.tasks.items())}): {100 * harness.average():.2f}")
+    for source, ppl in report.perplexity.items():
+        print(f"perplexity {source}: {ppl.ppl:.3f} ({ppl.texts} passages, {ppl.tokens} tokens scored)")
+    if report.fidelity is not None:
+        f = report.fidelity
+        print(f"greedy fidelity vs dense ({f.prompts} prompts x {f.max_new_tokens} tokens): token agreement "
+              f"{f.token_agreement:.3f}, exact match {f.exact_match:.3f}, common prefix {f.prefix_agreement:.3f}")
+    if report.output:
+        print(f"results written to {report.output}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from . import calibrate
+
+    report = calibrate.calibrate_job(_build(calibrate.CalibrateJob, args))
+    res = report.result
+    where = "per-layer thresholds" if res.per_layer else f"threshold {res.threshold:.6f}"
+    print(f"calibrated to capacity {res.target:.3f}: {where}; realised {res.capacity:.4f} on {res.prompts} "
+          f"calibration prompts ({len(res.history)} passes, {res.seconds:.0f} s)")
+    if report.heldout_capacity is not None:
+        print(f"held-out capacity: {report.heldout_capacity:.4f} on {report.heldout_prompts} prompts "
+              f"(off by {report.heldout_capacity - res.target:+.4f})")
+    if res.per_layer and res.layer_thresholds:
+        print("thresholds: " + " ".join(f"{k}:{v:.4f}" for k, v in sorted(res.layer_thresholds.items())))
+    print(f"router config saved to {report.output}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import compare
+
+    report = compare.compare(_build(compare.CompareJob, args))
+    print(report.markdown)
+    print(f"written to {args.output}/compare.md and compare.json ({report.seconds:.0f} s)")
+    return 0
+
+
 COMMANDS = {
     "demo": (cmd_demo, "main job: train routers briefly on the default model, then generate and show skips", []),
     "train": (cmd_train, "train routers on a frozen model (Router-Tuning)",
               [(pipeline.TuneJob, ()), (TrainConfig, ())]),
     "generate": (cmd_generate, "generate with trained routers and show which layers each prompt skipped",
                  [(pipeline.GenerateJob, ("prompts",))]),
+    "eval": (cmd_eval, "benchmarks on lm-evaluation-harness (local data): dense, routers, static or random drop",
+             [("routertune.evaluate:EvalJob", ())]),
+    "calibrate": (cmd_calibrate, "set the threshold so routers run a requested fraction of routed sublayers",
+                  [("routertune.calibrate:CalibrateJob", ())]),
+    "compare": (cmd_compare, "dense vs static drop vs random drop vs routers at matched attention skip ratios",
+                [("routertune.compare:CompareJob", ())]),
 }
 
 
@@ -123,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
             p.add_argument("--cache-dir", default=None, help="cache folder of the converted default model")
         for cls, skip in classes:
+            if isinstance(cls, str):  # imported lazily: the harness takes seconds to import
+                module, _, name = cls.partition(":")
+                cls = getattr(importlib.import_module(module), name)
             add_dataclass_flags(p, cls, skip)
         p.set_defaults(func=func)
     return parser
@@ -134,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("routertune").setLevel(logging.INFO)  # one-time conversion notices
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"routertune {args.command}: error: {error}", file=sys.stderr)
         return 2
 

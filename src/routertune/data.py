@@ -110,6 +110,39 @@ def load_records(path: str | Path) -> list[dict]:
     return records
 
 
+def load_any(source: str) -> list[dict]:
+    """Records from a JSONL file, a folder saved by `datasets` (save_to_disk), or a hub dataset name
+    (train split; needs the `datasets` package and a reachable hub)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return load_records(path)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{source!r} is not a JSONL file; reading a `datasets` folder or hub dataset needs the `datasets` "
+            "package (pip install datasets)"
+        ) from None
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise DataError(f"{source}: the saved DatasetDict has no 'train' split (splits: {list(loaded)})")
+            loaded = loaded["train"]
+    else:
+        try:
+            loaded = datasets.load_dataset(source, split="train")
+        except Exception as error:  # the hub raises many types; the message is what matters
+            raise DataError(
+                f"{source!r} is neither a local file/folder nor a reachable hub dataset ({error}); "
+                "pass a JSONL file or a folder written by datasets.save_to_disk"
+            ) from None
+    records = [normalize_record(row, f"{source}, row {i + 1}") for i, row in enumerate(loaded)]
+    if not records:
+        raise DataError(f"{source}: the dataset is empty")
+    return records
+
+
 def normalize_record(raw: object, where: str = "record") -> dict:
     """Validate one record in any accepted form and return its normalized form.
 

@@ -176,7 +176,7 @@ def add_routers(model: nn.Module, config: RouterConfig) -> dict[int, RoutedSubla
         else:
             setattr(block, name, wrapper)
         wrappers[idx] = wrapper
-    _hook_decoder(arch.decoder_of(model), model, frozenset(layers))
+    _hook_decoder(arch.decoder_of(model), model, wrappers)
     return wrappers
 
 
@@ -205,17 +205,24 @@ def is_routed(model: nn.Module) -> bool:
     return bool(routed_sublayers(model))
 
 
+def is_trainable(name: str) -> bool:
+    """Routers, and LoRA layers when they were added (routertune.lora)."""
+    return ".router." in f".{name}" or "lora_" in name
+
+
 def set_trainable(model: nn.Module) -> int:
-    """Freeze everything but the routers (the one place trainable parameters are defined)."""
+    """Freeze everything but the routers and LoRA layers (the one place trainable parameters are defined)."""
     for name, param in model.named_parameters():
-        param.requires_grad_(".router." in f".{name}")
+        param.requires_grad_(is_trainable(name))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _hook_decoder(decoder: nn.Module, model: nn.Module, routed_layers: frozenset[int]) -> None:
+def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, RoutedSublayer]) -> None:
     """Give every decoder call its own RoutingCall (read from the call's arguments, never stored on modules)."""
     original = decoder.forward
     signature = inspect.signature(original)
+    routed_layers = frozenset(wrappers)
+    first_wrapper = next(iter(wrappers.values()))
     cache_key = "cache" if "cache" in signature.parameters else "past_key_values"
 
     @functools.wraps(original)
@@ -226,7 +233,8 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, routed_layers: frozenset
                                      if p.kind is inspect.Parameter.VAR_KEYWORD), "__none__"), {})
         arguments.update(extra)
         cache = arguments.get(cache_key, arguments.get("past_key_values"))
-        training = decoder.training and torch.is_grad_enabled()
+        # the routers' mode decides: the frozen base model itself always stays in eval mode (no dropout)
+        training = first_wrapper.training and torch.is_grad_enabled()
         use_cache = arguments.get("use_cache")
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", False)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import inject, routing
+from . import inject, lora, routing
 from .cache import RoutedCache
 from .config import CONFIG_NAME, BaseModelIdentity, RouterConfig
 from .files import atomic_write, write_json
@@ -39,6 +39,7 @@ class RoutedModel(nn.Module):
         inject.add_routers(base_model, config)
         config.layers = sorted(inject.routed_sublayers(base_model))
         inject.set_trainable(base_model)
+        self.eval()  # like a loaded Hugging Face model: inference until .train() is called
 
     # -- basic properties --------------------------------------------------------------------------------
     @property
@@ -56,6 +57,16 @@ class RoutedModel(nn.Module):
     @property
     def routers(self) -> dict[int, nn.Module]:
         return {idx: w.router for idx, w in inject.routed_sublayers(self.base_model).items()}
+
+    def train(self, mode: bool = True) -> "RoutedModel":
+        """Training mode for the routers only: the frozen base stays in eval mode (no dropout), so executed
+        layers reproduce it exactly."""
+        super().train(mode)
+        self.base_model.eval()
+        for wrapper in inject.routed_sublayers(self.base_model).values():
+            wrapper.training = mode
+            wrapper.router.train(mode)
+        return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -119,11 +130,15 @@ class RoutedModel(nn.Module):
         return {f"layers.{idx}.router.weight": r.weight.detach().cpu().contiguous() for idx, r in self.routers.items()}
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write router_config.json + routers.safetensors (kilobytes), each atomically."""
+        """Write router_config.json + routers.safetensors (kilobytes), each atomically; with LoRA layers,
+        also adapter_config.json + lora.safetensors."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.router_state_dict()
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
+        if lora.has_lora(self.base_model):
+            lora.save_lora(self.base_model, directory)
+        # the config goes last: a folder with router_config.json is complete
         write_json(directory / CONFIG_NAME, self.router_config.to_dict())
         return directory
 
@@ -143,7 +158,10 @@ class RoutedModel(nn.Module):
                     + "; ".join(problems)
                     + ". Load them onto the model they were trained on."
                 )
+        with_lora = lora.inject_saved_lora(base_model, Path(directory))
         routed = cls(base_model, config)
+        if with_lora:
+            lora.load_lora_weights(base_model, Path(directory))
         weights_path = Path(directory) / WEIGHTS_NAME
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path} not found next to {CONFIG_NAME}")
@@ -166,7 +184,7 @@ def model_identity(model: nn.Module) -> BaseModelIdentity:
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            if ".router." in f".{name}" or param.device.type == "meta":
+            if inject.is_trainable(name) or param.device.type == "meta":
                 continue
             name = name.replace(".base_layer", "")  # the same weights whether or not routers are attached
             digest.update(name.encode())

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import data
+from . import data, lora
 from .config import CONFIG_NAME, RouterConfig
 from .files import write_json
 from .model import RoutedModel
 from .models import load_model_and_tokenizer
-from .train import TrainConfig, TrainResult, train_routers
+from .train import CHECKPOINTS, TrainConfig, TrainResult, train_routers
 
 log = logging.getLogger(__name__)
 METRICS_NAME = "train_metrics.json"
@@ -25,27 +27,33 @@ METRICS_NAME = "train_metrics.json"
 
 @dataclass
 class TuneJob:
-    """What `routertune train` does; every field is a CLI flag."""
+    """What `routertune train` does besides the optimisation settings (TrainConfig); every field is a flag."""
 
-    output: str = field(default="runs/routers", metadata={"help": "folder for the routers and metrics"})
+    output: str = field(default="runs/routers", metadata={"help": "folder for the routers, checkpoints and metrics"})
     model: str | None = field(default=None, metadata={"help": "local HF folder or hub id; default: embedded SmolLM2-135M-Instruct"})
     cache_dir: str | None = field(default=None, metadata={"help": "where the converted default model is cached (default $ROUTERTUNE_CACHE or ~/.cache/routertune)"})
-    data: str | None = field(default=None, metadata={"help": "JSONL file (chat / Alpaca / text); default: the offline mix of generative tasks"})
-    samples: int = field(default=1000, metadata={"help": "training records used (one epoch)"})
+    data: str | None = field(default=None, metadata={"help": "JSONL file (chat / Alpaca / text), a saved `datasets` folder or a hub dataset; default: the offline mix"})
+    samples: int = field(default=1000, metadata={"help": "training records used"})
     heldout_samples: int = field(default=64, metadata={"help": "held-out records for loss and capacity"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per optimiser step"})
     max_length: int = field(default=512, metadata={"help": "tokens per sequence; longer records are truncated and counted"})
     granularity: str = field(default="attention", metadata={"help": "attention (MindSkip), mlp or block"})
     layers: list[int] | None = field(default=None, metadata={"help": "routed layer indices (default: paper's rule)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace routers already in --output"})
+    lora_rank: int = field(default=0, metadata={"help": "also train LoRA (q_proj, v_proj) of this rank with the routers (0 = off)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a run already in --output"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output from its latest checkpoint"})
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("samples", "batch_size", "max_length"):
+        for name in ("samples", "max_length"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.heldout_samples < 0:
             problems.append(f"heldout_samples={self.heldout_samples} must be >= 0")
+        if self.lora_rank < 0:
+            problems.append(f"lora_rank={self.lora_rank} must be >= 0")
+        if self.overwrite and self.resume:
+            problems.append("--overwrite and --resume exclude each other")
         if problems:
             raise ValueError("Invalid training job: " + "; ".join(problems))
 
@@ -62,21 +70,23 @@ class TuneReport:
 def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneReport:
     """Train routers on a frozen model and save them (router_config.json, routers.safetensors, metrics)."""
     output = Path(job.output)
-    if (output / CONFIG_NAME).exists() and not job.overwrite:
-        raise FileExistsError(
-            f"{output} already holds routers from another run; choose another --output or pass --overwrite"
-        )
+    _check_output(output, job)
+    accelerator = _accelerator()
+    device = accelerator.device if accelerator is not None else _device(job.device)
     records, heldout_records = _records(job)
-    model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)
+    model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir, device=device)
     examples, truncated = data.encode_records(records, tokenizer, job.max_length)
     heldout_examples, _ = data.encode_records(heldout_records, tokenizer, job.max_length)
     pad = tokenizer.pad_token_id
-    batches = [data.collate(b, pad) for b in data.length_batches(examples, job.batch_size, train_cfg.seed)]
-    heldout = [data.collate(b, pad) for b in data.length_batches(heldout_examples, job.batch_size, 0)]
+    heldout = [_to(data.collate(b, pad), device) for b in data.length_batches(heldout_examples, train_cfg.batch_size, 0)]
 
+    if job.lora_rank:
+        lora.add_lora(model, job.lora_rank)
     routed = RoutedModel(model, RouterConfig(granularity=job.granularity, layers=job.layers))
-    result = train_routers(routed, batches, train_cfg, heldout=heldout, progress=progress)
-    routed.save_pretrained(output)
+    if job.overwrite:
+        shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
+    result = train_routers(routed, examples, train_cfg, pad, heldout=heldout, output=output, resume=job.resume,
+                           accelerator=accelerator, progress=progress)
     report = TuneReport(
         output=str(output),
         samples=len(examples),
@@ -84,8 +94,38 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
         trainable_parameters=sum(p.numel() for p in routed.trainable_parameters()),
         result=result,
     )
-    write_json(output / METRICS_NAME, {"job": asdict(job), "train": asdict(train_cfg), **asdict(report)})
+    if accelerator is None or accelerator.is_main_process:
+        routed.save_pretrained(output)
+        write_json(output / METRICS_NAME, {"job": asdict(job), "train": asdict(train_cfg), **asdict(report)})
     return report
+
+
+def _check_output(output: Path, job: TuneJob) -> None:
+    holds_run = (output / CONFIG_NAME).exists() or (output / CHECKPOINTS).exists()
+    if holds_run and not (job.overwrite or job.resume):
+        raise FileExistsError(
+            f"{output} already holds another run; choose another --output, continue it with --resume, "
+            "or replace it with --overwrite"
+        )
+
+
+def _accelerator():
+    """An accelerate Accelerator when launched with several processes (`accelerate launch`), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _records(job: TuneJob) -> tuple[list[dict], list[dict]]:
@@ -94,11 +134,11 @@ def _records(job: TuneJob) -> tuple[list[dict], list[dict]]:
             data.default_records("train", n=job.samples),
             data.default_records("heldout", n=job.heldout_samples) if job.heldout_samples else [],
         )
-    records = data.load_records(job.data)
-    # hold out the tail of the user's file (deterministic) when asked to
+    records = data.load_any(job.data)
+    # hold out the tail of the user's data (deterministic), at most a tenth of it
     n_heldout = min(job.heldout_samples, len(records) // 10)
-    heldout, train = records[len(records) - n_heldout:] if n_heldout else [], records[: len(records) - n_heldout]
-    return train[: job.samples], heldout
+    cut = len(records) - n_heldout
+    return records[:cut][: job.samples], records[cut:]
 
 
 @dataclass

@@ -26,8 +26,9 @@ class Router(nn.Module):
         return self.proj.weight
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """pooled: (B, H) in any dtype -> scores (B,) in float32."""
-        return torch.sigmoid(self.proj(pooled.float())).squeeze(-1)
+        """pooled: (B, H) in any dtype -> scores (B,) in float32, also under bf16 autocast."""
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            return torch.sigmoid(self.proj(pooled.float())).squeeze(-1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
