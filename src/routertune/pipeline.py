@@ -35,7 +35,7 @@ class TuneJob:
     data: str | None = field(default=None, metadata={"help": "JSONL file (chat / Alpaca / text), a saved `datasets` folder or a hub dataset; default: the offline mix"})
     samples: int = field(default=1000, metadata={"help": "training records used"})
     heldout_samples: int = field(default=64, metadata={"help": "held-out records for loss and capacity"})
-    max_length: int = field(default=512, metadata={"help": "tokens per sequence; longer records are truncated and counted"})
+    max_length: int = field(default=256, metadata={"help": "tokens per sequence; longer records are truncated and counted"})
     granularity: str = field(default="attention", metadata={"help": "attention (MindSkip), mlp or block"})
     layers: list[int] | None = field(default=None, metadata={"help": "routed layer indices (default: paper's rule)"})
     lora_rank: int = field(default=0, metadata={"help": "also train LoRA (q_proj, v_proj) of this rank with the routers (0 = off)"})

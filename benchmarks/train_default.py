@@ -1,0 +1,63 @@
+"""Time `routertune train` on the default model with the default data and record where capacity ends.
+
+    python benchmarks/train_default.py [--out benchmarks/results/train_default.json] [-- extra train flags]
+
+Writes JSON: wall time (model load + tokenisation + training + held-out evaluation), steps, held-out
+capacity and response loss/perplexity for the dense and the routed model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from routertune.cli import main as routertune
+from routertune.files import write_json
+
+
+def run(out: Path, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        code = routertune(["train", "--output", tmp, "--samples", "1000", *extra])
+        wall = time.perf_counter() - start
+        if code != 0:
+            raise SystemExit(code)
+        metrics = json.loads((Path(tmp) / "train_metrics.json").read_text())
+    result = metrics["result"]
+    target = metrics["train"]["target_capacity"]
+    summary = {
+        "command": "routertune train --samples 1000 " + " ".join(extra),
+        "machine": {"cpus": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+        "wall_seconds": wall,
+        "training_seconds": result["seconds"],
+        "steps": result["steps"],
+        "samples": metrics["samples"],
+        "truncated": metrics["truncated"],
+        "target_capacity": target,
+        "heldout_capacity": result["after"]["capacity"],
+        "capacity_gap": abs(result["after"]["capacity"] - target),
+        "last_step_capacity": result["history"][-1]["capacity"],
+        "dense_loss": result["dense"]["loss"],
+        "dense_perplexity": result["dense"]["perplexity"],
+        "routed_loss": result["after"]["loss"],
+        "routed_perplexity": result["after"]["perplexity"],
+        "skip_rate": result["after"]["skip_rate"],
+        "job": metrics["job"],
+        "train": metrics["train"],
+    }
+    write_json(out, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_default.json"))
+    args, extra = parser.parse_known_args()
+    summary = run(args.out, [a for a in extra if a != "--"])
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("job", "train", "skip_rate")}, indent=2))
