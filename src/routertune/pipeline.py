@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from . import data, lora
+from . import calibrate, data, lora
 from .config import CONFIG_NAME, RouterConfig
 from .files import write_json
 from .model import RoutedModel
 from .models import load_model_and_tokenizer
-from .train import CHECKPOINTS, TrainConfig, TrainResult, train_routers
+from .train import CHECKPOINTS, TrainConfig, TrainResult, evaluate_loss, train_routers
 
 log = logging.getLogger(__name__)
 METRICS_NAME = "train_metrics.json"
@@ -87,6 +87,8 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
     result = train_routers(routed, examples, train_cfg, pad, heldout=heldout, output=output, resume=job.resume,
                            accelerator=accelerator, progress=progress)
+    if train_cfg.calibrate:
+        _calibrate_to_target(routed, examples, train_cfg.target_capacity, pad, heldout, result)
     report = TuneReport(
         output=str(output),
         samples=len(examples),
@@ -98,6 +100,20 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
         routed.save_pretrained(output)
         write_json(output / METRICS_NAME, {"job": asdict(job), "train": asdict(train_cfg), **asdict(report)})
     return report
+
+
+def _calibrate_to_target(routed, examples, target, pad, heldout, result, max_prompts: int = 256) -> None:
+    """The hinge only pushes capacity down while it is above the target, and the language-model loss pushes
+    back, so training settles near, not at, the target. One global threshold, set on the training prompts,
+    puts the routers at the target; the held-out metrics are measured again with it."""
+    prompts = [ex.input_ids[: ex.prompt_length] for ex in examples[:max_prompts]]
+    batches = [_to(b, routed.device) for b in calibrate.prompt_batches(prompts, pad)]
+    outcome = calibrate.calibrate(routed, batches, target)
+    result.threshold = outcome.threshold
+    if heldout:
+        result.uncalibrated = result.after
+        result.after = evaluate_loss(routed, heldout)
+        result.evals.append({"step": result.steps, "calibrated": True, **asdict(result.after)})
 
 
 def _check_output(output: Path, job: TuneJob) -> None:

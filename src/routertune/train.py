@@ -57,6 +57,7 @@ class TrainConfig:
     checkpoint_every: int = field(default=0, metadata={"help": "atomic checkpoint every k steps (0 = none)"})
     precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast; routers stay fp32)"})
     seed: int = field(default=0, metadata={"help": "seed of the data order"})
+    calibrate: bool = field(default=True, metadata={"help": "after training, set the threshold so the routers run exactly the target capacity on the training prompts"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -102,6 +103,8 @@ class TrainResult:
     after: EvalResult | None = None
     dense: EvalResult | None = None
     resumed_from: int | None = None
+    uncalibrated: EvalResult | None = None  # held-out metrics at threshold 0.5, before calibration
+    threshold: float = 0.5
 
 
 # --- losses -------------------------------------------------------------------------------------------------
