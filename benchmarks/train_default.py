@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -23,9 +24,9 @@ from routertune.files import write_json
 
 def run(out: Path, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         code = routertune(["train", "--output", tmp, "--samples", "1000", *extra])
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if code != 0:
             raise SystemExit(code)
         metrics = json.loads((Path(tmp) / "train_metrics.json").read_text())
@@ -35,6 +36,9 @@ def run(out: Path, extra: list[str]) -> dict:
         "command": "routertune train --samples 1000 " + " ".join(extra),
         "machine": {"cpus": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
         "wall_seconds": wall,
+        # process CPU time over all threads: on a shared machine it leaves out time spent waiting for a core
+        "cpu_seconds": cpu,
+        "load_average_at_end": os.getloadavg(),
         "training_seconds": result["seconds"],
         "steps": result["steps"],
         "samples": metrics["samples"],

@@ -15,6 +15,8 @@ class RoutedCache(DynamicCache):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.decisions: dict[int, torch.Tensor] = {}  # layer -> (B,) bool, taken at prefill
+        # layer -> (the decision it was counted from, sequences that run, their rows or None)
+        self._plans: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
 
     # --- decisions -------------------------------------------------------------------------------
     def decision(self, layer: int) -> torch.Tensor | None:
@@ -22,6 +24,18 @@ class RoutedCache(DynamicCache):
 
     def set_decision(self, layer: int, runs: torch.Tensor) -> None:
         self.decisions[layer] = runs
+
+    def run_plan(self, layer: int, runs: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """(how many sequences run `layer`, their row indices when some but not all do) for the decision
+        `runs`: counted once per decision and reused by every decode step. Keyed by the decision tensor
+        itself, so a new decision or a batch reshuffle (which makes new tensors) is counted afresh."""
+        plan = self._plans.get(layer)
+        if plan is None or plan[0] is not runs:
+            n_run = int(runs.sum())
+            rows = runs.nonzero().squeeze(-1) if 0 < n_run < runs.shape[0] else None  # (n_run,)
+            plan = (runs, n_run, rows)
+            self._plans[layer] = plan
+        return plan[1], plan[2]
 
     # --- lengths: a fully skipped layer is empty, so ask a layer of the same kind that holds tokens ----
     def _representative(self, layer_idx: int) -> int:

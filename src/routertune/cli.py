@@ -54,6 +54,9 @@ def _print_tune(report: pipeline.TuneReport, cfg: TrainConfig) -> None:
     res = report.result
     print(f"routers saved to {report.output} ({report.trainable_parameters} trainable weights, "
           f"{report.samples} samples, {report.truncated} truncated, {res.steps} steps in {res.seconds:.0f} s)")
+    if res.uncalibrated is not None:
+        print(f"training alone reached held-out capacity {res.uncalibrated.capacity:.2f} at threshold 0.5; "
+              f"calibrated threshold {res.threshold:.4f} on the training prompts")
     if res.after is not None and res.dense is not None:
         print(f"held-out response loss: dense {res.dense.loss:.4f}  routed {res.after.loss:.4f}  "
               f"(capacity {res.after.capacity:.2f}, target {cfg.target_capacity:.2f})")
@@ -153,6 +156,31 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench, report
+
+    cfg = _build(bench.BenchConfig, args)
+    result = bench.run_bench(cfg, progress=lambda message: print(f"[bench] {message}", flush=True))
+    print("\n".join(report.bench_tables(result.to_dict())))
+    for note in result.skipped:
+        print(f"[not measured] {note}")
+    print(f"\n`routed` decisions: {result.routers}")
+    print(f"done in {result.seconds:.0f} s" + (f"; results written to {cfg.output}" if cfg.output else
+                                             " (pass --output FILE.json to keep the results)"))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import report
+
+    result = report.build_report(_build(report.ReportConfig, args))
+    print(f"report written to {result.markdown} ({len(result.plots)} plots: "
+          f"{', '.join(p.rsplit('/', 1)[-1] for p in result.plots)})")
+    for note in result.notes:
+        print(f"[note] {note}")
+    return 0
+
+
 COMMANDS = {
     "demo": (cmd_demo, "main job: train routers briefly on the default model, then generate and show skips", []),
     "train": (cmd_train, "train routers on a frozen model (Router-Tuning)",
@@ -165,6 +193,10 @@ COMMANDS = {
                   [("routertune.calibrate:CalibrateJob", ())]),
     "compare": (cmd_compare, "dense vs static drop vs random drop vs routers at matched attention skip ratios",
                 [("routertune.compare:CompareJob", ())]),
+    "bench": (cmd_bench, "speed: dense vs static drop vs routers (prefill, decode, KV bytes, peak memory, FLOPs)",
+              [("routertune.bench:BenchConfig", ())]),
+    "report": (cmd_report, "one page (markdown + PNG plots) from bench and evaluation result JSON",
+               [("routertune.report:ReportConfig", ())]),
 }
 
 

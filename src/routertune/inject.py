@@ -107,12 +107,17 @@ class RoutedSublayer(nn.Module):
         runs = self._decide(call, hidden_states)
         if call.training:
             return self._gated(hidden_states, call.gates[self.layer_idx], args, kwargs)
-        n_run = int(runs.sum())
+        if call.cache is not None:
+            # counted once per prefill decision, not once per decode step (a device sync on GPU)
+            n_run, rows = call.cache.run_plan(self.layer_idx, runs)
+        else:
+            n_run, rows = int(runs.sum()), None
         if n_run == runs.shape[0]:
             return self.base_layer(hidden_states, *args, **kwargs)
         if n_run == 0:
             return self._skipped(hidden_states)
-        rows = runs.nonzero().squeeze(-1)  # (n_run,)
+        if rows is None:
+            rows = runs.nonzero().squeeze(-1)  # (n_run,)
         batch = hidden_states.shape[0]
         sub_kwargs = {
             k: (_select_rows(v, rows, batch) if k in _BATCHED_KWARGS else v) for k, v in kwargs.items()
@@ -224,14 +229,18 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, Rout
     routed_layers = frozenset(wrappers)
     first_wrapper = next(iter(wrappers.values()))
     cache_key = "cache" if "cache" in signature.parameters else "past_key_values"
+    var_keyword = next((n for n, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD),
+                       "__none__")
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        extra = arguments.pop(next((n for n, p in signature.parameters.items()
-                                     if p.kind is inspect.Parameter.VAR_KEYWORD), "__none__"), {})
-        arguments.update(extra)
+        if args:
+            bound = signature.bind_partial(*args, **kwargs)
+            arguments = dict(bound.arguments)
+            arguments.update(arguments.pop(var_keyword, {}))
+        else:
+            # keyword-only call (how the causal-LM head calls its decoder): nothing to bind
+            arguments = dict(kwargs)
         cache = arguments.get(cache_key, arguments.get("past_key_values"))
         # the routers' mode decides: the frozen base model itself always stays in eval mode (no dropout)
         training = first_wrapper.training and torch.is_grad_enabled()

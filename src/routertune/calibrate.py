@@ -1,0 +1,240 @@
+"""Capacity calibration: set the decision threshold (one global threshold, or one per routed layer) so that a
+routed model runs a requested fraction of its routed sublayers on calibration prompts, without retraining.
+This is the deployment dial between speed and quality; the thresholds are stored in router_config.json.
+
+Decisions are taken on the prompt (prefill), so calibration only runs prompts. A layer's router sees the
+hidden states left by the layers before it, so its scores move when an earlier layer's threshold moves;
+calibration therefore iterates: run the prompts under the current thresholds, record every routed layer's
+scores, set each threshold to the quantile of those scores that gives the target, and repeat until the
+realised capacity is within `tolerance` of the target (usually 2-4 passes). The thresholds with the
+realised capacity closest to the target are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .model import WEIGHTS_NAME, RoutedModel
+
+log = logging.getLogger(__name__)
+
+# thresholds must lie strictly inside (0, 1); scores are float32 sigmoids
+_EPS = 1e-6
+
+
+@dataclass
+class CalibrationResult:
+    target: float  # requested capacity (fraction of routed sublayers that run)
+    per_layer: bool
+    threshold: float
+    layer_thresholds: dict[int, float] | None
+    capacity: float  # realised on the calibration prompts
+    layer_capacity: dict[int, float]
+    history: list[float] = field(default_factory=list)  # realised capacity of each pass
+    prompts: int = 0
+    seconds: float = 0.0
+
+
+def check_capacity(capacity: float) -> float:
+    if not isinstance(capacity, (int, float)) or not 0.0 <= float(capacity) <= 1.0:
+        raise ValueError(f"capacity={capacity!r} must lie in [0, 1]: the fraction of routed sublayers that run "
+                         "(1 = dense, 0.5 = half of them)")
+    return float(capacity)
+
+
+def prompt_batches(prompts: Sequence[Sequence[int]], pad_token_id: int, batch_tokens: int = 4096,
+                   max_batch: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of similar-length prompts (input_ids, attention_mask)."""
+    if not prompts:
+        raise ValueError("no calibration prompts")
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches, current = [], []
+    for i in order:
+        if current and (len(prompts[current[0]]) * (len(current) + 1) > batch_tokens or len(current) >= max_batch):
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    out = []
+    for batch in batches:
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : len(prompts[i])] = torch.tensor(list(prompts[i]), dtype=torch.long)
+            mask[row, : len(prompts[i])] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@torch.inference_mode()
+def prompt_scores(routed: RoutedModel, batches) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Router scores and decisions of every routed layer on every prompt (prefill only), as (N,) tensors."""
+    scores: dict[int, list[torch.Tensor]] = {}
+    decisions: dict[int, list[torch.Tensor]] = {}
+    for batch in batches:
+        device = routed.device
+        with routed.recording() as calls:
+            routed(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   use_cache=False, logits_to_keep=1)
+        call = calls[-1]
+        for layer in routed.routed_layers:
+            if layer in call.scores:
+                scores.setdefault(layer, []).append(call.scores[layer].float().cpu())
+            decisions.setdefault(layer, []).append(call.decisions[layer].cpu())
+    return ({k: torch.cat(v) for k, v in scores.items()}, {k: torch.cat(v) for k, v in decisions.items()})
+
+
+def measure_capacity(routed: RoutedModel, batches) -> tuple[float, dict[int, float]]:
+    """Realised capacity (mean executed fraction over routed layers and prompts) and per layer."""
+    _, decisions = prompt_scores(routed, batches)
+    per_layer = {layer: float(d.float().mean()) for layer, d in decisions.items()}
+    return sum(per_layer.values()) / len(per_layer), per_layer
+
+
+def quantile_threshold(scores: torch.Tensor, capacity: float) -> float:
+    """A threshold t with mean(scores >= t) as close to `capacity` as the scores allow: halfway between the
+    k-th and (k+1)-th highest scores, k = round(capacity * N)."""
+    values = scores.double().sort(descending=True).values
+    n = values.numel()
+    k = int(round(capacity * n))
+    if k >= n:
+        t = float(values[-1]) * 0.5 if float(values[-1]) > 2 * _EPS else _EPS
+    elif k <= 0:
+        t = (float(values[0]) + 1.0) / 2
+    else:
+        t = (float(values[k - 1]) + float(values[k])) / 2
+    return min(max(t, _EPS), 1 - _EPS)
+
+
+def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = False, max_passes: int = 8,
+              tolerance: float = 0.002) -> CalibrationResult:
+    """Set `routed`'s thresholds in place so it runs `capacity` of its routed sublayers on `batches`."""
+    capacity = check_capacity(capacity)
+    started = time.perf_counter()
+    history: list[float] = []
+    best: tuple[float, float, dict | None, dict] | None = None  # (error, threshold, layer thresholds, per layer)
+    prompts = sum(int(b["input_ids"].shape[0]) for b in batches)
+    for step in range(max_passes):
+        scores, decisions = prompt_scores(routed, batches)
+        if not scores:
+            raise ValueError("the routers produced no scores (are decisions forced?)")
+        layer_cap = {layer: float(d.float().mean()) for layer, d in decisions.items()}
+        realised = sum(layer_cap.values()) / len(layer_cap)
+        history.append(realised)
+        config = routed.router_config
+        current = (config.threshold, dict(config.layer_thresholds) if config.layer_thresholds else None)
+        error = abs(realised - capacity)
+        if best is None or error < best[0]:
+            best = (error, current[0], current[1], layer_cap)
+        log.info("calibration pass %d: capacity %.4f (target %.4f)", step + 1, realised, capacity)
+        if error <= tolerance:
+            break
+        if per_layer:
+            new = {layer: quantile_threshold(s, capacity) for layer, s in scores.items()}
+            if current[1] == new:
+                break
+            routed.set_threshold(config.threshold, new)
+        else:
+            new_t = quantile_threshold(torch.cat(list(scores.values())), capacity)
+            if current[0] == new_t and current[1] is None:
+                break
+            routed.set_threshold(new_t, None)
+    _, threshold, layer_thresholds, layer_cap = best
+    routed.set_threshold(threshold, layer_thresholds)
+    realised = sum(layer_cap.values()) / len(layer_cap)
+    return CalibrationResult(target=capacity, per_layer=per_layer, threshold=threshold,
+                             layer_thresholds=layer_thresholds, capacity=realised, layer_capacity=layer_cap,
+                             history=history, prompts=prompts, seconds=time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the `routertune calibrate` job
+
+
+@dataclass
+class CalibrateJob:
+    """What `routertune calibrate` does; every field is a CLI flag."""
+
+    routers: str = field(default="", metadata={"help": "folder written by `routertune train` (router_config.json + routers.safetensors)"})
+    capacity: float = field(default=0.5, metadata={"help": "fraction of routed sublayers to run, in [0, 1] (1 = dense)"})
+    per_layer: bool = field(default=False, metadata={"help": "one threshold per routed layer (each runs `capacity` of prompts) instead of one global threshold"})
+    output: str | None = field(default=None, metadata={"help": "folder for the calibrated routers (default: update --routers in place)"})
+    model: str | None = field(default=None, metadata={"help": "base model (default: embedded SmolLM2-135M-Instruct)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
+    data: str | None = field(default=None, metadata={"help": "JSONL of calibration records (chat / Alpaca / text); default: prompts of the offline mix's train split"})
+    samples: int = field(default=64, metadata={"help": "calibration prompts"})
+    heldout_samples: int = field(default=64, metadata={"help": "held-out prompts the realised capacity is reported on (0 = skip)"})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "longer prompts keep their last tokens"})
+    batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.routers:
+            problems.append("routers is required: pass --routers FOLDER (written by `routertune train`)")
+        try:
+            check_capacity(self.capacity)
+        except ValueError as error:
+            problems.append(str(error))
+        for name in ("samples", "max_prompt_tokens", "batch_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.heldout_samples < 0:
+            problems.append(f"heldout_samples={self.heldout_samples} must be >= 0")
+        if problems:
+            raise ValueError("Invalid calibration job: " + "; ".join(problems))
+
+
+@dataclass
+class CalibrateReport:
+    output: str
+    result: CalibrationResult
+    heldout_capacity: float | None
+    heldout_layer_capacity: dict[int, float] | None
+    heldout_prompts: int
+
+
+def calibration_prompts(tokenizer, job_data: str | None, split: str, n: int, max_tokens: int) -> list[list[int]]:
+    """Prompt token ids for calibration ("train") or the held-out check ("heldout")."""
+    from . import data
+    from .evaluate import chat_prompts
+
+    if job_data is None:
+        return chat_prompts(tokenizer, split=split, n=n, max_tokens=max_tokens)
+    # a user file: the second half is held out, calibration reads the first half
+    records = data.load_records(job_data)
+    half = (len(records) + 1) // 2
+    chosen = records[half:] if split == "heldout" else records[:half]
+    return chat_prompts(tokenizer, n=n, max_tokens=max_tokens, records=chosen)
+
+
+def calibrate_job(job: CalibrateJob) -> CalibrateReport:
+    """Load a model and its routers, calibrate the thresholds, save the router config."""
+    from .config import RouterConfig
+    from .models import load_model_and_tokenizer
+
+    RouterConfig.load(job.routers)  # a wrong folder fails before the model loads
+    model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)
+    routed = RoutedModel.from_pretrained(model, job.routers)
+    pad = tokenizer.pad_token_id
+    batches = prompt_batches(calibration_prompts(tokenizer, job.data, "train", job.samples, job.max_prompt_tokens),
+                             pad, job.batch_tokens)
+    result = calibrate(routed, batches, job.capacity, per_layer=job.per_layer)
+    heldout_cap, heldout_layers, n_heldout = None, None, 0
+    if job.heldout_samples:
+        prompts = calibration_prompts(tokenizer, job.data, "heldout", job.heldout_samples, job.max_prompt_tokens)
+        if prompts:
+            heldout_cap, heldout_layers = measure_capacity(routed, prompt_batches(prompts, pad, job.batch_tokens))
+            n_heldout = len(prompts)
+    output = Path(job.output) if job.output else Path(job.routers)
+    if output.resolve() != Path(job.routers).resolve() and (output / WEIGHTS_NAME).exists():
+        raise FileExistsError(f"{output} already holds routers; choose another --output")
+    routed.save_pretrained(output)
+    return CalibrateReport(output=str(output), result=result, heldout_capacity=heldout_cap,
+                           heldout_layer_capacity=heldout_layers, heldout_prompts=n_heldout)

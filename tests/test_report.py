@@ -1,0 +1,134 @@
+"""The report renders from the JSON a quick bench writes (no hand-written speed numbers), reads evaluation
+results of the shapes `routertune compare` / `routertune eval` write, and says what it could not draw."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import pytest
+
+from conftest import build_tiny
+from routertune import cli
+from routertune.bench import BenchConfig, bench_model
+from routertune.files import write_json
+from routertune.report import ReportConfig, build_report, extract_eval
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory):
+    result = bench_model(build_tiny("llama"), BenchConfig(quick=True, threads=1, lengths=[16, 32, 48]))
+    path = tmp_path_factory.mktemp("results") / "bench_tiny.json"
+    write_json(path, result.to_dict())
+    return path
+
+
+def _assert_png(path):
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 300
+    assert image.std() > 0.01  # not a blank canvas
+
+
+def test_report_from_bench_json(bench_json, tmp_path):
+    out = tmp_path / "report"
+    report = build_report(ReportConfig(inputs=[str(bench_json)], output=str(out)))
+    assert report.bench_files == [str(bench_json)] and report.eval_files == []
+    names = sorted(p.rsplit("/", 1)[-1] for p in report.plots)
+    assert names == ["memory.png", "speedup.png"]
+    for name in names:
+        _assert_png(out / name)
+    text = (out / "report.md").read_text()
+    for expected in ("### Prefill", "### Decode", "### Routing overhead", "### Targets", "![speedup](speedup.png)",
+                     "![memory](memory.png)", "| 48 | 1 | routed_static_set |", "No accuracy data"):
+        assert expected in text
+    assert any("accuracy" in note for note in report.notes)
+    assert any("heatmap" in note for note in report.notes)
+
+
+def _compare_json(bench: dict) -> dict:
+    """compare.json's shape (routertune compare), with the quick bench's routed layers."""
+    layers = bench["routed_layers"]
+    settings = [{"name": "dense", "kind": "dense", "skip_ratio": 0.0, "scores": {"arc_easy": 0.6, "piqa": 0.7},
+                 "average": 0.65, "layer_skip_rate": {}}]
+    for i, ratio in enumerate((0.2, 0.4)):
+        settings += [
+            {"name": "static", "kind": "static", "skip_ratio": ratio, "scores": {"arc_easy": 0.5, "piqa": 0.6},
+             "average": 0.55},
+            {"name": "random", "kind": "random", "skip_ratio": ratio, "scores": {"arc_easy": 0.4, "piqa": 0.5},
+             "average": 0.45},
+            {"name": f"routers @ capacity {1 - ratio:.3f}", "kind": "routers", "skip_ratio": ratio,
+             "scores": {"arc_easy": 0.58, "piqa": 0.66}, "average": 0.62,
+             "layer_skip_rate": {str(layer): (i + layer) % 3 / 2 for layer in layers}},
+        ]
+    return {"job": {"tasks": ["arc_easy", "piqa"]}, "settings": settings, "headline": {}, "seconds": 1.0}
+
+
+def _eval_json(bench: dict) -> dict:
+    """`routertune eval --output` shape: one setting, per-task skip statistics."""
+    layers = bench["routed_layers"]
+    return {"job": {}, "setting": {"name": "routers", "kind": "routers"},
+            "harness": {"skip_ratio": 0.3, "layer_skip_rate": {str(layer): 0.3 for layer in layers}, "tasks": {
+                task: {"metrics": {"acc": 0.5, "acc_norm": 0.6}, "headline": "acc_norm", "samples": 10,
+                       "skip": {"skip_ratio": 0.25 + 0.1 * i,
+                                "layer_skip_rate": {str(layer): (layer + i) % 4 / 3 for layer in layers}}}
+                for i, task in enumerate(["arc_easy", "piqa", "boolq"])}}}
+
+
+def test_extract_eval_reads_compare_eval_and_free_shapes(bench_json):
+    bench = json.loads(bench_json.read_text())
+    points, rows = extract_eval(_compare_json(bench))
+    assert {p["family"] for p in points} == {"dense", "static", "random", "routers"}
+    assert {p["task"] for p in points} == {"arc_easy", "piqa", "average"}
+    assert len(rows) == 2 and all(r["task"] == "all tasks" for r in rows)
+
+    points, rows = extract_eval(_eval_json(bench))
+    assert {p["task"] for p in points} == {"arc_easy", "piqa", "boolq", "average"}
+    assert [p["accuracy"] for p in points if p["task"] == "piqa"] == [0.6]  # the headline metric
+    assert [r["task"] for r in rows] == ["arc_easy", "piqa", "boolq"]
+
+    free = {"results": [{"method": "MindSkip routers", "task": "hellaswag", "attention_skip_ratio": 0.3, "acc": 0.4},
+                        {"variant": "static drop", "skip_ratio": 0.3, "accuracy": 0.35}],
+            "per_task": {"hellaswag": {"layer_run_rates": {"5": 0.25, "6": 1.0}}}}
+    points, rows = extract_eval(free)
+    assert [(p["family"], p["task"]) for p in points] == [("routers", "hellaswag"), ("static", "all")]
+    assert rows == [{"task": "hellaswag", "method": "routers", "rates": {5: 0.75, 6: 0.0}}]
+    assert extract_eval({"unrelated": [1, 2, 3]}) == ([], [])
+
+
+def test_report_with_accuracy_draws_pareto_and_heatmap(bench_json, tmp_path):
+    bench = json.loads(bench_json.read_text())
+    results = tmp_path / "results"
+    write_json(results / "bench.json", bench)
+    write_json(results / "compare" / "compare.json", _compare_json(bench))
+    write_json(results / "eval_routers.json", _eval_json(bench))
+    (results / "broken.json").write_text("{not json")
+    out = results / "report"  # inside the inputs: its own files are not read back
+    report = build_report(ReportConfig(inputs=[str(results)], output=str(out)))
+    names = sorted(p.rsplit("/", 1)[-1] for p in report.plots)
+    assert names == ["accuracy_vs_skip.png", "layer_skip_heatmap.png", "memory.png", "speedup.png"]
+    for name in names:
+        _assert_png(out / name)
+    text = (out / "report.md").read_text()
+    assert "![accuracy vs skip ratio](accuracy_vs_skip.png)" in text and "No accuracy data" not in text
+    assert [n for n in report.notes if "broken.json" in n]
+    # a second run over the same folder does not pick up the report's own output
+    again = build_report(ReportConfig(inputs=[str(results)], output=str(out)))
+    assert again.bench_files == report.bench_files
+
+
+def test_report_without_results_is_a_clear_error(tmp_path):
+    (tmp_path / "other.json").write_text(json.dumps({"hello": "world"}))
+    with pytest.raises(ValueError, match="routertune bench"):
+        build_report(ReportConfig(inputs=[str(tmp_path)], output=str(tmp_path / "out")))
+    with pytest.raises(FileNotFoundError):
+        build_report(ReportConfig(inputs=[str(tmp_path / "missing.json")], output=str(tmp_path / "out")))
+
+
+def test_cli_report(bench_json, tmp_path, capsys):
+    assert cli.main(["report", "--inputs", str(bench_json), "--output", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr().out
+    assert "report written to" in printed and "speedup.png" in printed
+    assert (tmp_path / "r" / "report.md").is_file()
