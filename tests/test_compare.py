@@ -65,6 +65,21 @@ def test_compare_end_to_end(saved, tmp_path):
     assert sum(line.startswith("| ") for line in table.splitlines()) == 5 and "ppl lambada" in table and "ARC-E (acc)" in table
 
 
+def test_eval_job_with_routers_capacity_perplexity_and_fidelity(saved, tmp_path):
+    from routertune.evaluate import EvalJob, evaluate_job
+
+    out = tmp_path / "eval.json"
+    job = EvalJob(tasks=["openbookqa"], routers=str(saved / "routers"), model=str(saved / "model"), limit=4,
+                  capacity=0.5, perplexity=["boolq"], ppl_texts=2, fidelity_prompts=2, fidelity_tokens=3,
+                  calibration_samples=8, output=str(out))
+    report = evaluate_job(job, progress=False)
+    assert report.calibration["target"] == 0.5 and report.harness.tasks["openbookqa"].samples == 4
+    assert report.perplexity["boolq"].texts == 2 and report.fidelity.prompts == 2
+    written = json.loads(out.read_text())
+    assert written["harness"]["tasks"]["openbookqa"]["metrics"].keys() == {"acc", "acc_norm"}
+    assert set(written["harness"]["layer_skip_rate"]) == {"2", "3", "4"}
+
+
 def test_routers_of_another_base_model_are_refused(saved, tmp_path, capsys):
     other = tiny_llama(4)
     other.save_pretrained(tmp_path / "other")

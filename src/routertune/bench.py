@@ -72,8 +72,8 @@ class BenchConfig:
     decode_tokens: int | None = field(default=None, metadata={"help": "new tokens decoded; default 128 (4 with --quick)"})
     repeats: int | None = field(default=None, metadata={"help": "timed prefill repeats per setting (median); default 3 (1 with --quick)"})
     warmup: int | None = field(default=None, metadata={"help": "untimed warm-up runs per variant and setting; default 1"})
-    overhead_repeats: int | None = field(default=None, metadata={"help": "repeats of the routing-overhead prefill pair; default 10 (2 with --quick)"})
-    overhead_steps: int | None = field(default=None, metadata={"help": "decode steps of the routing-overhead pair; default 64 (4 with --quick)"})
+    overhead_repeats: int | None = field(default=None, metadata={"help": "repeats of the routing-overhead prefill pair; default 20 (2 with --quick)"})
+    overhead_steps: int | None = field(default=None, metadata={"help": "decode steps of the routing-overhead pair; default 256 (4 with --quick)"})
     skip_fraction: float = field(default=0.5, metadata={"help": "static drop skips round(fraction x routed layers) attention layers"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
@@ -94,8 +94,8 @@ class BenchConfig:
             decode_tokens=4 if q else 128,
             repeats=1 if q else 3,
             warmup=1,
-            overhead_repeats=2 if q else 10,
-            overhead_steps=4 if q else 64,
+            overhead_repeats=2 if q else 20,
+            overhead_steps=4 if q else 256,
         )
         for name, value in defaults.items():
             if getattr(self, name) is None:
@@ -270,6 +270,7 @@ class OverheadResult:
     ratio: float
     limit: float = OVERHEAD_LIMIT
     samples: int = 0
+    ci: list[float] | None = None  # [low, high, coverage] of the paired median ratio
     wall_ratio: float | None = None
     cpu_ratio: float | None = None  # process CPU time (CPU device)
 
@@ -839,8 +840,8 @@ def _overhead(where, length, batch, times: dict[str, _Measured], dense_name, rou
     wall = paired_ratio(routed.wall, dense.wall)
     cpu = paired_ratio(routed.cpu, dense.cpu) if dense.cpu else None
     return OverheadResult(where, length, batch, _median(dense.times), _median(routed.times),
-                          paired_ratio(routed.times, dense.times), samples=len(dense.times), wall_ratio=wall,
-                          cpu_ratio=cpu)
+                          paired_ratio(routed.times, dense.times), samples=len(dense.times),
+                          ci=paired_ratio_ci(routed.times, dense.times), wall_ratio=wall, cpu_ratio=cpu)
 
 
 # ---------------------------------------------------------------------------------------------------------
