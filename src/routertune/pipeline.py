@@ -102,7 +102,7 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
     return report
 
 
-def _calibrate_to_target(routed, examples, target, pad, heldout, result, max_prompts: int = 256) -> None:
+def _calibrate_to_target(routed, examples, target, pad, heldout, result, max_prompts: int = 128) -> None:
     """The hinge only pushes capacity down while it is above the target, and the language-model loss pushes
     back, so training settles near, not at, the target. One global threshold, set on the training prompts,
     puts the routers at the target; the held-out metrics are measured again with it."""
