@@ -189,6 +189,21 @@ def test_quick_bench_leaves_the_model_plain_and_threads_alone(quick):
     assert not any(isinstance(b.self_attn, DroppedAttention) for b in model.model.layers)
 
 
+def test_trained_routers_take_their_own_decisions(tmp_path):
+    base = build_tiny("llama")
+    saved = RoutedModel(shared_copy(base), RouterConfig(layers=[1, 2, 3, 4]))
+    with torch.no_grad():
+        for router in saved.routers.values():
+            router.weight.normal_(0, 1)
+    saved.save_pretrained(tmp_path / "routers")
+    result = bench_model(base, BenchConfig(quick=True, threads=1, lengths=[8], batch_sizes=[2], memory=False,
+                                           routers=str(tmp_path / "routers")))
+    assert result.routed_layers == [1, 2, 3, 4] and result.routers.startswith("trained routers from")
+    assert set(result.static_drop_layers) <= {1, 2, 3, 4} and len(result.static_drop_layers) == 2
+    routed = result.prefill[0].variants["routed"]
+    assert set(routed.layer_run_fraction) == {1, 2, 3, 4} and routed.kv_equal
+
+
 def test_token_cap_skips_and_lists_settings():
     result = bench_model(build_tiny("llama"), BenchConfig(quick=True, threads=1, lengths=[8, 64], batch_sizes=[1],
                                                           max_prefill_tokens=32, memory=False))

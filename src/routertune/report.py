@@ -270,7 +270,9 @@ def _x(value, digits=2) -> str:
 
 
 def _ci(ci, digits: int = 2) -> str:
-    return "-" if not ci or ci[0] is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    if not ci or ci[0] is None or (len(ci) > 2 and not ci[2]):  # no interval from a single pair
+        return "-"
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
 def bench_tables(bench: dict) -> list[str]:
