@@ -1,6 +1,7 @@
 """Compare the two Router-Tuning objectives at two target capacities on the default model.
 
     python benchmarks/objectives.py [--samples 1000] [--out benchmarks/results/objectives.json]
+                                    [--reuse lm:0.5=DIR]   # routers already trained with these settings
 
 For each (objective, target) it trains routers with `routertune train` settings and measures held-out
 perplexity on (a) responses of the held-out split of the default mix and (b) LAMBADA passages (plain text,
@@ -11,6 +12,7 @@ markdown table next to it.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from dataclasses import asdict
@@ -37,7 +39,14 @@ def main() -> None:
     parser.add_argument("--lambada", type=int, default=128, help="LAMBADA passages for perplexity")
     parser.add_argument("--capacity-weight", type=float, default=TrainConfig.capacity_weight)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/objectives.json"))
+    parser.add_argument("--reuse", action="append", default=[], metavar="OBJECTIVE:TARGET=DIR",
+                        help="use routers already trained with the same settings (e.g. by train_default.py --keep)")
     args = parser.parse_args()
+    reuse = {}
+    for item in args.reuse:
+        key, _, folder = item.partition("=")
+        objective, _, target = key.partition(":")
+        reuse[(objective, float(target))] = Path(folder)
 
     model, tokenizer = load_model_and_tokenizer()
     lambada = lambada_batches(tokenizer, args.lambada, 256)
@@ -47,20 +56,26 @@ def main() -> None:
         cfg = TrainConfig(objective=objective, target_capacity=target, capacity_weight=args.capacity_weight)
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            report = tune(TuneJob(output=tmp, samples=args.samples, heldout_samples=args.heldout_samples), cfg)
-            seconds = time.perf_counter() - started
-            routed = RoutedModel.from_pretrained(model, tmp)
+            if (objective, target) in reuse:
+                folder = reuse[(objective, target)]
+                res = _check_reused(folder, cfg, args)
+                seconds = res["seconds"]
+            else:
+                folder = tmp
+                res = asdict(tune(TuneJob(output=tmp, samples=args.samples,
+                                          heldout_samples=args.heldout_samples), cfg).result)
+                seconds = time.perf_counter() - started
+            routed = RoutedModel.from_pretrained(model, folder)
             lam = evaluate_loss(routed, lambada)
             if dense_row is None:
                 lam_dense = evaluate_loss(routed, lambada, dense=True)
                 dense_row = {"setting": "dense", "capacity": 1.0,
-                             "heldout_ppl": report.result.dense.perplexity, "lambada_ppl": lam_dense.perplexity}
+                             "heldout_ppl": res["dense"]["perplexity"], "lambada_ppl": lam_dense.perplexity}
             routed.unwrap()
-        res = report.result
         rows.append({"setting": f"{objective}, target {target}", "objective": objective, "target": target,
-                     "capacity": res.after.capacity, "heldout_ppl": res.after.perplexity,
+                     "capacity": res["after"]["capacity"], "heldout_ppl": res["after"]["perplexity"],
                      "lambada_ppl": lam.perplexity, "lambada_capacity": lam.capacity, "seconds": seconds,
-                     "steps": res.steps, "train": asdict(cfg)})
+                     "steps": res["steps"], "train": asdict(cfg), "reused": str(reuse.get((objective, target), ""))})
         print(rows[-1])
     table = ["| setting | held-out capacity | held-out response ppl | LAMBADA ppl (capacity) |",
              "|---|---|---|---|",
@@ -70,6 +85,18 @@ def main() -> None:
     write_json(args.out, {"samples": args.samples, "dense": dense_row, "rows": rows})
     atomic_write(args.out.with_suffix(".md"), lambda p: Path(p).write_text("\n".join(table) + "\n"))
     print("\n".join(table))
+
+
+def _check_reused(folder: Path, cfg: TrainConfig, args) -> dict:
+    """The training result of routers trained elsewhere, refused unless they were trained like this row."""
+    metrics = json.loads((folder / "train_metrics.json").read_text())
+    differs = {k: (v, metrics["train"].get(k)) for k, v in asdict(cfg).items() if metrics["train"].get(k) != v}
+    job = metrics["job"]
+    if job["samples"] != args.samples or job["heldout_samples"] != args.heldout_samples or job["data"] is not None:
+        differs["job"] = (f"samples={args.samples}, heldout={args.heldout_samples}, default data", job)
+    if differs:
+        raise SystemExit(f"{folder} was trained with other settings (ours, theirs): {differs}")
+    return metrics["result"]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Time `routertune train` on the default model with the default data and record where capacity ends.
 
-    python benchmarks/train_default.py [--out benchmarks/results/train_default.json] [-- extra train flags]
+    python benchmarks/train_default.py [--out benchmarks/results/train_default.json] [--keep DIR] [-- extra train flags]
+
+`--keep DIR` keeps the trained routers (benchmarks/objectives.py can reuse them as its "lm, 0.5" row).
 
 Writes JSON: wall time (model load + tokenisation + training + held-out evaluation), steps, held-out
 capacity and response loss/perplexity for the dense and the routed model.
@@ -22,10 +24,12 @@ from routertune.cli import main as routertune
 from routertune.files import write_json
 
 
-def run(out: Path, extra: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
+def run(out: Path, extra: list[str], keep: Path | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = str(keep) if keep else scratch
         start, cpu_start = time.perf_counter(), time.process_time()
-        code = routertune(["train", "--output", tmp, "--samples", "1000", *extra])
+        overwrite = ["--overwrite"] if keep else []
+        code = routertune(["train", "--output", tmp, "--samples", "1000", *overwrite, *extra])
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if code != 0:
             raise SystemExit(code)
@@ -62,6 +66,7 @@ def run(out: Path, extra: list[str]) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_default.json"))
+    parser.add_argument("--keep", type=Path, default=None, help="write the routers here instead of a temp dir")
     args, extra = parser.parse_known_args()
-    summary = run(args.out, [a for a in extra if a != "--"])
+    summary = run(args.out, [a for a in extra if a != "--"], args.keep)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("job", "train", "skip_rate")}, indent=2))

@@ -66,3 +66,25 @@ def test_real_model_mixed_batch_cache_and_kv(trained):
         float(cache.decisions[i].float().mean()) if i in cache.decisions else 1.0 for i in range(n_layers)
     ) / n_layers
     assert cache.kv_elements() == pytest.approx(dense_cache.kv_elements() * executed, rel=0, abs=0.5)
+
+
+def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
+    """The README's main job, shrunk: every stage runs on the real model and the summary reads its results."""
+    out = tmp_path / "demo"
+    code = main(["demo", "--output", str(out), "--samples", "16", "--limit", "4", "--ppl-texts", "4",
+                 "--bench-lengths", "16", "32", "--decode-prompt", "16", "--decode-tokens", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for stage in ("[1/5] train", "[2/5] calibrate", "[3/5] evaluate", "[4/5] bench", "[5/5] report"):
+        assert stage in printed
+    summary = (out / "summary.md").read_text()
+    assert summary in printed.replace("\r", "") or summary.splitlines()[0] in printed
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "setting" not in line]
+    assert [r.split("|")[1].strip().split(" ")[0] for r in rows] == ["dense", "static", "random", "routers"]
+    compare = json.loads((out / "compare" / "compare.json").read_text())
+    assert {s["kind"] for s in compare["settings"]} == {"dense", "static", "random", "routers"}
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["checks"]["kv_equal_all"] is True
+    assert (out / "report" / "report.md").exists() and list((out / "report").glob("*.png"))
+    config = json.loads((out / "router_config.json").read_text())
+    assert config["threshold"] != 0.5  # stage 2 calibrated the routers in place

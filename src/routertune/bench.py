@@ -983,7 +983,30 @@ def _bench_model(model, cfg, tokenizer, progress) -> BenchResult:
     except OSError:  # pragma: no cover
         pass
     result.seconds = time.perf_counter() - started
+    note("done")
     return result
+
+
+def progress_bar(cfg: BenchConfig) -> Callable[[str], None]:
+    """A `progress` callback for bench_model that drives a tqdm bar over its measurement steps: each message
+    names the step starting, so the one before it is done; "done" closes the bar."""
+    from tqdm.auto import tqdm
+
+    cap = cfg.prefill_token_cap()
+    prefill = sum(1 for b, n in itertools.product(cfg.batch_sizes, cfg.lengths) if cap is None or b * n <= cap)
+    bar = tqdm(total=prefill + len(cfg.batch_sizes) + 1, desc="bench", unit="setting")
+    started = []
+
+    def advance(message: str) -> None:
+        if started:
+            bar.update()
+        started.append(message)
+        if message == "done":
+            bar.close()
+        else:
+            bar.set_postfix_str(message)
+
+    return advance
 
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:

@@ -114,20 +114,25 @@ def quantile_threshold(scores: torch.Tensor, capacity: float) -> float:
 
 
 def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = False, max_passes: int = 8,
-              tolerance: float = 0.002) -> CalibrationResult:
+              tolerance: float = 0.002, progress: bool = False) -> CalibrationResult:
     """Set `routed`'s thresholds in place so it runs `capacity` of its routed sublayers on `batches`."""
+    from tqdm.auto import tqdm
+
     capacity = check_capacity(capacity)
     started = time.perf_counter()
     history: list[float] = []
     best: tuple[float, float, dict | None, dict] | None = None  # (error, threshold, layer thresholds, per layer)
     prompts = sum(int(b["input_ids"].shape[0]) for b in batches)
+    bar = tqdm(total=max_passes, desc="calibration passes", unit="pass", disable=not progress)
     for step in range(max_passes):
         scores, decisions = prompt_scores(routed, batches)
+        bar.update()
         if not scores:
             raise ValueError("the routers produced no scores (are decisions forced?)")
         layer_cap = {layer: float(d.float().mean()) for layer, d in decisions.items()}
         realised = sum(layer_cap.values()) / len(layer_cap)
         history.append(realised)
+        bar.set_postfix(capacity=f"{realised:.3f}", target=f"{capacity:.3f}")
         config = routed.router_config
         current = (config.threshold, dict(config.layer_thresholds) if config.layer_thresholds else None)
         error = abs(realised - capacity)
@@ -146,6 +151,7 @@ def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = F
             if current[0] == new_t and current[1] is None:
                 break
             routed.set_threshold(new_t, None)
+    bar.close()
     _, threshold, layer_thresholds, layer_cap = best
     routed.set_threshold(threshold, layer_thresholds)
     realised = sum(layer_cap.values()) / len(layer_cap)
@@ -225,7 +231,7 @@ def calibrate_job(job: CalibrateJob) -> CalibrateReport:
     pad = tokenizer.pad_token_id
     batches = prompt_batches(calibration_prompts(tokenizer, job.data, "train", job.samples, job.max_prompt_tokens),
                              pad, job.batch_tokens)
-    result = calibrate(routed, batches, job.capacity, per_layer=job.per_layer)
+    result = calibrate(routed, batches, job.capacity, per_layer=job.per_layer, progress=True)
     heldout_cap, heldout_layers, n_heldout = None, None, 0
     if job.heldout_samples:
         prompts = calibration_prompts(tokenizer, job.data, "heldout", job.heldout_samples, job.max_prompt_tokens)

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import sys
 import typing
+from pathlib import Path
 
 from . import pipeline
 from .train import TrainConfig
@@ -81,26 +82,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
-DEMO_PROMPTS = [
-    "What is the capital of France?",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
-    "Write a haiku about autumn leaves.",
-]
-
-
 def cmd_demo(args) -> int:
-    """The README's main job: tune routers briefly on the default model, then generate with them."""
-    job = pipeline.TuneJob(output=args.output, model=args.model, cache_dir=args.cache_dir, samples=args.samples,
-                           heldout_samples=32, max_length=256, overwrite=True)
-    # a brief run: 0.75 keeps generations sensible after 16 steps (0.5 needs the full 1,000 samples)
-    cfg = TrainConfig(target_capacity=0.75)
-    print(f"1/2 training routers on {args.model or 'the embedded SmolLM2-135M-Instruct'} "
-          f"({args.samples} samples) -> {args.output}")
-    _print_tune(pipeline.tune(job, cfg), cfg)
-    print("\n2/2 generating with the trained routers (greedy)")
-    _print_generations(pipeline.generate(pipeline.GenerateJob(
-        prompts=DEMO_PROMPTS, routers=args.output, model=args.model, cache_dir=args.cache_dir, max_new_tokens=48)))
+    """The README's main job: train, calibrate, generate, evaluate a subset, benchmark, report, summarise."""
+    from . import demo, report
+
+    job = _build(demo.DemoJob, args)
+    print(f"routertune demo on {job.model or 'the embedded SmolLM2-135M-Instruct'}: {len(demo.STAGES)} stages "
+          f"({', '.join(demo.STAGES)}), about 15 minutes on 2 CPU cores -> {job.output}", flush=True)
+
+    def finished(stage: str, outcome) -> None:
+        if stage == "train":
+            _print_tune(outcome, TrainConfig(target_capacity=job.capacity))
+        elif stage == "calibrate":
+            cal, generations = outcome
+            print(f"threshold {cal.result.threshold:.4f}: capacity {cal.result.capacity:.3f} on {cal.result.prompts} "
+                  f"calibration prompts, {cal.heldout_capacity:.3f} on {cal.heldout_prompts} held-out prompts")
+            _print_generations(generations)
+        elif stage == "evaluate":
+            print(outcome.markdown)
+        elif stage == "bench":
+            print("\n".join(report.bench_tables(outcome)))
+        sys.stdout.flush()
+
+    result = demo.run_demo(job, announce=lambda line: print(line, flush=True), finished=finished)
+    print(f"report: {result.report.markdown} (plots: {', '.join(Path(p).name for p in result.report.plots)})")
+    print(f"\nsummary (also in {Path(result.output) / 'summary.md'}):\n")
+    print("\n".join(result.summary))
     return 0
 
 
@@ -183,7 +190,8 @@ def cmd_report(args) -> int:
 
 
 COMMANDS = {
-    "demo": (cmd_demo, "main job: train routers briefly on the default model, then generate and show skips", []),
+    "demo": (cmd_demo, "main job: train, calibrate, generate, evaluate a subset, benchmark, report, summary",
+             [("routertune.demo:DemoJob", ())]),
     "train": (cmd_train, "train routers on a frozen model (Router-Tuning)",
               [(pipeline.TuneJob, ()), (TrainConfig, ())]),
     "generate": (cmd_generate, "generate with trained routers and show which layers each prompt skipped",
@@ -210,11 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "generate":
             p.add_argument("prompts", nargs="+", help="prompts to complete")
-        if name == "demo":
-            p.add_argument("--output", default="runs/demo", help="folder for the demo's routers")
-            p.add_argument("--samples", type=int, default=128, help="training records")
-            p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
-            p.add_argument("--cache-dir", default=None, help="cache folder of the converted default model")
         for cls, skip in classes:
             if isinstance(cls, str):  # imported lazily: the harness takes seconds to import
                 module, _, name = cls.partition(":")
