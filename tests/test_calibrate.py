@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from routertune import RoutedModel, RouterConfig
-from routertune.calibrate import CalibrateJob, calibrate, measure_capacity, prompt_batches, quantile_threshold
+from routertune.calibrate import (CalibrateJob, calibrate, measure_capacity, next_threshold, prompt_batches,
+                                  quantile_threshold)
 from routertune.cli import main
 from tiny_lm import randomize_routers, tiny_llama
 
@@ -95,3 +96,16 @@ def test_calibrate_cli_bad_input(capsys, tmp_path):
     assert "--routers FOLDER" in err and "capacity=2.0" in err
     assert main(["calibrate", "--routers", str(tmp_path), "--capacity", "0.5"]) == 2
     assert "router_config.json not found" in capsys.readouterr().err
+
+
+def test_next_threshold_follows_the_line_through_the_passes():
+    q = 0.42  # the quantile step's proposal
+    assert next_threshold([(0.5, 0.8)], 0.5, q) == q  # one pass: nothing to fit
+    # two passes above the target: extrapolate the line (capacity falls by 0.2 per 0.1 of threshold)
+    assert next_threshold([(0.5, 0.8), (0.6, 0.6)], 0.5, q) == pytest.approx(0.65)
+    # a pass on each side: interpolate between the two closest ones
+    assert next_threshold([(0.5, 0.8), (0.7, 0.4), (0.6, 0.6)], 0.5, q) == pytest.approx(0.65)
+    # capacity rising with the threshold, a flat line, or a step out of (0, 1): keep the quantile step
+    assert next_threshold([(0.5, 0.4), (0.6, 0.6)], 0.5, q) == q
+    assert next_threshold([(0.5, 0.6), (0.6, 0.6)], 0.5, q) == q
+    assert next_threshold([(0.1, 0.9), (0.2, 0.899)], 0.1, q) == q

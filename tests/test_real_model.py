@@ -72,6 +72,7 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
     """The README's main job, shrunk: every stage runs on the real model and the summary reads its results."""
     out = tmp_path / "demo"
     code = main(["demo", "--output", str(out), "--samples", "16", "--limit", "4", "--ppl-texts", "4",
+                 "--fidelity-prompts", "4", "--calibration-samples", "16",
                  "--bench-lengths", "16", "32", "--decode-prompt", "16", "--decode-tokens", "2"])
     assert code == 0
     printed = capsys.readouterr().out

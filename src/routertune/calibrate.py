@@ -113,6 +113,31 @@ def quantile_threshold(scores: torch.Tensor, capacity: float) -> float:
     return min(max(t, _EPS), 1 - _EPS)
 
 
+def next_threshold(points: list[tuple[float, float]], capacity: float, quantile_t: float) -> float:
+    """The next global threshold, from the (threshold, capacity) pairs of the passes so far.
+
+    The quantile step assumes the scores stay put, but a new threshold changes which layers run and so the
+    hidden states, and scores, of every later layer: iterating it converges slowly (6-8 passes from the
+    trained threshold to within 0.002). Capacity falls as the threshold rises, so once two passes are known
+    the line through the two closest to the target (interpolating between a pass above and one below the
+    target when there are both) accounts for that response and needs 3-4 passes. Where the points cannot
+    guide (a flat or rising line, or a threshold outside (0, 1)), the quantile step is kept."""
+    if len(points) < 2:
+        return quantile_t
+    above = [p for p in points if p[1] > capacity]
+    below = [p for p in points if p[1] < capacity]
+    if above and below:
+        a, b = max(above, key=lambda p: p[0]), min(below, key=lambda p: p[0])
+    else:
+        a, b = points[-2], points[-1]
+    if a[0] == b[0] or (b[1] - a[1]) / (b[0] - a[0]) >= 0:
+        return quantile_t
+    t = a[0] + (capacity - a[1]) * (b[0] - a[0]) / (b[1] - a[1])
+    if above and below and not min(a[0], b[0]) < t < max(a[0], b[0]):
+        t = (a[0] + b[0]) / 2
+    return t if _EPS <= t <= 1 - _EPS else quantile_t
+
+
 def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = False, max_passes: int = 8,
               tolerance: float = 0.002, progress: bool = False) -> CalibrationResult:
     """Set `routed`'s thresholds in place so it runs `capacity` of its routed sublayers on `batches`."""
@@ -123,6 +148,7 @@ def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = F
     history: list[float] = []
     best: tuple[float, float, dict | None, dict] | None = None  # (error, threshold, layer thresholds, per layer)
     prompts = sum(int(b["input_ids"].shape[0]) for b in batches)
+    points: list[tuple[float, float]] = []  # (global threshold, capacity it gave)
     bar = tqdm(total=max_passes, desc="calibration passes", unit="pass", disable=not progress)
     for step in range(max_passes):
         scores, decisions = prompt_scores(routed, batches)
@@ -147,7 +173,9 @@ def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = F
                 break
             routed.set_threshold(config.threshold, new)
         else:
-            new_t = quantile_threshold(torch.cat(list(scores.values())), capacity)
+            if current[1] is None:  # a pass under per-layer thresholds says nothing about a global one
+                points.append((current[0], realised))
+            new_t = next_threshold(points, capacity, quantile_threshold(torch.cat(list(scores.values())), capacity))
             if current[0] == new_t and current[1] is None:
                 break
             routed.set_threshold(new_t, None)

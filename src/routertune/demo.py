@@ -35,6 +35,8 @@ class DemoJob:
     tasks: list[str] | None = field(default=None, metadata={"help": "harness tasks of the evaluation subset (default: arc_easy piqa)"})
     limit: int = field(default=50, metadata={"help": "items per task in the evaluation subset"})
     ppl_texts: int = field(default=64, metadata={"help": "LAMBADA passages for held-out perplexity"})
+    fidelity_prompts: int = field(default=16, metadata={"help": "held-out prompts for greedy agreement with the dense model"})
+    calibration_samples: int = field(default=64, metadata={"help": "prompts for calibration and static-drop importance (and as many held-out ones)"})
     bench_lengths: list[int] | None = field(default=None, metadata={"help": "prefill lengths benchmarked (default: 128 512 2048)"})
     decode_prompt: int = field(default=512, metadata={"help": "prompt tokens before decoding in the benchmark"})
     decode_tokens: int = field(default=32, metadata={"help": "tokens decoded per sequence in the benchmark"})
@@ -53,7 +55,8 @@ class DemoJob:
         if not 0.0 < self.capacity < 1.0:
             problems.append(f"capacity={self.capacity} must lie strictly between 0 and 1 for the demo "
                             "(1 is the dense model, 0 skips every routed layer)")
-        for name in ("samples", "limit", "ppl_texts", "decode_prompt", "decode_tokens"):
+        for name in ("samples", "limit", "ppl_texts", "fidelity_prompts", "calibration_samples", "decode_prompt",
+                     "decode_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if problems:
@@ -106,7 +109,8 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
 
     stage("calibrate", f"threshold for capacity {job.capacity} (the deployment dial), then generate")
     calibration = calibrate.calibrate_job(calibrate.CalibrateJob(
-        routers=str(out), capacity=job.capacity, model=job.model, cache_dir=job.cache_dir))
+        routers=str(out), capacity=job.capacity, model=job.model, cache_dir=job.cache_dir,
+        samples=job.calibration_samples, heldout_samples=job.calibration_samples))
     generations = pipeline.generate(pipeline.GenerateJob(
         prompts=DEMO_PROMPTS, routers=str(out), model=job.model, cache_dir=job.cache_dir, max_new_tokens=48))
     finished("calibrate", (calibration, generations))
@@ -120,8 +124,8 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
                       f"fidelity: dense, static drop, random drop, routers at {skip_ratio:.1%} attention skipped")
     comparison = compare.compare(compare.CompareJob(
         routers=str(out), tasks=job.tasks, skip_ratios=[skip_ratio], limit=job.limit, perplexity=["lambada"],
-        ppl_texts=job.ppl_texts, fidelity_prompts=16, output=str(out / "compare"), model=job.model,
-        cache_dir=job.cache_dir))
+        ppl_texts=job.ppl_texts, fidelity_prompts=job.fidelity_prompts, calibration_samples=job.calibration_samples,
+        output=str(out / "compare"), model=job.model, cache_dir=job.cache_dir))
     finished("evaluate", comparison)
 
     bench_json = None
