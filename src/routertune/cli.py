@@ -95,8 +95,10 @@ def cmd_demo(args) -> int:
             _print_tune(outcome, TrainConfig(target_capacity=job.capacity))
         elif stage == "calibrate":
             cal, generations = outcome
-            print(f"threshold {cal.result.threshold:.4f}: capacity {cal.result.capacity:.3f} on {cal.result.prompts} "
-                  f"calibration prompts, {cal.heldout_capacity:.3f} on {cal.heldout_prompts} held-out prompts")
+            held = (f", {cal.heldout_capacity:.3f} on {cal.heldout_prompts} held-out prompts"
+                    if cal.heldout_capacity is not None else "")
+            print(f"threshold {cal.result.threshold:.4f}: capacity {cal.result.capacity:.3f} on "
+                  f"{cal.result.prompts} calibration prompts{held}")
             _print_generations(generations)
         elif stage == "evaluate":
             print(outcome.markdown)
