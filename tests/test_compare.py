@@ -61,6 +61,8 @@ def test_compare_end_to_end(saved, tmp_path):
     assert report.samples == {"arc_easy": 6, "winogrande": 6}
     written = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert len(written["settings"]) == 4
+    per_task = written["settings"][3]["task_layer_skip_rate"]  # the routers' rates, one row per task
+    assert set(per_task) == {"arc_easy", "winogrande"} and all(len(r) == 3 for r in per_task.values())
     table = (tmp_path / "out" / "compare.md").read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == 5 and "ppl lambada" in table and "ARC-E (acc)" in table
 

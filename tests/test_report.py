@@ -83,6 +83,12 @@ def test_extract_eval_reads_compare_eval_and_free_shapes(bench_json):
     assert {p["family"] for p in points} == {"dense", "static", "random", "routers"}
     assert {p["task"] for p in points} == {"arc_easy", "piqa", "average"}
     assert len(rows) == 2 and all(r["task"] == "all tasks" for r in rows)
+    with_tasks = _compare_json(bench)  # compare.json now also keeps per-task rates: one heatmap row each
+    routers = with_tasks["settings"][3]
+    routers["task_layer_skip_rate"] = {"arc_easy": {"14": 0.25}, "piqa": {"14": 0.5}}
+    _, rows = extract_eval(with_tasks)
+    assert [(r["task"], r["rates"]) for r in rows][:3] == [("arc_easy", {14: 0.25}), ("piqa", {14: 0.5}),
+                                                           ("all tasks", rows[2]["rates"])]
 
     points, rows = extract_eval(_eval_json(bench))
     assert {p["task"] for p in points} == {"arc_easy", "piqa", "boolq", "average"}

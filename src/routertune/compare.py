@@ -107,6 +107,7 @@ class SettingResult:
     calibration_capacity: float | None = None
     threshold: float | None = None
     layer_skip_rate: dict[str, float] | None = None
+    task_layer_skip_rate: dict[str, dict] | None = None  # task -> layer -> skip rate
     seconds: float = 0.0
 
 
@@ -191,7 +192,9 @@ def compare(job: CompareJob, progress: bool = True) -> CompareReport:
             metrics={n: s.metrics for n, s in harness.tasks.items()}, average=harness.average(), perplexity=ppl,
             fidelity=fidelity, dropped=info.dropped, capacity=setting.capacity,
             calibration_capacity=getattr(info.calibration, "capacity", None), threshold=info.threshold,
-            layer_skip_rate=harness.layer_skip_rate, seconds=time.perf_counter() - t0,
+            layer_skip_rate=harness.layer_skip_rate,
+            task_layer_skip_rate={n: s.skip.get("layer_skip_rate") for n, s in harness.tasks.items()},
+            seconds=time.perf_counter() - t0,
         ))
         report = CompareReport(job=asdict(job), settings=results, headline=headline, samples=samples,
                                seconds=time.perf_counter() - started)

@@ -160,7 +160,8 @@ def _point(method: str, family: str, task: str, skip, accuracy) -> dict | None:
 
 def _from_compare(data: dict) -> tuple[list[dict], list[dict]]:
     """compare.json: settings[] with kind (dense/static/random/routers), skip_ratio (of all attention
-    sublayers), scores {task: headline metric}, average, layer_skip_rate {layer: rate} over all tasks."""
+    sublayers), scores {task: headline metric}, average, layer_skip_rate {layer: rate} over all tasks and
+    task_layer_skip_rate {task: {layer: rate}} (older files lack it)."""
     points, rows = [], []
     for s in data["settings"]:
         name = str(s.get("name") or s.get("kind") or "setting")
@@ -168,8 +169,14 @@ def _from_compare(data: dict) -> tuple[list[dict], list[dict]]:
         for task, accuracy in s["scores"].items():
             points.append(_point(name, family, task, s.get("skip_ratio"), accuracy))
         points.append(_point(name, family, "average", s.get("skip_ratio"), s.get("average")))
+        if family != "routers":
+            continue
+        per_task = s.get("task_layer_skip_rate") if isinstance(s.get("task_layer_skip_rate"), dict) else {}
+        for task, task_rates in per_task.items():
+            if _layer_map(task_rates):
+                rows.append({"task": task, "method": name, "rates": _layer_map(task_rates)})
         rates = _layer_map(s.get("layer_skip_rate"))
-        if rates and family == "routers":
+        if rates:
             rows.append({"task": "all tasks", "method": name, "rates": rates})
     return [p for p in points if p is not None], rows
 
