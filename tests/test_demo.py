@@ -18,6 +18,7 @@ def test_demo_refuses_a_folder_holding_another_run(tmp_path):
     ("capacity", 1.0, "strictly between 0 and 1"),
     ("capacity", -0.1, "capacity"),
     ("limit", 0, "limit=0 must be >= 1"),
+    ("tasks", ["arc_easy", "nosuchtask"], "nosuchtask"),
 ])
 def test_demo_job_validation(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -43,11 +43,16 @@ class DemoJob:
     bench: bool = field(default=True, metadata={"help": "run the speed benchmark stage"})
 
     def __post_init__(self) -> None:
+        from . import tasks
         from .calibrate import check_capacity
 
         self.tasks = ["arc_easy", "piqa"] if self.tasks is None else list(self.tasks)
         self.bench_lengths = [128, 512, 2048] if self.bench_lengths is None else list(self.bench_lengths)
         problems = []
+        try:  # an unknown task fails here, not after the training stage
+            tasks.check_task_names(self.tasks)
+        except ValueError as error:
+            problems.append(str(error))
         try:
             check_capacity(self.capacity)
         except ValueError as error:
