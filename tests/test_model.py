@@ -30,7 +30,7 @@ def test_only_router_weights_change_and_trainable_count(family, granularity):
     n_layers = len(routed.routed_layers)
     assert n_layers == base.config.num_hidden_layers // 2
     trainable = sum(p.numel() for p in routed.parameters() if p.requires_grad)
-    assert trainable == n_layers * base.config.hidden_size
+    assert trainable == n_layers * (base.config.hidden_size + 1)  # weight + bias per router
     before = {k: v.clone() for k, v in routed.state_dict().items()}
     optimizer = torch.optim.AdamW(routed.trainable_parameters(), lr=0.1)
     routed.train()
@@ -43,7 +43,8 @@ def test_only_router_weights_change_and_trainable_count(family, granularity):
         optimizer.step()
     after = routed.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {k for k in before if k.endswith(".router.proj.weight")}
+    assert changed and changed <= {k for k in before if k.endswith((".router.proj.weight", ".router.proj.bias"))}
+    assert {k for k in changed if k.endswith(".weight")} == {k for k in before if k.endswith(".router.proj.weight")}
 
 
 def test_skipping_rows_still_get_gradient(family):
@@ -82,7 +83,7 @@ def test_save_load_round_trip(tmp_path, family, granularity):
     routed.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["router_config.json", "routers.safetensors"]
     weights = load_file(tmp_path / "routers.safetensors")
-    assert set(weights) == {f"layers.{i}.router.weight" for i in routed.routed_layers}
+    assert set(weights) == {f"layers.{i}.router.{p}" for i in routed.routed_layers for p in ("weight", "bias")}
     config = json.loads((tmp_path / "router_config.json").read_text())
     assert set(config["base_model"]) == {"model_type", "num_hidden_layers", "hidden_size", "fingerprint",
                                          "name_or_path"}

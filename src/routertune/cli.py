@@ -37,7 +37,12 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         kind, nargs, is_bool = _flag_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
         if is_bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
@@ -55,6 +60,10 @@ def _print_tune(report: pipeline.TuneReport, cfg: TrainConfig) -> None:
     res = report.result
     print(f"routers saved to {report.output} ({report.trainable_parameters} trainable weights, "
           f"{report.samples} samples, {report.truncated} truncated, {res.steps} steps in {res.seconds:.0f} s)")
+    if res.fit is not None:
+        print(f"importance fit on {res.fit['records']} records: ridge {res.fit['ridge']:g}, held-out R^2 of per-input "
+              f"log importance {max(res.fit['heldout_r2'].values(), default=float('nan')):.3f}; "
+              f"capacity {res.fit['train_capacity']:.3f} on the training prompts at threshold 0.5")
     if res.uncalibrated is not None:
         print(f"training alone reached held-out capacity {res.uncalibrated.capacity:.2f} at threshold 0.5; "
               f"calibrated threshold {res.threshold:.4f} on the training prompts")
@@ -166,6 +175,17 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_tradeoff(args) -> int:
+    from . import tradeoff
+
+    job = _build(tradeoff.TradeoffJob, args)
+    result = tradeoff.run_tradeoff(job, log=lambda message: print(f"[tradeoff] {message}", flush=True))
+    print(tradeoff.markdown_table(result))
+    print(f"written to {job.output}/{tradeoff.RESULT_NAME} and tradeoff.md ({result['seconds']:.0f} s); "
+          f"`routertune report --inputs {job.output}` draws the curves")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench, report
 
@@ -204,6 +224,9 @@ COMMANDS = {
                   [("routertune.calibrate:CalibrateJob", ())]),
     "compare": (cmd_compare, "dense vs static drop vs random drop vs routers at matched attention skip ratios",
                 [("routertune.compare:CompareJob", ())]),
+    "tradeoff": (cmd_tradeoff, "quality vs measured skip: a router threshold sweep against static and random drop, "
+                 "on the same items, compared at matched skip with paired bootstrap intervals",
+                 [("routertune.tradeoff:TradeoffJob", ())]),
     "bench": (cmd_bench, "speed: dense vs static drop vs routers (prefill, decode, KV bytes, peak memory, FLOPs)",
               [("routertune.bench:BenchConfig", ())]),
     "report": (cmd_report, "one page (markdown + PNG plots) from bench and evaluation result JSON",

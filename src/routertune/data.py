@@ -55,6 +55,7 @@ _TASK_FILES = {
     "naturalqs_open": "naturalqs_open/bpb_5shot/requests.jsonl.gz",
     "jeopardy": "jeopardy/bpb_5shot/requests.jsonl.gz",
     "lambada": "lambada/bpb_0shot/requests.jsonl.gz",
+    "codex_humaneval": "codex_humaneval/gold_bpb_0shot/requests.jsonl.gz",
 }
 
 _ROLES = ("system", "user", "assistant")
@@ -266,6 +267,20 @@ def lambada_passages(n: int | None = None) -> list[str]:
         if n is not None and len(passages) >= n:
             break
     return passages
+
+
+def humaneval_texts(n: int | None = None) -> list[str]:
+    """HumanEval programs (signature + docstring + canonical solution), in file order: held-out code, never
+    part of :func:`default_records`."""
+    seen, programs = set(), []
+    for row in _read_task_rows("codex_humaneval"):
+        text = row["doc"]["prompt"] + row["doc"]["canonical_solution"]
+        if text not in seen:
+            seen.add(text)
+            programs.append(text)
+        if n is not None and len(programs) >= n:
+            break
+    return programs
 
 
 def _round_robin(groups: Sequence[Sequence[dict]]) -> list[dict]:

@@ -127,7 +127,25 @@ class RoutedModel(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def router_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"layers.{idx}.router.weight": r.weight.detach().cpu().contiguous() for idx, r in self.routers.items()}
+        state = {}
+        for idx, r in self.routers.items():
+            state[f"layers.{idx}.router.weight"] = r.weight.detach().cpu().contiguous()
+            state[f"layers.{idx}.router.bias"] = r.bias.detach().cpu().contiguous()
+        return state
+
+    def load_router_state_dict(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Copy router weights in; files written before routers had a bias (no `.bias` keys) load with bias 0."""
+        expected = set(self.router_state_dict())
+        legacy = {k for k in expected if k.endswith(".bias")}
+        if set(state) != expected and set(state) != expected - legacy:
+            raise ValueError(
+                f"{source} holds keys {sorted(set(state) ^ expected)} that do not match the routed "
+                f"layers {self.routed_layers}"
+            )
+        with torch.no_grad():
+            for idx, router in self.routers.items():
+                router.weight.copy_(state[f"layers.{idx}.router.weight"])
+                router.bias.copy_(state.get(f"layers.{idx}.router.bias", torch.zeros_like(router.bias)))
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write router_config.json + routers.safetensors (kilobytes), each atomically; with LoRA layers,
@@ -165,16 +183,7 @@ class RoutedModel(nn.Module):
         weights_path = Path(directory) / WEIGHTS_NAME
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path} not found next to {CONFIG_NAME}")
-        state = load_file(str(weights_path))
-        expected_keys = set(routed.router_state_dict())
-        if set(state) != expected_keys:
-            raise ValueError(
-                f"{weights_path} holds keys {sorted(set(state) ^ expected_keys)} that do not match the routed "
-                f"layers {routed.routed_layers}"
-            )
-        with torch.no_grad():
-            for idx, router in routed.routers.items():
-                router.weight.copy_(state[f"layers.{idx}.router.weight"])
+        routed.load_router_state_dict(load_file(str(weights_path)), str(weights_path))
         return routed
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import calibrate, data, lora
+from . import baselines, calibrate, data, importance, lora
 from .config import CONFIG_NAME, RouterConfig
 from .files import write_json
 from .model import RoutedModel
@@ -37,7 +37,7 @@ class TuneJob:
     heldout_samples: int = field(default=64, metadata={"help": "held-out records for loss and capacity"})
     max_length: int = field(default=256, metadata={"help": "tokens per sequence; longer records are truncated and counted"})
     granularity: str = field(default="attention", metadata={"help": "attention (MindSkip), mlp or block"})
-    layers: list[int] | None = field(default=None, metadata={"help": "routed layer indices (default: paper's rule)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "routed layer indices (default: every layer but the first and the last for --objective importance, the same candidates as static drop; the paper's rule, the last half before the final layer, for lm and distill)"})
     lora_rank: int = field(default=0, metadata={"help": "also train LoRA (q_proj, v_proj) of this rank with the routers (0 = off)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     overwrite: bool = field(default=False, metadata={"help": "replace a run already in --output"})
@@ -82,13 +82,19 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
 
     if job.lora_rank:
         lora.add_lora(model, job.lora_rank)
-    routed = RoutedModel(model, RouterConfig(granularity=job.granularity, layers=job.layers))
+    layers = job.layers
+    if layers is None and train_cfg.objective == "importance":
+        layers = baselines.droppable_layers(int(model.config.num_hidden_layers))
+    routed = RoutedModel(model, RouterConfig(granularity=job.granularity, layers=layers))
     if job.overwrite:
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
-    result = train_routers(routed, examples, train_cfg, pad, heldout=heldout, output=output, resume=job.resume,
-                           accelerator=accelerator, progress=progress)
-    if train_cfg.calibrate:
-        _calibrate_to_target(routed, examples, train_cfg.target_capacity, pad, heldout, result)
+    if train_cfg.objective == "importance":
+        result = _fit_importance(routed, examples, train_cfg, pad, heldout, device)
+    else:
+        result = train_routers(routed, examples, train_cfg, pad, heldout=heldout, output=output, resume=job.resume,
+                               accelerator=accelerator, progress=progress)
+        if train_cfg.calibrate:
+            _calibrate_to_target(routed, examples, train_cfg.target_capacity, pad, heldout, result)
     report = TuneReport(
         output=str(output),
         samples=len(examples),
@@ -100,6 +106,28 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
         routed.save_pretrained(output)
         write_json(output / METRICS_NAME, {"job": asdict(job), "train": asdict(train_cfg), **asdict(report)})
     return report
+
+
+def _fit_importance(routed, examples, cfg: TrainConfig, pad, heldout, device) -> TrainResult:
+    """The importance objective: one dense pass, a closed-form fit per router (routertune.importance), and the
+    capacity target met by the fit itself (no threshold set afterwards)."""
+    if routed.router_config.granularity != "attention":
+        raise ValueError(f"--objective importance fits attention routers; for granularity "
+                         f"{routed.router_config.granularity!r} use --objective lm or distill")
+    import time
+
+    began = time.perf_counter()
+    batches = [_to(data.collate(b, pad), device) for b in data.length_batches(examples, cfg.batch_size, cfg.seed)]
+    result = TrainResult(steps=0, seconds=0.0)
+    if heldout:
+        result.dense = evaluate_loss(routed, heldout, dense=True)
+    fit = importance.fit_routers(routed, batches, heldout, cfg.target_capacity)
+    result.fit = asdict(fit)
+    result.seconds = time.perf_counter() - began
+    if heldout:
+        result.after = evaluate_loss(routed, heldout)
+        result.evals.append({"step": 0, **asdict(result.after)})
+    return result
 
 
 def _calibrate_to_target(routed, examples, target, pad, heldout, result, max_prompts: int = 64,

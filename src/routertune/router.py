@@ -10,7 +10,12 @@ from torch import nn
 
 
 class Router(nn.Module):
-    """Linear(hidden_size, 1, bias=False), zero-initialised so every score starts at exactly 0.5.
+    """Linear(hidden_size, 1) with a bias, zero-initialised so every score starts at exactly 0.5.
+
+    The paper's router has no bias. Ours has one so that a router can carry a per-layer prior (how important
+    its layer is on average) separately from the per-input part (the weights): the importance fit
+    (routertune.importance) sets both, and with zero weights the routers reduce exactly to a static drop
+    ordered by the biases.
 
     Kept in float32 whatever the base model's dtype: in bf16, tiny logits near zero fall into a dead zone
     (METHOD.md §6.6), and the router costs nothing either way.
@@ -18,12 +23,17 @@ class Router(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.proj = nn.Linear(hidden_size, 1, bias=False, dtype=torch.float32)
+        self.proj = nn.Linear(hidden_size, 1, bias=True, dtype=torch.float32)
         nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.proj.weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.proj.bias
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled: (B, H) in any dtype -> scores (B,) in float32, also under bf16 autocast."""

@@ -35,15 +35,15 @@ from .files import atomic_write
 from .model import RoutedModel
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("lm", "distill")
+OBJECTIVES = ("importance", "lm", "distill")
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINTS = "checkpoints"
 
 
 @dataclass
 class TrainConfig:
-    objective: str = field(default="lm", metadata={"help": "lm (response cross-entropy) or distill (KL to the dense model)"})
-    target_capacity: float = field(default=0.5, metadata={"help": "fraction of routed sublayers to run, in [0, 1]"})
+    objective: str = field(default="importance", metadata={"help": "importance (routers fitted to each input's attention importance, on top of static drop's order; no gradient descent), lm (response cross-entropy, the paper's) or distill (KL to the dense model)"})
+    target_capacity: float = field(default=0.75, metadata={"help": "fraction of routed sublayers to run, in [0, 1]"})
     capacity_weight: float = field(default=0.1, metadata={"help": "lambda of the capacity hinge ReLU(capacity - target)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for the routers"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -105,6 +105,7 @@ class TrainResult:
     resumed_from: int | None = None
     uncalibrated: EvalResult | None = None  # held-out metrics at threshold 0.5, before calibration
     threshold: float = 0.5
+    fit: dict | None = None  # the importance objective's choices (routertune.importance.ImportanceFit)
 
 
 # --- losses -------------------------------------------------------------------------------------------------
@@ -243,10 +244,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
 def _load_checkpoint(path: Path, routed: RoutedModel, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "routers.safetensors"))
-    with torch.no_grad():
-        for idx, router in routed.routers.items():
-            router.weight.copy_(weights[f"layers.{idx}.router.weight"])
+    routed.load_router_state_dict(load_file(str(path / "routers.safetensors")), str(path))
     states = torch.load(path / "optimizer.pt", weights_only=False)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])

@@ -1,0 +1,169 @@
+"""The `importance` objective: routers fitted to predict, from the prompt, how much each attention sublayer
+matters for this input.
+
+Static attention drop ("What Matters in Transformers?") ranks attention sublayers by their *average*
+importance, 1 - cos(h, h + attention(norm(h))), and drops the least important for every input. The same
+quantity varies from input to input: code, fiction and encyclopaedic text lean on different layers. This
+objective fits each router, by ridge regression in closed form, to predict that per-input importance from
+what the router sees at inference (its layer's normed input, mean-pooled over the prompt):
+
+    logit_l(x) = w_l . pool(x) + b_l  ~  (log importance_l(x) - c) / d
+
+- b_l carries the layer's average importance, so with w = 0 the routers are exactly a static drop ordered
+  by importance; the weights add the per-input part on top of it, shrunk by the ridge penalty (chosen on
+  held-out records) wherever the prompt does not predict it.
+- c is set so that at the default threshold 0.5 the routers run the target capacity on the training prompts:
+  the capacity target is met by the fit itself, no threshold is set afterwards.
+- d (the spread of the layers' mean log importance) puts logits on a scale where the threshold is a usable
+  dial: sweeping it moves through the layers from the least to the most important, per input.
+
+One dense forward over the training records gives every feature and target; there is no gradient descent,
+so the fit is deterministic, cannot collapse, and costs one pass over the data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from . import arch, inject
+from .model import RoutedModel
+from .router import masked_mean
+
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # penalty, relative to the mean feature variance x N
+
+
+@dataclass
+class ImportanceFit:
+    """What the fit chose and how well the per-input part predicts held-out importance."""
+
+    layers: list[int]
+    ridge: float  # chosen penalty (relative)
+    heldout_r2: dict[str, float]  # per chosen penalty: mean over layers of held-out R^2 of log importance
+    offset: float  # c
+    scale: float  # d
+    mean_log_importance: dict[int, float]  # per layer, training records
+    train_capacity: float  # fraction of (record, layer) pairs that run at threshold 0.5 on the training prompts
+    records: int
+    notes: list[str] = field(default_factory=list)
+
+
+@torch.no_grad()
+def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[dict, dict]:
+    """Dense forward over `batches` (input_ids, attention_mask, optional prompt_mask). Returns, per routed
+    layer, the pooled router inputs (N, H) float64 and the log importance per sequence (N,) float64:
+    log of the mean over the sequence's real tokens of 1 - cos(h, h + attention(norm(h)))."""
+    model = routed.base_model
+    if routed.router_config.granularity != "attention":
+        raise ValueError(
+            f"the importance objective fits attention routers (MindSkip); granularity "
+            f"{routed.router_config.granularity!r} needs --objective lm or distill"
+        )
+    blocks = arch.blocks_of(model)
+    wrappers = inject.routed_sublayers(model)
+    features: dict[int, list[torch.Tensor]] = {i: [] for i in wrappers}
+    targets: dict[int, list[torch.Tensor]] = {i: [] for i in wrappers}
+    residual: dict[int, torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def save_residual(idx):
+        def hook(module, args, kwargs):
+            residual[idx] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def record(idx):
+        def hook(module, args, kwargs, output):
+            normed = args[0] if args else kwargs["hidden_states"]  # (B, T, H): what the router reads
+            features[idx].append(masked_mean(normed, current["pool"]).double().cpu())
+            h = residual.pop(idx).float()
+            attn = (output[0] if isinstance(output, tuple) else output).float()
+            gap = 1 - torch.nn.functional.cosine_similarity(h, h + attn, dim=-1)  # (B, T)
+            mask = current["mask"]
+            per_seq = (gap * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+            targets[idx].append(per_seq.clamp_min(1e-8).log().double().cpu())
+        return hook
+
+    handles = []
+    for idx, wrapper in wrappers.items():
+        handles.append(blocks[idx].register_forward_pre_hook(save_residual(idx), with_kwargs=True))
+        handles.append(wrapper.register_forward_hook(record(idx), with_kwargs=True))
+    try:
+        with routed.forced("run"):
+            for batch in batches:
+                mask = batch["attention_mask"]
+                pool = batch.get("prompt_mask")
+                current["mask"] = mask.float()
+                current["pool"] = pool if pool is not None else mask
+                routed(input_ids=batch["input_ids"], attention_mask=mask, routing_mask=current["pool"],
+                       use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ({i: torch.cat(v) for i, v in features.items()}, {i: torch.cat(v) for i, v in targets.items()})
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, penalty: float) -> tuple[torch.Tensor, float]:
+    """Ridge regression with an unpenalised intercept: returns (w (H,), b)."""
+    mu, y_mean = x.mean(0), y.mean()
+    xc = x - mu
+    gram = xc.T @ xc
+    lam = penalty * float(gram.diagonal().mean()) * 1.0
+    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ (y - y_mean))
+    return w, float(y_mean - mu @ w)
+
+
+def _r2(x, y, w, b) -> float:
+    pred = x @ w + b
+    total = float(((y - y.mean()) ** 2).sum())
+    return 1.0 - float(((y - pred) ** 2).sum()) / total if total > 0 else 0.0
+
+
+def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capacity: float) -> ImportanceFit:
+    """Fit every router of `routed` in place (weights and bias) and return what was chosen."""
+    if not 0.0 <= target_capacity <= 1.0:
+        raise ValueError(f"target_capacity={target_capacity} must lie in [0, 1]")
+    x_train, y_train = collect(routed, train_batches)
+    layers = sorted(x_train)
+    n = int(next(iter(x_train.values())).shape[0])
+    if n < 2:
+        raise ValueError(f"the importance fit needs at least 2 training records, got {n}")
+    notes = []
+    x_held, y_held = collect(routed, heldout_batches) if heldout_batches else ({}, {})
+    r2 = {}
+    if x_held and int(next(iter(x_held.values())).shape[0]) >= 2:
+        for penalty in RIDGE_GRID:
+            fits = {i: _ridge(x_train[i], y_train[i], penalty) for i in layers}
+            r2[str(penalty)] = sum(_r2(x_held[i], y_held[i], *fits[i]) for i in layers) / len(layers)
+        ridge = float(max(RIDGE_GRID, key=lambda p: r2[str(p)]))
+    else:
+        ridge = 1.0
+        notes.append("no held-out records: ridge penalty left at 1.0")
+    fits = {i: _ridge(x_train[i], y_train[i], ridge) for i in layers}
+    means = {i: float(y_train[i].mean()) for i in layers}
+    spread = float(torch.tensor(list(means.values())).std()) if len(layers) > 1 else 1.0
+    scale = spread if spread > 1e-6 else 1.0
+    # c: the quantile of predicted log importance over (record, layer) pairs below which (1 - target) skip
+    predicted = torch.stack([x_train[i] @ fits[i][0] + fits[i][1] for i in layers])  # (layers, N)
+    flat = predicted.flatten()
+    if target_capacity >= 1.0:
+        offset = float(flat.min()) - 1.0
+    elif target_capacity <= 0.0:
+        offset = float(flat.max()) + 1.0
+    else:
+        offset = float(torch.quantile(flat, 1.0 - target_capacity))
+    with torch.no_grad():
+        for i in layers:
+            w, b = fits[i]
+            router = routed.routers[i]
+            router.weight.copy_((w / scale).to(router.weight.dtype).view_as(router.weight))
+            router.bias.copy_(torch.tensor([(b - offset) / scale], dtype=router.bias.dtype))
+    capacity = float((predicted >= offset).double().mean())
+    return ImportanceFit(layers=layers, ridge=ridge, heldout_r2=r2, offset=offset, scale=scale,
+                         mean_log_importance=means, train_capacity=capacity, records=n, notes=notes)
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))

@@ -1,0 +1,629 @@
+"""The quality-for-skip trade-off of one set of routers against static and random attention drop.
+
+For one set of routers, the threshold is swept (no retraining) and every setting is scored on the *same*
+items as the baselines: static drop of the k least important attention sublayers (k = 0..K) and random drop
+(several seeds). Quality is measured with signals that resolve on a small model:
+
+- mean per-token KL(dense || setting) and perplexity on held-out text of several domains, none of them in the
+  tuning mix (the second half of each text, routed on the first half);
+- accuracy on multiple-choice tasks the model is clearly above chance on, through lm-eval's own task
+  configs and metrics (each item's choices routed on its context);
+- greedy agreement with the dense model's completions of held-out chat prompts.
+
+The x axis is always the *measured* fraction of all attention sublayers skipped on those items. Curves are
+compared at chosen skip ratios by interpolating each one linearly between the two measured points around it
+(per item, so the comparison stays paired), with a paired bootstrap interval over items.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import arch, baselines, routing
+from .files import write_json
+
+DOMAINS = ("lambada", "wikipedia", "code")
+TASKS = ("arc_easy", "piqa", "hellaswag")
+KINDS = ("dense", "static", "random", "routers")
+RESULT_NAME = "tradeoff.json"
+
+
+# --- settings --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the model: dense, a fixed attention drop (static / random), or the routers at a
+    threshold."""
+
+    kind: str
+    drop: tuple[int, ...] = ()  # static / random: attention sublayers skipped for every input
+    k: int = 0
+    seed: int = 0
+    threshold: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "static":
+            return f"static {self.k}"
+        if self.kind == "random":
+            return f"random {self.k} (seed {self.seed})"
+        if self.kind == "routers":
+            return f"routers @ {self.threshold:.4f}"
+        return "dense"
+
+
+@contextlib.contextmanager
+def zeroed_attention(model: nn.Module, layers: Sequence[int]) -> Iterator[None]:
+    """Static drop as the method defines it: the attention output of `layers` is zero for every input (the
+    residual passes unchanged). A hook on the plain attention modules, independent of the routing code."""
+    spec = arch.arch_spec(model)
+    blocks = arch.blocks_of(model)
+
+    def zero(module, args, output):
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    handles = []
+    try:
+        for idx in layers:
+            attention = getattr(blocks[idx], spec.attention)
+            attention = getattr(attention, "base_layer", attention)  # the original module under a router
+            handles.append(attention.register_forward_hook(zero))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def applied(variant: Variant, routed) -> Iterator[None]:
+    """Run the routed model as `variant`: routers at a threshold, or forced to run with a fixed drop."""
+    if variant.kind == "routers":
+        saved = (routed.router_config.threshold, routed.router_config.layer_thresholds)
+        routed.set_threshold(variant.threshold)
+        try:
+            yield
+        finally:
+            routed.set_threshold(*saved)
+    else:
+        with routing.forced("run"), zeroed_attention(routed.base_model, variant.drop):
+            yield
+
+
+# --- statistics ------------------------------------------------------------------------------------------------
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None, iterations: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of a - b over items (weighted by `weights`, e.g. tokens per text: a ratio of sums) and its
+    percentile bootstrap interval, resampling items with replacement. Returns (difference, low, high)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired values must be two equal-length non-empty vectors, got {a.shape} and {b.shape}")
+    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64)
+    diff = a - b
+    point = float((diff * w).sum() / w.sum())
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(iterations, len(a)))
+    samples = (diff[idx] * w[idx]).sum(1) / w[idx].sum(1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
+def interpolate(points: list[tuple[float, np.ndarray]], x: float) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """Per-item values of a curve at measured skip `x`: linear between the two measured points around it
+    (points: (measured skip, per-item values)). None when the curve does not reach `x` (no extrapolation)."""
+    pts = sorted(points, key=lambda p: p[0])
+    for (x0, v0), (x1, v1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            if x1 - x0 < 1e-12:
+                return v0, (x0, x1)
+            t = (x - x0) / (x1 - x0)
+            return (1 - t) * v0 + t * v1, (x0, x1)
+    for x0, v0 in pts:
+        if abs(x0 - x) < 1e-12:
+            return v0, (x0, x0)
+    return None
+
+
+# --- items -----------------------------------------------------------------------------------------------------
+def domain_texts(domain: str, n: int) -> list[str]:
+    """Held-out text of one domain, never in the tuning mix: LAMBADA fiction, BoolQ's Wikipedia passages,
+    HumanEval code (prompt + canonical solution)."""
+    from . import data, tasks
+
+    if domain == "lambada":
+        return data.lambada_passages(n)
+    if domain == "wikipedia":
+        seen, passages = set(), []
+        for passage in tasks.load_split("boolq", "validation")["passage"]:
+            if passage not in seen:
+                seen.add(passage)
+                passages.append(passage)
+            if len(passages) >= n:
+                break
+        return passages
+    if domain == "code":
+        return data.humaneval_texts(n)
+    raise ValueError(f"unknown domain {domain!r}; available: {', '.join(DOMAINS)}")
+
+
+@dataclass
+class TextBatch:
+    input_ids: torch.Tensor  # (B, T) right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    route_mask: torch.Tensor  # (B, T): the first half of each text, what the routers decide from
+    score_mask: torch.Tensor  # (B, K) over the kept positions: predictions of second-half tokens
+    keep: torch.Tensor  # (K,) positions whose logits are computed
+    targets: torch.Tensor  # (B, K)
+    rows: list[int]  # text index of each row
+
+
+def text_batches(token_lists: Sequence[list[int]], pad_id: int, batch_size: int = 8) -> list[TextBatch]:
+    """Each text: route on its first half, score its second half (positions half-1 .. n-2 predict half .. n-1)."""
+    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        width = max(len(token_lists[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        route = torch.zeros_like(mask)
+        first = min(len(token_lists[i]) // 2 for i in rows) - 1
+        keep = torch.arange(first, width - 1)
+        score = torch.zeros((len(rows), len(keep)), dtype=torch.bool)
+        targets = torch.zeros((len(rows), len(keep)), dtype=torch.long)
+        for b, i in enumerate(rows):
+            tokens = token_lists[i]
+            n, half = len(tokens), len(tokens) // 2
+            ids[b, :n] = torch.tensor(tokens)
+            mask[b, :n] = 1
+            route[b, :half] = 1
+            positions = torch.arange(half - 1, n - 1)
+            score[b, positions - first] = True
+            targets[b, positions - first] = torch.tensor(tokens[half:])
+        batches.append(TextBatch(ids, mask, route, score, keep, targets, rows))
+    return batches
+
+
+@dataclass
+class TextScores:
+    """Per text: summed KL(dense || variant) and NLL over its scored tokens, scored tokens, skipped layers."""
+
+    kl: np.ndarray
+    nll: np.ndarray
+    tokens: np.ndarray
+    skipped: np.ndarray  # attention sublayers skipped for this text (routers: its own decisions)
+    patterns: list = field(default_factory=list)  # per text: the tuple of skipped layers
+
+    def summary(self, num_layers: int) -> dict:
+        return {"kl": float(self.kl.sum() / self.tokens.sum()),
+                "ppl": float(math.exp(self.nll.sum() / self.tokens.sum())),
+                "skip": float(self.skipped.mean() / num_layers), "texts": int(len(self.kl)),
+                "tokens": int(self.tokens.sum()), "distinct_patterns": len(set(self.patterns))}
+
+
+@torch.inference_mode()
+def score_texts(routed, batches: Sequence[TextBatch], variants: Sequence[Variant], n_texts: int,
+                progress: Callable[[int], None] | None = None) -> dict[Variant, TextScores]:
+    """KL to dense and NLL of every variant on the same texts. Batches outer, variants inner: the dense
+    log-probabilities of a batch are computed once and never stored for the whole set."""
+    out = {v: TextScores(*(np.zeros(n_texts) for _ in range(4)), patterns=[()] * n_texts) for v in variants}
+    for batch in batches:
+        def logprobs(variant: Variant):
+            with applied(variant, routed), routed.recording() as calls:
+                logits = routed(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                routing_mask=batch.route_mask, use_cache=False, logits_to_keep=batch.keep).logits
+            return F.log_softmax(logits.float(), dim=-1), calls  # (B, K, V)
+
+        dense, _ = logprobs(Variant("dense"))
+        for variant in variants:
+            lp, calls = (dense, []) if variant.kind == "dense" else logprobs(variant)
+            kl = (dense.exp() * (dense - lp)).sum(-1)  # (B, K)
+            nll = -lp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+            skipped, patterns = _skipped_per_row(variant, calls, len(batch.rows))
+            scores = out[variant]
+            for b, i in enumerate(batch.rows):
+                m = batch.score_mask[b]
+                scores.kl[i] = float(kl[b][m].sum())
+                scores.nll[i] = float(nll[b][m].sum())
+                scores.tokens[i] = float(m.sum())
+                scores.skipped[i] = float(skipped[b])
+                scores.patterns[i] = patterns[b]
+            if progress:
+                progress(len(batch.rows))
+    return out
+
+
+def _skipped_per_row(variant: Variant, calls, batch: int) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+    """Per row: how many attention sublayers it skipped, and which."""
+    if variant.kind != "routers":
+        return np.full(batch, float(len(variant.drop))), [tuple(variant.drop)] * batch
+    decisions = calls[-1].decisions if calls else {}
+    if not decisions:
+        return np.zeros(batch), [()] * batch
+    layers = sorted(decisions)
+    runs = torch.stack([decisions[i].cpu() for i in layers])  # (layers, B)
+    patterns = [tuple(layers[j] for j in range(len(layers)) if not runs[j, b]) for b in range(batch)]
+    return (~runs).sum(0).double().numpy(), patterns
+
+
+# --- multiple-choice accuracy through lm-eval's task configs ---------------------------------------------------
+@dataclass
+class TaskItems:
+    name: str
+    metric: str  # acc or acc_norm, the metric reported for this task
+    task: object  # the lm-eval Task
+    instances: list  # its loglikelihood requests
+    docs: list  # (doc_id, doc) in order
+
+
+def task_items(names: Sequence[str], limit: int | None) -> list[TaskItems]:
+    from . import tasks
+    from .evaluate import _quiet_harness
+
+    out = []
+    with _quiet_harness():
+        built = tasks.build_tasks(list(names), "zero")
+    for name, task in zip(names, built):
+        with _quiet_harness():
+            task.build_all_requests(limit=limit, rank=0, world_size=1)
+        instances = sorted(task.instances, key=lambda inst: (inst.doc_id, inst.idx))
+        docs = {}
+        for inst in instances:
+            docs.setdefault(inst.doc_id, inst.doc)
+        metric = tasks.TASKS[name].paper_metric
+        out.append(TaskItems(name, metric, task, instances, sorted(docs.items())))
+    return out
+
+
+@dataclass
+class TaskScores:
+    correct: np.ndarray  # per item, 0/1 for the task's metric
+    skip: float  # measured fraction of all attention sublayers skipped over the task's contexts
+
+
+def score_tasks(routed, tokenizer, items: Sequence[TaskItems], variant: Variant, num_layers: int,
+                batch_tokens: int = 4096) -> dict[str, TaskScores]:
+    from .evaluate import RoutedLM
+
+    out = {}
+    with applied(variant, routed):
+        lm = RoutedLM(routed, tokenizer, batch_tokens=batch_tokens, progress=False)
+        for task in items:
+            lm.stats.clear()
+            results = lm.loglikelihood(task.instances, disable_tqdm=True)
+            by_doc: dict[int, list] = {}
+            for inst, result in zip(task.instances, results):
+                by_doc.setdefault(inst.doc_id, []).append(result)
+            correct = np.array([float(task.task.process_results(doc, by_doc[doc_id])[task.metric])
+                                for doc_id, doc in task.docs])
+            if variant.kind == "routers":
+                stats = lm.stats.get(task.name)
+                skip = stats.skip_ratio if stats is not None else 0.0
+            else:
+                skip = len(variant.drop) / num_layers
+            out[task.name] = TaskScores(correct, float(skip))
+    return out
+
+
+# --- the job ---------------------------------------------------------------------------------------------------
+@dataclass
+class TradeoffJob:
+    """`routertune tradeoff`: every flag is a field."""
+
+    routers: str = field(default="", metadata={"help": "folder written by `routertune train`"})
+    output: str = field(default="runs/tradeoff", metadata={"help": "folder for tradeoff.json"})
+    model: str | None = field(default=None, metadata={"help": "base model (default: embedded SmolLM2-135M-Instruct)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
+    domains: list[str] = field(default_factory=lambda: list(DOMAINS), metadata={"help": "held-out text domains for KL and perplexity"})
+    texts: int = field(default=48, metadata={"help": "texts per domain"})
+    max_tokens: int = field(default=256, metadata={"help": "tokens per text (the first half routes, the second is scored)"})
+    tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": "multiple-choice tasks (lm-eval configs)"})
+    limit: int | None = field(default=1000, metadata={"help": "items per task (first N of the validation set; 0 = all)"})
+    skip_targets: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3], metadata={"help": "measured skip ratios (of all attention sublayers) where the curves are compared"})
+    max_drop: int = field(default=10, metadata={"help": "static drop traced for k = 0..max_drop"})
+    random_seeds: int = field(default=3, metadata={"help": "random-drop seeds"})
+    random_drops: list[int] | None = field(default=None, metadata={"help": "k of random drop (default: the layer counts of --skip-targets)"})
+    thresholds: list[float] | None = field(default=None, metadata={"help": "router thresholds to sweep (default: set from the calibration prompts to span the skip targets)"})
+    sweep_points: int = field(default=8, metadata={"help": "router thresholds in the automatic sweep"})
+    fidelity_prompts: int = field(default=32, metadata={"help": "held-out chat prompts for greedy agreement (0 = off)"})
+    fidelity_tokens: int = field(default=32, metadata={"help": "greedy tokens per fidelity prompt"})
+    calibration_samples: int = field(default=64, metadata={"help": "chat prompts of the tuning mix's train split: static-drop importance and the sweep's thresholds"})
+    accuracy_settings: str = field(default="matched", metadata={"help": "which settings the (costly) accuracy runs on: 'matched' (dense, static at the targets, the router points around them) or 'all'"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
+    batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward for the accuracy tasks"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.routers:
+            problems.append("pass --routers FOLDER (written by `routertune train`)")
+        bad = [d for d in self.domains if d not in DOMAINS]
+        if bad:
+            problems.append(f"unknown domains {bad}; available: {', '.join(DOMAINS)}")
+        for name in ("texts", "max_tokens", "sweep_points", "bootstrap"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_tokens < 8:
+            problems.append(f"max_tokens={self.max_tokens} must be >= 8 (half routes, half is scored)")
+        if any(not 0 < t < 1 for t in self.skip_targets):
+            problems.append(f"skip_targets={self.skip_targets} must lie in (0, 1)")
+        if self.thresholds is not None and any(not 0 < t < 1 for t in self.thresholds):
+            problems.append(f"thresholds={self.thresholds} must lie in (0, 1)")
+        if self.accuracy_settings not in ("matched", "all"):
+            problems.append(f"accuracy_settings={self.accuracy_settings!r} is not one of matched, all")
+        if self.limit is not None and self.limit < 0:
+            problems.append(f"limit={self.limit} must be >= 0 (0 = full sets)")
+        if problems:
+            raise ValueError("Invalid tradeoff job: " + "; ".join(problems))
+
+
+def sweep_thresholds(routed, calibration_batches, skip_targets: Sequence[float], points: int,
+                     num_layers: int) -> list[float]:
+    """Router thresholds that span 0.4x .. 1.5x the skip targets, from one pass over the calibration prompts
+    with every routed layer running: the thresholds at the matching quantiles of the routers' scores there.
+    Scores move once earlier layers skip, so each threshold's actual skip is whatever the items give: the
+    curves use the measured skip, never these targets."""
+    from .calibrate import prompt_scores, quantile_threshold
+
+    routed_n = len(routed.routed_layers)
+    low, high = 0.4 * min(skip_targets), min(1.5 * max(skip_targets), routed_n / num_layers * 0.98)
+    saved = (routed.router_config.threshold, routed.router_config.layer_thresholds)
+    routed.set_threshold(1e-9)  # every layer runs: scores of the dense hidden states
+    try:
+        scores, _ = prompt_scores(routed, calibration_batches)
+    finally:
+        routed.set_threshold(*saved)
+    pooled = torch.cat(list(scores.values()))
+    thresholds = set()
+    for skip in np.linspace(low, high, points):
+        capacity = float(np.clip(1 - skip * num_layers / routed_n, 0.0, 1.0))
+        thresholds.add(round(quantile_threshold(pooled, capacity), 6))
+    return sorted(thresholds)
+
+
+def compare_curves(curves: dict[str, list[tuple[float, np.ndarray]]], target: float, weights=None,
+                   iterations: int = 2000, baseline: str = "static") -> dict:
+    """Every curve at measured skip `target` (interpolated) minus the baseline curve there, paired."""
+    base = interpolate(curves[baseline], target)
+    out = {}
+    for name, points in curves.items():
+        got = interpolate(points, target)
+        if got is None or base is None:
+            out[name] = {"reached": False, "measured_range": [min(p[0] for p in points), max(p[0] for p in points)]}
+            continue
+        values, between = got
+        w = None if weights is None else np.asarray(weights)
+        mean = float((values * (w if w is not None else 1)).sum() / (w.sum() if w is not None else len(values)))
+        entry = {"reached": True, "value": mean, "between": list(between)}
+        if name != baseline:
+            diff, low, high = paired_bootstrap(values, base[0], w, iterations)
+            entry.update({"minus_" + baseline: diff, "interval": [low, high]})
+        out[name] = entry
+    return out
+
+
+def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], None] = lambda s: None) -> dict:
+    """The whole measurement; writes tradeoff.json after each stage so a long run can be read as it goes."""
+    from .calibrate import prompt_batches
+    from .config import RouterConfig
+    from .evaluate import chat_prompts
+    from .model import RoutedModel
+    from .models import load_model_and_tokenizer
+
+    started = time.perf_counter()
+    output = Path(job.output)
+    RouterConfig.load(job.routers)  # a wrong folder fails before the model loads
+    model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)
+    routed = RoutedModel.from_pretrained(model, job.routers)
+    num_layers = int(model.config.num_hidden_layers)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # baselines: static drop by importance on the calibration prompts, random drop with seeds
+    calibration = chat_prompts(tokenizer, split="train", n=job.calibration_samples, max_tokens=256)
+    calibration_batches = prompt_batches(calibration, pad)
+    with routing.forced("run"):
+        importance = baselines.attention_importance(model, calibration_batches)
+    candidates = baselines.droppable_layers(num_layers)
+    variants = [Variant("dense")]
+    for k in range(1, min(job.max_drop, len(candidates)) + 1):
+        variants.append(Variant("static", tuple(importance.least_important(k, candidates)), k))
+    random_ks = job.random_drops or sorted({int(round(t * num_layers)) for t in job.skip_targets})
+    for k in random_ks:
+        for seed in range(job.random_seeds):
+            variants.append(Variant("random", tuple(baselines.random_drop(k, candidates, seed)), k, seed))
+    thresholds = job.thresholds or sweep_thresholds(routed, calibration_batches, job.skip_targets,
+                                                    job.sweep_points, num_layers)
+    variants += [Variant("routers", threshold=t) for t in thresholds]
+    result: dict = {"job": asdict(job), "num_layers": num_layers, "routed_layers": routed.routed_layers,
+                    "importance": importance.scores, "variants": [_describe(v) for v in variants],
+                    "domains": {}, "tasks": {}, "fidelity": {}, "matched": {}}
+
+    # 1. KL and perplexity on held-out domains (every variant, same texts)
+    for domain in job.domains:
+        texts = domain_texts(domain, job.texts)
+        token_lists = [ids[: job.max_tokens] for ids in (tokenizer(t)["input_ids"] for t in texts)]
+        token_lists = [ids for ids in token_lists if len(ids) >= 8]
+        batches = text_batches(token_lists, pad)
+        log(f"tradeoff: {domain}: {len(token_lists)} texts x {len(variants)} settings")
+        bar = tqdm(total=len(token_lists) * len(variants), desc=f"KL {domain}", disable=not progress)
+        scores = score_texts(routed, batches, variants, len(token_lists), progress=bar.update)
+        bar.close()
+        result["domains"][domain] = {
+            "texts": len(token_lists),
+            "settings": {_describe(v)["name"]: {**s.summary(num_layers), "per_text_kl": s.kl.tolist(),
+                                                "per_text_tokens": s.tokens.tolist()}
+                         for v, s in scores.items()},
+        }
+        result["matched"][domain] = _match_kl(scores, variants, job, num_layers)
+        write_json(output / RESULT_NAME, result)
+
+    # 2. greedy agreement with dense on held-out chat prompts
+    if job.fidelity_prompts:
+        result["fidelity"] = _fidelity(routed, tokenizer, variants, job, num_layers)
+        write_json(output / RESULT_NAME, result)
+
+    # 3. accuracy (the costly part): on the settings that the matched comparison needs, or all
+    if job.tasks:
+        items = task_items(job.tasks, job.limit or None)
+        chosen = variants if job.accuracy_settings == "all" else _accuracy_settings(variants, result, job, num_layers)
+        per_variant: dict[Variant, dict[str, TaskScores]] = {}
+        bar = tqdm(total=len(chosen), desc="accuracy settings", disable=not progress)
+        for variant in chosen:
+            log(f"tradeoff: accuracy, {variant.name}")
+            per_variant[variant] = score_tasks(routed, tokenizer, items, variant, num_layers, job.batch_tokens)
+            bar.update(1)
+            result["tasks"] = _task_results(per_variant, items)
+            write_json(output / RESULT_NAME, result)
+        bar.close()
+        for task in items:
+            curves = _accuracy_curves(per_variant, task.name)
+            result["matched"][task.name] = {f"{t:.2f}": compare_curves(curves, t, iterations=job.bootstrap)
+                                            for t in job.skip_targets}
+    result["seconds"] = time.perf_counter() - started
+    write_json(output / RESULT_NAME, result)
+    (output / "tradeoff.md").write_text(markdown_table(result) + "\n")
+    routed.unwrap()
+    return result
+
+
+def _describe(v: Variant) -> dict:
+    return {"name": v.name, "kind": v.kind, "k": v.k, "seed": v.seed, "drop": list(v.drop),
+            "threshold": v.threshold}
+
+
+def _curves_kl(scores: dict[Variant, TextScores], variants, num_layers) -> dict[str, list]:
+    """Per family, (measured skip, per-text summed KL) points; random averages its seeds at each k."""
+    curves: dict[str, list] = {"static": [], "random": [], "routers": []}
+    dense = next(v for v in variants if v.kind == "dense")
+    for family in curves:
+        curves[family].append((0.0, scores[dense].kl))
+    by_k: dict[int, list] = {}
+    for v in variants:
+        s = scores[v]
+        if v.kind == "static":
+            curves["static"].append((v.k / num_layers, s.kl))
+        elif v.kind == "routers":
+            curves["routers"].append((float(s.skipped.mean() / num_layers), s.kl))
+        elif v.kind == "random":
+            by_k.setdefault(v.k, []).append(s.kl)
+    for k, values in sorted(by_k.items()):
+        curves["random"].append((k / num_layers, np.mean(values, axis=0)))
+    return curves
+
+
+def _match_kl(scores, variants, job: TradeoffJob, num_layers: int) -> dict:
+    curves = _curves_kl(scores, variants, num_layers)
+    tokens = next(iter(scores.values())).tokens
+    # per-text KL sums weighted back into a per-token mean: value_i = kl_i / tokens_i, weight tokens_i
+    per_token = {f: [(x, v / tokens) for x, v in pts] for f, pts in curves.items()}
+    return {f"{t:.2f}": compare_curves(per_token, t, weights=tokens, iterations=job.bootstrap)
+            for t in job.skip_targets}
+
+
+def _accuracy_settings(variants, result, job: TradeoffJob, num_layers: int) -> list[Variant]:
+    """Dense, static at the layer counts around each target, and the two router thresholds whose measured
+    skip (on the KL texts, averaged over domains) brackets each target, plus one more on each side: the
+    task items' own skip decides the final interpolation, so a margin keeps the targets bracketed."""
+    chosen = [v for v in variants if v.kind == "dense"]
+    for t in job.skip_targets:
+        for v in variants:
+            if v.kind == "static" and v.k in (math.floor(t * num_layers + 1e-9), math.ceil(t * num_layers - 1e-9)):
+                chosen.append(v)
+    routers = [v for v in variants if v.kind == "routers"]
+    skips = []
+    for v in routers:
+        values = [d["settings"][v.name]["skip"] for d in result["domains"].values()]
+        skips.append(float(np.mean(values)) if values else 0.0)
+    order = sorted(range(len(routers)), key=lambda i: skips[i])
+    for t in job.skip_targets:
+        below = [i for i in order if skips[i] <= t]
+        above = [i for i in order if skips[i] > t]
+        pick = below[-2:] + above[:2]
+        chosen += [routers[i] for i in pick]
+    unique = []
+    for v in chosen:
+        if v not in unique:
+            unique.append(v)
+    return unique
+
+
+def _task_results(per_variant: dict, items) -> dict:
+    out = {}
+    for task in items:
+        out[task.name] = {"metric": task.metric, "items": len(task.docs), "settings": {
+            v.name: {"accuracy": float(s[task.name].correct.mean()), "skip": s[task.name].skip,
+                     "per_item": s[task.name].correct.astype(int).tolist()}
+            for v, s in per_variant.items()}}
+    return out
+
+
+def _accuracy_curves(per_variant: dict, task: str) -> dict[str, list]:
+    curves: dict[str, list] = {"static": [], "routers": []}
+    for v, s in per_variant.items():
+        point = (s[task].skip, s[task].correct)
+        if v.kind == "dense":
+            curves["static"].append(point)
+            curves["routers"].append(point)
+        elif v.kind in curves:
+            curves[v.kind].append(point)
+    return curves
+
+
+def _fidelity(routed, tokenizer, variants, job: TradeoffJob, num_layers: int) -> dict:
+    from .evaluate import RoutedLM, chat_prompts
+
+    prompts = chat_prompts(tokenizer, split="heldout", n=job.fidelity_prompts, max_tokens=256)
+    out, reference = {}, None
+    for variant in variants:
+        with applied(variant, routed):
+            lm = RoutedLM(routed, tokenizer, batch_tokens=job.batch_tokens, progress=False)
+            completions = lm.greedy(prompts, job.fidelity_tokens)
+            stats = lm.stats.get("generation")
+        if variant.kind == "dense":
+            reference = completions
+        agree = [sum(a == b for a, b in zip(r, c)) / max(len(r), len(c), 1) for r, c in zip(reference, completions)]
+        skip = stats.skip_ratio if (variant.kind == "routers" and stats is not None) else len(variant.drop) / num_layers
+        out[variant.name] = {"token_agreement": float(np.mean(agree)), "skip": float(skip)}
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    """The matched comparison: per domain (KL per token, lower is better) and task (accuracy, higher is
+    better), at each target skip: each curve's interpolated value and routers minus static with its interval."""
+    lines = ["| where | measured skip | static | random | routers | routers - static [95% CI] | router points used |",
+             "|---|---|---|---|---|---|---|"]
+    for where, rows in result.get("matched", {}).items():
+        is_task = where in result.get("tasks", {})
+        scale, unit = (100.0, " pts") if is_task else (1.0, "")
+        for target, row in rows.items():
+            def value(name):
+                entry = row.get(name)
+                if not entry:
+                    return "-"
+                if not entry.get("reached"):
+                    return "not reached"
+                return f"{entry['value'] * scale:.2f}" if is_task else f"{entry['value']:.4f}"
+
+            routers = row.get("routers", {})
+            if routers.get("reached") and "minus_static" in routers:
+                low, high = routers["interval"]
+                diff = (f"{routers['minus_static'] * scale:+.2f}{unit} [{low * scale:+.2f}, {high * scale:+.2f}]" if is_task
+                        else f"{routers['minus_static']:+.4f} [{low:+.4f}, {high:+.4f}]")
+                between = "-".join(f"{x:.3f}" for x in routers["between"])
+            else:
+                diff, between = "-", "-"
+            kind = f"{where} (acc, %)" if is_task else f"{where} (KL/token)"
+            lines.append(f"| {kind} | {float(target):.0%} | {value('static')} | {value('random')} | {value('routers')} "
+                         f"| {diff} | {between} |")
+    return "\n".join(lines)

@@ -1,0 +1,185 @@
+"""The trade-off curve (routertune.tradeoff) and the importance objective (routertune.importance).
+
+References are independent of the code under test: per-text forwards of the plain model for NLL, routers
+forced to a skip set (the routing code path) for static drop's KL, closed-form statistics for the bootstrap."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from routertune import RoutedModel, RouterConfig, importance, tradeoff
+from routertune.cli import main
+from tiny_lm import tiny_llama, tiny_tokenizer
+
+LAYERS = [1, 2, 3, 4]
+
+
+def _texts(n: int = 6, max_tokens: int = 48) -> list[list[int]]:
+    tok = tiny_tokenizer()
+    texts = tradeoff.domain_texts("lambada", n // 2) + tradeoff.domain_texts("code", n - n // 2)
+    return [tok(t)["input_ids"][:max_tokens] for t in texts]
+
+
+def _fitted(seed: int = 0) -> RoutedModel:
+    """The default recipe's core on a tiny model: routers fitted to per-input attention importance."""
+    routed = RoutedModel(tiny_llama(seed), RouterConfig(layers=LAYERS))
+    tok = tiny_tokenizer()
+    texts = tradeoff.domain_texts("wikipedia", 24) + tradeoff.domain_texts("code", 24)
+    lists = [tok(t)["input_ids"][:40] for t in texts]
+    batches = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask}
+               for b in tradeoff.text_batches(lists, 0, batch_size=8)]
+    fit = importance.fit_routers(routed, batches[:4], batches[4:], target_capacity=0.5)
+    assert fit.records == 32
+    return routed
+
+
+def test_static_k0_and_all_running_routers_equal_dense_and_static_kl_matches_forced_skip():
+    routed = RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS))
+    lists = _texts()
+    batches = tradeoff.text_batches(lists, 0, batch_size=4)
+    static0 = tradeoff.Variant("static", (), 0)
+    all_run = tradeoff.Variant("routers", threshold=1e-9)
+    static1 = tradeoff.Variant("static", (3,), 1)
+    scores = tradeoff.score_texts(routed, batches, [tradeoff.Variant("dense"), static0, all_run, static1],
+                                  len(lists))
+    np.testing.assert_allclose(scores[static0].kl, 0, atol=1e-5)
+    np.testing.assert_allclose(scores[all_run].kl, 0, atol=1e-5)
+    assert scores[all_run].skipped.sum() == 0
+    assert (scores[static1].kl > 1e-4).all()
+    # independent reference: each text alone, the plain model (dense NLL) and routers forced to skip layer 3
+    with torch.no_grad():
+        for i, ids in enumerate(lists):
+            x = torch.tensor([ids])
+            half = len(ids) // 2
+            with routed.forced("run"):
+                dense = F.log_softmax(routed(input_ids=x).logits[0, half - 1:-1].float(), -1)
+            with routed.forced("skip_set", {3}):
+                dropped = F.log_softmax(routed(input_ids=x).logits[0, half - 1:-1].float(), -1)
+            target = x[0, half:]
+            nll = -dense.gather(-1, target.unsqueeze(-1)).sum()
+            assert scores[static0].nll[i] == pytest.approx(float(nll), rel=1e-4)
+            assert scores[static0].tokens[i] == len(ids) - half
+            kl = (dense.exp() * (dense - dropped)).sum()
+            assert scores[static1].kl[i] == pytest.approx(float(kl), rel=1e-3, abs=1e-5)
+
+
+def test_sweep_measured_skip_rises_with_the_threshold():
+    routed = _fitted()
+    lists = _texts(8)
+    batches = tradeoff.text_batches(lists, 0, batch_size=4)
+    calibration = [{"input_ids": b.input_ids, "attention_mask": b.route_mask} for b in batches]
+    thresholds = tradeoff.sweep_thresholds(routed, calibration, [0.1, 0.2, 0.3], 6, num_layers=6)
+    assert thresholds == sorted(thresholds) and len(thresholds) >= 4
+    variants = [tradeoff.Variant("routers", threshold=t) for t in thresholds]
+    scores = tradeoff.score_texts(routed, batches, variants, len(lists))
+    skips = [scores[v].skipped.mean() for v in variants]
+    assert all(a <= b for a, b in zip(skips, skips[1:])), skips
+    assert skips[-1] > skips[0]
+
+
+def test_paired_bootstrap_known_answers():
+    a = np.arange(50, dtype=float)
+    diff, low, high = tradeoff.paired_bootstrap(a + 0.5, a)  # a constant shift has no sampling spread
+    assert (diff, low, high) == (0.5, 0.5, 0.5)
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.3, 1.0, size=400)
+    diff, low, high = tradeoff.paired_bootstrap(d, np.zeros(400), iterations=4000)
+    assert diff == pytest.approx(d.mean())
+    half_width = 1.96 * d.std(ddof=1) / math.sqrt(400)  # the normal-theory interval of a mean
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.15)
+    assert low < d.mean() < high
+    # weighted: a ratio of sums (per-token means from per-text sums)
+    w = np.array([1.0, 3.0])
+    diff, _, _ = tradeoff.paired_bootstrap(np.array([2.0, 6.0]), np.zeros(2), weights=w)
+    assert diff == pytest.approx((2.0 + 18.0) / 4.0)
+    with pytest.raises(ValueError, match="equal-length"):
+        tradeoff.paired_bootstrap(np.zeros(3), np.zeros(4))
+
+
+def test_interpolation_is_linear_per_item_and_never_extrapolates():
+    points = [(0.0, np.array([0.0, 1.0])), (0.2, np.array([1.0, 1.0])), (0.1, np.array([0.5, 0.0]))]
+    values, between = tradeoff.interpolate(points, 0.15)
+    np.testing.assert_allclose(values, [0.75, 0.5])
+    assert between == (0.1, 0.2)
+    assert tradeoff.interpolate(points, 0.25) is None
+    values, _ = tradeoff.interpolate(points, 0.2)
+    np.testing.assert_allclose(values, [1.0, 1.0])
+
+
+def test_importance_fit_meets_the_capacity_and_orders_layers_by_importance():
+    routed = _fitted()
+    lists = _texts(8, 40)
+    batches = tradeoff.text_batches(lists, 0, batch_size=8)
+    feats, targets = importance.collect(routed, [{"input_ids": b.input_ids, "attention_mask": b.attention_mask,
+                                                  "prompt_mask": b.route_mask} for b in batches])
+    # with zero weights the routers are a static drop: the biases follow the mean log importance
+    biases = {i: float(routed.routers[i].bias.detach()) for i in LAYERS}
+    means = {i: float(targets[i].mean()) for i in LAYERS}
+    assert sorted(LAYERS, key=biases.get) == sorted(LAYERS, key=means.get)
+    # per input, the fitted logits track each layer's own importance on texts never fitted
+    corr = []
+    for i in LAYERS:
+        logits = feats[i].float() @ routed.routers[i].weight.double().float().squeeze(0) + routed.routers[i].bias
+        corr.append(np.corrcoef(logits.detach().numpy(), targets[i].numpy())[0, 1])
+    assert np.mean(corr) > 0.3, corr
+    with pytest.raises(ValueError, match="attention routers"):
+        importance.collect(RoutedModel(tiny_llama(), RouterConfig(granularity="mlp", layers=LAYERS)), [])
+
+
+def test_legacy_router_files_without_bias_load_with_zero_bias(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    routed = RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS))
+    with torch.no_grad():
+        for r in routed.routers.values():
+            r.weight.normal_()
+            r.bias.fill_(3.0)
+    routed.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "routers.safetensors")
+    save_file({k: v for k, v in state.items() if k.endswith(".weight")}, tmp_path / "routers.safetensors")
+    loaded = RoutedModel.from_pretrained(tiny_llama(), tmp_path)
+    for i, r in loaded.routers.items():
+        assert float(r.bias) == 0.0
+        torch.testing.assert_close(r.weight, state[f"layers.{i}.router.weight"])
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory) -> str:
+    """A tiny Llama with the byte tokenizer, saved as a local Hugging Face folder for the CLI."""
+    folder = tmp_path_factory.mktemp("byte-llama")
+    tiny_llama(layers=6).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_default_recipe_and_tradeoff_end_to_end(byte_model, tmp_path, capsys):
+    routers, out = tmp_path / "routers", tmp_path / "tradeoff"
+    assert main(["train", "--model", byte_model, "--output", str(routers), "--samples", "48",
+                 "--heldout-samples", "16", "--max-length", "64", "--batch-size", "8"]) == 0
+    metrics = json.loads((routers / "train_metrics.json").read_text())
+    assert metrics["train"]["objective"] == "importance"
+    assert metrics["result"]["fit"]["train_capacity"] == pytest.approx(0.75, abs=0.02)
+    config = json.loads((routers / "router_config.json").read_text())
+    assert config["layers"] == [1, 2, 3, 4]  # every layer but the first and the last, as static drop
+    assert main(["tradeoff", "--routers", str(routers), "--model", byte_model, "--output", str(out),
+                 "--texts", "6", "--max-tokens", "40", "--tasks", "arc_easy", "--limit", "12",
+                 "--fidelity-prompts", "3", "--fidelity-tokens", "4", "--max-drop", "3", "--random-seeds", "2",
+                 "--sweep-points", "6", "--skip-targets", "0.2", "--bootstrap", "200",
+                 "--calibration-samples", "8"]) == 0
+    result = json.loads((out / "tradeoff.json").read_text())
+    assert set(result["domains"]) == set(tradeoff.DOMAINS)
+    dense = result["domains"]["code"]["settings"]["dense"]
+    assert dense["kl"] == 0 and dense["skip"] == 0
+    static1 = result["domains"]["code"]["settings"]["static 1"]
+    assert static1["skip"] == pytest.approx(1 / 6) and static1["kl"] > 0
+    assert result["tasks"]["arc_easy"]["items"] == 12
+    assert "0.20" in result["matched"]["arc_easy"] and "0.20" in result["matched"]["lambada"]
+    assert result["matched"]["lambada"]["0.20"]["static"]["reached"]
+    assert (out / "tradeoff.md").read_text().startswith("| where |")
+    assert "routers - static" in capsys.readouterr().out
