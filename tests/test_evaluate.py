@@ -14,7 +14,9 @@ from lm_eval.tasks import TaskManager
 from conftest import VOCAB, build_tiny
 from routertune import RoutedModel, RouterConfig, routing, tasks
 from routertune.cli import main
-from routertune.evaluate import RoutedLM, Setting, _Row, perplexity, prepared_lm, run_harness
+from routertune.evaluate import Setting, prepared_lm
+from routertune.harness import RoutedLM, _Row, run_harness
+from routertune.metrics import perplexity
 from tiny_lm import randomize_routers, tiny_llama, tiny_tokenizer
 
 CONTEXTS = ["Question: what is up?\nAnswer:", "Another one", "Short", "The cat sat on the mat because"]
