@@ -9,10 +9,14 @@ context/continuation pairs is the harness's own) and the tasks are the harness's
   choices of one item share their context, so every choice runs at the same depth. When the choices of one
   item differ inside the context (WinoGrande puts the option in the context), the decision is pooled over the
   part of the context they share, so here too every choice runs at the same depth.
-* **Shared prefill.** The routed prefix of an item runs once (a RoutedCache keeps its K/V and decisions);
-  the rest of each request (continuation, and any unshared context tail) runs against the cache. This is
-  the same computation as one forward over context + continuation with the decisions pooled over the
-  prefix (tests/test_evaluate.py checks it), at a fraction of the cost for multiple-choice tasks.
+* **Shared prefix, packed.** The routed prefix of an item runs once. By default an item is one packed row:
+  its prefix, then the rest of each request (continuation, and any unshared context tail) one after the
+  other, under a block attention mask (each rest sees the prefix and itself) and with each rest's positions
+  continuing the prefix's. Where that mask cannot be used (an attention kernel that takes no custom mask,
+  or a row longer than the model's sliding window) the prefix is prefilled once into a RoutedCache and the
+  rests run against the expanded cache. Both are the same computation as one forward over context +
+  continuation with the decisions pooled over the prefix (tests/test_evaluate.py checks it), at a fraction
+  of the cost for multiple-choice tasks. Logits are computed only where a token is scored.
 * **Accounting.** Every prefill's decisions are counted per task: per-layer skip rates and the fraction of
   all attention sublayers skipped.
 
@@ -131,13 +135,15 @@ class RoutedLM(TemplateLM):
     ``model`` is a Hugging Face causal LM (with routers attached by :class:`routertune.RoutedModel`, or plain);
     ``skip_layers`` forces those routed layers to skip for every input (static / random drop baselines) and
     the other routed layers to run. ``batch_tokens`` bounds the padded tokens of one forward.
+    ``share_prefix=False`` runs every request on its own (one forward over context + continuation);
+    ``packed=False`` shares the prefix through a KV cache instead of a packed row (both for tests/debugging).
     """
 
     backend = "causal"
 
     def __init__(self, model: nn.Module, tokenizer, *, skip_layers: Iterable[int] | None = None,
                  batch_tokens: int = 4096, max_batch: int = 64, max_length: int | None = None,
-                 share_prefix: bool = True, progress: bool = True):
+                 share_prefix: bool = True, packed: bool = True, progress: bool = True):
         _require_harness()
         super().__init__()
         if hasattr(model, "base_model") and hasattr(model, "router_config"):  # a RoutedModel
@@ -156,6 +162,7 @@ class RoutedLM(TemplateLM):
         self.max_batch = max_batch
         self._max_length = max_length
         self.share_prefix = share_prefix
+        self.packed = packed
         self.progress = progress
         self.num_layers = int(model.config.num_hidden_layers)
         self.stats: dict[str, SkipStats] = defaultdict(lambda: SkipStats(self.num_layers))
@@ -325,21 +332,106 @@ class RoutedLM(TemplateLM):
                 ids[b, : len(inp)] = torch.tensor(inp)
                 mask[b, : len(inp)] = 1
                 route[b, : rows[i].n_route] = 1
-            with routing.record() as calls, routing.pool_over(route.to(self.device)):
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    use_cache=False).logits  # (B, T, V)
-            self._count(calls, [rows[i].task for i in batch])
+            keep = torch.zeros((len(batch), width), dtype=torch.bool)
             for b, i in enumerate(batch):
                 n_in = len(rows[i].tokens) - 1
-                results[i] = _score_positions(logits[b, n_in - rows[i].n_cont: n_in], rows[i].tokens[-rows[i].n_cont:])
+                keep[b, n_in - rows[i].n_cont: n_in] = True
+            with routing.record() as calls, routing.pool_over(route.to(self.device)):
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    use_cache=False, logits_to_keep=keep.to(self.device)).logits
+            self._count(calls, [rows[i].task for i in batch])
+            index = _kept_index(keep)
+            for b, i in enumerate(batch):
+                n_in = len(rows[i].tokens) - 1
+                at = index[b, n_in - rows[i].n_cont: n_in].to(logits.device)
+                results[i] = _score_positions(_flat(logits)[at], rows[i].tokens[-rows[i].n_cont:])
             bar.update(len(batch))
 
     def _score_shared(self, rows, indices, results, bar) -> None:
-        """Prefill each distinct routed prefix once (left-padded batch, RoutedCache), then run every row's rest
-        (context tail + continuation minus its last token) against the expanded cache."""
+        """Rows grouped by routed prefix: each group one packed row where the block mask can be used, else
+        the prefix prefilled once into a RoutedCache."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in indices:
             groups[(rows[i].task, tuple(rows[i].tokens[: rows[i].n_route]))].append(i)
+        mask_kind, limit = self._packing()
+
+        def packed_length(key):  # the prefix, then every member's rest
+            return len(key[1]) + sum(len(rows[i].tokens) - 1 - rows[i].n_route for i in groups[key])
+
+        packable = [k for k in groups if mask_kind is not None and packed_length(k) <= limit]
+        if packable:
+            keys = sorted(packable, key=lambda k: -packed_length(k))
+            for batch in _batches(keys, packed_length, self.batch_tokens, self.max_batch):
+                self._run_packed(rows, [groups[k] for k in batch], [k[0] for k in batch], results, mask_kind)
+                bar.update(sum(len(groups[k]) for k in batch))
+        chosen = set(packable)
+        cached = {k: v for k, v in groups.items() if k not in chosen}
+        if cached:
+            self._score_cached(rows, cached, results, bar)
+
+    def _packing(self) -> tuple[str | None, float]:
+        """How a block attention mask is given to this model's attention kernel (None: it takes no custom
+        mask), and the longest packed row it is exact for: inside a sliding window the window masks nothing,
+        so the block mask alone is the model's own mask restricted to each request."""
+        if not self.packed:
+            return None, 0
+        kind = {"sdpa": "bool", "eager": "additive"}.get(getattr(self.model.config, "_attn_implementation", None))
+        window = getattr(self.model.config, "sliding_window", None)
+        return kind, (window if isinstance(window, int) and window > 0 else math.inf)
+
+    def _run_packed(self, rows, members: list[list[int]], task_names: list[str], results, mask_kind: str) -> None:
+        """One forward over packed rows: prefix, then each member's rest at the positions that continue the
+        prefix; each rest attends to the prefix and to itself. Decisions pool over the prefix only, so every
+        member runs at the depth its context decides."""
+        device = self.device
+        layouts = []  # per group: (tokens, segment ids, positions, prefix length, [(member, rest start, rest length)])
+        for group in members:
+            n_prefix = rows[group[0]].n_route
+            tokens, segments, positions, spans = list(rows[group[0]].tokens[:n_prefix]), [0] * n_prefix, \
+                list(range(n_prefix)), []
+            for j, i in enumerate(group, start=1):
+                rest = rows[i].tokens[n_prefix:-1]
+                spans.append((i, len(tokens), len(rest)))
+                tokens += rest
+                segments += [j] * len(rest)
+                positions += range(n_prefix, n_prefix + len(rest))
+            layouts.append((tokens, segments, positions, n_prefix, spans))
+        width = max(len(layout[0]) for layout in layouts)
+        ids = torch.full((len(layouts), width), self._pad_id, dtype=torch.long)
+        segment = torch.full((len(layouts), width), -1, dtype=torch.long)  # padding: its own segment
+        position = torch.zeros((len(layouts), width), dtype=torch.long)
+        route = torch.zeros((len(layouts), width), dtype=torch.long)
+        keep = torch.zeros((len(layouts), width), dtype=torch.bool)
+        for g, (tokens, segments, positions, n_prefix, spans) in enumerate(layouts):
+            ids[g, : len(tokens)] = torch.tensor(tokens)
+            segment[g, : len(tokens)] = torch.tensor(segments)
+            position[g, : len(tokens)] = torch.tensor(positions)
+            route[g, :n_prefix] = 1
+            for i, start, n_rest in spans:
+                keep[g, _scored_positions(rows[i], n_prefix, start, n_rest)] = True
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        # a query sees earlier keys of the prefix (segment 0) or of its own segment; padding only sees the
+        # prefix and padding, which keeps its (unused) outputs finite
+        allowed = causal & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
+        mask = allowed[:, None]  # (B, 1, T, T)
+        if mask_kind == "additive":
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        with routing.record() as calls, routing.pool_over(route.to(device)):
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                position_ids=position.to(device), use_cache=False,
+                                logits_to_keep=keep.to(device)).logits
+        self._count(calls, task_names)
+        index = _kept_index(keep)
+        flat = _flat(logits)
+        for g, (_, _, _, n_prefix, spans) in enumerate(layouts):
+            for i, start, n_rest in spans:
+                at = index[g, _scored_positions(rows[i], n_prefix, start, n_rest)].to(flat.device)
+                results[i] = _score_positions(flat[at], rows[i].tokens[-rows[i].n_cont:])
+
+    def _score_cached(self, rows, groups: dict[tuple, list[int]], results, bar) -> None:
+        """Prefill each distinct routed prefix once (left-padded batch, RoutedCache), then run every row's rest
+        (context tail + continuation minus its last token) against the expanded cache."""
         keys = sorted(groups, key=lambda k: -len(k[1]))
 
         def cost(key):
@@ -383,14 +475,20 @@ class RoutedLM(TemplateLM):
                 rest_mask[r, : len(rest)] = 1
             full_mask = torch.cat([mask[owner], rest_mask], dim=1)  # (R, width + rest_width)
             rest_pos = mask[owner].sum(-1, keepdim=True) + torch.arange(rest_width)  # continue each prefix
-            step_logits = self.model(input_ids=rest_ids.to(device), attention_mask=full_mask.to(device),
-                                     position_ids=rest_pos.to(device), cache=cache, use_cache=True).logits  # (R, rest_width, V)
+            keep = torch.zeros((len(flat), rest_width), dtype=torch.bool)
+            for r, i in enumerate(flat):  # rest positions whose logits are scored
+                keep[r, max(0, len(rests[r]) - rows[i].n_cont): len(rests[r])] = True
+            step_logits = _flat(self.model(input_ids=rest_ids.to(device), attention_mask=full_mask.to(device),
+                                           position_ids=rest_pos.to(device), cache=cache, use_cache=True,
+                                           logits_to_keep=keep.to(device)).logits)
+            index = _kept_index(keep)
         for r, i in enumerate(flat):
             row = rows[i]
             # logits at input positions n_route-1 .. len(tokens)-2; the scored ones are the last n_cont
             seq = last[owner[r]].unsqueeze(0)
             if step_logits is not None and rests[r]:
-                seq = torch.cat([seq, step_logits[r, : len(rests[r])]], dim=0)
+                kept = index[r, max(0, len(rests[r]) - row.n_cont): len(rests[r])].to(step_logits.device)
+                seq = torch.cat([seq, step_logits[kept]], dim=0)
             results[i] = _score_positions(seq[-row.n_cont:], row.tokens[-row.n_cont:])
 
     def _count(self, calls, task_names: list[str]) -> None:
@@ -442,6 +540,23 @@ def _score_positions(logits: torch.Tensor, targets: list[int]) -> tuple[float, b
     total = float(logprobs.gather(-1, target.unsqueeze(-1)).sum())
     greedy = bool((logprobs.argmax(-1) == target).all())
     return total, greedy
+
+
+def _scored_positions(row: _Row, n_prefix: int, start: int, n_rest: int) -> list[int]:
+    """Columns of a packed row whose logits score `row`: the prefix's last column, then the columns of the
+    row's rest (whose logits predict the next token of the rest, and finally the last token); the last
+    n_cont of those."""
+    return ([n_prefix - 1] + list(range(start, start + n_rest)))[-row.n_cont:]
+
+
+def _kept_index(keep: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> index of each kept position in the flattened logits that ``logits_to_keep=keep`` returns."""
+    return keep.flatten().long().cumsum(0).sub(1).view(keep.shape)
+
+
+def _flat(logits: torch.Tensor) -> torch.Tensor:
+    """Logits of a boolean ``logits_to_keep`` come back flattened over the kept positions: (N, V)."""
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def _common_prefix(sequences: list[list[int]]) -> int:
