@@ -14,7 +14,9 @@ from lm_eval.tasks import TaskManager
 from conftest import VOCAB, build_tiny
 from routertune import RoutedModel, RouterConfig, routing, tasks
 from routertune.cli import main
-from routertune.evaluate import RoutedLM, Setting, _Row, perplexity, prepared_lm, run_harness
+from routertune.evaluate import Setting, prepared_lm
+from routertune.harness import RoutedLM, _Row, run_harness
+from routertune.metrics import perplexity
 from tiny_lm import randomize_routers, tiny_llama, tiny_tokenizer
 
 CONTEXTS = ["Question: what is up?\nAnswer:", "Another one", "Short", "The cat sat on the mat because"]
@@ -43,11 +45,13 @@ def _routed(seed=0):
 
 
 def _rows(lm):
+    """Every context with every continuation; the last context is routed on its first part only (as when the
+    choices of an item differ inside the context), so the context's tail runs with the continuation."""
     rows = []
-    for ctx in CONTEXTS:
+    for n, ctx in enumerate(CONTEXTS):
         for cont in CONTINUATIONS:
             a, b = lm._encode(ctx, cont)
-            rows.append(_Row(a + b, len(b), len(a)))
+            rows.append(_Row(a + b, len(b), len(a) if n < len(CONTEXTS) - 1 else len(a) - 3))
     return rows
 
 
@@ -64,25 +68,48 @@ def _direct(model, row: _Row) -> float:
     return float(logprobs[n - row.n_cont: n].gather(-1, target[:, None]).sum())
 
 
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_scores_equal_a_direct_forward(tok, share_prefix):
+PATHS = {"packed": {}, "cached": {"packed": False}, "full": {"share_prefix": False}}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_scores_equal_a_direct_forward(tok, path):
     model, routed = _routed()
-    lm = RoutedLM(routed, tok, batch_tokens=64, max_batch=3, share_prefix=share_prefix, progress=False)
+    lm = RoutedLM(routed, tok, batch_tokens=64, max_batch=3, progress=False, **PATHS[path])
     rows = _rows(lm)
-    got = lm.score(rows)
+    with routed.recording() as calls:
+        got = lm.score(rows)
     # the contexts take different decisions, so batching mixes depths
     assert 0 < lm.stats[""].routed_capacity < 1
+    # each path is the one taken: packed and full rows run without a cache, the cached path prefills
+    assert all(c.cache is None for c in calls) == (path != "cached")
+    if path == "packed":  # one decision per item (context), not per request
+        assert sum(next(iter(c.decisions.values())).shape[0] for c in calls) == len(CONTEXTS)
     for row, (logprob, _) in zip(rows, got):
         assert logprob == pytest.approx(_direct(model, row), abs=1e-4)
 
 
-def test_shared_prefill_equals_a_direct_forward_in_every_family(tok, family):
-    """Prefill once, continue against the cache: the same numbers as one forward, for every supported family
-    (sliding-window caches included)."""
+def test_packed_rows_with_the_eager_kernel(tok):
+    """The eager kernel takes an additive mask rather than a boolean one."""
+    model, routed = _routed()
+    model.set_attn_implementation("eager")
+    lm = RoutedLM(routed, tok, batch_tokens=64, max_batch=3, progress=False)
+    rows = _rows(lm)
+    with routed.recording() as calls:
+        got = lm.score(rows)
+    assert all(c.cache is None for c in calls)
+    for row, (logprob, _) in zip(rows, got):
+        assert logprob == pytest.approx(_direct(model, row), abs=1e-4)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_shared_prefill_equals_a_direct_forward_in_every_family(tok, family, packed):
+    """Prefix once (packed row, or prefill then continue against the cache): the same numbers as one
+    forward, for every supported family (sliding windows included: rows longer than the window fall back to
+    the cache)."""
     model = build_tiny(family)
     routed = RoutedModel(model, RouterConfig())
     randomize_routers(routed, 1)
-    lm = RoutedLM(routed, tok, batch_tokens=48, max_batch=4, progress=False)
+    lm = RoutedLM(routed, tok, batch_tokens=48, max_batch=4, packed=packed, progress=False)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n_ctx in (3, 9, 14):

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from .model import WEIGHTS_NAME, RoutedModel
+from .prompts import chat_prompts
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,6 @@ class CalibrateReport:
 def calibration_prompts(tokenizer, job_data: str | None, split: str, n: int, max_tokens: int) -> list[list[int]]:
     """Prompt token ids for calibration ("train") or the held-out check ("heldout")."""
     from . import data
-    from .evaluate import chat_prompts
 
     if job_data is None:
         return chat_prompts(tokenizer, split=split, n=n, max_tokens=max_tokens)

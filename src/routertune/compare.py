@@ -18,17 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import tasks as task_configs
-from .evaluate import (
-    PERPLEXITY_SOURCES,
-    Setting,
-    chat_prompts,
-    check_routers,
-    generation_fidelity,
-    heldout_texts,
-    perplexity,
-    prepared_lm,
-    run_harness,
-)
+from .evaluate import Setting, check_routers, prepared_lm
+from .harness import run_harness
+from .metrics import PERPLEXITY_SOURCES, generation_fidelity, heldout_texts, perplexity
+from .prompts import chat_prompts
 from .files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
