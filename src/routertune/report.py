@@ -551,6 +551,88 @@ def plot_heatmap(rows: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def is_tradeoff(data) -> bool:
+    return isinstance(data, dict) and {"matched", "domains", "variants"} <= set(data)
+
+
+def tradeoff_difference_curves(data: dict, task: str, iterations: int = 1000) -> list[tuple[float, float, float, float]]:
+    """For a task of a tradeoff.json: at every router point's measured skip, routers minus static drop
+    (interpolated there, per item) with its paired bootstrap interval: (skip, diff, low, high)."""
+    import numpy as np
+
+    from .tradeoff import interpolate, paired_bootstrap
+
+    settings = data["tasks"][task]["settings"]
+    kinds = {v["name"]: v["kind"] for v in data["variants"]}
+    static = [(s["skip"], np.array(s["per_item"], dtype=float)) for name, s in settings.items()
+              if kinds.get(name) in ("dense", "static")]
+    out = []
+    for name, s in sorted(settings.items(), key=lambda kv: kv[1]["skip"]):
+        if kinds.get(name) != "routers":
+            continue
+        base = interpolate(static, s["skip"])
+        if base is None:
+            continue
+        diff, low, high = paired_bootstrap(np.array(s["per_item"], dtype=float), base[0], iterations=iterations)
+        out.append((s["skip"], diff, low, high))
+    return out
+
+
+def plot_tradeoff(data: dict, path: Path) -> Path | None:
+    """One panel per held-out domain (mean per-token KL to dense against measured attention skip: static,
+    random and the routers' threshold sweep) and per task (routers minus static drop accuracy at the routers'
+    measured skip, paired, with 95% intervals)."""
+    plt = _pyplot()
+    domains, tasks = list(data.get("domains", {})), list(data.get("tasks", {}))
+    panels = domains + tasks
+    if not panels:
+        return None
+    kinds = {v["name"]: v for v in data["variants"]}
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.5 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        if panel in domains:
+            settings = data["domains"][panel]["settings"]
+            dense = settings.get("dense", {"skip": 0.0, "kl": 0.0})
+            for family in ("static", "random", "routers"):
+                colour, marker = METHOD_STYLE[family]
+                pts = [(s["skip"], s["kl"]) for name, s in settings.items() if kinds.get(name, {}).get("kind") == family]
+                if family == "random":
+                    by_k: dict[float, list[float]] = {}
+                    for x, y in pts:
+                        by_k.setdefault(round(x, 6), []).append(y)
+                    ax.scatter([x for x, _ in pts], [y for _, y in pts], color=colour, marker=marker, s=10, alpha=0.35)
+                    pts = [(x, sum(v) / len(v)) for x, v in by_k.items()]
+                pts = sorted([(dense["skip"], dense["kl"])] + pts)
+                label = "random (mean of seeds)" if family == "random" else family
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, color=colour, label=label, markersize=4)
+            ax.set_ylabel("KL(dense || setting) per token")
+            ax.set_title(f"{panel}: {data['domains'][panel]['texts']} held-out texts", fontsize=9)
+        else:
+            curve = tradeoff_difference_curves(data, panel)
+            colour, marker = METHOD_STYLE["routers"]
+            if curve:
+                xs = [c[0] for c in curve]
+                ax.errorbar(xs, [100 * c[1] for c in curve],
+                            yerr=[[100 * (c[1] - c[2]) for c in curve], [100 * (c[3] - c[1]) for c in curve]],
+                            color=colour, marker=marker, capsize=3, label="routers - static")
+            ax.axhline(0.0, color=METHOD_STYLE["static"][0], linewidth=1)
+            info = data["tasks"][panel]
+            ax.set_ylabel(f"{info['metric']} difference (points)")
+            ax.set_title(f"{panel}: routers - static drop, {info['items']} items, paired 95% CI", fontsize=9)
+        ax.set_xlabel("measured fraction of attention sublayers skipped")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_axis_off()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8)
+    fig.suptitle("quality vs measured skip: KL (lower is better) and accuracy difference (above 0: routers better)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -565,6 +647,7 @@ def build_report(cfg: ReportConfig) -> Report:
     out = Path(cfg.output)
     files = find_json_files(cfg.inputs, exclude=out)
     benches: list[tuple[Path, dict]] = []
+    tradeoffs: list[tuple[Path, dict]] = []
     eval_files: list[str] = []
     points: list[dict] = []
     layer_rows: list[dict] = []
@@ -578,12 +661,15 @@ def build_report(cfg: ReportConfig) -> Report:
         if is_bench(data):
             benches.append((path, data))
             continue
+        if is_tradeoff(data):
+            tradeoffs.append((path, data))
+            continue
         found_points, found_rows = extract_eval(data)
         if found_points or found_rows:
             eval_files.append(str(path))
             points += found_points
             layer_rows += found_rows
-    if not benches and not points and not layer_rows:
+    if not benches and not points and not layer_rows and not tradeoffs:
         raise ValueError(f"no bench or evaluation results in {', '.join(cfg.inputs)}: run `routertune bench "
                          "--output FILE.json` first")
 
@@ -600,6 +686,16 @@ def build_report(cfg: ReportConfig) -> Report:
     if not benches:
         notes.append("no bench results (schema routertune.bench/1): speed and memory plots skipped")
 
+    for path, data in tradeoffs:
+        from .tradeoff import markdown_table
+
+        suffix = "" if len(tradeoffs) == 1 else f"_{path.parent.name}"
+        written = plot_tradeoff(data, out / f"tradeoff{suffix}.png")
+        body += ["## Trade-off", "", f"From {path}.", ""]
+        if written is not None:
+            plots.append(str(written))
+            body += [f"![trade-off]({written.name})", ""]
+        body += [markdown_table(data), ""]
     body += ["## Accuracy", ""]
     if points:
         written = plot_pareto(points, out / "accuracy_vs_skip.png")

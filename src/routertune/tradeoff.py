@@ -270,7 +270,7 @@ class TaskItems:
 
 def task_items(names: Sequence[str], limit: int | None) -> list[TaskItems]:
     from . import tasks
-    from .evaluate import _quiet_harness
+    from .harness import _quiet_harness
 
     out = []
     with _quiet_harness():
@@ -295,7 +295,7 @@ class TaskScores:
 
 def score_tasks(routed, tokenizer, items: Sequence[TaskItems], variant: Variant, num_layers: int,
                 batch_tokens: int = 4096) -> dict[str, TaskScores]:
-    from .evaluate import RoutedLM
+    from .harness import RoutedLM
 
     out = {}
     with applied(variant, routed):
@@ -417,7 +417,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     """The whole measurement; writes tradeoff.json after each stage so a long run can be read as it goes."""
     from .calibrate import prompt_batches
     from .config import RouterConfig
-    from .evaluate import chat_prompts
+    from .prompts import chat_prompts
     from .model import RoutedModel
     from .models import load_model_and_tokenizer
 
@@ -581,7 +581,8 @@ def _accuracy_curves(per_variant: dict, task: str) -> dict[str, list]:
 
 
 def _fidelity(routed, tokenizer, variants, job: TradeoffJob, num_layers: int) -> dict:
-    from .evaluate import RoutedLM, chat_prompts
+    from .harness import RoutedLM
+    from .prompts import chat_prompts
 
     prompts = chat_prompts(tokenizer, split="heldout", n=job.fidelity_prompts, max_tokens=256)
     out, reference = {}, None
