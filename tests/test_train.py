@@ -22,7 +22,8 @@ from routertune import RoutedModel, RouterConfig
 from routertune.cli import main
 from routertune.models import load_tokenizer
 
-ARGS = ["--samples", "96", "--heldout-samples", "8", "--max-length", "96", "--batch-size", "8",
+# the gradient-trained objectives (the default, importance, is a single closed-form pass: tests/test_tradeoff.py)
+ARGS = ["--objective", "lm", "--samples", "96", "--heldout-samples", "8", "--max-length", "96", "--batch-size", "8",
         "--learning-rate", "1e-2", "--warmup-ratio", "0.1"]
 
 

@@ -92,25 +92,22 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The README's main job: train, calibrate, generate, evaluate a subset, benchmark, report, summarise."""
+    """The README's main job: train, generate, trade-off against static and random drop, benchmark, report."""
     from . import demo, report
 
     job = _build(demo.DemoJob, args)
     print(f"routertune demo on {job.model or 'the embedded SmolLM2-135M-Instruct'}: {len(demo.STAGES)} stages "
-          f"({', '.join(demo.STAGES)}), about 15 minutes on 2 CPU cores -> {job.output}", flush=True)
+          f"({', '.join(demo.STAGES)}), about half an hour on 2 CPU cores -> {job.output}", flush=True)
 
     def finished(stage: str, outcome) -> None:
         if stage == "train":
             _print_tune(outcome, TrainConfig(target_capacity=job.capacity))
-        elif stage == "calibrate":
-            cal, generations = outcome
-            held = (f", {cal.heldout_capacity:.3f} on {cal.heldout_prompts} held-out prompts"
-                    if cal.heldout_capacity is not None else "")
-            print(f"threshold {cal.result.threshold:.4f}: capacity {cal.result.capacity:.3f} on "
-                  f"{cal.result.prompts} calibration prompts{held}")
-            _print_generations(generations)
-        elif stage == "evaluate":
-            print(outcome.markdown)
+        elif stage == "generate":
+            _print_generations(outcome)
+        elif stage == "tradeoff":
+            from . import tradeoff
+
+            print(tradeoff.markdown_table(outcome))
         elif stage == "bench":
             print("\n".join(report.bench_tables(outcome)))
         sys.stdout.flush()
@@ -212,7 +209,7 @@ def cmd_report(args) -> int:
 
 
 COMMANDS = {
-    "demo": (cmd_demo, "main job: train, calibrate, generate, evaluate a subset, benchmark, report, summary",
+    "demo": (cmd_demo, "main job: train, generate, trade-off vs static and random drop, benchmark, report, summary",
              [("routertune.demo:DemoJob", ())]),
     "train": (cmd_train, "train routers on a frozen model (Router-Tuning)",
               [(pipeline.TuneJob, ()), (TrainConfig, ())]),

@@ -70,6 +70,18 @@ class TuneReport:
 def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneReport:
     """Train routers on a frozen model and save them (router_config.json, routers.safetensors, metrics)."""
     output = Path(job.output)
+    if train_cfg.objective == "importance":
+        problems = []
+        if job.resume:
+            problems.append("--resume: the importance fit is one pass with no checkpoints; run it again "
+                            "(with --overwrite)")
+        if job.lora_rank:
+            problems.append("--lora-rank needs gradient training: use --objective lm or distill")
+        if job.granularity != "attention":
+            problems.append(f"--objective importance fits attention routers; for --granularity {job.granularity} "
+                            "use --objective lm or distill")
+        if problems:
+            raise ValueError("; ".join(problems))
     _check_output(output, job)
     accelerator = _accelerator()
     device = accelerator.device if accelerator is not None else _device(job.device)
@@ -111,9 +123,6 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
 def _fit_importance(routed, examples, cfg: TrainConfig, pad, heldout, device) -> TrainResult:
     """The importance objective: one dense pass, a closed-form fit per router (routertune.importance), and the
     capacity target met by the fit itself (no threshold set afterwards)."""
-    if routed.router_config.granularity != "attention":
-        raise ValueError(f"--objective importance fits attention routers; for granularity "
-                         f"{routed.router_config.granularity!r} use --objective lm or distill")
     import time
 
     began = time.perf_counter()

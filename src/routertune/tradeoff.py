@@ -336,7 +336,7 @@ class TradeoffJob:
     random_seeds: int = field(default=3, metadata={"help": "random-drop seeds"})
     random_drops: list[int] | None = field(default=None, metadata={"help": "k of random drop (default: the layer counts of --skip-targets)"})
     thresholds: list[float] | None = field(default=None, metadata={"help": "router thresholds to sweep (default: set from the calibration prompts to span the skip targets)"})
-    sweep_points: int = field(default=8, metadata={"help": "router thresholds in the automatic sweep"})
+    sweep_points: int = field(default=10, metadata={"help": "router thresholds in the automatic sweep"})
     fidelity_prompts: int = field(default=32, metadata={"help": "held-out chat prompts for greedy agreement (0 = off)"})
     fidelity_tokens: int = field(default=32, metadata={"help": "greedy tokens per fidelity prompt"})
     calibration_samples: int = field(default=64, metadata={"help": "chat prompts of the tuning mix's train split: static-drop importance and the sweep's thresholds"})
@@ -370,10 +370,11 @@ class TradeoffJob:
 
 def sweep_thresholds(routed, calibration_batches, skip_targets: Sequence[float], points: int,
                      num_layers: int) -> list[float]:
-    """Router thresholds that span 0.4x .. 1.5x the skip targets, from one pass over the calibration prompts
-    with every routed layer running: the thresholds at the matching quantiles of the routers' scores there.
-    Scores move once earlier layers skip, so each threshold's actual skip is whatever the items give: the
-    curves use the measured skip, never these targets."""
+    """Router thresholds that span 0.4x .. 1.5x the skip targets, from one pass over `calibration_batches`
+    (prompts, or the routing part of the evaluated texts) with every routed layer running: the thresholds at
+    the matching quantiles of the routers' scores there. Scores move once earlier layers skip, so each
+    threshold's actual skip is whatever the items give: the curves use the measured skip, never these
+    targets."""
     from .calibrate import prompt_scores, quantile_threshold
 
     routed_n = len(routed.routed_layers)
@@ -442,18 +443,25 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     for k in random_ks:
         for seed in range(job.random_seeds):
             variants.append(Variant("random", tuple(baselines.random_drop(k, candidates, seed)), k, seed))
-    thresholds = job.thresholds or sweep_thresholds(routed, calibration_batches, job.skip_targets,
-                                                    job.sweep_points, num_layers)
+    domain_tokens = {}
+    for domain in job.domains:
+        texts = domain_texts(domain, job.texts)
+        lists = [ids[: job.max_tokens] for ids in (tokenizer(t)["input_ids"] for t in texts)]
+        domain_tokens[domain] = [ids for ids in lists if len(ids) >= 8]
+    # the sweep's points are placed on what is evaluated (the routing half of every text) and on chat prompts,
+    # so that they spread over the measured skip of every domain rather than of chat prompts alone
+    placement = calibration_batches + [
+        {"input_ids": b.input_ids, "attention_mask": b.route_mask}
+        for lists in domain_tokens.values() for b in text_batches(lists, pad)]
+    thresholds = job.thresholds or sweep_thresholds(routed, placement, job.skip_targets, job.sweep_points,
+                                                    num_layers)
     variants += [Variant("routers", threshold=t) for t in thresholds]
     result: dict = {"job": asdict(job), "num_layers": num_layers, "routed_layers": routed.routed_layers,
                     "importance": importance.scores, "variants": [_describe(v) for v in variants],
                     "domains": {}, "tasks": {}, "fidelity": {}, "matched": {}}
 
     # 1. KL and perplexity on held-out domains (every variant, same texts)
-    for domain in job.domains:
-        texts = domain_texts(domain, job.texts)
-        token_lists = [ids[: job.max_tokens] for ids in (tokenizer(t)["input_ids"] for t in texts)]
-        token_lists = [ids for ids in token_lists if len(ids) >= 8]
+    for domain, token_lists in domain_tokens.items():
         batches = text_batches(token_lists, pad)
         log(f"tradeoff: {domain}: {len(token_lists)} texts x {len(variants)} settings")
         bar = tqdm(total=len(token_lists) * len(variants), desc=f"KL {domain}", disable=not progress)
@@ -473,23 +481,28 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
         result["fidelity"] = _fidelity(routed, tokenizer, variants, job, num_layers)
         write_json(output / RESULT_NAME, result)
 
-    # 3. accuracy (the costly part): on the settings that the matched comparison needs, or all
+    # 3. accuracy (the costly part): per task, dense, static drop around the targets and the router thresholds
+    #    that bracket each target on that task's own contexts (or every setting, with --accuracy-settings all)
     if job.tasks:
         items = task_items(job.tasks, job.limit or None)
-        chosen = variants if job.accuracy_settings == "all" else _accuracy_settings(variants, result, job, num_layers)
-        per_variant: dict[Variant, dict[str, TaskScores]] = {}
-        bar = tqdm(total=len(chosen), desc="accuracy settings", disable=not progress)
-        for variant in chosen:
-            log(f"tradeoff: accuracy, {variant.name}")
-            per_variant[variant] = score_tasks(routed, tokenizer, items, variant, num_layers, job.batch_tokens)
-            bar.update(1)
-            result["tasks"] = _task_results(per_variant, items)
-            write_json(output / RESULT_NAME, result)
-        bar.close()
+        per_task: dict[str, dict[Variant, TaskScores]] = {}
         for task in items:
-            curves = _accuracy_curves(per_variant, task.name)
+            chosen = variants if job.accuracy_settings == "all" else _accuracy_settings(
+                variants, task_context_skips(routed, tokenizer, task, thresholds, num_layers, pad), job, num_layers)
+            per_task[task.name] = {}
+            bar = tqdm(total=len(chosen), desc=f"accuracy {task.name}", disable=not progress)
+            for variant in chosen:
+                log(f"tradeoff: {task.name}, {variant.name}")
+                per_task[task.name][variant] = score_tasks(routed, tokenizer, [task], variant, num_layers,
+                                                           job.batch_tokens)[task.name]
+                bar.update(1)
+                result["tasks"][task.name] = _task_result(per_task[task.name], task)
+                write_json(output / RESULT_NAME, result)
+            bar.close()
+            curves = _accuracy_curves(per_task[task.name])
             result["matched"][task.name] = {f"{t:.2f}": compare_curves(curves, t, iterations=job.bootstrap)
                                             for t in job.skip_targets}
+            write_json(output / RESULT_NAME, result)
     result["seconds"] = time.perf_counter() - started
     write_json(output / RESULT_NAME, result)
     (output / "tradeoff.md").write_text(markdown_table(result) + "\n")
@@ -531,47 +544,62 @@ def _match_kl(scores, variants, job: TradeoffJob, num_layers: int) -> dict:
             for t in job.skip_targets}
 
 
-def _accuracy_settings(variants, result, job: TradeoffJob, num_layers: int) -> list[Variant]:
-    """Dense, static at the layer counts around each target, and the two router thresholds whose measured
-    skip (on the KL texts, averaged over domains) brackets each target, plus one more on each side: the
-    task items' own skip decides the final interpolation, so a margin keeps the targets bracketed."""
+@torch.inference_mode()
+def task_context_skips(routed, tokenizer, task: TaskItems, thresholds: Sequence[float], num_layers: int, pad: int,
+                       sample: int = 100) -> dict[float, float]:
+    """Estimated measured skip of each router threshold on a task: the routers run on the contexts of its
+    first `sample` items (decisions depend on the context alone)."""
+    from .calibrate import prompt_batches
+
+    contexts, seen = [], set()
+    for inst in task.instances:
+        if inst.doc_id not in seen and len(seen) < sample:
+            seen.add(inst.doc_id)
+            contexts.append(tokenizer(inst.arguments[0])["input_ids"][-512:] or [pad])
+    batches = prompt_batches(contexts, pad)
+    out = {}
+    for t in thresholds:
+        with applied(Variant("routers", threshold=t), routed):
+            skipped = total = 0.0
+            for batch in batches:
+                with routed.recording() as calls:
+                    routed(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                           logits_to_keep=1)
+                runs = torch.stack([d.float() for d in calls[-1].decisions.values()])  # (layers, B)
+                skipped += float((1 - runs).sum())
+                total += runs.shape[1] * num_layers
+            out[t] = skipped / max(total, 1.0)
+    return out
+
+
+def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, num_layers: int,
+                       margin: float = 0.015) -> list[Variant]:
+    """Dense, static drop at the layer counts around each target, and for each target the router thresholds
+    nearest below and above it (by the estimated skip, with a margin: the full items decide the final
+    interpolation, so the margin keeps the target bracketed)."""
     chosen = [v for v in variants if v.kind == "dense"]
     for t in job.skip_targets:
         for v in variants:
             if v.kind == "static" and v.k in (math.floor(t * num_layers + 1e-9), math.ceil(t * num_layers - 1e-9)):
                 chosen.append(v)
-    routers = [v for v in variants if v.kind == "routers"]
-    skips = []
-    for v in routers:
-        values = [d["settings"][v.name]["skip"] for d in result["domains"].values()]
-        skips.append(float(np.mean(values)) if values else 0.0)
-    order = sorted(range(len(routers)), key=lambda i: skips[i])
+    routers = sorted((v for v in variants if v.kind == "routers"), key=lambda v: skips.get(v.threshold, 0.0))
     for t in job.skip_targets:
-        below = [i for i in order if skips[i] <= t]
-        above = [i for i in order if skips[i] > t]
-        pick = below[-2:] + above[:2]
-        chosen += [routers[i] for i in pick]
-    unique = []
-    for v in chosen:
-        if v not in unique:
-            unique.append(v)
-    return unique
+        below = [v for v in routers if skips[v.threshold] <= t - margin]
+        above = [v for v in routers if skips[v.threshold] >= t + margin]
+        chosen += below[-1:] + above[:1]
+    return list(dict.fromkeys(chosen))
 
 
-def _task_results(per_variant: dict, items) -> dict:
-    out = {}
-    for task in items:
-        out[task.name] = {"metric": task.metric, "items": len(task.docs), "settings": {
-            v.name: {"accuracy": float(s[task.name].correct.mean()), "skip": s[task.name].skip,
-                     "per_item": s[task.name].correct.astype(int).tolist()}
-            for v, s in per_variant.items()}}
-    return out
+def _task_result(scores: dict, task: TaskItems) -> dict:
+    return {"metric": task.metric, "items": len(task.docs), "settings": {
+        v.name: {"accuracy": float(s.correct.mean()), "skip": s.skip, "per_item": s.correct.astype(int).tolist()}
+        for v, s in scores.items()}}
 
 
-def _accuracy_curves(per_variant: dict, task: str) -> dict[str, list]:
+def _accuracy_curves(scores: dict) -> dict[str, list]:
     curves: dict[str, list] = {"static": [], "routers": []}
-    for v, s in per_variant.items():
-        point = (s[task].skip, s[task].correct)
+    for v, s in scores.items():
+        point = (s.skip, s.correct)
         if v.kind == "dense":
             curves["static"].append(point)
             curves["routers"].append(point)
