@@ -183,3 +183,16 @@ def test_default_recipe_and_tradeoff_end_to_end(byte_model, tmp_path, capsys):
     assert result["matched"]["lambada"]["0.20"]["static"]["reached"]
     assert (out / "tradeoff.md").read_text().startswith("| where |")
     assert "routers - static" in capsys.readouterr().out
+
+
+def test_default_mix_renders_an_even_share_as_plain_text():
+    from routertune import data, pipeline
+
+    records = data.default_records("train", n=10)
+    mixed = pipeline._mix_forms(records, 0.5)
+    forms = ["text" in r for r in mixed]
+    assert forms == [False, True] * 5
+    user, answer = records[1]["messages"][0]["content"], records[1]["messages"][-1]["content"]
+    assert user in mixed[1]["text"] and answer in mixed[1]["text"] and "<|im_start|>" not in mixed[1]["text"]
+    assert not any("text" in r for r in pipeline._mix_forms(records, 0.0))
+    assert all("text" in r for r in pipeline._mix_forms(records, 1.0))

@@ -269,6 +269,17 @@ def lambada_passages(n: int | None = None) -> list[str]:
     return passages
 
 
+def as_plain_text(record: dict) -> dict:
+    """The same conversation as plain text, no chat template: its messages' contents one after another.
+    Mixed into the default tuning data so that routers see text in both forms (benchmarks and much of what
+    models are served are not chat-formatted, and a router fitted on chat prompts alone meets plain text as
+    an extrapolation)."""
+    record = normalize_record(record)
+    if "text" in record:
+        return record
+    return {"text": "\n\n".join(m["content"] for m in record["messages"]), "task": record.get("task", "")}
+
+
 def humaneval_texts(n: int | None = None) -> list[str]:
     """HumanEval programs (signature + docstring + canonical solution), in file order: held-out code, never
     part of :func:`default_records`."""

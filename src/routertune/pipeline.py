@@ -34,6 +34,7 @@ class TuneJob:
     cache_dir: str | None = field(default=None, metadata={"help": "where the converted default model is cached (default $ROUTERTUNE_CACHE or ~/.cache/routertune)"})
     data: str | None = field(default=None, metadata={"help": "JSONL file (chat / Alpaca / text), a saved `datasets` folder or a hub dataset; default: the offline mix"})
     samples: int = field(default=1000, metadata={"help": "training records used"})
+    plain_text: float = field(default=0.5, metadata={"help": "share of the default mix's records rendered as plain text instead of chat (0 = chat only); user data is used as given"})
     heldout_samples: int = field(default=64, metadata={"help": "held-out records for loss and capacity"})
     max_length: int = field(default=256, metadata={"help": "tokens per sequence; longer records are truncated and counted"})
     granularity: str = field(default="attention", metadata={"help": "attention (MindSkip), mlp or block"})
@@ -50,6 +51,8 @@ class TuneJob:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.heldout_samples < 0:
             problems.append(f"heldout_samples={self.heldout_samples} must be >= 0")
+        if not 0.0 <= self.plain_text <= 1.0:
+            problems.append(f"plain_text={self.plain_text} must lie in [0, 1]")
         if self.lora_rank < 0:
             problems.append(f"lora_rank={self.lora_rank} must be >= 0")
         if self.overwrite and self.resume:
@@ -186,14 +189,28 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 def _records(job: TuneJob) -> tuple[list[dict], list[dict]]:
     if job.data is None:
         return (
-            data.default_records("train", n=job.samples),
-            data.default_records("heldout", n=job.heldout_samples) if job.heldout_samples else [],
+            _mix_forms(data.default_records("train", n=job.samples), job.plain_text),
+            _mix_forms(data.default_records("heldout", n=job.heldout_samples), job.plain_text)
+            if job.heldout_samples else [],
         )
     records = data.load_any(job.data)
     # hold out the tail of the user's data (deterministic), at most a tenth of it
     n_heldout = min(job.heldout_samples, len(records) // 10)
     cut = len(records) - n_heldout
     return records[:cut][: job.samples], records[cut:]
+
+
+def _mix_forms(records: list[dict], plain_share: float) -> list[dict]:
+    """Render a deterministic, evenly spread `plain_share` of the records as plain text (the rest stay chat)."""
+    out, owed = [], 0.0
+    for record in records:
+        owed += plain_share
+        if owed >= 1.0 - 1e-9:
+            owed -= 1.0
+            out.append(data.as_plain_text(record))
+        else:
+            out.append(record)
+    return out
 
 
 @dataclass
