@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=192)
     parser.add_argument("--sweep-points", type=int, default=10)
     parser.add_argument("--random-seeds", type=int, default=3)
+    parser.add_argument("--domains", nargs="+", default=list(tradeoff.DOMAINS))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,7 +53,7 @@ def main() -> None:
     fixed += [tradeoff.Variant("random", tuple(baselines.random_drop(k, candidates, s)), k, s)
               for k in (3, 6, 9) for s in range(args.random_seeds)]
     texts = {d: [ids for ids in (tokenizer(t)["input_ids"][: args.max_tokens] for t in tradeoff.domain_texts(d, args.texts))
-                 if len(ids) >= 8] for d in tradeoff.DOMAINS}
+                 if len(ids) >= 8] for d in args.domains}
     batches = {d: tradeoff.text_batches(lists, pad) for d, lists in texts.items()}
     placement = calibration + [{"input_ids": b.input_ids, "attention_mask": b.route_mask}
                                for bs in batches.values() for b in bs]

@@ -196,3 +196,19 @@ def test_default_mix_renders_an_even_share_as_plain_text():
     assert user in mixed[1]["text"] and answer in mixed[1]["text"] and "<|im_start|>" not in mixed[1]["text"]
     assert not any("text" in r for r in pipeline._mix_forms(records, 0.0))
     assert all("text" in r for r in pipeline._mix_forms(records, 1.0))
+
+
+def test_refined_sweep_brackets_each_target_tightly():
+    calls = []
+
+    def skip_of(t):  # a convex, monotone response like a real sweep
+        calls.append(t)
+        return t ** 3
+
+    known = {t: t ** 3 for t in (0.1, 0.5, 0.9)}
+    tradeoff.refine_sweep(skip_of, known, [0.1, 0.3], max_gap=0.02)
+    for target in (0.1, 0.3):
+        below = max(s for s in known.values() if s <= target)
+        above = min(s for s in known.values() if s > target)
+        assert above - below <= 0.02
+    assert calls and len(calls) <= 12 and all(known[t] == t ** 3 for t in known)

@@ -58,7 +58,7 @@ class Variant:
         if self.kind == "random":
             return f"random {self.k} (seed {self.seed})"
         if self.kind == "routers":
-            return f"routers @ {self.threshold:.4f}"
+            return f"routers @ {self.threshold:.6g}"
         return "dense"
 
 
@@ -327,8 +327,8 @@ class TradeoffJob:
     model: str | None = field(default=None, metadata={"help": "base model (default: embedded SmolLM2-135M-Instruct)"})
     cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
     domains: list[str] = field(default_factory=lambda: list(DOMAINS), metadata={"help": "held-out text domains for KL and perplexity"})
-    texts: int = field(default=48, metadata={"help": "texts per domain"})
-    max_tokens: int = field(default=256, metadata={"help": "tokens per text (the first half routes, the second is scored)"})
+    texts: int = field(default=32, metadata={"help": "texts per domain"})
+    max_tokens: int = field(default=192, metadata={"help": "tokens per text (the first half routes, the second is scored)"})
     tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": "multiple-choice tasks (lm-eval configs)"})
     limit: int | None = field(default=1000, metadata={"help": "items per task (first N of the validation set; 0 = all)"})
     skip_targets: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3], metadata={"help": "measured skip ratios (of all attention sublayers) where the curves are compared"})
@@ -337,6 +337,7 @@ class TradeoffJob:
     random_drops: list[int] | None = field(default=None, metadata={"help": "k of random drop (default: the layer counts of --skip-targets)"})
     thresholds: list[float] | None = field(default=None, metadata={"help": "router thresholds to sweep (default: set from the calibration prompts to span the skip targets)"})
     sweep_points: int = field(default=10, metadata={"help": "router thresholds in the automatic sweep"})
+    max_gap: float = field(default=0.025, metadata={"help": "around each target, router points are added until the measured skips bracketing it lie at most this far apart"})
     fidelity_prompts: int = field(default=32, metadata={"help": "held-out chat prompts for greedy agreement (0 = off)"})
     fidelity_tokens: int = field(default=32, metadata={"help": "greedy tokens per fidelity prompt"})
     calibration_samples: int = field(default=64, metadata={"help": "chat prompts of the tuning mix's train split: static-drop importance and the sweep's thresholds"})
@@ -391,6 +392,33 @@ def sweep_thresholds(routed, calibration_batches, skip_targets: Sequence[float],
         capacity = float(np.clip(1 - skip * num_layers / routed_n, 0.0, 1.0))
         thresholds.add(round(quantile_threshold(pooled, capacity), 6))
     return sorted(thresholds)
+
+
+def refine_sweep(skip_of: Callable[[float], float], known: dict[float, float], targets: Sequence[float],
+                 max_gap: float, max_new: int = 12) -> dict[float, float]:
+    """Add router thresholds where the measured skips around a target lie more than `max_gap` apart, so the
+    linear interpolation there spans a short piece of the curve (a long chord of a convex curve overstates
+    it). `known` maps threshold -> measured skip and is extended in place; skip rises with the threshold, so
+    the new threshold is the midpoint of the two that bracket the target."""
+    for _ in range(max_new):
+        widest = None
+        for target in targets:
+            below = [(s, t) for t, s in known.items() if s <= target]
+            above = [(s, t) for t, s in known.items() if s > target]
+            if not below or not above:
+                continue
+            (s0, t0), (s1, t1) = max(below), min(above)
+            if s1 - s0 > max_gap and abs(t1 - t0) > 1e-6 and (widest is None or s1 - s0 > widest[0]):
+                widest = (s1 - s0, round((t0 + t1) / 2, 6))
+        if widest is None or widest[1] in known:
+            break
+        known[widest[1]] = skip_of(widest[1])
+    return known
+
+
+def _add_variants(result: dict, variants) -> None:
+    names = {v["name"] for v in result["variants"]}
+    result["variants"] += [_describe(v) for v in variants if v.name not in names]
 
 
 def compare_curves(curves: dict[str, list[tuple[float, np.ndarray]]], target: float, weights=None,
@@ -467,13 +495,22 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
         bar = tqdm(total=len(token_lists) * len(variants), desc=f"KL {domain}", disable=not progress)
         scores = score_texts(routed, batches, variants, len(token_lists), progress=bar.update)
         bar.close()
+
+        def domain_skip(threshold: float) -> float:  # one more sweep point on this domain's texts
+            extra = Variant("routers", threshold=threshold)
+            scores.update(score_texts(routed, batches, [extra], len(token_lists)))
+            return float(scores[extra].skipped.mean() / num_layers)
+
+        known = {v.threshold: float(scores[v].skipped.mean() / num_layers) for v in variants if v.kind == "routers"}
+        refine_sweep(domain_skip, known, job.skip_targets, job.max_gap)
+        _add_variants(result, scores)
         result["domains"][domain] = {
             "texts": len(token_lists),
             "settings": {_describe(v)["name"]: {**s.summary(num_layers), "per_text_kl": s.kl.tolist(),
                                                 "per_text_tokens": s.tokens.tolist()}
                          for v, s in scores.items()},
         }
-        result["matched"][domain] = _match_kl(scores, variants, job, num_layers)
+        result["matched"][domain] = _match_kl(scores, list(scores), job, num_layers)
         write_json(output / RESULT_NAME, result)
 
     # 2. greedy agreement with dense on held-out chat prompts
@@ -487,8 +524,14 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
         items = task_items(job.tasks, job.limit or None)
         per_task: dict[str, dict[Variant, TaskScores]] = {}
         for task in items:
-            chosen = variants if job.accuracy_settings == "all" else _accuracy_settings(
-                variants, task_context_skips(routed, tokenizer, task, thresholds, num_layers, pad), job, num_layers)
+            if job.accuracy_settings == "all":
+                chosen = variants
+            else:
+                known = task_context_skips(routed, tokenizer, task, thresholds, num_layers, pad)
+                refine_sweep(lambda t: task_context_skips(routed, tokenizer, task, [t], num_layers, pad)[t], known,
+                             job.skip_targets, job.max_gap)
+                chosen = _accuracy_settings(variants, known, job, num_layers)
+                _add_variants(result, {v: None for v in chosen})
             per_task[task.name] = {}
             bar = tqdm(total=len(chosen), desc=f"accuracy {task.name}", disable=not progress)
             for variant in chosen:
@@ -582,7 +625,7 @@ def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, nu
         for v in variants:
             if v.kind == "static" and v.k in (math.floor(t * num_layers + 1e-9), math.ceil(t * num_layers - 1e-9)):
                 chosen.append(v)
-    routers = sorted((v for v in variants if v.kind == "routers"), key=lambda v: skips.get(v.threshold, 0.0))
+    routers = sorted((Variant("routers", threshold=t) for t in skips), key=lambda v: skips[v.threshold])
     for t in job.skip_targets:
         below = [v for v in routers if skips[v.threshold] <= t - margin]
         above = [v for v in routers if skips[v.threshold] >= t + margin]
