@@ -212,3 +212,22 @@ def test_refined_sweep_brackets_each_target_tightly():
         above = min(s for s in known.values() if s > target)
         assert above - below <= 0.02
     assert calls and len(calls) <= 12 and all(known[t] == t ** 3 for t in known)
+
+
+def test_shrink_scales_the_per_input_part_around_the_training_mean():
+    """shrink 0 leaves the static prior (zero weights, the same prediction at the mean input); shrink s scales
+    every router's weights by s relative to the full fit."""
+    tok = tiny_tokenizer()
+    lists = [tok(t)["input_ids"][:40] for t in tradeoff.domain_texts("wikipedia", 16) + tradeoff.domain_texts("code", 16)]
+    batches = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask}
+               for b in tradeoff.text_batches(lists, 0, batch_size=8)]
+    fitted = {}
+    for shrink in (1.0, 0.5, 0.0):
+        routed = RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS))
+        importance.fit_routers(routed, batches[:3], batches[3:], target_capacity=0.5, shrink=shrink)
+        fitted[shrink] = {i: (r.weight.detach().clone(), float(r.bias.detach())) for i, r in routed.routers.items()}
+    for i in LAYERS:
+        assert torch.count_nonzero(fitted[0.0][i][0]) == 0
+        torch.testing.assert_close(fitted[0.5][i][0], 0.5 * fitted[1.0][i][0])
+    with pytest.raises(ValueError, match="shrink"):
+        importance.fit_routers(RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS)), batches[:1], [], 0.5, shrink=2.0)

@@ -23,7 +23,6 @@ so the fit is deterministic, cannot collapse, and costs one pass over the data.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -42,6 +41,7 @@ class ImportanceFit:
 
     layers: list[int]
     ridge: float  # chosen penalty (relative)
+    shrink: float  # scale of the per-input part (1: the ridge fit; 0: the static prior alone)
     heldout_r2: dict[str, float]  # per chosen penalty: mean over layers of held-out R^2 of log importance
     offset: float  # c
     scale: float  # d
@@ -121,10 +121,17 @@ def _r2(x, y, w, b) -> float:
     return 1.0 - float(((y - pred) ** 2).sum()) / total if total > 0 else 0.0
 
 
-def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capacity: float) -> ImportanceFit:
-    """Fit every router of `routed` in place (weights and bias) and return what was chosen."""
+def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capacity: float,
+                shrink: float = 1.0) -> ImportanceFit:
+    """Fit every router of `routed` in place (weights and bias) and return what was chosen.
+
+    `shrink` scales the per-input part around the training mean (logit = prior + shrink * w.(x - mean)):
+    1 keeps the ridge fit, 0 leaves the static prior alone. Held-out R^2 on the tuning mix cannot choose it:
+    text far from that mix (code, for one) is where a per-input prediction extrapolates."""
     if not 0.0 <= target_capacity <= 1.0:
         raise ValueError(f"target_capacity={target_capacity} must lie in [0, 1]")
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"shrink={shrink} must lie in [0, 1]")
     x_train, y_train = collect(routed, train_batches)
     layers = sorted(x_train)
     n = int(next(iter(x_train.values())).shape[0])
@@ -141,7 +148,12 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
     else:
         ridge = 1.0
         notes.append("no held-out records: ridge penalty left at 1.0")
-    fits = {i: _ridge(x_train[i], y_train[i], ridge) for i in layers}
+    fits = {}
+    for i in layers:
+        w, b = _ridge(x_train[i], y_train[i], ridge)
+        mu = x_train[i].mean(0)
+        # logit at the mean feature stays the layer's mean log importance; the slope is scaled by `shrink`
+        fits[i] = (shrink * w, b + (1.0 - shrink) * float(mu @ w))
     means = {i: float(y_train[i].mean()) for i in layers}
     spread = float(torch.tensor(list(means.values())).std()) if len(layers) > 1 else 1.0
     scale = spread if spread > 1e-6 else 1.0
@@ -161,9 +173,6 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
             router.weight.copy_((w / scale).to(router.weight.dtype).view_as(router.weight))
             router.bias.copy_(torch.tensor([(b - offset) / scale], dtype=router.bias.dtype))
     capacity = float((predicted >= offset).double().mean())
-    return ImportanceFit(layers=layers, ridge=ridge, heldout_r2=r2, offset=offset, scale=scale,
+    return ImportanceFit(layers=layers, ridge=ridge, shrink=shrink, heldout_r2=r2, offset=offset, scale=scale,
                          mean_log_importance=means, train_capacity=capacity, records=n, notes=notes)
 
-
-def logit(p: float) -> float:
-    return math.log(p / (1 - p))
