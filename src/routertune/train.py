@@ -44,7 +44,7 @@ CHECKPOINTS = "checkpoints"
 class TrainConfig:
     objective: str = field(default="importance", metadata={"help": "importance (routers fitted to each input's attention importance, on top of static drop's order; no gradient descent), lm (response cross-entropy, the paper's) or distill (KL to the dense model)"})
     target_capacity: float = field(default=0.75, metadata={"help": "fraction of routed sublayers to run, in [0, 1]"})
-    shrink: float = field(default=1.0, metadata={"help": "importance objective: scale of the per-input part of each router around the training mean (1: the full ridge fit, 0: a static drop ordered by mean importance)"})
+    shrink: float = field(default=0.5, metadata={"help": "importance objective: scale of the per-input part of each router around the training mean (1: the full ridge fit, 0: a static drop ordered by mean importance)"})
     capacity_weight: float = field(default=0.1, metadata={"help": "lambda of the capacity hinge ReLU(capacity - target)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for the routers"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
