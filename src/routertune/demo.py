@@ -139,7 +139,8 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
             model=job.model, cache_dir=job.cache_dir, routers=str(out), lengths=job.bench_lengths,
             batch_sizes=[1, 8], decode_prompt=job.decode_prompt, decode_tokens=job.decode_tokens,
             repeats=job.bench_repeats, overhead_repeats=5, overhead_steps=32, skip_fraction=1 - job.capacity,
-            output=str(out / "bench.json"))
+            # one thread on the process CPU clock: time spent waiting for a core (a shared machine) is not counted
+            threads=1, clock="cpu", output=str(out / "bench.json"))
         bench_json = bench.run_bench(cfg, progress=bench.progress_bar(cfg)).to_dict()
         finished("bench", bench_json)
 

@@ -529,7 +529,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             else:
                 known = task_context_skips(routed, tokenizer, task, thresholds, num_layers, pad)
                 refine_sweep(lambda t: task_context_skips(routed, tokenizer, task, [t], num_layers, pad)[t], known,
-                             job.skip_targets, job.max_gap)
+                             job.skip_targets, 0.01)
                 chosen = _accuracy_settings(variants, known, job, num_layers)
                 _add_variants(result, {v: None for v in chosen})
             per_task[task.name] = {}
@@ -543,8 +543,14 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                 write_json(output / RESULT_NAME, result)
             bar.close()
             curves = _accuracy_curves(per_task[task.name])
-            result["matched"][task.name] = {f"{t:.2f}": compare_curves(curves, t, iterations=job.bootstrap)
-                                            for t in job.skip_targets}
+            result["matched"][task.name] = {}
+            for t in job.skip_targets:
+                # compared where the router point nearest the target measured its skip on the items (the
+                # accuracy runs hold one router point per target); static drop is interpolated there
+                at = min((x for x, _ in curves["routers"]), key=lambda x: abs(x - t), default=t)
+                entry = compare_curves(curves, at, iterations=job.bootstrap)
+                entry["at"] = at
+                result["matched"][task.name][f"{t:.2f}"] = entry
             write_json(output / RESULT_NAME, result)
     result["seconds"] = time.perf_counter() - started
     write_json(output / RESULT_NAME, result)
@@ -615,21 +621,24 @@ def task_context_skips(routed, tokenizer, task: TaskItems, thresholds: Sequence[
     return out
 
 
-def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, num_layers: int,
-                       margin: float = 0.015) -> list[Variant]:
-    """Dense, static drop at the layer counts around each target, and for each target the router thresholds
-    nearest below and above it (by the estimated skip, with a margin: the full items decide the final
-    interpolation, so the margin keeps the target bracketed)."""
-    chosen = [v for v in variants if v.kind == "dense"]
+def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, num_layers: int) -> list[Variant]:
+    """The fewest settings a paired accuracy comparison at each target needs (each costs a pass over every
+    item): static drop at the layer counts around each target, and per target the one router threshold whose
+    skip on the task's contexts is nearest the target, on the side where static drop has a point next to it
+    (above the smallest target, below the largest), so that static drop is interpolated there over at most
+    the span between two adjacent targets' layer counts."""
+    chosen = []
     for t in job.skip_targets:
         for v in variants:
             if v.kind == "static" and v.k in (math.floor(t * num_layers + 1e-9), math.ceil(t * num_layers - 1e-9)):
                 chosen.append(v)
-    routers = sorted((Variant("routers", threshold=t) for t in skips), key=lambda v: skips[v.threshold])
+    low, high = min(job.skip_targets), max(job.skip_targets)
     for t in job.skip_targets:
-        below = [v for v in routers if skips[v.threshold] <= t - margin]
-        above = [v for v in routers if skips[v.threshold] >= t + margin]
-        chosen += below[-1:] + above[:1]
+        candidates = [th for th, s in skips.items()
+                      if (s >= t or t > low) and (s <= t or t < high) and low <= s <= high]
+        pool = candidates or list(skips)
+        best = min(pool, key=lambda th: abs(skips[th] - t))
+        chosen.append(Variant("routers", threshold=best))
     return list(dict.fromkeys(chosen))
 
 
@@ -696,6 +705,7 @@ def markdown_table(result: dict) -> str:
             else:
                 diff, between = "-", "-"
             kind = f"{where} (acc, %)" if is_task else f"{where} (KL/token)"
-            lines.append(f"| {kind} | {float(target):.0%} | {value('static')} | {value('random')} | {value('routers')} "
+            skip = f"{float(target):.0%}" + (f" (at {row['at']:.1%})" if "at" in row else "")
+            lines.append(f"| {kind} | {skip} | {value('static')} | {value('random')} | {value('routers')} "
                          f"| {diff} | {between} |")
     return "\n".join(lines)
