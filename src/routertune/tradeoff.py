@@ -529,7 +529,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             else:
                 known = task_context_skips(routed, tokenizer, task, thresholds, num_layers, pad)
                 refine_sweep(lambda t: task_context_skips(routed, tokenizer, task, [t], num_layers, pad)[t], known,
-                             job.skip_targets, 0.01)
+                             job.skip_targets, 0.02)
                 chosen = _accuracy_settings(variants, known, job, num_layers)
                 _add_variants(result, {v: None for v in chosen})
             per_task[task.name] = {}
@@ -628,12 +628,11 @@ def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, nu
     (above the smallest target, below the largest), so that static drop is interpolated there over at most
     the span between two adjacent targets' layer counts."""
     chosen = []
-    for t in job.skip_targets:
+    low, high = min(job.skip_targets), max(job.skip_targets)
+    for t in job.skip_targets:  # target by target, so that a run cut short still holds whole comparisons
         for v in variants:
             if v.kind == "static" and v.k in (math.floor(t * num_layers + 1e-9), math.ceil(t * num_layers - 1e-9)):
                 chosen.append(v)
-    low, high = min(job.skip_targets), max(job.skip_targets)
-    for t in job.skip_targets:
         candidates = [th for th, s in skips.items()
                       if (s >= t or t > low) and (s <= t or t < high) and low <= s <= high]
         pool = candidates or list(skips)
