@@ -358,6 +358,8 @@ class RoutedLM(TemplateLM):
         def packed_length(key):  # the prefix, then every member's rest
             return len(key[1]) + sum(len(rows[i].tokens) - 1 - rows[i].n_route for i in groups[key])
 
+        # a packed row's mask is T x T: very long rows (many requests sharing one prefix) take the cache path
+        limit = min(limit, max(self.batch_tokens, self.max_length))
         packable = [k for k in groups if mask_kind is not None and packed_length(k) <= limit]
         if packable:
             keys = sorted(packable, key=lambda k: -packed_length(k))
