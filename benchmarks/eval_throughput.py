@@ -107,14 +107,53 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.limit} items each)", flush=True)
 
     settings = [Setting("dense")]
-    if args.routers.lower() != "none":
-        settings.append(Setting("routers", routers=args.routers))
     if args.static_drop:
         settings.append(Setting("static", drop=args.static_drop))
+    if args.routers.lower() != "none":
+        settings.append(Setting("routers", routers=args.routers))
     calibration = chat_prompts(tokenizer, "train", 32, 256) if args.static_drop else None
 
     runs: dict[str, list[dict]] = {"plain forward": []}
     details: dict[str, dict] = {}
+    command = "python benchmarks/eval_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def best(name):
+        entries = runs[name]
+        cpu = min(e["cpu_s"] for e in entries)
+        wall = min(e["wall_s"] for e in entries)
+        return {"cpu_s": cpu, "wall_s": wall, "tokens_per_s_cpu": tokens / cpu, "tokens_per_s_wall": tokens / wall,
+                "runs": entries, **details.get(name, {})}
+
+    def write(complete: bool) -> dict:
+        """The JSON so far (rewritten after every measurement, so an interrupted run keeps what it measured)."""
+        results = {name: best(name) for name in runs if runs[name]}
+        plain_cpu = results["plain forward"]["cpu_s"]
+        for entry in results.values():
+            entry["time_ratio_vs_plain"] = entry["cpu_s"] / plain_cpu  # harness time / plain time (<= 1.5 wanted)
+        summary = {"plain_tokens_per_s": results["plain forward"]["tokens_per_s_cpu"]}
+        dense = results.get("harness: dense")
+        if dense is not None:
+            summary.update({
+                "harness_dense_tokens_per_s": dense["tokens_per_s_cpu"],
+                "ratio_harness_over_plain_time": dense["time_ratio_vs_plain"],
+                "target_ratio": 1.5,
+                "met": dense["time_ratio_vs_plain"] <= 1.5,
+                "same_scores": dense["max_abs_logprob_diff_vs_plain"] < 1e-3,
+            })
+        out = {
+            "what": "harness loglikelihood path vs a plain batched forward over the same token sequences, 1 thread",
+            "command": command, "complete": complete,
+            "model": str(getattr(model.config, "name_or_path", "")) or "SmolLM2-135M-Instruct",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+            "tasks": args.tasks, "limit": args.limit, "requests": len(requests), "tokens": tokens,
+            "batch_tokens": args.batch_tokens, "max_batch": args.max_batch, "repeats": args.repeats,
+            "clock": "process CPU time (best of the rounds); wall time alongside",
+            "summary": summary, "results": results,
+        }
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+        return summary
+
     plain_forward(model, rows[:8], probe._pad_id, args.batch_tokens, args.max_batch)  # warm-up, untimed
     for round_ in range(args.repeats):
         # each round: the plain forward, then every harness setting right after it
@@ -122,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            args.max_batch))
         runs["plain forward"].append({"cpu_s": cpu, "wall_s": wall})
         print(f"[{round_}] plain forward: {cpu:.1f} s CPU ({tokens / cpu:.0f} tokens/s)", flush=True)
+        write(False)
         for setting in settings:
             with prepared_lm(setting, model, tokenizer, calibration, **lm_kwargs) as (lm, info):
                 got, cpu, wall = timed(lambda: lm.loglikelihood(requests, disable_tqdm=True))
@@ -136,39 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "max_abs_logprob_diff_vs_plain": diff}
             print(f"[{round_}] {name}: {cpu:.1f} s CPU ({tokens / cpu:.0f} tokens/s), "
                   f"skip {total.skip_ratio:.3f}", flush=True)
-
-    def best(name):
-        entries = runs[name]
-        cpu = min(e["cpu_s"] for e in entries)
-        wall = min(e["wall_s"] for e in entries)
-        return {"cpu_s": cpu, "wall_s": wall, "tokens_per_s_cpu": tokens / cpu, "tokens_per_s_wall": tokens / wall,
-                "runs": entries, **details.get(name, {})}
-
-    results = {name: best(name) for name in runs}
-    plain_cpu = results["plain forward"]["cpu_s"]
-    for name, entry in results.items():
-        entry["time_ratio_vs_plain"] = entry["cpu_s"] / plain_cpu  # harness time / plain time (<= 1.5 wanted)
-    dense = results["harness: dense"]
-    summary = {
-        "plain_tokens_per_s": results["plain forward"]["tokens_per_s_cpu"],
-        "harness_dense_tokens_per_s": dense["tokens_per_s_cpu"],
-        "ratio_harness_over_plain_time": dense["time_ratio_vs_plain"],
-        "target_ratio": 1.5,
-        "met": dense["time_ratio_vs_plain"] <= 1.5,
-        "same_scores": dense["max_abs_logprob_diff_vs_plain"] < 1e-3,
-    }
-    out = {
-        "what": "harness loglikelihood path vs a plain batched forward over the same token sequences, 1 thread",
-        "command": "python benchmarks/eval_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": str(getattr(model.config, "name_or_path", "")) or "SmolLM2-135M-Instruct",
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-        "tasks": args.tasks, "limit": args.limit, "requests": len(requests), "tokens": tokens,
-        "batch_tokens": args.batch_tokens, "max_batch": args.max_batch, "repeats": args.repeats,
-        "clock": "process CPU time (best of the rounds); wall time alongside",
-        "summary": summary, "results": results,
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+            write(False)
+    summary = write(True)
     print(json.dumps(summary, indent=2))
     print(f"written to {args.output}")
     return 0
