@@ -358,10 +358,13 @@ class RoutedLM(TemplateLM):
         def packed_length(key):  # the prefix, then every member's rest
             return len(key[1]) + sum(len(rows[i].tokens) - 1 - rows[i].n_route for i in groups[key])
 
+        # a packed row's mask is T x T: very long rows (many requests sharing one prefix) take the cache path
+        limit = min(limit, max(self.batch_tokens, self.max_length))
         packable = [k for k in groups if mask_kind is not None and packed_length(k) <= limit]
         if packable:
             keys = sorted(packable, key=lambda k: -packed_length(k))
-            for batch in _batches(keys, packed_length, self.batch_tokens, self.max_batch):
+            # packed rows vary in length more than requests do; at most ~15% padding costs a few more forwards
+            for batch in _batches(keys, packed_length, self.batch_tokens, self.max_batch, min_fill=0.85):
                 self._run_packed(rows, [groups[k] for k in batch], [k[0] for k in batch], results, mask_kind)
                 bar.update(sum(len(groups[k]) for k in batch))
         chosen = set(packable)
@@ -568,13 +571,15 @@ def _common_prefix(sequences: list[list[int]]) -> int:
     return n
 
 
-def _batches(items: list, cost, budget: int, max_batch: int) -> list[list]:
+def _batches(items: list, cost, budget: int, max_batch: int, min_fill: float = 0.0) -> list[list]:
     """Consecutive batches whose padded cost (largest item cost x batch size) stays within budget; items are
-    expected sorted by decreasing cost, so the first item of a batch is its largest."""
+    expected sorted by decreasing cost, so the first item of a batch is its largest. With `min_fill`, an item
+    costing less than that fraction of the batch's largest starts a new batch (bounds the padding)."""
     batches, current, largest = [], [], 0
     for item in items:
         c = max(int(cost(item)), 1)
-        if current and (max(largest, c) * (len(current) + 1) > budget or len(current) >= max_batch):
+        if current and (max(largest, c) * (len(current) + 1) > budget or len(current) >= max_batch
+                        or c < min_fill * largest):
             batches.append(current)
             current, largest = [], 0
         current.append(item)
