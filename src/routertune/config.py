@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 GRANULARITIES = ("attention", "mlp", "block")
+UNITS = ("sequence", "token")
 CONFIG_NAME = "router_config.json"
 FORMAT_VERSION = 1
 
@@ -54,6 +55,20 @@ class RouterConfig:
     base_model: BaseModelIdentity | None = field(
         default=None, metadata={"help": "identity of the base model; filled in when routers are attached"}
     )
+    unit: str = field(
+        default="sequence",
+        metadata={
+            "help": "what a decision covers: sequence (one per prompt, MindSkip) or token (each token's own router "
+            "decides at each routed layer, Mixture-of-Depths style)"
+        },
+    )
+    token_top_k: float | None = field(
+        default=None,
+        metadata={
+            "help": "token unit only: run a fixed fraction of each sequence's prompt tokens at every routed layer "
+            "(top-k by score) instead of comparing scores with the threshold"
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.base_model, dict):
@@ -63,6 +78,13 @@ class RouterConfig:
         problems = []
         if self.granularity not in GRANULARITIES:
             problems.append(f"granularity={self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if self.unit not in UNITS:
+            problems.append(f"unit={self.unit!r} is not one of {', '.join(UNITS)}")
+        if self.token_top_k is not None:
+            if self.unit != "token":
+                problems.append(f"token_top_k={self.token_top_k!r} needs unit='token' (sequence routing has no top-k)")
+            if not isinstance(self.token_top_k, (int, float)) or not 0.0 < float(self.token_top_k) <= 1.0:
+                problems.append(f"token_top_k={self.token_top_k!r} must lie in (0, 1]: the fraction of tokens that run")
         problems += _threshold_problems("threshold", self.threshold)
         for layer, value in (self.layer_thresholds or {}).items():
             problems += _threshold_problems(f"layer_thresholds[{layer}]", value)

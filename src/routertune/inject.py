@@ -157,8 +157,12 @@ def _select_rows(value, rows: torch.Tensor, batch: int):
 
 
 # ---------------------------------------------------------------------------------------------------------
-def add_routers(model: nn.Module, config: RouterConfig) -> dict[int, RoutedSublayer]:
-    """Wrap the configured sublayers of `model` in place; returns {layer index: wrapper}."""
+def add_routers(model: nn.Module, config: RouterConfig, wrapper_cls: type | None = None,
+                cache_cls: type | None = None) -> dict[int, RoutedSublayer]:
+    """Wrap the configured sublayers of `model` in place; returns {layer index: wrapper}. `wrapper_cls` and
+    `cache_cls` (RoutedSublayer / RoutedCache by default) let token routing bring its own."""
+    wrapper_cls = wrapper_cls or RoutedSublayer
+    cache_cls = cache_cls or RoutedCache
     if is_routed(model):
         raise ValueError("this model already has routers; call remove_routers(model) before adding new ones")
     spec = arch.arch_spec(model)
@@ -174,14 +178,14 @@ def add_routers(model: nn.Module, config: RouterConfig) -> dict[int, RoutedSubla
         else:
             original, norm = getattr(block, name), None
         device = next(original.parameters()).device
-        wrapper = RoutedSublayer(original, idx, config.granularity, hidden, norm, config.threshold_for)
+        wrapper = wrapper_cls(original, idx, config.granularity, hidden, norm, config.threshold_for)
         wrapper.router.to(device)
         if name is None:
             blocks[idx] = wrapper
         else:
             setattr(block, name, wrapper)
         wrappers[idx] = wrapper
-    _hook_decoder(arch.decoder_of(model), model, wrappers)
+    _hook_decoder(arch.decoder_of(model), model, wrappers, cache_cls)
     return wrappers
 
 
@@ -222,7 +226,8 @@ def set_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, RoutedSublayer]) -> None:
+def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, RoutedSublayer],
+                  cache_cls: type = RoutedCache) -> None:
     """Give every decoder call its own RoutingCall (read from the call's arguments, never stored on modules)."""
     original = decoder.forward
     signature = inspect.signature(original)
@@ -252,13 +257,13 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, Rout
                 raise ValueError("a training forward of a routed model takes no KV cache; pass use_cache=False")
             arguments["use_cache"] = False
         elif cache is None and use_cache:
-            cache = RoutedCache(config=model.config)
+            cache = cache_cls(config=model.config)
             arguments.pop("past_key_values", None)
             arguments[cache_key] = cache
-        if cache is not None and not isinstance(cache, RoutedCache):
+        if cache is not None and not isinstance(cache, cache_cls):
             raise ValueError(
-                f"a routed model needs a RoutedCache, got {type(cache).__name__}: call RoutedModel.generate "
-                "(it makes one), or pass cache=routertune.RoutedCache(config=model.config)"
+                f"this routed model needs a {cache_cls.__name__}, got {type(cache).__name__}: call "
+                f"RoutedModel.generate (it makes one), or pass cache=routed.new_cache()"
             )
         forcing = current_forcing()
         if forcing is not None and not forcing.skip_layers <= routed_layers:
@@ -266,16 +271,19 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, Rout
                 f"cannot force-skip layers {sorted(forcing.skip_layers - routed_layers)}: they are not routed "
                 f"(routed layers: {sorted(routed_layers)}); route them via RouterConfig(layers=...)"
             )
+        attention_mask = arguments.get("attention_mask")
+        if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            attention_mask = None
         mask = pool_mask_override()
         if mask is None:
-            attention_mask = arguments.get("attention_mask")
-            mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            mask = attention_mask
         call = RoutingCall(
             pool_mask=mask,
             cache=cache,
             past_length=cache.get_seq_length() if cache is not None else 0,
             training=training,
             forcing=forcing,
+            attention_mask=attention_mask,
         )
         with active_call(call):
             return original(**arguments)

@@ -4,6 +4,7 @@ router-only checkpoints (router_config.json + routers.safetensors)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -17,6 +18,8 @@ from . import inject, lora, routing
 from .cache import RoutedCache
 from .config import CONFIG_NAME, BaseModelIdentity, RouterConfig
 from .files import atomic_write, write_json
+from .token_cache import TokenRoutedCache
+from .token_routing import TokenRoutedSublayer
 
 WEIGHTS_NAME = "routers.safetensors"
 
@@ -36,7 +39,8 @@ class RoutedModel(nn.Module):
         if config.base_model is None:
             config.base_model = identity
         self.router_config = config
-        inject.add_routers(base_model, config)
+        wrapper_cls, self._cache_cls = _unit_classes(config)
+        inject.add_routers(base_model, config, wrapper_cls, self._cache_cls)
         config.layers = sorted(inject.routed_sublayers(base_model))
         inject.set_trainable(base_model)
         self.eval()  # like a loaded Hugging Face model: inference until .train() is called
@@ -79,7 +83,8 @@ class RoutedModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def new_cache(self) -> RoutedCache:
-        return RoutedCache(config=self.base_model.config)
+        """A fresh KV cache of the kind this model's routing unit needs (RoutedCache or TokenRoutedCache)."""
+        return self._cache_cls(config=self.base_model.config)
 
     def generate(self, *args, **kwargs):
         """transformers' generate (greedy, sampling, beam search) with a RoutedCache unless one is given.
@@ -185,6 +190,13 @@ class RoutedModel(nn.Module):
             raise FileNotFoundError(f"{weights_path} not found next to {CONFIG_NAME}")
         routed.load_router_state_dict(load_file(str(weights_path)), str(weights_path))
         return routed
+
+
+def _unit_classes(config: RouterConfig):
+    """The sublayer wrapper and KV cache of the routing unit: sequence routing keeps its own path untouched."""
+    if config.unit == "token":
+        return functools.partial(TokenRoutedSublayer, router_config=config), TokenRoutedCache
+    return None, RoutedCache
 
 
 def model_identity(model: nn.Module) -> BaseModelIdentity:

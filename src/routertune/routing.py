@@ -36,6 +36,12 @@ class RoutingCall:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) float32
     decisions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) bool
     gates: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B,) STE gate (training)
+    # token routing: the call's 2D attention mask (real tokens), and each layer's (B, T) decisions; its
+    # scores/decisions/gates above then hold one entry per real token (flattened), so capacity, calibration
+    # and evaluation read (token, layer) pairs without knowing the unit
+    attention_mask: torch.Tensor | None = None
+    token_runs: dict[int, torch.Tensor] = field(default_factory=dict)
+    token_gates: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T) STE gate (training)
 
     def capacity(self) -> torch.Tensor:
         """Mean executed fraction over routed sublayers and batch; differentiable in training."""

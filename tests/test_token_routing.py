@@ -1,0 +1,316 @@
+"""Token-level routing on the tiny models of every family, against the independent reference in
+token_reference.py (the plain model with per-layer 4D masks and zeroed outputs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import PAD, build_tiny, padded_batch
+from routertune import RoutedModel, RouterConfig
+from routertune.token_cache import TokenLayer, TokenRoutedCache
+from token_reference import reference_greedy, reference_logits
+
+ATOL = 2e-5
+
+
+def _routed(family, granularity, seed=0, **config):
+    """A token-routed tiny model with random router weights (about half the tokens run each layer), and a
+    second, untouched copy of the same base model for the reference."""
+    routed = RoutedModel(build_tiny(family), RouterConfig(granularity=granularity, unit="token", **config))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for router in routed.routers.values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 2)
+    plain = build_tiny(family)
+    routers = {layer: r.weight.detach().clone() for layer, r in routed.routers.items()}
+    thresholds = {layer: routed.router_config.threshold_for(layer) for layer in routers}
+    return routed, plain, routers, thresholds
+
+
+def _mixed(decisions: dict[int, torch.Tensor], real: torch.Tensor) -> None:
+    """The test is only meaningful if tokens of one row both run and skip at every routed layer."""
+    for layer, runs in decisions.items():
+        ran = int(runs[real].sum())
+        assert 0 < ran < int(real.sum()), f"layer {layer}: decisions are not mixed ({ran} of {int(real.sum())})"
+
+
+def test_forced_run_equals_dense(family, granularity):
+    routed = RoutedModel(build_tiny(family), RouterConfig(granularity=granularity, unit="token"))
+    plain = build_tiny(family)
+    ids, mask, _ = padded_batch([11, 6, 9], "left")
+    with torch.no_grad():
+        dense = plain(input_ids=ids, attention_mask=mask).logits
+        with routed.forced("run"):
+            out = routed(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    torch.testing.assert_close(out[real], dense[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_routed_prefill_equals_reference(family, granularity, side):
+    routed, plain, routers, thresholds = _routed(family, granularity)
+    ids, mask, _ = padded_batch([12, 7, 10], side)
+    expected, ref_decisions = reference_logits(plain, granularity, routers, thresholds, ids, mask)
+    real = mask.bool()
+    _mixed(ref_decisions, real)
+    with torch.no_grad(), routed.recording() as calls:
+        out = routed(input_ids=ids, attention_mask=mask, use_cache=True).logits
+    for layer, runs in ref_decisions.items():
+        assert torch.equal(calls[-1].token_runs[layer], runs), f"layer {layer} decided differently"
+    torch.testing.assert_close(out[real], expected[real], atol=ATOL, rtol=0)
+
+
+def test_routed_decode_equals_reference(family, granularity):
+    """Cached greedy generation (each new token decides per layer, stores K/V only where it runs) equals the
+    reference re-run on the whole sequence, token for token and logit for logit."""
+    routed, plain, routers, thresholds = _routed(family, granularity)
+    ids, mask, _ = padded_batch([9, 5, 7], "left")
+    new = 6
+    out = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                          output_scores=True, return_dict_in_generate=True, min_new_tokens=new)
+    ref_ids, ref_mask = reference_greedy(plain, granularity, routers, thresholds, ids, mask, new)
+    assert torch.equal(out.sequences, ref_ids)
+    # every step's logits against the reference on the full sequence
+    positions = (ref_mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        from token_reference import token_reference
+
+        with token_reference(plain, granularity, routers, thresholds, ref_mask) as decisions:
+            full = plain(input_ids=ref_ids, attention_mask=ref_mask, position_ids=positions).logits
+    real = ref_mask.bool()
+    _mixed({k: v[:, ids.shape[1]:] for k, v in decisions.items()}, real[:, ids.shape[1]:])
+    for step, scores in enumerate(out.scores):
+        torch.testing.assert_close(scores, full[:, ids.shape[1] - 1 + step], atol=1e-4, rtol=0)
+
+
+def test_batch_equals_each_sequence_alone(family, granularity):
+    routed, _, _, _ = _routed(family, granularity)
+    lengths = [12, 6, 9]
+    ids, mask, _ = padded_batch(lengths, "left")
+    batch = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                            min_new_tokens=5, output_scores=True, return_dict_in_generate=True)
+    for row, n in enumerate(lengths):
+        alone_ids = ids[row:row + 1, -n:]
+        alone = routed.generate(input_ids=alone_ids, attention_mask=torch.ones_like(alone_ids), max_new_tokens=5,
+                                do_sample=False, min_new_tokens=5, output_scores=True,
+                                return_dict_in_generate=True)
+        assert torch.equal(batch.sequences[row, -(n + 5):], alone.sequences[0])
+        for a, b in zip(batch.scores, alone.scores):
+            torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=0)
+
+
+def test_cached_equals_uncached(family, granularity):
+    routed, _, _, _ = _routed(family, granularity)
+    ids, mask, _ = padded_batch([10, 6, 8], "left")
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    cached = routed.generate(**kwargs)
+    uncached = routed.generate(**kwargs, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_kv_elements_equal_executed_pairs(family, granularity):
+    """After prefill + decode, every token-routed layer stores exactly the (token, layer) pairs that executed
+    it, counted independently by the reference on the final sequence; dense layers store every position."""
+    routed, plain, routers, thresholds = _routed(family, granularity)
+    ids, mask, _ = padded_batch([9, 5, 7], "left")
+    cache = routed.new_cache()
+    new = 5
+    seq = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, cache=cache)
+    full_mask = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    # the last generated token is never fed back, so it wrote no K/V anywhere
+    fed, fed_mask, fed_pos = seq[:, :-1], full_mask[:, :-1], positions[:, :-1]
+    from token_reference import token_reference
+
+    with torch.no_grad(), token_reference(plain, granularity, routers, thresholds, fed_mask) as decisions:
+        plain(input_ids=fed, attention_mask=fed_mask, position_ids=fed_pos)
+    cfg = plain.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_key_value_heads * head_dim
+    expected_total = 0
+    for idx, layer in enumerate(cache.layers):
+        if granularity != "mlp" and idx in decisions:
+            assert isinstance(layer, TokenLayer)
+            executed = int(decisions[idx].sum())
+            assert 0 < executed < int(fed_mask.sum())
+            assert layer.keys.numel() + layer.values.numel() == executed * per_token, f"layer {idx}"
+            expected_total += executed * per_token
+        else:
+            assert not isinstance(layer, TokenLayer)
+            expected_total += layer.keys.numel() + layer.values.numel()
+    assert cache.kv_elements() == expected_total
+    if granularity != "mlp":
+        dense_total = sum(1 for _ in cache.layers) * fed.numel() * per_token
+        assert cache.kv_elements() < dense_total or any(getattr(l, "is_sliding", False) for l in cache.layers)
+
+
+def test_layer_all_tokens_skip_stores_nothing_and_is_not_called(family):
+    routed = RoutedModel(build_tiny(family), RouterConfig(unit="token", layers=[2, 3], layer_thresholds={3: 0.99}))
+    with torch.no_grad():
+        routed.routers[2].weight.normal_()
+        routed.routers[3].weight.zero_()  # every score 0.5 < 0.99
+    calls = []
+    handle = routed.base_model.model.layers[3].self_attn.base_layer.register_forward_hook(
+        lambda *a: calls.append(1))
+    ids, mask, _ = padded_batch([8, 6], "left")
+    cache = routed.new_cache()
+    routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache=cache)
+    handle.remove()
+    assert calls == []
+    assert cache.stored_tokens()[3] == 0 and cache.layers[3].keys is None
+
+
+def test_beam_search_cached_equals_uncached_and_sampling_runs(family):
+    routed, _, _, _ = _routed(family, "attention")
+    ids, mask, _ = padded_batch([9, 6], "left")
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, num_beams=3,
+                  do_sample=False, num_return_sequences=2)
+    cached = routed.generate(**kwargs)
+    uncached = routed.generate(**kwargs, use_cache=False)
+    assert torch.equal(cached, uncached)
+    torch.manual_seed(0)
+    sampled = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=5)
+    assert sampled.shape == (2, ids.shape[1] + 4)
+
+
+# --- top-k mode ----------------------------------------------------------------------------------------------
+def test_top_k_runs_a_fixed_fraction_of_each_prompt_and_decodes_consistently(family):
+    routed, _, _, _ = _routed(family, "attention", token_top_k=0.4)
+    lengths = [10, 5, 8]
+    ids, mask, _ = padded_batch(lengths, "left")
+    with torch.no_grad(), routed.recording() as calls:
+        routed(input_ids=ids, attention_mask=mask, use_cache=False)
+    for layer, runs in calls[-1].token_runs.items():
+        assert runs.sum(1).tolist() == [int(-(-0.4 * n // 1)) for n in lengths], f"layer {layer}"
+        assert not runs[~mask.bool()].any()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    cached = routed.generate(**kwargs)
+    assert torch.equal(cached, routed.generate(**kwargs, use_cache=False))
+    for row, n in enumerate(lengths):
+        alone = routed.generate(input_ids=ids[row:row + 1, -n:], max_new_tokens=5, min_new_tokens=5,
+                                do_sample=False)
+        assert torch.equal(cached[row, -(n + 5):], alone[0])
+
+
+# --- training ------------------------------------------------------------------------------------------------
+def test_training_forward_equals_inference_and_capacity_counts_token_pairs(family, granularity):
+    routed, _, _, _ = _routed(family, granularity)
+    ids, mask, _ = padded_batch([10, 6, 8], "right")
+    with torch.no_grad():
+        inference = routed(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    routed.train()
+    with routed.recording() as calls:
+        training = routed(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    torch.testing.assert_close(training[real], inference[real], atol=ATOL, rtol=0)
+    call = calls[-1]
+    executed = sum(int(runs[real].sum()) for runs in call.token_runs.values())
+    pairs = int(real.sum()) * len(call.token_runs)
+    assert float(call.capacity()) == pytest.approx(executed / pairs)
+    # a skipping token still sends a gradient to its router (STE), from the LM loss alone
+    training[real].logsumexp(-1).sum().backward()
+    for layer, router in routed.routers.items():
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0, f"layer {layer}"
+
+
+def test_train_step_changes_only_routers(family):
+    from routertune.train import TrainConfig, micro_batch_loss
+
+    routed, _, _, _ = _routed(family, "attention")
+    ids, mask, _ = padded_batch([10, 7, 9], "right")
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100
+    prompt = torch.zeros_like(mask)
+    prompt[:, :4] = 1
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, prompt_mask=prompt)
+    before = {k: v.clone() for k, v in routed.state_dict().items()}
+    routed.train()
+    optimizer = torch.optim.AdamW(routed.trainable_parameters(), lr=0.1)
+    loss, _, gate_sum, gate_count = micro_batch_loss(routed, routed, batch, TrainConfig(target_capacity=0.2),
+                                                     int((labels[:, 1:] != -100).sum()), 3)
+    assert gate_count == int(mask.sum()) * len(routed.routed_layers)  # one gate per (real token, layer)
+    loss.backward()
+    optimizer.step()
+    after = routed.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.endswith(".router.proj.weight")}
+
+
+# --- checkpoints, calibration, refusals ---------------------------------------------------------------------------
+def test_save_load_keeps_unit_and_old_files_load_as_sequence(tmp_path, family):
+    routed, _, _, _ = _routed(family, "block", token_top_k=0.5)
+    ids, mask, _ = padded_batch([9, 6], "left")
+    with torch.no_grad():
+        before = routed(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    routed.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "router_config.json").read_text())
+    assert saved["unit"] == "token" and saved["token_top_k"] == 0.5
+    loaded = RoutedModel.from_pretrained(build_tiny(family), tmp_path)
+    assert isinstance(loaded.new_cache(), TokenRoutedCache)
+    with torch.no_grad():
+        after = loaded(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(before, after)
+    # a file written before token routing existed has no `unit`: it is a sequence router
+    del saved["unit"], saved["token_top_k"]
+    (tmp_path / "router_config.json").write_text(json.dumps(saved))
+    old = RoutedModel.from_pretrained(build_tiny(family), tmp_path)
+    assert old.router_config.unit == "sequence" and not isinstance(old.new_cache(), TokenRoutedCache)
+
+
+def test_calibrate_sets_token_thresholds_to_the_target_fraction():
+    from routertune.calibrate import calibrate, measure_capacity
+
+    routed, _, _, _ = _routed("llama", "attention")
+    ids, mask, _ = padded_batch([20, 14, 17, 9], "right", seed=3)
+    batches = [dict(input_ids=ids, attention_mask=mask)]
+    result = calibrate(routed, batches, 0.3, tolerance=0.02)
+    capacity, _ = measure_capacity(routed, batches)
+    with torch.no_grad(), routed.recording() as calls:
+        routed(input_ids=ids, attention_mask=mask, use_cache=False)
+    runs = calls[-1].token_runs
+    executed = sum(int(r[mask.bool()].sum()) for r in runs.values()) / (int(mask.sum()) * len(runs))
+    assert abs(executed - 0.3) <= 0.02 and capacity == pytest.approx(executed)
+    assert result.capacity == pytest.approx(executed)
+
+
+def test_bad_token_configs_are_refused():
+    with pytest.raises(ValueError, match="unit='token'"):
+        RouterConfig(token_top_k=0.5)
+    with pytest.raises(ValueError, match="unit='tokens' is not one of sequence, token"):
+        RouterConfig(unit="tokens")
+    with pytest.raises(ValueError, match=r"token_top_k=1.5 must lie in \(0, 1\]"):
+        RouterConfig(unit="token", token_top_k=1.5)
+
+
+def test_unsupported_attention_implementation_is_refused():
+    base = build_tiny("llama")
+    base.config._attn_implementation = "flash_attention_2"
+    routed = RoutedModel(base, RouterConfig(unit="token"))
+    ids, mask, _ = padded_batch([6, 4], "left")
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"), torch.no_grad():
+        routed(input_ids=ids, attention_mask=mask, use_cache=False)
+
+
+def test_cropping_the_token_cache_is_refused():
+    cache = TokenRoutedCache(config=build_tiny("llama").config)
+    cache.token_layer(2)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-1)
+
+
+def test_eager_attention_matches_sdpa():
+    routed, _, _, _ = _routed("qwen2", "attention")
+    ids, mask, _ = padded_batch([10, 6], "left")
+    with torch.no_grad():
+        sdpa = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                               output_scores=True, return_dict_in_generate=True)
+        routed.config._attn_implementation = "eager"
+        eager = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(sdpa.sequences, eager.sequences)
+    for a, b in zip(sdpa.scores, eager.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
