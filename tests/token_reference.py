@@ -98,16 +98,17 @@ def token_reference(model, granularity: str, routers: dict[int, torch.Tensor], t
             handle.remove()
 
 
-def reference_logits(model, granularity, routers, thresholds, ids, mask, forced=None):
+def reference_logits(model, granularity, routers, thresholds, ids, mask, forced=None, position_ids=None):
     with torch.no_grad(), token_reference(model, granularity, routers, thresholds, mask, forced) as decisions:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
     return logits, {k: v.clone() for k, v in decisions.items()}
 
 
 def reference_greedy(model, granularity, routers, thresholds, ids, mask, new_tokens: int):
     """Greedy continuation by re-running the reference on the whole sequence each step (no cache)."""
     for _ in range(new_tokens):
-        logits, _ = reference_logits(model, granularity, routers, thresholds, ids, mask)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate() numbers left-padded rows
+        logits, _ = reference_logits(model, granularity, routers, thresholds, ids, mask, position_ids=positions)
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)

@@ -53,6 +53,7 @@ class TokenRoutedSublayer(RoutedSublayer):
                     "attention layers only. Route other layers (RouterConfig(layers=...)) or use unit='sequence'."
                 )
             self._attn_config = [config]
+            self._implementation()  # refuse an attention kernel that cannot take our masks now, not mid-generate
 
     # -- decisions ------------------------------------------------------------------------------------------
     def _top_k(self) -> float | None:
