@@ -312,3 +312,88 @@ def test_eager_attention_matches_sdpa():
     assert torch.equal(sdpa.sequences, eager.sequences)
     for a, b in zip(sdpa.logits, eager.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+# --- evaluation and the command line ------------------------------------------------------------------------------
+def test_harness_scores_with_shared_prefill_equal_one_forward(family):
+    """The eval path (prefill the shared context once into the token cache, then score each continuation
+    against it) gives the numbers of one uncached forward over context + continuation."""
+    from routertune.evaluate import RoutedLM, _Row
+    from tiny_lm import tiny_tokenizer
+
+    routed, _, _, _ = _routed(family, "attention")
+    lm = RoutedLM(routed.base_model, tiny_tokenizer(), batch_tokens=48, max_batch=4, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n_ctx in (3, 9, 14):
+        ctx = torch.randint(3, 96, (n_ctx,), generator=gen).tolist()
+        for n_cont in (1, 4):
+            rows.append(_Row(ctx + torch.randint(3, 96, (n_cont,), generator=gen).tolist(), n_cont, n_ctx))
+    for row, (logprob, _) in zip(rows, lm.score(rows)):
+        ids = torch.tensor([row.tokens[:-1]])
+        with torch.no_grad():
+            logits = routed(input_ids=ids, use_cache=False).logits[0].float()
+        n = len(row.tokens) - 1
+        target = torch.tensor(row.tokens[-row.n_cont:])
+        direct = float(torch.log_softmax(logits, -1)[n - row.n_cont: n].gather(-1, target[:, None]).sum())
+        assert logprob == pytest.approx(direct, abs=1e-4)
+    stats = lm.stats[""]
+    assert 0 < stats.routed_capacity < 1  # token shares, counted over the prefills' real tokens
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from routertune.models import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("small-llama-token")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_cli_train_generate_calibrate_with_token_units(small_model, tmp_path, capsys):
+    from routertune.cli import main
+
+    out = tmp_path / "token-routers"
+    code = main(["train", "--model", small_model, "--output", str(out), "--unit", "token", "--samples", "48",
+                 "--heldout-samples", "8", "--max-length", "64", "--batch-size", "8", "--learning-rate", "1e-2",
+                 "--target-capacity", "0.6"])
+    assert code == 0, capsys.readouterr()
+    saved = json.loads((out / "router_config.json").read_text())
+    assert saved["unit"] == "token"
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert abs(metrics["result"]["after"]["capacity"] - 0.6) < 0.1  # calibrated on (token, layer) pairs
+    assert main(["generate", "--model", small_model, "--routers", str(out), "--max-new-tokens", "4", "Hi"]) == 0
+    assert "[tokens that ran each layer]" in capsys.readouterr().out
+    assert main(["calibrate", "--model", small_model, "--routers", str(out), "--capacity", "0.3",
+                 "--samples", "16", "--heldout-samples", "0"]) == 0
+    routed = RoutedModel.from_pretrained(build_tiny_from(small_model), out)
+    assert routed.router_config.unit == "token" and routed.router_config.threshold != saved["threshold"]
+
+
+def build_tiny_from(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+
+
+def test_cli_refuses_top_k_without_token_unit(capsys):
+    from routertune.cli import main
+
+    assert main(["train", "--output", "x", "--token-top-k", "0.5"]) == 2
+    assert "needs unit='token'" in capsys.readouterr().err
+
+
+def test_custom_4d_mask_is_refused():
+    routed, _, _, _ = _routed("llama", "attention")
+    ids, mask, _ = padded_batch([6, 4], "left")
+    block = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="cannot combine it with a custom 4D attention mask"), torch.no_grad():
+        routed(input_ids=ids, attention_mask=block, use_cache=False)

@@ -74,6 +74,11 @@ def _print_tune(report: pipeline.TuneReport, cfg: TrainConfig) -> None:
 
 def _print_generations(generations: list[pipeline.Generation]) -> None:
     for gen in generations:
+        if gen.token_run_fraction is not None:
+            print(f"\n>>> {gen.prompt}\n{gen.completion}")
+            print("[tokens that ran each layer] "
+                  + " ".join(f"{layer}:{share:.0%}" for layer, share in gen.token_run_fraction.items()))
+            continue
         skipped = [layer for layer, ran in gen.runs.items() if not ran]
         print(f"\n>>> {gen.prompt}\n{gen.completion}")
         print("[layers] " + " ".join(f"{layer}:{'run' if ran else 'SKIP'}" for layer, ran in gen.runs.items()))

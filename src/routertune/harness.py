@@ -376,7 +376,8 @@ class RoutedLM(TemplateLM):
         """How a block attention mask is given to this model's attention kernel (None: it takes no custom
         mask), and the longest packed row it is exact for: inside a sliding window the window masks nothing,
         so the block mask alone is the model's own mask restricted to each request."""
-        if not self.packed:
+        if not self.packed or _token_routed(self.model):
+            # token routing builds each layer's mask from which tokens wrote K/V: no block mask on top
             return None, 0
         kind = {"sdpa": "bool", "eager": "additive"}.get(getattr(self.model.config, "_attn_implementation", None))
         window = getattr(self.model.config, "sliding_window", None)
@@ -456,7 +457,7 @@ class RoutedLM(TemplateLM):
             ids[g, width - len(prefix):] = torch.tensor(prefix)
             mask[g, width - len(prefix):] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        cache = RoutedCache(config=self.model.config)
+        cache = _new_cache(self.model)
         with routing.record() as calls:
             out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                              position_ids=positions.to(device), cache=cache, use_cache=True, logits_to_keep=1)
@@ -496,6 +497,16 @@ class RoutedLM(TemplateLM):
 
     def _count(self, calls, task_names: list[str]) -> None:
         decisions = calls[-1].decisions if calls else {}  # a model without routers records no calls
+        if calls and calls[-1].token_runs:
+            # token routing: every real token of a prefill is one unit (skip rates are token shares)
+            call = calls[-1]
+            runs = call.token_runs
+            first = next(iter(runs.values()))
+            real = (call.attention_mask[:, -first.shape[1]:].bool() if call.attention_mask is not None
+                    else torch.ones(first.shape, dtype=torch.bool, device=first.device))
+            for g, task in enumerate(task_names):
+                self.stats[task].add({k: v[g][real[g]].cpu() for k, v in runs.items()})
+            return
         for g, task in enumerate(task_names):
             self.stats[task].add({k: v[g: g + 1].cpu() for k, v in decisions.items()}, torch.arange(1))
 
@@ -524,7 +535,7 @@ class RoutedLM(TemplateLM):
                 kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self._pad_id)
                 if inject.is_routed(self.model):
-                    kwargs["cache"] = RoutedCache(config=self.model.config)
+                    kwargs["cache"] = _new_cache(self.model)
                 with routing.record() as calls:
                     generated = self.model.generate(**kwargs)[:, width:]
                 prefill = [c for c in calls if c.past_length == 0]
@@ -535,6 +546,19 @@ class RoutedLM(TemplateLM):
                         tokens = tokens[: tokens.index(eos) + 1]
                     outputs[i] = tokens
         return outputs
+
+
+def _token_routed(model: nn.Module) -> bool:
+    from .token_routing import TokenRoutedSublayer
+
+    return any(isinstance(w, TokenRoutedSublayer) for w in inject.routed_sublayers(model).values())
+
+
+def _new_cache(model: nn.Module):
+    """The KV cache a routed model's sublayers need: the token cache for token routing, else a RoutedCache."""
+    from .token_cache import TokenRoutedCache
+
+    return TokenRoutedCache(config=model.config) if _token_routed(model) else RoutedCache(config=model.config)
 
 
 def _score_positions(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:

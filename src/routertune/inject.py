@@ -272,7 +272,9 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, Rout
                 f"(routed layers: {sorted(routed_layers)}); route them via RouterConfig(layers=...)"
             )
         attention_mask = arguments.get("attention_mask")
-        if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+        custom_mask = attention_mask is not None and not (
+            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
+        if custom_mask:
             attention_mask = None
         mask = pool_mask_override()
         if mask is None:
@@ -284,6 +286,7 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, Rout
             training=training,
             forcing=forcing,
             attention_mask=attention_mask,
+            custom_mask=custom_mask,
         )
         with active_call(call):
             return original(**arguments)

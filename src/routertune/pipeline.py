@@ -39,6 +39,8 @@ class TuneJob:
     max_length: int = field(default=256, metadata={"help": "tokens per sequence; longer records are truncated and counted"})
     granularity: str = field(default="attention", metadata={"help": "attention (MindSkip), mlp or block"})
     layers: list[int] | None = field(default=None, metadata={"help": "routed layer indices (default: every layer but the first and the last for --objective importance, the same candidates as static drop; the paper's rule, the last half before the final layer, for lm and distill)"})
+    unit: str = field(default="sequence", metadata={"help": "sequence (one decision per prompt) or token (each token decides at each routed layer)"})
+    token_top_k: float | None = field(default=None, metadata={"help": "with --unit token: run this fraction of each prompt's tokens per layer (top-k) instead of a threshold"})
     lora_rank: int = field(default=0, metadata={"help": "also train LoRA (q_proj, v_proj) of this rank with the routers (0 = off)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     overwrite: bool = field(default=False, metadata={"help": "replace a run already in --output"})
@@ -55,6 +57,10 @@ class TuneJob:
             problems.append(f"plain_text={self.plain_text} must lie in [0, 1]")
         if self.lora_rank < 0:
             problems.append(f"lora_rank={self.lora_rank} must be >= 0")
+        try:
+            RouterConfig(unit=self.unit, token_top_k=self.token_top_k)
+        except ValueError as error:
+            problems.append(str(error).removeprefix("Invalid RouterConfig: "))
         if self.overwrite and self.resume:
             problems.append("--overwrite and --resume exclude each other")
         if problems:
@@ -100,7 +106,8 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
     layers = job.layers
     if layers is None and train_cfg.objective == "importance":
         layers = baselines.droppable_layers(int(model.config.num_hidden_layers))
-    routed = RoutedModel(model, RouterConfig(granularity=job.granularity, layers=layers))
+    routed = RoutedModel(model, RouterConfig(granularity=job.granularity, layers=layers, unit=job.unit,
+                                             token_top_k=job.token_top_k))
     if job.overwrite:
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
     if train_cfg.objective == "importance":
@@ -229,7 +236,8 @@ class GenerateJob:
 class Generation:
     prompt: str
     completion: str
-    runs: dict[int, bool]  # routed layer -> ran for this prompt
+    runs: dict[int, bool]  # routed layer -> ran for this prompt (sequence routing)
+    token_run_fraction: dict[int, float] | None = None  # token routing: routed layer -> share of tokens that ran it
 
 
 def generate(job: GenerateJob) -> list[Generation]:
@@ -250,13 +258,37 @@ def generate(job: GenerateJob) -> list[Generation]:
     tokenizer.padding_side = "left"  # batched generation continues every row from its last real token
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not job.chat)
     cache = routed.new_cache()
-    with torch.no_grad(), (routed.forced(job.force) if job.force else contextlib.nullcontext()):
+    with torch.no_grad(), (routed.forced(job.force) if job.force else contextlib.nullcontext()), \
+            routed.recording() as calls:
         output = routed.generate(**inputs, max_new_tokens=job.max_new_tokens, do_sample=False, cache=cache,
                                  pad_token_id=tokenizer.pad_token_id)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     completions = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    if routed.router_config.unit == "token":
+        ran, seen = _token_counts(calls, len(job.prompts))
+        return [
+            Generation(prompt=p, completion=c.strip(), runs={layer: bool(n[row]) for layer, n in ran.items()},
+                       token_run_fraction={layer: float(n[row]) / max(int(seen[row]), 1) for layer, n in ran.items()})
+            for row, (p, c) in enumerate(zip(job.prompts, completions))
+        ]
     return [
         Generation(prompt=p, completion=c.strip(),
                    runs={layer: bool(d[row]) for layer, d in sorted(cache.decisions.items())})
         for row, (p, c) in enumerate(zip(job.prompts, completions))
     ]
+
+
+def _token_counts(calls, batch: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Per row: how many of its tokens ran each token-routed layer, and how many real tokens it fed."""
+    ran: dict[int, torch.Tensor] = {}
+    seen = torch.zeros(batch, dtype=torch.long)
+    for call in calls:
+        for layer, runs in call.token_runs.items():
+            ran[layer] = ran.get(layer, torch.zeros(batch, dtype=torch.long)) + runs.sum(1).cpu()
+        if call.token_runs:
+            steps = next(iter(call.token_runs.values())).shape[1]
+            if call.attention_mask is not None:
+                seen += call.attention_mask[:, -steps:].sum(1).cpu()
+            else:
+                seen += steps
+    return dict(sorted(ran.items())), seen

@@ -40,6 +40,7 @@ class RoutingCall:
     # scores/decisions/gates above then hold one entry per real token (flattened), so capacity, calibration
     # and evaluation read (token, layer) pairs without knowing the unit
     attention_mask: torch.Tensor | None = None
+    custom_mask: bool = False  # the caller passed a 4D mask (or a per-layer-type dict) instead of a 2D one
     token_runs: dict[int, torch.Tensor] = field(default_factory=dict)
     token_gates: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T) STE gate (training)
 

@@ -62,6 +62,11 @@ class TokenRoutedSublayer(RoutedSublayer):
 
     def _decide_tokens(self, call: RoutingCall, x: torch.Tensor) -> torch.Tensor:
         """(B, T) bool: which tokens run this sublayer. Also records scores / decisions / gates of real tokens."""
+        if call.custom_mask:
+            raise ValueError(
+                "token routing builds each routed layer's attention mask from which tokens wrote K/V there, and "
+                "cannot combine it with a custom 4D attention mask; pass a 2D padding mask (1 = real token)"
+            )
         batch, steps = x.shape[:2]
         real = _real_tokens(call.attention_mask, batch, steps, x.device)  # (B, T)
         idx = self.layer_idx
@@ -239,9 +244,9 @@ class TokenRoutedSublayer(RoutedSublayer):
         device = x.device
         slots = torch.arange(layout.width, device=device)  # (S,)
         query_slots = layout.past[:, None] + torch.arange(width_q, device=device)[None, :]  # (B', R)
-        allowed = slots[None, None, :] <= query_slots[:, :, None]  # (B', R, S) causal in write order
-        if layout.valid is not None:
-            allowed &= layout.valid[:, None, :]
+        # causal in write order; this also hides the padding slots past a shorter row's last key, since they
+        # come after every real query of that row
+        allowed = slots[None, None, :] <= query_slots[:, :, None]  # (B', R, S)
         if self._window is not None:
             allowed &= (query_times[:, :, None] - layout.times[:, None, :]) < self._window
         if query_valid is not None:
