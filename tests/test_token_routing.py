@@ -4,6 +4,7 @@ token_reference.py (the plain model with per-layer 4D masks and zeroed outputs).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -397,3 +398,37 @@ def test_custom_4d_mask_is_refused():
     block = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
     with pytest.raises(ValueError, match="cannot combine it with a custom 4D attention mask"), torch.no_grad():
         routed(input_ids=ids, attention_mask=block, use_cache=False)
+
+
+# --- benchmark rows ----------------------------------------------------------------------------------------------
+def test_token_flops_count_what_ran_by_hand():
+    from routertune.bench import FlopCounter
+    from routertune.token_bench import token_flops
+
+    fc = FlopCounter(hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16, vocab_size=10,
+                     windows=(None, None))
+    runs = {1: torch.tensor([[True, False, True, True]])}  # layer 1 token-routed; layer 0 dense
+    got = token_flops(fc, 0, 4, 1, runs, {1: torch.tensor([0])}, logit_positions=1)
+    proj, per_key = fc.attention_projections(), 4 * 2 * 4
+    dense_layer = 4 * proj + per_key * (1 + 2 + 3 + 4)
+    token_layer = 3 * proj + per_key * (1 + 2 + 3)  # the 1st, 2nd, 3rd token to run see 1, 2, 3 keys
+    assert got == 2 * 4 * fc.mlp() + fc.lm_head() + dense_layer + token_layer
+    # decode: 2 tokens had run before; the new one is the 3rd
+    got = token_flops(fc, 4, 5, 1, {1: torch.tensor([[True]])}, {1: torch.tensor([2])}, logit_positions=1)
+    assert got == 2 * fc.mlp() + fc.lm_head() + proj + per_key * 5 + proj + per_key * 3
+
+
+def test_bench_token_rows_on_a_tiny_model():
+    from routertune.bench import BenchConfig, bench_model
+
+    cfg = BenchConfig(quick=True, token_routing=True, memory=False, lengths=[24], batch_sizes=[1, 2],
+                      overhead_repeats=1, overhead_steps=1)
+    token = bench_model(build_tiny("llama"), cfg).token
+    phases = [(r["phase"], r["batch"]) for r in token["rows"]]
+    assert phases == [("prefill", 1), ("decode", 1), ("prefill", 2), ("decode", 2)]
+    for row in token["rows"]:
+        assert row["token_kv_equal"], row  # stored K/V = executed (token, layer) pairs exactly
+        if row["phase"] == "prefill":
+            # top-k at the sequence side's fraction: ceil(fraction x 24) tokens of every row, every layer
+            assert row["token_executed_fraction"] == pytest.approx(math.ceil(token["fraction"] * 24) / 24)
+        assert row["ideal_vs_dense"] > 1 and row["achieved_over_ideal"] > 0

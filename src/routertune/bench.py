@@ -84,6 +84,8 @@ class BenchConfig:
     steady_malloc: bool = field(default=True, metadata={"help": "glibc: keep freed memory mapped (mallopt, process-wide) so a run pays no page faults that depend on what ran before it"})
     compile: str | None = field(default=None, metadata={"help": "torch.compile every variant with this backend (e.g. inductor); graph breaks at routing decisions are expected; the first call of each setting (compilation included) is reported apart as first_call_s. Default: eager"})
     output: str | None = field(default=None, metadata={"help": "write the results JSON here"})
+    token_routing: bool = field(default=False, metadata={"help": "also measure token-level routing (prefill and decode rows against dense and against sequence routing at the same executed fraction; see routertune.token_bench)"})
+    token_routers: str | None = field(default=None, metadata={"help": "with --token-routing: trained token-level routers (run in top-k mode at the sequence side's fraction); default: seeded synthetic ones"})
 
     def __post_init__(self) -> None:
         q = self.quick
@@ -309,6 +311,7 @@ class BenchResult:
     skipped: list[str]
     checks: Checks | None = None
     seconds: float = 0.0
+    token: dict | None = None  # token-routing rows (routertune.token_bench), with --token-routing
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -975,6 +978,10 @@ def _bench_model(model, cfg, tokenizer, progress) -> BenchResult:
     for batch in cfg.batch_sizes:
         note(f"decode B={batch}: {cfg.decode_tokens} tokens after {cfg.decode_prompt}")
         result.decode.append(bench_decode(vs, batch, cfg, flops, device, clock, cfg.seed + 100 + batch))
+    if cfg.token_routing:
+        from .token_bench import run_token_bench
+
+        result.token = asdict(run_token_bench(model, vs, cfg, flops, device, clock, note))
     note("routing overhead")
     result.overhead = bench_overhead(vs, cfg, flops.vocab_size, device, clock, cfg.seed + 200)
     result.checks = checks_of(result)
@@ -994,7 +1001,8 @@ def progress_bar(cfg: BenchConfig) -> Callable[[str], None]:
 
     cap = cfg.prefill_token_cap()
     prefill = sum(1 for b, n in itertools.product(cfg.batch_sizes, cfg.lengths) if cap is None or b * n <= cap)
-    bar = tqdm(total=prefill + len(cfg.batch_sizes) + 1, desc="bench", unit="setting")
+    token = prefill + len(cfg.batch_sizes) if cfg.token_routing else 0
+    bar = tqdm(total=prefill + len(cfg.batch_sizes) + 1 + token, desc="bench", unit="setting")
     started = []
 
     def advance(message: str) -> None:

@@ -194,6 +194,10 @@ def cmd_bench(args) -> int:
     cfg = _build(bench.BenchConfig, args)
     result = bench.run_bench(cfg, progress=lambda message: print(f"[bench] {message}", flush=True))
     print("\n".join(report.bench_tables(result.to_dict())))
+    if result.token is not None:
+        from .token_bench import token_table
+
+        print("\n".join(token_table(bench._jsonable(result.token))))
     for note in result.skipped:
         print(f"[not measured] {note}")
     print(f"\n`routed` decisions: {result.routers}")
