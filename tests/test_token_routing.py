@@ -432,3 +432,16 @@ def test_bench_token_rows_on_a_tiny_model():
             # top-k at the sequence side's fraction: ceil(fraction x 24) tokens of every row, every layer
             assert row["token_executed_fraction"] == pytest.approx(math.ceil(token["fraction"] * 24) / 24)
         assert row["ideal_vs_dense"] > 1 and row["achieved_over_ideal"] > 0
+
+
+def test_calibrating_top_k_routers_sets_their_fraction():
+    from routertune.calibrate import calibrate
+
+    routed, _, _, _ = _routed("qwen2", "attention", token_top_k=0.5)
+    ids, mask, _ = padded_batch([20, 14, 17, 9], "right", seed=3)
+    result = calibrate(routed, [dict(input_ids=ids, attention_mask=mask)], 0.25)
+    assert routed.router_config.token_top_k == 0.25
+    expected = sum(math.ceil(0.25 * n) for n in (20, 14, 17, 9)) / (20 + 14 + 17 + 9)
+    assert result.capacity == pytest.approx(expected)
+    with pytest.raises(ValueError, match="capacity=0 cannot be reached in top-k mode"):
+        calibrate(routed, [dict(input_ids=ids, attention_mask=mask)], 0.0)

@@ -146,6 +146,8 @@ def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = F
 
     capacity = check_capacity(capacity)
     started = time.perf_counter()
+    if getattr(routed.router_config, "token_top_k", None) is not None:
+        return _set_top_k(routed, batches, capacity, per_layer, started)
     history: list[float] = []
     best: tuple[float, float, dict | None, dict] | None = None  # (error, threshold, layer thresholds, per layer)
     prompts = sum(int(b["input_ids"].shape[0]) for b in batches)
@@ -187,6 +189,21 @@ def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = F
     return CalibrationResult(target=capacity, per_layer=per_layer, threshold=threshold,
                              layer_thresholds=layer_thresholds, capacity=realised, layer_capacity=layer_cap,
                              history=history, prompts=prompts, seconds=time.perf_counter() - started)
+
+
+def _set_top_k(routed: RoutedModel, batches, capacity: float, per_layer: bool, started: float) -> CalibrationResult:
+    """Token routers in top-k mode run a set fraction of each prompt's tokens and ignore thresholds: the dial is
+    that fraction itself (realised capacity sits slightly above it, as each row rounds its count up)."""
+    if capacity <= 0:
+        raise ValueError("capacity=0 cannot be reached in top-k mode (every prompt runs at least one token); "
+                         "use threshold mode (token_top_k=None) or force skipping")
+    routed.router_config.token_top_k = capacity
+    realised, layer_cap = measure_capacity(routed, batches)
+    config = routed.router_config
+    return CalibrationResult(target=capacity, per_layer=per_layer, threshold=config.threshold,
+                             layer_thresholds=config.layer_thresholds, capacity=realised, layer_capacity=layer_cap,
+                             history=[realised], prompts=sum(int(b["input_ids"].shape[0]) for b in batches),
+                             seconds=time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------------------------------------------
