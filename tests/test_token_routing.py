@@ -25,8 +25,9 @@ def _routed(family, granularity, seed=0, **config):
     with torch.no_grad():
         for router in routed.routers.values():
             router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 2)
+            router.bias.copy_(torch.randn(router.bias.shape, generator=gen) * 0.5)
     plain = build_tiny(family)
-    routers = {layer: r.weight.detach().clone() for layer, r in routed.routers.items()}
+    routers = {layer: (r.weight.detach().clone(), r.bias.detach().clone()) for layer, r in routed.routers.items()}
     thresholds = {layer: routed.router_config.threshold_for(layer) for layer in routers}
     return routed, plain, routers, thresholds
 
@@ -238,7 +239,7 @@ def test_train_step_changes_only_routers(family):
     optimizer.step()
     after = routed.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {k for k in before if k.endswith(".router.proj.weight")}
+    assert changed == {k for k in before if ".router.proj." in k}
 
 
 # --- checkpoints, calibration, refusals ---------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def test_eager_attention_matches_sdpa():
 def test_harness_scores_with_shared_prefill_equal_one_forward(family):
     """The eval path (prefill the shared context once into the token cache, then score each continuation
     against it) gives the numbers of one uncached forward over context + continuation."""
-    from routertune.evaluate import RoutedLM, _Row
+    from routertune.harness import RoutedLM, _Row
     from tiny_lm import tiny_tokenizer
 
     routed, _, _, _ = _routed(family, "attention")
@@ -359,11 +360,15 @@ def small_model(tmp_path_factory) -> str:
     return str(folder)
 
 
-def test_cli_train_generate_calibrate_with_token_units(small_model, tmp_path, capsys):
+@pytest.mark.parametrize("objective", ["importance", "lm"])
+def test_cli_train_generate_calibrate_with_token_units(small_model, tmp_path, capsys, objective):
+    """`routertune train --unit token` end to end, with the default objective (a per-token importance fit) and
+    the paper's; then generate and calibrate on the saved token routers."""
     from routertune.cli import main
 
     out = tmp_path / "token-routers"
-    code = main(["train", "--model", small_model, "--output", str(out), "--unit", "token", "--samples", "48",
+    code = main(["train", "--model", small_model, "--output", str(out), "--unit", "token", "--objective", objective,
+                 "--samples", "48",
                  "--heldout-samples", "8", "--max-length", "64", "--batch-size", "8", "--learning-rate", "1e-2",
                  "--target-capacity", "0.6"])
     assert code == 0, capsys.readouterr()

@@ -40,7 +40,7 @@ def _mask(runs: torch.Tensor, real: torch.Tensor, window: int | None) -> torch.T
 def token_reference(model, granularity: str, routers: dict[int, torch.Tensor], thresholds: dict[int, float],
                     attention_mask: torch.Tensor | None, forced: dict[int, bool] | None = None):
     """Inside the block, `model` (a plain HF causal LM) behaves as the token-routed model with router weights
-    `routers` {layer: (1, H)}. Yields {layer: (B, T) bool decisions} of the last forward."""
+    `routers` {layer: (weight (1, H), bias (1,))}. Yields {layer: (B, T) bool decisions} of the last forward."""
     decisions: dict[int, torch.Tensor] = {}
     handles = []
     config = model.config
@@ -52,7 +52,8 @@ def token_reference(model, granularity: str, routers: dict[int, torch.Tensor], t
         if forced is not None:
             runs = real & forced[layer]
         else:
-            score = torch.sigmoid(normed.float() @ routers[layer].float().t()).squeeze(-1)  # (B, T)
+            weight, bias = routers[layer]
+            score = torch.sigmoid(normed.float() @ weight.float().t() + bias.float()).squeeze(-1)  # (B, T)
             runs = (score >= thresholds[layer]) & real
         decisions[layer] = runs
         return runs, real

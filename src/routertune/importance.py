@@ -17,6 +17,10 @@ what the router sees at inference (its layer's normed input, mean-pooled over th
 - d (the spread of the layers' mean log importance) puts logits on a scale where the threshold is a usable
   dial: sweeping it moves through the layers from the least to the most important, per input.
 
+Token routers (RouterConfig(unit="token")) are fitted the same way per token: each sampled token's own normed
+input predicts that token's log importance (TOKENS_PER_RECORD real tokens per record, the same at every layer),
+and c sets the target capacity over (token, layer) pairs.
+
 One dense forward over the training records gives every feature and target; there is no gradient descent,
 so the fit is deterministic, cannot collapse, and costs one pass over the data.
 """
@@ -33,6 +37,7 @@ from .model import RoutedModel
 from .router import masked_mean
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # penalty, relative to the mean feature variance x N
+TOKENS_PER_RECORD = 8  # token routers: real tokens sampled per record (the same ones at every layer)
 
 
 @dataclass
@@ -62,6 +67,8 @@ def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]]) -> 
             f"the importance objective fits attention routers (MindSkip); granularity "
             f"{routed.router_config.granularity!r} needs --objective lm or distill"
         )
+    token = getattr(routed.router_config, "unit", "sequence") == "token"
+    generator = torch.Generator().manual_seed(0)
     blocks = arch.blocks_of(model)
     wrappers = inject.routed_sublayers(model)
     features: dict[int, list[torch.Tensor]] = {i: [] for i in wrappers}
@@ -77,10 +84,16 @@ def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]]) -> 
     def record(idx):
         def hook(module, args, kwargs, output):
             normed = args[0] if args else kwargs["hidden_states"]  # (B, T, H): what the router reads
-            features[idx].append(masked_mean(normed, current["pool"]).double().cpu())
             h = residual.pop(idx).float()
             attn = (output[0] if isinstance(output, tuple) else output).float()
             gap = 1 - torch.nn.functional.cosine_similarity(h, h + attn, dim=-1)  # (B, T)
+            if token:
+                # token routers read each token's own input: one sample per (sampled) token, no pooling
+                pick = current["pick"]
+                features[idx].append(normed[pick].double().cpu())
+                targets[idx].append(gap[pick].clamp_min(1e-8).log().double().cpu())
+                return
+            features[idx].append(masked_mean(normed, current["pool"]).double().cpu())
             mask = current["mask"]
             per_seq = (gap * mask).sum(-1) / mask.sum(-1).clamp_min(1)
             targets[idx].append(per_seq.clamp_min(1e-8).log().double().cpu())
@@ -97,12 +110,24 @@ def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]]) -> 
                 pool = batch.get("prompt_mask")
                 current["mask"] = mask.float()
                 current["pool"] = pool if pool is not None else mask
+                if token:
+                    current["pick"] = _sample_tokens(mask.bool(), TOKENS_PER_RECORD, generator)
                 routed(input_ids=batch["input_ids"], attention_mask=mask, routing_mask=current["pool"],
                        use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()
     return ({i: torch.cat(v) for i, v in features.items()}, {i: torch.cat(v) for i, v in targets.items()})
+
+
+def _sample_tokens(real: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, T) bool: up to k real tokens of each row, uniformly at random (seeded), for a token-level fit
+    whose memory does not grow with sequence length."""
+    noise = torch.rand(real.shape, generator=generator).to(real.device).masked_fill(~real, -1.0)
+    top = noise.topk(min(k, real.shape[1]), dim=1)
+    pick = torch.zeros_like(real)
+    pick.scatter_(1, top.indices, top.values >= 0)
+    return pick
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor, penalty: float) -> tuple[torch.Tensor, float]:
