@@ -450,3 +450,37 @@ def test_calibrating_top_k_routers_sets_their_fraction():
     assert result.capacity == pytest.approx(expected)
     with pytest.raises(ValueError, match="capacity=0 cannot be reached in top-k mode"):
         calibrate(routed, [dict(input_ids=ids, attention_mask=mask)], 0.0)
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory) -> str:
+    from tiny_lm import tiny_llama, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("byte-llama-token")
+    tiny_llama(layers=6).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_default_command_token_routers_on_the_tradeoff_curve(byte_model, tmp_path):
+    """`routertune train --unit token` (default objective) then `routertune tradeoff`: token routers land on the
+    curve beside static and random drop, their skip measured as the share of (token, layer) pairs skipped."""
+    from routertune import tradeoff
+    from routertune.cli import main
+
+    routers, out = tmp_path / "routers", tmp_path / "tradeoff"
+    assert main(["train", "--model", byte_model, "--output", str(routers), "--unit", "token", "--samples", "48",
+                 "--heldout-samples", "16", "--max-length", "64", "--batch-size", "8"]) == 0
+    metrics = json.loads((routers / "train_metrics.json").read_text())
+    assert metrics["train"]["objective"] == "importance"
+    assert metrics["result"]["fit"]["train_capacity"] == pytest.approx(metrics["train"]["target_capacity"], abs=0.02)
+    assert main(["tradeoff", "--routers", str(routers), "--model", byte_model, "--output", str(out),
+                 "--texts", "6", "--max-tokens", "40", "--tasks", "arc_easy", "--limit", "8",
+                 "--fidelity-prompts", "2", "--fidelity-tokens", "4", "--max-drop", "3", "--random-seeds", "2",
+                 "--sweep-points", "5", "--skip-targets", "0.2", "--bootstrap", "100",
+                 "--calibration-samples", "8"]) == 0
+    result = json.loads((out / "tradeoff.json").read_text())
+    settings = result["domains"]["code"]["settings"]
+    routed = [v for k, v in settings.items() if k.startswith("routers")]
+    assert routed and all(0 <= v["skip"] <= 4 / 6 for v in routed)
+    assert max(v["skip"] for v in routed) > 0  # token routers skipped some (token, layer) pairs

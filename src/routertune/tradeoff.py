@@ -252,10 +252,24 @@ def _skipped_per_row(variant: Variant, calls, batch: int) -> tuple[np.ndarray, l
     decisions = calls[-1].decisions if calls else {}
     if not decisions:
         return np.zeros(batch), [()] * batch
+    if calls[-1].token_runs:
+        return _token_skipped_per_row(calls[-1], batch)
     layers = sorted(decisions)
     runs = torch.stack([decisions[i].cpu() for i in layers])  # (layers, B)
     patterns = [tuple(layers[j] for j in range(len(layers)) if not runs[j, b]) for b in range(batch)]
     return (~runs).sum(0).double().numpy(), patterns
+
+
+def _token_skipped_per_row(call, batch: int) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+    """Token routers: per row, the attention sublayers skipped per real token (a mean, so the skip ratio is
+    the share of (token, layer) pairs skipped), and the layers every one of its tokens skipped."""
+    layers = sorted(call.token_runs)
+    runs = torch.stack([call.token_runs[i].cpu() for i in layers])  # (layers, B, T)
+    real = (call.attention_mask[:, -runs.shape[-1]:].bool().cpu() if call.attention_mask is not None
+            else torch.ones(runs.shape[1:], dtype=torch.bool))
+    skipped = ((~runs) & real).sum(0).double().sum(-1) / real.sum(-1).clamp_min(1)  # (B,)
+    patterns = [tuple(layers[j] for j in range(len(layers)) if not runs[j, b][real[b]].any()) for b in range(batch)]
+    return skipped.numpy(), patterns
 
 
 # --- multiple-choice accuracy through lm-eval's task configs ---------------------------------------------------
