@@ -40,11 +40,14 @@ class SkipReference:
             target.register_forward_hook(self._post_hook(idx), with_kwargs=True)
 
     @contextlib.contextmanager
-    def request(self, prompt_mask: torch.Tensor, skip: set[int] | None = None):
+    def request(self, prompt_mask: torch.Tensor, skip: set[int] | None = None,
+                decisions: dict[int, torch.Tensor] | None = None):
         """One request: decisions are taken at its prefill from `prompt_mask` (B, T0), one row per row the
         model will see (already expanded for beams / returned sequences), and reused until the block ends.
-        `skip` forces those routed layers to skip and the others to run."""
-        self.prompt_mask, self.decisions, self.scores, self.forced = prompt_mask, {}, {}, skip
+        `skip` forces those routed layers to skip and the others to run; `decisions` ({layer: (B,) bool},
+        e.g. taken by an earlier request on another text) are used as given."""
+        self.prompt_mask, self.scores, self.forced = prompt_mask, {}, skip
+        self.decisions = {k: v.clone() for k, v in decisions.items()} if decisions is not None else {}
         try:
             yield self
         finally:
@@ -88,8 +91,9 @@ class SkipReference:
         return hook
 
     # -- running ---------------------------------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, skip: set[int] | None = None, **kwargs):
-        with self.request(attention_mask, skip):
+    def forward(self, input_ids, attention_mask, skip: set[int] | None = None,
+                decisions: dict[int, torch.Tensor] | None = None, **kwargs):
+        with self.request(attention_mask, skip, decisions):
             return self.plain(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids, attention_mask, expand: int = 1, skip: set[int] | None = None, **kwargs):
