@@ -2,8 +2,8 @@
 
 It shares no code with routertune's routing path (no RoutedSublayer, RoutedCache, masked_mean, routing
 contexts): it takes its own decisions, per row, from the input of each routed sublayer at prefill (mean over
-the prompt's real tokens, sigmoid(w . x) >= threshold, with the router weights under test), and then zeroes
-the output of exactly the skipped rows (a skipped block passes its input through) at prefill and at every
+the prompt's real tokens, sigmoid(w . x + b) >= threshold, with the router parameters under test), and then
+zeroes the output of exactly the skipped rows (a skipped block passes its input through) at prefill and at every
 decode step. The plain model computes everything for every row and keeps a plain DynamicCache, so a shared
 bug in subset execution, KV bookkeeping or batch reshuffles cannot make both sides agree.
 
@@ -28,6 +28,7 @@ class SkipReference:
         self.plain = plain if plain is not None else copy.deepcopy(routed).unwrap()
         self.granularity = routed.router_config.granularity
         self.weights = {i: r.weight.detach().float().clone() for i, r in routed.routers.items()}  # (1, H)
+        self.biases = {i: r.bias.detach().float().clone() for i, r in routed.routers.items()}  # (1,)
         self.thresholds = {i: routed.router_config.threshold_for(i) for i in routed.routed_layers}
         self.forced: set[int] | None = None  # layers forced to skip (None: decide by the routers)
         self.prompt_mask: torch.Tensor | None = None
@@ -69,7 +70,7 @@ class SkipReference:
                 return None
             m = mask.float()
             pooled = (x[:, : m.shape[1]].float() * m[..., None]).sum(1) / m.sum(1, keepdim=True)  # (B, H)
-            score = torch.sigmoid(pooled @ self.weights[idx].T)[:, 0]  # (B,)
+            score = torch.sigmoid(pooled @ self.weights[idx].T + self.biases[idx])[:, 0]  # (B,)
             self.scores[idx] = score
             self.decisions[idx] = score >= self.thresholds[idx]
             return None

@@ -38,6 +38,10 @@ def _setup(family: str, granularity: str = "attention", lengths=LENGTHS):
     base = build_tiny(family)
     plain = copy.deepcopy(base)
     routed = RoutedModel(base, RouterConfig(granularity=granularity))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # per-layer priors too (mix_decisions draws the weights and places the thresholds)
+        for router in routed.routers.values():
+            router.bias.copy_(torch.randn(router.bias.shape, generator=gen))
     ids, mask, _ = padded_batch(lengths, "left")
     mix_decisions(routed, ids, mask)  # every routed layer: some rows run, some skip
     return routed, SkipReference(routed, plain), ids, mask
