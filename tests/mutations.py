@@ -39,7 +39,7 @@ class Mutant:
 
 GENERATE = ("test_generate_modes.py", "test_reference.py", "test_routing.py")
 ROUTING = ("test_routing.py", "test_reference.py", "test_model.py")
-HARNESS = ("test_evaluate.py",)
+HARNESS = ("test_harness_edges.py", "test_evaluate.py")
 
 MUTANTS = [
     # --- the three the issue-10 review found surviving ---------------------------------------------------
@@ -74,8 +74,13 @@ MUTANTS = [
            'if not setting("use_cache", True):', 'if not kwargs.get("use_cache", True):',
            ("test_generate_modes.py",), "bug 5"),
     Mutant("item_routes_per_choice_after_truncation", "harness.py",
-           "MUTATION_POINT_ITEM_ROUTE", "MUTATION_POINT_ITEM_ROUTE",
-           HARNESS, "bug 6"),
+           "                elif route:\n                    row.route = tuple(route)\n", "",
+           HARNESS, "bug 6: truncated choices route on their own contexts"),
+    Mutant("route_decisions_not_given", "harness.py",
+           "cache.set_decision(layer, torch.stack([d[layer] for d in chosen]))  # (B,)", "pass",
+           HARNESS, "bug 6: rows whose routing context was cut decide on their own"),
+    Mutant("generate_until_truncation_unchecked", "harness.py", "if max_new >= self.max_length:", "if False:",
+           HARNESS, "max_gen_toks >= max_length keeps the whole prompt"),
     Mutant("right_padding_allowed", "model.py", "    if padded_end:\n", "    if False:\n",
            ("test_generate_modes.py",), "right-padded generation accepted silently"),
     Mutant("misaligned_output_flags_allowed", "inject.py",

@@ -4,6 +4,7 @@ batched generate_until, checked against the plain model with hooks (tests/refere
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -65,22 +66,26 @@ CHOICES = [(" Sarah", " always got the harder cases."), (" Maria", " got the eas
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
-@pytest.mark.parametrize("max_length", [40, 2048])
+@pytest.mark.parametrize("max_length", [40, 50, 2048])
 def test_choices_of_a_truncated_item_share_one_depth(tok, share_prefix, max_length):
-    """max_length=40 cuts every row at a different place (continuations differ in length), so no prefix of
-    the truncated rows is shared: the item's decisions still come from its shared context, for every choice."""
+    """max_length=40 or 50 cuts every row at a different place (continuations differ in length), so no prefix
+    of the truncated rows is shared: the item's decisions still come from its shared context (its last 40
+    tokens when it is longer), for every choice."""
     routed, ref = _routed(seed=3)
     lm = RoutedLM(routed, tok, max_length=max_length, share_prefix=share_prefix, progress=False)
     requests = [Instance("loglikelihood", {}, (SHARED + name, cont), idx, metadata=("item", 7, 1))
                 for idx, (name, cont) in enumerate(CHOICES)]
     got = lm.loglikelihood(requests)
-    item = _decide(ref, lm.tok_encode(SHARED))
+    contexts = [lm._encode(*r.args)[0] for r in requests]
+    shared = os.path.commonprefix(contexts)  # SHARED and the space before the name: 46 tokens
+    assert len(shared) == len(lm.tok_encode(SHARED)) + 1 == 46
+    item = _decide(ref, shared[-max_length:])  # what fits in the model
     assert 0 < sum(bool(v) for v in item.values()) < len(item)  # a mixed decision, so a change would show
     rows = lm._rows([lm._encode(*r.args) for r in requests], [("item", 7)] * 3, [""] * 3)
-    if max_length == 40:
+    if max_length < 2048:
         # the regression: each truncated choice alone would route differently from the item
         assert any(_decide(ref, r.tokens[: r.n_ctx]) != item for r in rows), "the test needs a differing choice"
-        assert all(len(r.tokens) == 41 for r in rows)
+        assert all(len(r.tokens) == max_length + 1 for r in rows)
     for row, (logprob, _) in zip(rows, got):
         assert logprob == pytest.approx(_reference_logprob(ref, row, item), abs=1e-4)
     assert lm.stats["item"].sequences >= 1
@@ -108,22 +113,12 @@ def test_skip_statistics_count_every_row(tok, share_prefix):
     assert len({tuple(_decide(ref, r.tokens[: r.n_route])[LAYERS[0]].tolist()) for r in rows}) == 2  # mixed rows
 
 
-# --- generate_until: batched, truncated, greedy equal to generate -------------------------------------------------
+# --- generate_until: batched, truncated, cut at the stop strings -------------------------------------------------
 def _alone(routed, tokens: list[int], max_new: int, eos: int) -> list[int]:
     with torch.no_grad():
         out = routed.generate(input_ids=torch.tensor([tokens]), max_new_tokens=max_new, do_sample=False)
     new = out[0, len(tokens):].tolist()
     return new[: new.index(eos) + 1] if eos in new else new
-
-
-def test_greedy_equals_routed_generate_exactly(tok):
-    routed, _ = _routed()
-    lm = RoutedLM(routed, tok, progress=False)
-    prompts = [lm.tok_encode(t) for t in ["The cat sat", "Another one", "Short", "Question: what is up?"]]
-    got = lm.greedy(prompts, max_new_tokens=5)
-    for prompt, out in zip(prompts, got):
-        expected = _alone(routed, prompt, 5, tok.eos_token_id)
-        assert len(expected) >= 1 and out == expected
 
 
 def test_generate_until_is_batched_truncated_and_cut_at_stops(tok, monkeypatch):

@@ -23,6 +23,8 @@ class RoutedCache(DynamicCache):
         return self.decisions.get(layer)
 
     def set_decision(self, layer: int, runs: torch.Tensor) -> None:
+        """Store (B,) bool decisions for `layer`. Set before the prefill, they are used instead of the routers'
+        (the harness scores rows with decisions taken on another text)."""
         self.decisions[layer] = runs
 
     def run_plan(self, layer: int, runs: torch.Tensor) -> tuple[int, torch.Tensor | None]:
