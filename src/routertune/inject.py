@@ -269,7 +269,7 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, Rout
         _refuse_misaligned_outputs(arguments, model.config, first_wrapper.granularity, forcing)
         inputs = arguments.get("input_ids")
         inputs = inputs if inputs is not None else arguments.get("inputs_embeds")
-        mask = resolve_pool_mask(arguments.get("attention_mask"), inputs.shape[0], inputs.device)
+        mask = resolve_pool_mask(arguments.get("attention_mask"), inputs)
         call = RoutingCall(
             pool_mask=mask,
             cache=cache,

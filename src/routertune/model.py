@@ -104,6 +104,8 @@ class RoutedModel(nn.Module):
         if not setting("use_cache", True):
             # without a cache every step re-reads the whole sequence: keep deciding from the prompt columns of
             # each step's attention mask (generate expands it for beams and infers it from pad tokens)
+            if prompt is None:
+                raise ValueError("routed generation decides from the prompt: pass input_ids (or inputs_embeds)")
             with routing.pool_over(prompt.shape[1]):
                 return self.base_model.generate(*args, **kwargs)
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:

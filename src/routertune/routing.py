@@ -102,16 +102,18 @@ def pool_over(mask: torch.Tensor | int | None) -> Iterator[None]:
         _POOL_MASK.reset(token)
 
 
-def resolve_pool_mask(attention_mask, batch: int, device: torch.device) -> torch.Tensor | None:
+def resolve_pool_mask(attention_mask, inputs: torch.Tensor | None) -> torch.Tensor | None:
     """The (B, T) mask a forward pools its decisions over: the override of `pool_over`, else the call's 2-D
-    attention mask, else None (every token)."""
+    attention mask, else None (every token). `inputs` (input ids or embeddings) give the batch size."""
     override = _POOL_MASK.get()
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
         attention_mask = None  # a prepared 4-D mask: no per-token padding flags to read
     if isinstance(override, int) and not isinstance(override, bool):
-        if attention_mask is None:
-            return torch.ones((batch, override), dtype=torch.long, device=device)
-        return attention_mask[:, :override]
+        if attention_mask is not None:
+            return attention_mask[:, :override]
+        if inputs is None:
+            raise ValueError("a routed forward needs input_ids or inputs_embeds")
+        return torch.ones((inputs.shape[0], override), dtype=torch.long, device=inputs.device)
     return override if override is not None else attention_mask
 
 
