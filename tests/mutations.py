@@ -171,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                 code, seconds, detail = _run_pytest(src, tests_for(mutant), args.timeout)
             finally:
                 path.write_text(original)
-            caught = code not in (0, 5)  # 5: no tests collected
-            print(f"{mutant.name:40s} {'caught' if caught else 'SURVIVED'} in {seconds:4.0f}s  "
-                  f"{detail if caught else '(' + mutant.why + ')'}")
+            caught = code not in (0, 5, -1)  # 5: no tests collected; -1: timed out, so unknown
+            verdict = "caught" if caught else "TIMED OUT" if code == -1 else "SURVIVED"
+            print(f"{mutant.name:40s} {verdict} in {seconds:4.0f}s  {detail if caught else '(' + mutant.why + ')'}")
             if not caught:
                 survivors.append(mutant.name)
     print(f"\n{len(chosen) - len(survivors) - len(broken)}/{len(chosen)} mutants caught"
-          + (f"; survivors: {', '.join(survivors)}" if survivors else "")
+          + (f"; survivors or timed out: {', '.join(survivors)}" if survivors else "")
           + (f"; not applicable: {', '.join(broken)}" if broken else ""))
     return 1 if survivors or broken else 0
 
