@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.routertune-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test mutants clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# break the code on purpose (tests/mutations.py) and report any mutant no test notices
+mutants: $(STAMP)
+	$(BIN)/python tests/mutations.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

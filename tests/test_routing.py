@@ -24,9 +24,10 @@ def test_forced_run_equals_base(family, granularity):
 
 
 def test_forced_skip_equals_zeroed_sublayer(family, granularity):
+    """Prefill over unequal lengths; mixed decisions and decode steps: tests/test_reference.py."""
     base = build_tiny(family)
     reference = copy.deepcopy(base)
-    ids, mask, _ = padded_batch([8, 8], "right")
+    ids, mask, _ = padded_batch([8, 5], "right")
     routed = RoutedModel(base, RouterConfig(granularity=granularity, layers=[1, 3, 4]))
     skipped = [1, 4]
     handles = zero_sublayer_hooks(reference, granularity, skipped)
@@ -37,8 +38,9 @@ def test_forced_skip_equals_zeroed_sublayer(family, granularity):
         dense = routed.unwrap()(input_ids=ids, attention_mask=mask).logits
     for h in handles:
         h.remove()
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    assert (got - dense).abs().max() > 1e-3, "skipping should change the output"
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+    assert (got[real] - dense[real]).abs().max() > 1e-3, "skipping should change the output"
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -59,7 +61,7 @@ def test_mixed_batch_equals_each_sequence_alone(family, granularity, side):
 
 
 def test_mixed_batch_greedy_generation_equals_alone(family):
-    """Left padding, as generation needs; right padding is covered token-by-token below."""
+    """Left padding, as generation needs (right-padded generation is refused)."""
     base = build_tiny(family)
     routed = RoutedModel(base, RouterConfig())
     lengths = [9, 4, 7]
@@ -71,19 +73,6 @@ def test_mixed_batch_greedy_generation_equals_alone(family):
             real = mask[row].bool()
             alone = routed.generate(input_ids=ids[row, real][None], max_new_tokens=6, do_sample=False)
             assert batched[row, ids.shape[1]:].tolist() == alone[0, real.sum():].tolist()
-
-
-def test_right_padded_batch_next_greedy_token_equals_alone(family, granularity):
-    base = build_tiny(family)
-    routed = RoutedModel(base, RouterConfig(granularity=granularity))
-    lengths = [9, 4, 7]
-    ids, mask, _ = padded_batch(lengths, "right")
-    mix_decisions(routed, ids, mask)
-    with torch.no_grad():
-        logits = routed(input_ids=ids, attention_mask=mask).logits
-        for row, n in enumerate(lengths):
-            alone = routed(input_ids=ids[row, :n][None]).logits
-            assert int(logits[row, n - 1].argmax()) == int(alone[0, -1].argmax())
 
 
 def test_cached_greedy_equals_uncached(family, granularity):
@@ -98,21 +87,20 @@ def test_cached_greedy_equals_uncached(family, granularity):
     assert cached.tolist() == uncached.tolist()
 
 
-def test_beam_search_and_sampling_run_with_mixed_decisions(family):
+def test_beam_search_equals_each_prompt_alone_and_decisions_follow_the_beams(family):
+    """Seeded sampling and logits against an independent reference: tests/test_reference.py."""
     base = build_tiny(family)
     routed = RoutedModel(base, RouterConfig())
     ids, mask, _ = padded_batch([9, 4, 7], "left")
-    mix_decisions(routed, ids, mask)
+    decisions = mix_decisions(routed, ids, mask)
     with torch.no_grad():
         cache = routed.new_cache()
         beams = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3,
                                 num_return_sequences=2, do_sample=False, cache=cache)
-        assert beams.shape == (6, ids.shape[1] + 6)
-        # decisions followed the beams: each returned row kept its prompt's decisions
-        torch.manual_seed(0)
-        sampled = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=True,
-                                  top_k=20, temperature=0.8)
-        assert sampled.shape == (3, ids.shape[1] + 6)
+    assert beams.shape == (6, ids.shape[1] + 6)
+    # after every beam reshuffle, each of a prompt's 3 beams still carries that prompt's decisions
+    for layer, runs in decisions.items():
+        assert cache.decisions[layer].tolist() == runs.repeat_interleave(3).tolist(), f"layer {layer}"
     # beam search equals the same beam search run on each prompt alone
     with torch.no_grad():
         for row in range(3):
@@ -156,7 +144,7 @@ def test_layer_skipped_by_every_sequence_stores_nothing_and_is_not_called(family
     calls = []
     attention = base.model.layers[3].self_attn.base_layer
     handle = attention.register_forward_hook(lambda *a: calls.append(1))
-    ids, mask, _ = padded_batch([6, 5], "right")
+    ids, mask, _ = padded_batch([6, 5], "left")
     cache = routed.new_cache()
     with torch.no_grad(), routed.forced("skip_set", skip_layers=[3]):
         routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache=cache)

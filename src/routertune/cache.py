@@ -23,6 +23,8 @@ class RoutedCache(DynamicCache):
         return self.decisions.get(layer)
 
     def set_decision(self, layer: int, runs: torch.Tensor) -> None:
+        """Store (B,) bool decisions for `layer`. Set before the prefill, they are used instead of the routers'
+        (the harness scores rows with decisions taken on another text)."""
         self.decisions[layer] = runs
 
     def run_plan(self, layer: int, runs: torch.Tensor) -> tuple[int, torch.Tensor | None]:
@@ -37,14 +39,17 @@ class RoutedCache(DynamicCache):
             self._plans[layer] = plan
         return plan[1], plan[2]
 
-    # --- lengths: a fully skipped layer is empty, so ask a layer of the same kind that holds tokens ----
+    # --- lengths: a layer that holds no tokens (every sequence skips it, or a row selection emptied it) cannot
+    # say how long the sequence is, so ask a layer that holds tokens: one of the same kind (sliding or full)
+    # when there is one, else any. When every layer of a kind is empty, no layer of that kind runs, so the
+    # other kind's sizes only shape a mask nobody reads.
     def _representative(self, layer_idx: int) -> int:
-        if layer_idx < len(self.layers) and not self.layers[layer_idx].is_initialized:
-            kind = type(self.layers[layer_idx])
-            for idx, layer in enumerate(self.layers):
-                if type(layer) is kind and layer.is_initialized:
-                    return idx
-        return layer_idx
+        if layer_idx >= len(self.layers) or _holds_tokens(self.layers[layer_idx]):
+            return layer_idx
+        kind = type(self.layers[layer_idx])
+        holding = [idx for idx, layer in enumerate(self.layers) if _holds_tokens(layer)]
+        same_kind = [idx for idx in holding if type(self.layers[idx]) is kind]
+        return (same_kind or holding or [layer_idx])[0]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return super().get_seq_length(self._representative(layer_idx))
@@ -99,3 +104,8 @@ class RoutedCache(DynamicCache):
                 total += layer.keys.numel() * layer.keys.element_size()
                 total += layer.values.numel() * layer.values.element_size()
         return total
+
+
+def _holds_tokens(layer) -> bool:
+    # an emptied layer keeps is_initialized (and a sliding layer its stale token count) but has no rows
+    return layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0

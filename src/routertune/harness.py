@@ -8,7 +8,9 @@ context/continuation pairs is the harness's own) and the tasks are the harness's
   decisions pooled over its context tokens only, as in generation (prefill decides, decode reuses). All
   choices of one item share their context, so every choice runs at the same depth. When the choices of one
   item differ inside the context (WinoGrande puts the option in the context), the decision is pooled over the
-  part of the context they share, so here too every choice runs at the same depth.
+  part of the context they share, so here too every choice runs at the same depth. When truncation to the
+  model's length cuts into that shared part (differently per choice), the item decides once on it, alone,
+  and every choice is scored with those decisions.
 * **Shared prefix, packed.** The routed prefix of an item runs once. By default an item is one packed row:
   its prefix, then the rest of each request (continuation, and any unshared context tail) one after the
   other, under a block attention mask (each rest sees the prefix and itself) and with each rest's positions
@@ -123,6 +125,9 @@ class _Row:
     n_cont: int  # scored tokens at the end
     n_route: int  # leading tokens the decisions are pooled over (1 <= n_route <= len(tokens) - 1)
     task: str = ""
+    # the tokens the decisions come from when they are not the first n_route of `tokens`: an item's shared
+    # context that truncation cut into (each choice loses a different number of leading tokens)
+    route: tuple[int, ...] | None = None
 
     @property
     def n_ctx(self) -> int:
@@ -236,7 +241,10 @@ class RoutedLM(TemplateLM):
         return self.score(rows, disable_tqdm=disable_tqdm)
 
     def _rows(self, encoded, items, task_names) -> list[_Row]:
-        """Rows routed on their context, or on the context prefix shared by all requests of one item."""
+        """Rows routed on their context, or, for the requests of one item, all on the item's routing context:
+        the context prefix they share before truncation (the first request's context when they share none).
+        Rows are truncated one by one, as the harness's HFLM does; a row whose truncation cut into the routing
+        context keeps it in `route`, so every choice of an item runs at the same depth, always."""
         limit = self.max_length + 1
         rows = []
         for (ctx, cont), task in zip(encoded, task_names):
@@ -252,10 +260,15 @@ class RoutedLM(TemplateLM):
         for members in by_item.values():
             if len(members) < 2:
                 continue
-            shared = _common_prefix([rows[i].tokens[: rows[i].n_ctx] for i in members])
-            if shared >= 1:
-                for i in members:
-                    rows[i].n_route = min(rows[i].n_route, shared)
+            contexts = [encoded[i][0] for i in members]
+            shared = _common_prefix(contexts)
+            route = (contexts[0][:shared] if shared else contexts[0])[-self.max_length:]
+            for i in members:
+                row = rows[i]
+                if route and len(route) <= row.n_ctx and row.tokens[: len(route)] == route:
+                    row.n_route = len(route)
+                elif route:
+                    row.route = tuple(route)
         return rows
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -279,21 +292,34 @@ class RoutedLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy generation (decisions from the prompt, reused while decoding), cut at the stop strings."""
-        outputs = []
-        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress):
+        """Greedy generation (decisions from the prompt, reused while decoding), batched, cut at the stop
+        strings. A prompt keeps its last max_length - max_gen_toks tokens, as the harness's HFLM does."""
+        prompts, stops, budgets = [], [], []
+        for req in requests:
             context, gen_kwargs = req.args
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.pop("max_gen_toks", 256))
-            ids = self.tok_encode(context)[-(self.max_length - max_new):]
-            new = self.greedy([ids], max_new_tokens=max_new)[0]
-            text = self.tok_decode(new)
-            for stop in until:
-                if stop and stop in text:
-                    text = text.split(stop)[0]
-            outputs.append(text)
+            if max_new >= self.max_length:
+                raise ValueError(f"max_gen_toks={max_new} leaves no room for the prompt within the model's "
+                                 f"max_length {self.max_length}; lower max_gen_toks or raise max_length")
+            prompts.append(self.tok_encode(context)[-(self.max_length - max_new):])
+            stops.append([until] if isinstance(until, str) else list(until))
+            budgets.append(max_new)
+        outputs: list[str] = [""] * len(requests)
+        by_budget: dict[int, list[int]] = defaultdict(list)  # one greedy() call per distinct max_gen_toks
+        for index, budget in enumerate(budgets):
+            by_budget[budget].append(index)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
+        for budget, members in by_budget.items():
+            for index, new in zip(members, self.greedy([prompts[i] for i in members], max_new_tokens=budget)):
+                text = self.tok_decode(new)
+                for stop in stops[index]:
+                    if stop and stop in text:
+                        text = text.split(stop)[0]
+                outputs[index] = text
+            bar.update(len(members))
+        bar.close()
         return outputs
 
     # -- scoring ---------------------------------------------------------------------------------------------
@@ -306,8 +332,11 @@ class RoutedLM(TemplateLM):
     def score(self, rows: Sequence[_Row], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(sum of log-probabilities of the scored tokens, whether each was the argmax) for every row."""
         results: list[tuple[float, bool] | None] = [None] * len(rows)
-        shared = [i for i, r in enumerate(rows) if self.share_prefix and r.n_route <= r.n_ctx]
-        full = [i for i, r in enumerate(rows) if not (self.share_prefix and r.n_route <= r.n_ctx)]
+        # a plain model takes no decisions, so a routing context kept apart changes nothing for it
+        elsewhere = [i for i, r in enumerate(rows) if r.route is not None and inject.is_routed(self.model)]
+        own = [i for i, r in enumerate(rows) if r.route is None or not inject.is_routed(self.model)]
+        shared = [i for i in own if self.share_prefix and rows[i].n_route <= rows[i].n_ctx]
+        full = [i for i in own if not (self.share_prefix and rows[i].n_route <= rows[i].n_ctx)]
         bar = tqdm(total=len(rows), desc="loglikelihood", disable=disable_tqdm or not self.progress)
         started = time.perf_counter()
         with self._forcing():
@@ -315,12 +344,36 @@ class RoutedLM(TemplateLM):
                 self._score_shared(rows, shared, results, bar)
             if full:
                 self._score_full(rows, full, results, bar)
+            if elsewhere:
+                self._score_full(rows, elsewhere, results, bar, self._decide_routes(rows, elsewhere))
         self.forward_seconds += time.perf_counter() - started
         bar.close()
         return results  # type: ignore[return-value]
 
-    def _score_full(self, rows, indices, results, bar) -> None:
-        """One forward per row over context + continuation, decisions pooled over the first n_route tokens."""
+    def _decide_routes(self, rows, indices) -> dict[tuple, dict[int, torch.Tensor]]:
+        """Decisions of each distinct (task, route) of `rows`, each route run alone (left-padded batches);
+        counted once per route, i.e. once per item."""
+        keys = sorted({(rows[i].task, rows[i].route) for i in indices}, key=lambda k: -len(k[1]))
+        decided = {}
+        for batch in _batches(keys, lambda k: len(k[1]), self.batch_tokens, self.max_batch):
+            width = max(len(k[1]) for k in batch)
+            ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for g, (_, route) in enumerate(batch):
+                ids[g, width - len(route):] = torch.tensor(route)
+                mask[g, width - len(route):] = 1
+            with routing.record() as calls:
+                self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False,
+                           logits_to_keep=1)
+            self._count(calls, [k[0] for k in batch])
+            for g, key in enumerate(batch):
+                decided[key] = {layer: runs[g] for layer, runs in calls[-1].decisions.items()}
+        return decided
+
+    def _score_full(self, rows, indices, results, bar, decided=None) -> None:
+        """One forward per row over context + continuation, decisions pooled over the first n_route tokens,
+        or, with `decided` ({(task, route): {layer: decision}}), the decisions taken on each row's route: a
+        fresh RoutedCache holding them before the forward is what the routed layers use."""
         order = sorted(indices, key=lambda i: -len(rows[i].tokens))
         for batch in _batches(order, lambda i: len(rows[i].tokens) - 1, self.batch_tokens, self.max_batch):
             width = max(len(rows[i].tokens) - 1 for i in batch)
@@ -336,10 +389,18 @@ class RoutedLM(TemplateLM):
             for b, i in enumerate(batch):
                 n_in = len(rows[i].tokens) - 1
                 keep[b, n_in - rows[i].n_cont: n_in] = True
-            with routing.record() as calls, routing.pool_over(route.to(self.device)):
+            if decided is None:
+                with routing.record() as calls, routing.pool_over(route.to(self.device)):
+                    logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                        use_cache=False, logits_to_keep=keep.to(self.device)).logits
+                self._count(calls, [rows[i].task for i in batch])
+            else:
+                cache = RoutedCache(config=self.model.config)
+                chosen = [decided[(rows[i].task, rows[i].route)] for i in batch]
+                for layer in chosen[0]:
+                    cache.set_decision(layer, torch.stack([d[layer] for d in chosen]))  # (B,)
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    use_cache=False, logits_to_keep=keep.to(self.device)).logits
-            self._count(calls, [rows[i].task for i in batch])
+                                    cache=cache, use_cache=True, logits_to_keep=keep.to(self.device)).logits
             index = _kept_index(keep)
             for b, i in enumerate(batch):
                 n_in = len(rows[i].tokens) - 1

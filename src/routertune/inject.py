@@ -22,7 +22,7 @@ from .routing import (
     active_call,
     current_call,
     current_forcing,
-    pool_mask_override,
+    resolve_pool_mask,
 )
 
 # keyword arguments of a sublayer call that carry a batch dimension and must follow the row selection
@@ -274,11 +274,10 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, Rout
         attention_mask = arguments.get("attention_mask")
         custom_mask = attention_mask is not None and not (
             isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
-        if custom_mask:
-            attention_mask = None
-        mask = pool_mask_override()
-        if mask is None:
-            mask = attention_mask
+        _refuse_misaligned_outputs(arguments, model.config, first_wrapper.granularity, forcing)
+        inputs = arguments.get("input_ids")
+        inputs = inputs if inputs is not None else arguments.get("inputs_embeds")
+        mask = resolve_pool_mask(arguments.get("attention_mask"), inputs)
         call = RoutingCall(
             pool_mask=mask,
             cache=cache,
@@ -293,3 +292,21 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, Rout
 
     decoder.__dict__[_HOOK_ATTR] = original
     decoder.forward = forward
+
+
+# outputs Hugging Face records from a sublayer's own call: with rows skipped they would come back short (only
+# the executed rows) or missing (a layer nobody ran), misaligned with the batch and the layer indices
+_RECORDED_FROM = {"output_attentions": ("attention", "block"), "output_hidden_states": ("block",)}
+
+
+def _refuse_misaligned_outputs(arguments: dict, config, granularity: str, forcing) -> None:
+    if forcing is not None and forcing.mode == "run":
+        return  # every row runs every sublayer: the recorded outputs are the base model's
+    for flag, granularities in _RECORDED_FROM.items():
+        if granularity in granularities and arguments.get(flag, getattr(config, flag, False)):
+            raise ValueError(
+                f"{flag}=True is not supported with {granularity} routing: a skipped row has no "
+                f"{'attention weights' if flag == 'output_attentions' else 'block output'} to return, so the "
+                "outputs would not line up with the batch. Drop the flag, run under RoutedModel.forced('run'), "
+                "or unwrap the routers to inspect the base model."
+            )

@@ -88,14 +88,30 @@ class RoutedModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         """transformers' generate (greedy, sampling, beam search) with a RoutedCache unless one is given.
-        Pass `cache=routed.new_cache()` to read the decisions afterwards (`cache.decisions`)."""
-        if not kwargs.get("use_cache", True):
-            # without a cache every step re-reads the whole sequence: keep deciding from the prompt alone
-            prompt = kwargs.get("input_ids", args[0] if args else None)
-            mask = kwargs.get("attention_mask")
-            if mask is None and prompt is not None:
-                mask = torch.ones_like(prompt)
-            with routing.pool_over(mask):
+        Pass `cache=routed.new_cache()` to read the decisions afterwards (`cache.decisions`).
+
+        Prompts must be left-padded, and the prompt is prefilled whole (decisions pool over all of it):
+        right padding and `prefill_chunk_size` are refused. `use_cache` and `prefill_chunk_size` are read as
+        generate reads them: keyword, else `generation_config`, else the model's generation config."""
+        config = kwargs.get("generation_config") or self.base_model.generation_config
+        setting = lambda name, default: kwargs[name] if name in kwargs else getattr(config, name, default)  # noqa: E731
+        if setting("prefill_chunk_size", None) is not None:
+            raise ValueError(
+                f"prefill_chunk_size={setting('prefill_chunk_size', None)} is not supported by routed models: "
+                "routing decisions pool over the whole prompt, and a chunk cannot see the tokens after it. "
+                "Pass prefill_chunk_size=None to prefill the whole prompt at once."
+            )
+        prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        _refuse_right_padding(prompt, kwargs.get("attention_mask"), setting("pad_token_id", None),
+                              setting("eos_token_id", None))
+        if not setting("use_cache", True):
+            # without a cache every step re-reads the whole sequence: keep deciding from the prompt columns of
+            # each step's attention mask (generate expands it for beams and infers it from pad tokens)
+            if prompt is None:
+                raise ValueError("routed generation decides from the prompt: pass input_ids (or inputs_embeds)")
+            with routing.pool_over(prompt.shape[1]):
                 return self.base_model.generate(*args, **kwargs)
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             kwargs["cache"] = self.new_cache()
@@ -197,6 +213,24 @@ def _unit_classes(config: RouterConfig):
     if config.unit == "token":
         return functools.partial(TokenRoutedSublayer, router_config=config), TokenRoutedCache
     return None, RoutedCache
+
+
+def _refuse_right_padding(prompt, attention_mask, pad_token_id, eos_token_id) -> None:
+    """Generation continues each row after its last column, so a padded row must end with its last real token.
+    Plain transformers only warns and continues after the padding; here that is refused. Without a mask the
+    padding is read from the pad token, as generate infers its mask."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        padded_end = not bool(attention_mask[:, -1].all())
+    elif isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and pad_token_id is not None:
+        eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+        padded_end = pad_token_id not in eos and bool((prompt[:, -1] == pad_token_id).any())
+    else:
+        return
+    if padded_end:
+        raise ValueError(
+            "right-padded prompts cannot be generated from: every row must end with its last real token. "
+            "Pad on the left (tokenizer.padding_side = 'left') before calling generate."
+        )
 
 
 def model_identity(model: nn.Module) -> BaseModelIdentity:

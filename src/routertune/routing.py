@@ -97,9 +97,11 @@ def current_forcing() -> Forcing | None:
 
 
 @contextlib.contextmanager
-def pool_over(mask: torch.Tensor | None) -> Iterator[None]:
+def pool_over(mask: torch.Tensor | int | None) -> Iterator[None]:
     """Pool decisions over `mask` (B, T) instead of the attention mask, e.g. the prompt part of a training
-    sequence, so training decides from what generation will see."""
+    sequence, so training decides from what generation will see. An int n pools over the first n columns of
+    each call's own attention mask (all ones without one): the prompt of uncached generation, whose rows
+    generate may expand (beams, returned sequences) and whose mask it may infer from the pad tokens."""
     token = _POOL_MASK.set(mask)
     try:
         yield
@@ -107,8 +109,19 @@ def pool_over(mask: torch.Tensor | None) -> Iterator[None]:
         _POOL_MASK.reset(token)
 
 
-def pool_mask_override() -> torch.Tensor | None:
-    return _POOL_MASK.get()
+def resolve_pool_mask(attention_mask, inputs: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, T) mask a forward pools its decisions over: the override of `pool_over`, else the call's 2-D
+    attention mask, else None (every token). `inputs` (input ids or embeddings) give the batch size."""
+    override = _POOL_MASK.get()
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
+        attention_mask = None  # a prepared 4-D mask: no per-token padding flags to read
+    if isinstance(override, int) and not isinstance(override, bool):
+        if attention_mask is not None:
+            return attention_mask[:, :override]
+        if inputs is None:
+            raise ValueError("a routed forward needs input_ids or inputs_embeds")
+        return torch.ones((inputs.shape[0], override), dtype=torch.long, device=inputs.device)
+    return override if override is not None else attention_mask
 
 
 @contextlib.contextmanager

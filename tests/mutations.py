@@ -1,0 +1,186 @@
+"""Mutation check: break the code on purpose, one mutant at a time, and see that a test fails.
+
+    python tests/mutations.py                 # every mutant against its tests (a few minutes)
+    python tests/mutations.py --full         # every mutant against the whole non-slow suite (slower)
+    python tests/mutations.py --only NAME... # some mutants
+    make mutants
+
+Each mutant replaces one exact piece of source (it must occur exactly once, so a mutant that no longer
+applies is reported, never silently skipped) in a copy of src/, and runs pytest on that copy (PYTHONPATH
+wins over the editable install). A mutant is caught when pytest fails; a survivor means no test notices that
+break. The script first runs the same tests on the unmutated copy: they must pass. Exit status 1 when any
+mutant survives or does not apply. Only the script prints; it writes nothing in the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to src/routertune
+    old: str
+    new: str
+    tests: tuple[str, ...]  # test files (relative to tests/) that should catch it
+    why: str = ""
+
+
+GENERATE = ("test_generate_modes.py", "test_reference.py", "test_routing.py")
+ROUTING = ("test_routing.py", "test_reference.py", "test_model.py")
+HARNESS = ("test_harness_edges.py", "test_evaluate.py")
+
+MUTANTS = [
+    # --- the three the issue-10 review found surviving ---------------------------------------------------
+    Mutant("representative_disabled", "cache.py",
+           "    def _representative(self, layer_idx: int) -> int:\n",
+           "    def _representative(self, layer_idx: int) -> int:\n        return layer_idx\n",
+           ("test_generate_modes.py",), "empty layers report length 0"),
+    Mutant("no_batch_repeat_interleave_override", "cache.py",
+           "    def batch_repeat_interleave(self, repeats: int) -> None:",
+           "    def _unused_batch_repeat_interleave(self, repeats: int) -> None:",
+           ("test_generate_modes.py",), "DynamicCache's version repeats rows but not decisions"),
+    Mutant("count_row0_only", "harness.py",
+           "self.stats[task].add({k: v[g: g + 1].cpu()",
+           "self.stats[task].add({k: v[0: 1].cpu()",
+           HARNESS, "skip statistics counted from the first row of every batch"),
+    # --- the issue-10 bugs, put back -------------------------------------------------------------------------
+    Mutant("uncached_pools_ones_like_prompt", "model.py",
+           "with routing.pool_over(prompt.shape[1]):",
+           "with routing.pool_over(kwargs.get('attention_mask', torch.ones_like(prompt))):",
+           GENERATE, "bugs 1 and 4: a fixed (B, T) mask, all ones without a mask"),
+    Mutant("chunked_prefill_allowed", "model.py",
+           'if setting("prefill_chunk_size", None) is not None:', "if False:",
+           ("test_generate_modes.py",), "bug 2"),
+    Mutant("representative_same_kind_only", "cache.py",
+           "return (same_kind or holding or [layer_idx])[0]", "return (same_kind or [layer_idx])[0]",
+           ("test_generate_modes.py",), "bug 3: every sliding layer skipped"),
+    Mutant("emptied_layer_holds_tokens", "cache.py",
+           "return layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0",
+           "return layer.is_initialized",
+           ("test_generate_modes.py",), "bug 3: a layer emptied by batch_select_indices"),
+    Mutant("use_cache_from_kwargs_only", "model.py",
+           'if not setting("use_cache", True):', 'if not kwargs.get("use_cache", True):',
+           ("test_generate_modes.py",), "bug 5"),
+    Mutant("item_routes_per_choice_after_truncation", "harness.py",
+           "                elif route:\n                    row.route = tuple(route)\n", "",
+           HARNESS, "bug 6: truncated choices route on their own contexts"),
+    Mutant("route_decisions_not_given", "harness.py",
+           "cache.set_decision(layer, torch.stack([d[layer] for d in chosen]))  # (B,)", "pass",
+           HARNESS, "bug 6: rows whose routing context was cut decide on their own"),
+    Mutant("generate_until_truncation_unchecked", "harness.py", "if max_new >= self.max_length:", "if False:",
+           HARNESS, "max_gen_toks >= max_length keeps the whole prompt"),
+    Mutant("right_padding_allowed", "model.py", "    if padded_end:\n", "    if False:\n",
+           ("test_generate_modes.py",), "right-padded generation accepted silently"),
+    Mutant("misaligned_output_flags_allowed", "inject.py",
+           "        _refuse_misaligned_outputs(arguments, model.config, first_wrapper.granularity, forcing)\n", "",
+           ("test_generate_modes.py",), "short attention weights / missing hidden states"),
+    # --- the core invariants ------------------------------------------------------------------------------------
+    Mutant("pool_over_padding", "router.py", "    if mask is None:\n        return x.mean(dim=1)",
+           "    if True:\n        return x.mean(dim=1)", ROUTING, "decisions depend on padding"),
+    Mutant("decode_redecides", "inject.py", "            if stored is not None:\n",
+           "            if False:\n", ROUTING, "decode ignores the prefill decisions"),
+    Mutant("reshuffle_keeps_old_decisions", "cache.py",
+           "        self.decisions = {\n            idx: runs[rows.to(runs.device)] for idx, runs in self.decisions.items()\n        }",
+           "        pass", GENERATE, "beam reorder moves K/V but not decisions"),
+    Mutant("reshuffle_selects_all_rows", "cache.py", "local = stored_pos[rows.to(runs.device)][new_runs]",
+           "local = rows.to(runs.device)[: int(new_runs.sum())]", GENERATE + HARNESS,
+           "a routed layer's stored rows are selected as if every row ran"),
+    Mutant("stale_run_plan", "cache.py", "if plan is None or plan[0] is not runs:", "if plan is None:",
+           GENERATE + HARNESS, "the row subset is not recounted after a reshuffle"),
+    Mutant("scatter_to_wrong_rows", "inject.py", "index_copy(0, rows, main)", "index_copy(0, rows.flip(0), main)",
+           ROUTING, "subset outputs land on the wrong rows"),
+    Mutant("skipped_block_zeroed", "inject.py",
+           'return hidden_states if self.granularity == "block" else torch.zeros_like(hidden_states)',
+           "return torch.zeros_like(hidden_states)", ROUTING, "a skipped block drops the residual"),
+    Mutant("subset_kwargs_not_selected", "inject.py",
+           '_BATCHED_KWARGS = ("attention_mask", "position_ids", "position_embeddings")',
+           '_BATCHED_KWARGS = ("position_ids", "position_embeddings")', ROUTING,
+           "running rows see the whole batch's attention mask"),
+    Mutant("threshold_strict", "inject.py", "runs = scores.detach() >= threshold", "runs = scores.detach() > threshold",
+           ROUTING + ("test_train.py",), "zero-initialised routers (score 0.5) must run"),
+    Mutant("no_gradient_through_gate", "router.py", "        return grad_output, None",
+           "        return torch.zeros_like(grad_output), None", ("test_model.py", "test_train.py"),
+           "the straight-through estimator passes no gradient"),
+    Mutant("everything_trainable", "inject.py", "param.requires_grad_(is_trainable(name))",
+           "param.requires_grad_(True)", ("test_model.py",), "the base model is not frozen"),
+]
+
+
+def _run_pytest(src: Path, tests: list[str], timeout: int) -> tuple[int, float, str]:
+    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, time.perf_counter() - started, "timeout"
+    lines = [l for l in done.stdout.splitlines() if l.startswith("FAILED") or l.startswith("ERROR")]
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr.strip()[-200:]
+    return done.returncode, time.perf_counter() - started, (lines[0] if lines else last)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="run the whole non-slow suite for every mutant")
+    parser.add_argument("--only", nargs="*", help="mutant names to run")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per pytest run (a shared, busy machine is slow)")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutants {sorted(unknown)}; known: {[m.name for m in MUTANTS]}")
+
+    def tests_for(mutant: Mutant | None) -> list[str]:
+        if args.full or mutant is None and args.full:
+            return ["tests"]
+        files = sorted({t for m in ([mutant] if mutant else chosen) for t in m.tests})
+        return [f"tests/{t}" for t in files]
+
+    with tempfile.TemporaryDirectory(prefix="routertune-mutants-") as tmp:
+        src = Path(tmp) / "src"
+        shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        code, seconds, detail = _run_pytest(src, tests_for(None), args.timeout)
+        verdict = "passes" if code == 0 else "TIMED OUT (raise --timeout)" if code == -1 else "FAILS"
+        print(f"baseline (no mutation): {verdict} in {seconds:.0f}s")
+        if code != 0:
+            print(f"  {detail}\nfix the suite before judging mutants")
+            return 1
+        survivors, broken = [], []
+        for mutant in chosen:
+            path = src / "routertune" / mutant.file
+            original = path.read_text() if path.exists() else ""
+            count = original.count(mutant.old)
+            if count != 1 or mutant.old == mutant.new:
+                print(f"{mutant.name:40s} DOES NOT APPLY ({count} matches in {mutant.file})")
+                broken.append(mutant.name)
+                continue
+            path.write_text(original.replace(mutant.old, mutant.new))
+            try:
+                code, seconds, detail = _run_pytest(src, tests_for(mutant), args.timeout)
+            finally:
+                path.write_text(original)
+            caught = code not in (0, 5, -1)  # 5: no tests collected; -1: timed out, so unknown
+            verdict = "caught" if caught else "TIMED OUT" if code == -1 else "SURVIVED"
+            print(f"{mutant.name:40s} {verdict} in {seconds:4.0f}s  {detail if caught else '(' + mutant.why + ')'}")
+            if not caught:
+                survivors.append(mutant.name)
+    print(f"\n{len(chosen) - len(survivors) - len(broken)}/{len(chosen)} mutants caught"
+          + (f"; survivors or timed out: {', '.join(survivors)}" if survivors else "")
+          + (f"; not applicable: {', '.join(broken)}" if broken else ""))
+    return 1 if survivors or broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
