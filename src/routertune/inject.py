@@ -274,6 +274,8 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, Rout
         attention_mask = arguments.get("attention_mask")
         custom_mask = attention_mask is not None and not (
             isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
+        if custom_mask:
+            attention_mask = None  # a prepared 4-D mask: token routing refuses it, sequence routing pools without it
         _refuse_misaligned_outputs(arguments, model.config, first_wrapper.granularity, forcing)
         inputs = arguments.get("input_ids")
         inputs = inputs if inputs is not None else arguments.get("inputs_embeds")
