@@ -7,6 +7,8 @@ request, and are reused by every decode step. Batch reshuffles (beam search, row
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 
@@ -99,3 +101,10 @@ class RoutedCache(DynamicCache):
                 total += layer.keys.numel() * layer.keys.element_size()
                 total += layer.values.numel() * layer.values.element_size()
         return total
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a model's forward and generate take the KV cache under: `cache` from transformers 5.20 on,
+    `past_key_values` before (the versions vLLM pins)."""
+    forward = getattr(model, "forward", model)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
