@@ -1,0 +1,301 @@
+"""Served benchmark: routed attention inside a real vLLM engine against vLLM's dense and native static drop.
+
+Variants (one vLLM engine process each for dense, static and routed, all alive at once and driven in turn, so
+machine drift hits every variant alike; the routed variants share one engine and differ per request):
+
+* ``dense``              vLLM's own LlamaForCausalLM on the base model folder;
+* ``static``             vLLM's native static attention drop (``routertune export --static K``: Nemotron-NAS /
+                         DeciLM with no-op attention in the K least important routed layers);
+* ``routed_static_set``  the routed export with every request forced to skip static's layers
+                         (``SamplingParams.extra_args``), so its gain over dense vs static's is our overhead;
+* ``routed``             the routed export, routers taking their own per-request decisions;
+* ``routed_all_run``     the routed export forced to run every layer (routing machinery, nothing skipped).
+
+Per setting (prompt tokens, concurrent requests): all requests are submitted at once to ``LLM.generate``
+(greedy, ``ignore_eos``, fixed new tokens). Throughput = new tokens / wall time of the call; TTFT = vLLM's
+per-request first-token latency; TPOT = (last - first token time) / (new tokens - 1), per request, medians.
+Ideal speed-up = analytic FLOPs of dense / of the variant for the same requests (routertune.bench.FlopCounter:
+attention projections, scores over the causal context, MLP, one LM-head row per generated token), using each
+request's served decisions from the routing log.
+
+    python benchmarks/serve_bench.py --routers benchmarks/results/routers-lm-0.5 \
+        --output benchmarks/results/serve_bench.json
+
+Every engine runs eagerly with one thread (``OMP_NUM_THREADS=1``), in fp32, nice'd by the caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_FORCED_VS_STATIC = 0.9  # gain(routed_static_set) / gain(static) at 2048-token prompts
+TARGET_OWN_VS_IDEAL = 0.8  # speed-up(routed) / ideal speed-up at 2048-token prompts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the engine worker (a spawned process holding one vLLM engine)
+def _worker(conn, model: str, engine: dict, env: dict) -> None:
+    os.environ.update(env)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from routertune.serve.engine import engine_kwargs
+
+    llm = LLM(model, **engine_kwargs(**engine))
+    conn.send("ready")
+    while True:
+        message = conn.recv()
+        if message is None:
+            break
+        params = SamplingParams(temperature=0.0, max_tokens=message["max_tokens"], ignore_eos=True,
+                                extra_args=message.get("extra_args"))
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in message["prompts"]]
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - started
+        requests = []
+        for out in outputs:
+            m, n = out.metrics, len(out.outputs[0].token_ids)
+            requests.append({"new_tokens": n, "ttft_s": m.first_token_latency if m else None,
+                             "tpot_s": (m.last_token_ts - m.first_token_ts) / (n - 1) if m and n > 1 else None,
+                             "preemptions": getattr(m, "num_preemptions", None)})
+        conn.send({"wall_s": wall, "requests": requests})
+
+
+class Engine:
+    def __init__(self, name: str, model: str, engine: dict, env: dict):
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker, args=(child, model, engine, env), daemon=True)
+        started = time.perf_counter()
+        self.process.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError(f"engine {name} failed to start")
+        self.load_s = time.perf_counter() - started
+
+    def generate(self, prompts, max_tokens, extra_args=None) -> dict:
+        self.conn.send({"prompts": prompts, "max_tokens": max_tokens, "extra_args": extra_args})
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def chat_prompts(tokenizer, length: int, count: int, offset: int) -> list[list[int]]:
+    """`count` chat prompts of exactly `length` tokens: held-out user turns of the offline mix (the kind of
+    text the routers were tuned on), concatenated and cut to fit the chat template."""
+    from routertune.data import default_records
+
+    sentinel = "\u2063"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=True,
+                                             tokenize=False)
+    head, tail = rendered.split(sentinel)
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    records = default_records("heldout")
+    body = length - len(head_ids) - len(tail_ids)
+    prompts, r = [], offset
+    for _ in range(count):
+        content: list[int] = []
+        while len(content) < body:
+            text = records[r % len(records)]["messages"][0]["content"]
+            content += tokenizer("\n\n" + text, add_special_tokens=False)["input_ids"]
+            r += 1
+        prompts.append(head_ids + content[:body] + tail_ids)
+    return prompts
+
+
+def flops_of(counter, prompt_len: int, new_tokens: int, executed: list[int]) -> tuple[int, int]:
+    """(prefill, decode) FLOPs of one request: prefill over the prompt with one logit row, then new_tokens - 1
+    single-token steps."""
+    prefill = counter.forward(0, prompt_len, executed, 1, 1)
+    decode = sum(counter.forward(prompt_len + t, prompt_len + t + 1, executed, 1, 1) for t in range(new_tokens - 1))
+    return prefill, decode
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--routers", default=str(ROOT / "benchmarks/results/routers-lm-0.5"))
+    parser.add_argument("--static", type=int, default=None, help="layers static drop removes (default: half the routed layers)")
+    parser.add_argument("--settings", default="2048x1,512x1,512x8,128x1,128x8,128x32",
+                        help="comma-separated PROMPT_TOKENSxCONCURRENT")
+    parser.add_argument("--repeats", default="2048x1=3", help="extra repeats per setting, e.g. 2048x1=3 (default 1)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--kv-space-gib", type=int, default=1)
+    parser.add_argument("--work-dir", default=None, help="where the exports go (default: a temporary folder)")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks/results/serve_bench.json"))
+    args = parser.parse_args(argv)
+
+    from routertune.bench import FlopCounter
+    from routertune.config import RouterConfig
+    from routertune.models import load_tokenizer, resolve_model_path
+    from routertune.serve.export import ExportJob, export
+    from routertune.serve.requests import LOG_ENV, prompt_sha1
+    from transformers import AutoConfig
+
+    started_all = time.perf_counter()
+    settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
+    repeats = {tuple(int(x) for x in k.split("x")): int(v) for k, v in
+               (item.split("=") for item in args.repeats.split(",") if item)}
+    router_config = RouterConfig.load(args.routers)
+    k = args.static or max(1, math.floor(0.5 * len(router_config.layers) + 0.5))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="routertune-serve-bench-"))
+    base = resolve_model_path(None)
+    routed_dir, static_dir = work / "routed", work / "static"
+    export(ExportJob(output=str(routed_dir), routers=args.routers, overwrite=True))
+    static_report = export(ExportJob(output=str(static_dir), routers=args.routers, static=k, overwrite=True))
+    static_layers = static_report.dropped_layers
+    tokenizer = load_tokenizer(base)
+    config = AutoConfig.from_pretrained(base)
+    counter = FlopCounter.from_config(config)
+    num_layers = config.num_hidden_layers
+
+    max_len = max(p for p, _ in settings) + args.new_tokens + 8
+    log_path = work / "routing.jsonl"
+    log_path.unlink(missing_ok=True)
+    env = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
+    engine = {"max_model_len": max_len, "disable_log_stats": False}
+    engines = {
+        "dense": Engine("dense", base, engine, env),
+        "static": Engine("static", str(static_dir), engine, env),
+        "routed": Engine("routed", str(routed_dir), engine, dict(env, **{LOG_ENV: str(log_path)})),
+    }
+    variants = {
+        "dense": ("dense", None),
+        "static": ("static", None),
+        "routed_static_set": ("routed", {"routertune": {"force": "skip_set", "skip_layers": static_layers}}),
+        "routed": ("routed", None),
+        "routed_all_run": ("routed", {"routertune": {"force": "run"}}),
+    }
+    # warm-up: every engine and routed mode once, untimed
+    warm = chat_prompts(tokenizer, 256, 2, offset=10_000)
+    for name, (eng, extra) in variants.items():
+        engines[eng].generate(warm, 4, extra)
+
+    results = []
+    for setting_index, (length, concurrent) in enumerate(settings):
+        prompts = chat_prompts(tokenizer, length, concurrent, offset=setting_index * 97)
+        names = list(variants) if (length, concurrent) == settings[0] else [v for v in variants if v != "routed_all_run"]
+        runs = {name: [] for name in names}
+        n_rep = repeats.get((length, concurrent), 1)
+        for rep in range(n_rep):
+            order = names[rep % len(names):] + names[: rep % len(names)]  # rotate between repeats
+            for name in order:
+                eng, extra = variants[name]
+                runs[name].append(engines[eng].generate(prompts, args.new_tokens, extra))
+        # served decisions of the routers' own mode, per prompt (from the routing log)
+        own = {}
+        for line in (json.loads(x) for x in log_path.read_text().splitlines()):
+            if line["event"] == "decided" and line["forced"] is None:
+                own[line["prompt_sha1"]] = {int(k): v for k, v in line["decisions"].items()}
+        executed_by = {
+            "dense": lambda _p: [1] * num_layers,
+            "static": lambda _p: [0 if i in static_layers else 1 for i in range(num_layers)],
+            "routed_static_set": lambda _p: [0 if i in static_layers else 1 for i in range(num_layers)],
+            "routed_all_run": lambda _p: [1] * num_layers,
+            "routed": lambda p: [0 if own[prompt_sha1(p)].get(i, True) is False else 1 for i in range(num_layers)],
+        }
+        flops = {}
+        for name in names:
+            pre = dec = 0
+            for p in prompts:
+                a, b = flops_of(counter, len(p), args.new_tokens, executed_by[name](p))
+                pre, dec = pre + a, dec + b
+            flops[name] = (pre, dec)
+        entry = {"prompt_tokens": length, "concurrent": concurrent, "new_tokens": args.new_tokens,
+                 "repeats": n_rep, "variants": {}}
+        for name in names:
+            walls = [r["wall_s"] for r in runs[name]]
+            ttft = [q["ttft_s"] for r in runs[name] for q in r["requests"]]
+            tpot = [q["tpot_s"] for r in runs[name] for q in r["requests"] if q["tpot_s"] is not None]
+            wall = statistics.median(walls)
+            entry["variants"][name] = {
+                "throughput_tok_s": concurrent * args.new_tokens / wall,
+                "wall_s": wall, "wall_s_all": walls,
+                "ttft_s": statistics.median(ttft), "tpot_s": statistics.median(tpot) if tpot else None,
+                "flops_prefill": flops[name][0], "flops_decode": flops[name][1],
+                "preemptions": sum(q["preemptions"] or 0 for r in runs[name] for q in r["requests"]),
+            }
+        dense = entry["variants"]["dense"]
+        for name in names:
+            v = entry["variants"][name]
+            v["speedup_throughput"] = dense["wall_s"] / v["wall_s"]
+            v["speedup_ttft"] = dense["ttft_s"] / v["ttft_s"]
+            v["speedup_tpot"] = dense["tpot_s"] / v["tpot_s"] if v["tpot_s"] else None
+            d_total, v_total = sum(flops["dense"]), sum(flops[name])
+            v["ideal_throughput"] = d_total / v_total
+            v["ideal_ttft"] = flops["dense"][0] / flops[name][0]
+            v["ideal_tpot"] = flops["dense"][1] / flops[name][1] if flops[name][1] else None
+            v["achieved_over_ideal_throughput"] = v["speedup_throughput"] / v["ideal_throughput"]
+            v["achieved_over_ideal_ttft"] = v["speedup_ttft"] / v["ideal_ttft"]
+        if "routed" in names:
+            entry["routed_skip_ratio"] = 1 - sum(sum(executed_by["routed"](p)) for p in prompts) / (num_layers * len(prompts))
+        # where the time goes: the analytic FLOP shares of dense, per phase
+        attn_prefill = sum(counter.forward(0, length, [1] * num_layers, 1, 1) - counter.forward(0, length, [0] * num_layers, 1, 1)
+                           for _ in range(1))
+        entry["dense_attention_flop_share_prefill"] = attn_prefill / counter.forward(0, length, [1] * num_layers, 1, 1)
+        results.append(entry)
+        print(f"[serve-bench] {length}x{concurrent}: " + "  ".join(
+            f"{n} {entry['variants'][n]['throughput_tok_s']:.1f} tok/s (x{entry['variants'][n]['speedup_throughput']:.3f}, "
+            f"ideal x{entry['variants'][n]['ideal_throughput']:.3f})" for n in names), flush=True)
+
+    for e in engines.values():
+        e.close()
+
+    targets = {}
+    long = [e for e in results if e["prompt_tokens"] == max(p for p, _ in settings) and e["concurrent"] == 1]
+    if long:
+        v = long[0]["variants"]
+        for metric in ("throughput", "ttft"):
+            gain_static = v["static"][f"speedup_{metric}"] - 1
+            gain_forced = v["routed_static_set"][f"speedup_{metric}"] - 1
+            targets[f"forced_vs_static_gain_{metric}"] = {
+                "value": gain_forced / gain_static if gain_static > 0 else None,
+                "target": TARGET_FORCED_VS_STATIC, "static_speedup": v["static"][f"speedup_{metric}"],
+                "routed_static_set_speedup": v["routed_static_set"][f"speedup_{metric}"]}
+            targets[f"own_vs_ideal_{metric}"] = {
+                "value": v["routed"][f"achieved_over_ideal_{metric}"], "target": TARGET_OWN_VS_IDEAL,
+                "speedup": v["routed"][f"speedup_{metric}"], "ideal": v["routed"][f"ideal_{metric}"],
+                "gain_over_ideal_gain": ((v["routed"][f"speedup_{metric}"] - 1) / (v["routed"][f"ideal_{metric}"] - 1)
+                                         if v["routed"][f"ideal_{metric}"] > 1 else None)}
+        targets["routing_overhead_all_run_vs_dense_throughput"] = v["routed_all_run"]["speedup_throughput"]
+    import vllm
+
+    out = {
+        "schema": "routertune.serve_bench/1",
+        "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "engine": {"vllm": vllm.__version__, "mode": "eager, fp32, 1 OMP thread per engine, in-process engine core",
+                   "prefix_caching": False, "chunked_prefill": False, "max_model_len": max_len,
+                   "kv_cache_gib_per_engine": args.kv_space_gib},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "load_avg_start_end": None},
+        "routers": args.routers, "routed_layers": router_config.layers, "threshold": router_config.threshold,
+        "static_layers": static_layers, "static_importance": static_report.importance,
+        "engine_load_s": {n: e.load_s for n, e in engines.items()},
+        "not_measured": "2048x8, 2048x32, 512x32: about 6-12 CPU-minutes per variant each on one shared core",
+        "settings": results, "targets": targets, "seconds": time.perf_counter() - started_all,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(out, indent=2))
+    print(json.dumps(targets, indent=2))
+    print(f"written to {args.output} in {out['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
