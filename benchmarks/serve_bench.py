@@ -12,11 +12,11 @@ machine drift hits every variant alike; the routed variants share one engine and
 * ``routed_all_run``     the routed export forced to run every layer (routing machinery, nothing skipped).
 
 Per setting (prompt tokens, concurrent requests): all requests are submitted at once to ``LLM.generate``
-(greedy, ``ignore_eos``), once with one new token and once with all of them. The clock is the engine
-process's CPU time: on the shared 2-core development machine a nice'd engine spends most wall time waiting
-for a core, so wall figures (kept under ``wall``) measure the neighbours. Throughput = new tokens / CPU
-seconds of the full call; TTFT = CPU seconds of the one-token call (the batch's prefill); TPOT = (full - one
-token) / (new tokens - 1), one decode step of the batch. Medians over repeats, variants in rotating order.
+(greedy, ``ignore_eos``) and the engine is stepped until they finish. The clock is the engine process's CPU
+time: on the shared 2-core development machine a nice'd engine spends most wall time waiting for a core, so
+wall figures (kept under ``wall``) measure the neighbours. Throughput = new tokens / CPU seconds of the run;
+TTFT = CPU seconds from submission to a request's first token; TPOT = CPU seconds between its first and last
+token / (new tokens - 1); medians over requests and repeats, variants in rotating order.
 Ideal speed-up = analytic FLOPs of dense / of the variant for the same requests (routertune.bench.FlopCounter:
 attention projections, scores over the causal context, MLP, one LM-head row per generated token), using each
 request's served decisions from the routing log.
@@ -56,29 +56,37 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
     from routertune.serve.engine import engine_kwargs
 
     llm = LLM(model, **engine_kwargs(**engine))
+    counter = [0]
     conn.send("ready")
     while True:
         message = conn.recv()
         if message is None:
             break
-        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in message["prompts"]]
-        result = {}
-        # prefill alone (one token), then the whole request: process CPU time of each, and wall time
-        for key, max_tokens in (("first", 1), ("full", message["max_tokens"])):
-            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                    extra_args=message.get("extra_args"))
-            cpu, wall = time.process_time(), time.perf_counter()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            result[f"{key}_cpu_s"] = time.process_time() - cpu
-            result[f"{key}_wall_s"] = time.perf_counter() - wall
-        requests = []
-        for out in outputs:
-            m, n = out.metrics, len(out.outputs[0].token_ids)
-            requests.append({"new_tokens": n, "ttft_wall_s": m.first_token_latency if m else None,
-                             "tpot_wall_s": (m.last_token_ts - m.first_token_ts) / (n - 1) if m and n > 1 else None,
-                             "preemptions": getattr(m, "num_preemptions", None)})
-        result["requests"] = requests
-        conn.send(result)
+        params = SamplingParams(temperature=0.0, max_tokens=message["max_tokens"], ignore_eos=True,
+                                extra_args=message.get("extra_args"))
+        engine = llm.llm_engine
+        ids = []
+        for prompt in message["prompts"]:
+            counter[0] += 1
+            ids.append(f"bench-{counter[0]}")
+            engine.add_request(ids[-1], TokensPrompt(prompt_token_ids=prompt), params)
+        # step the engine ourselves: the process CPU time (and wall time) when each request's first and last
+        # tokens come out
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        first, last, tokens = {}, {}, {}
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            for out in outputs:
+                n = len(out.outputs[0].token_ids)
+                if n and out.request_id not in first:
+                    first[out.request_id] = (cpu, wall)
+                last[out.request_id], tokens[out.request_id] = (cpu, wall), n
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        conn.send({"cpu_s": cpu, "wall_s": wall, "requests": [
+            {"new_tokens": tokens[r], "ttft_cpu_s": first[r][0], "ttft_wall_s": first[r][1],
+             "tpot_cpu_s": (last[r][0] - first[r][0]) / max(1, tokens[r] - 1),
+             "tpot_wall_s": (last[r][1] - first[r][1]) / max(1, tokens[r] - 1)} for r in ids]})
 
 
 class Engine:
@@ -235,22 +243,20 @@ def main(argv=None) -> int:
         n_new = args.new_tokens
         for name in names:
             r = runs[name]
-            full_cpu = statistics.median(x["full_cpu_s"] for x in r)
-            first_cpu = statistics.median(x["first_cpu_s"] for x in r)
-            full_wall = statistics.median(x["full_wall_s"] for x in r)
+            cpu = statistics.median(x["cpu_s"] for x in r)
+            wall = statistics.median(x["wall_s"] for x in r)
             entry["variants"][name] = {
-                # CPU clock (this process's CPU time; the machine is shared, so wall time includes waiting)
-                "throughput_tok_s": concurrent * n_new / full_cpu,
-                "ttft_s": first_cpu,  # the whole batch's prefill + first token
-                "tpot_s": (full_cpu - first_cpu) / (n_new - 1),  # one decode step of the whole batch
-                "full_cpu_s_all": [x["full_cpu_s"] for x in r], "first_cpu_s_all": [x["first_cpu_s"] for x in r],
+                # CPU clock (the engine process's CPU time; the machine is shared, wall time includes waiting)
+                "throughput_tok_s": concurrent * n_new / cpu,
+                "ttft_s": statistics.median(q["ttft_cpu_s"] for x in r for q in x["requests"]),
+                "tpot_s": statistics.median(q["tpot_cpu_s"] for x in r for q in x["requests"]),
+                "cpu_s_all": [x["cpu_s"] for x in r],
                 # wall clock, for reference only on a shared machine
-                "wall": {"throughput_tok_s": concurrent * n_new / full_wall,
+                "wall": {"throughput_tok_s": concurrent * n_new / wall,
                          "ttft_s": statistics.median(q["ttft_wall_s"] for x in r for q in x["requests"]),
                          "tpot_s": statistics.median(q["tpot_wall_s"] for x in r for q in x["requests"]),
-                         "full_wall_s_all": [x["full_wall_s"] for x in r]},
+                         "wall_s_all": [x["wall_s"] for x in r]},
                 "flops_prefill": flops[name][0], "flops_decode": flops[name][1],
-                "preemptions": sum(q["preemptions"] or 0 for x in r for q in x["requests"]),
             }
         dense = entry["variants"]["dense"]
         for name in names:
@@ -273,6 +279,7 @@ def main(argv=None) -> int:
                               for e in (1, 0))
         entry["dense_attention_flop_share_decode"] = 1 - no_attention / full
         results.append(entry)
+        Path(args.output).with_suffix(".partial.json").write_text(json.dumps(results, indent=2))
         print(f"[serve-bench] {length}x{concurrent}: " + "  ".join(
             f"{n} {entry['variants'][n]['throughput_tok_s']:.1f} tok/s (x{entry['variants'][n]['speedup_throughput']:.3f}, "
             f"ideal x{entry['variants'][n]['ideal_throughput']:.3f})" for n in names), flush=True)
