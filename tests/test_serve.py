@@ -46,6 +46,7 @@ def routers(tmp_path):
     with torch.no_grad():
         for router in routed.routers.values():
             router.weight.normal_()
+            router.bias.normal_()
     routed.save_pretrained(tmp_path / "routers")
     return folder, tmp_path / "routers", routed
 
@@ -60,9 +61,10 @@ def test_routed_export_names_the_routed_arch_and_carries_the_routers(routers, tm
     assert serving.router_config.layers == LAYERS
     assert serving.router_config.threshold_for(3) == 0.6 and serving.router_config.threshold_for(2) == 0.5
     state = load_file(str(out / ROUTERS_FILE))
-    assert set(state) == {f"layers.{i}.router.weight" for i in LAYERS}
+    assert set(state) == {f"layers.{i}.router.{p}" for i in LAYERS for p in ("weight", "bias")}
     for i in LAYERS:
         assert torch.equal(state[f"layers.{i}.router.weight"], routed.routers[i].weight.detach())
+        assert torch.equal(state[f"layers.{i}.router.bias"], routed.routers[i].bias.detach())
     # the base weights are served unchanged; no router tensor lies where vLLM looks for model weights
     assert load_file(str(out / "model.safetensors")).keys() == load_file(str(folder / "model.safetensors")).keys()
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
@@ -142,6 +144,7 @@ def _attention(threshold=0.5, seed=0):
     router = Router(H)
     with torch.no_grad():
         router.weight.normal_()
+        router.bias.fill_(0.3)
     return RoutedAttention(module=None, original_forward=None, layer_idx=5, router=router, threshold=threshold,
                            dtype=torch.float32)
 
@@ -156,14 +159,14 @@ def _batch(prompt_lens, decisions=None, forcing=None):
 
 def test_prefill_decides_from_the_mean_of_its_prompt_and_decode_reuses_it():
     attn = _attention()
-    w = attn.router.weight.detach()[0]
+    w, b = attn.router.weight.detach()[0], float(attn.router.bias)
     # step 1: two prefills (4 and 3 tokens) in one packed step
     hidden = torch.randn(7, H)
     batch = _batch([4, 3])
     runs = attn._decide(batch, starts=[0, 4, 7], seq_lens=[4, 3], hidden_states=hidden)
-    expected = [bool(torch.sigmoid(hidden[a:b].mean(0) @ w) >= 0.5) for a, b in ((0, 4), (4, 7))]
+    expected = [bool(torch.sigmoid(hidden[i:j].mean(0) @ w + b) >= 0.5) for i, j in ((0, 4), (4, 7))]
     assert runs == expected
-    assert batch.requests[0].scores[5] == pytest.approx(float(torch.sigmoid(hidden[0:4].mean(0) @ w)))
+    assert batch.requests[0].scores[5] == pytest.approx(float(torch.sigmoid(hidden[0:4].mean(0) @ w + b)))
     # step 2: decode (one token each, context > 0): the stored decisions, whatever the new hidden states
     decode = _batch([4, 3], decisions=[not expected[0], not expected[1]])
     assert attn._decide(decode, [0, 1, 2], [5, 4], torch.randn(2, H)) == [not expected[0], not expected[1]]

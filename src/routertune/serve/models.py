@@ -68,13 +68,15 @@ class RoutedServingMixin:
             raise FileNotFoundError(f"router weights {path} not found; re-export the folder with `routertune export`")
         state = load_file(str(path))
         routers = getattr(self, _ROUTERS_ATTR)
-        expected = {f"layers.{i}.router.weight" for i in routers}
-        if set(state) != expected:
-            raise ValueError(f"{path} holds {sorted(state)}, the routed layers need {sorted(expected)}")
+        weights = {f"layers.{i}.router.weight" for i in routers}
+        biases = {f"layers.{i}.router.bias" for i in routers}
+        if set(state) not in (weights | biases, weights):  # files from before routers had a bias: bias 0
+            raise ValueError(f"{path} holds {sorted(state)}, the routed layers need {sorted(weights | biases)}")
         with torch.no_grad():
             for i, router in routers.items():
                 router.weight.copy_(state[f"layers.{i}.router.weight"].float())
-                loaded.add(f"{_ROUTERS_ATTR}.{i}.proj.weight")
+                router.bias.copy_(state.get(f"layers.{i}.router.bias", torch.zeros_like(router.bias)).float())
+                loaded.update({f"{_ROUTERS_ATTR}.{i}.proj.weight", f"{_ROUTERS_ATTR}.{i}.proj.bias"})
         return loaded
 
 
