@@ -145,6 +145,33 @@ def flops_of(counter, prompt_len: int, new_tokens: int, executed: list[int]) -> 
     return prefill, decode
 
 
+def targets_of(results: list[dict]) -> dict:
+    """The issue's targets at the longest prompts measured with one request: routed forced to static's set
+    against native static (ratio of gains over dense), routed own decisions against their FLOP ideal."""
+    targets = {}
+    longest = max((e["prompt_tokens"] for e in results if e["concurrent"] == 1), default=None)
+    long = [e for e in results if e["prompt_tokens"] == longest and e["concurrent"] == 1]
+    if not long:
+        return targets
+    v = long[0]["variants"]
+    targets["at"] = f"{longest} prompt tokens, 1 request"
+    for metric in ("throughput", "ttft", "tpot"):
+        gain_static = v["static"][f"speedup_{metric}"] - 1
+        gain_forced = v["routed_static_set"][f"speedup_{metric}"] - 1
+        targets[f"forced_vs_static_gain_{metric}"] = {
+            "value": gain_forced / gain_static if gain_static > 0 else None,
+            "target": TARGET_FORCED_VS_STATIC, "static_speedup": v["static"][f"speedup_{metric}"],
+            "routed_static_set_speedup": v["routed_static_set"][f"speedup_{metric}"]}
+        ideal = v["routed"][f"ideal_{metric}"]
+        targets[f"own_vs_ideal_{metric}"] = {
+            "value": v["routed"][f"achieved_over_ideal_{metric}"], "target": TARGET_OWN_VS_IDEAL,
+            "speedup": v["routed"][f"speedup_{metric}"], "ideal": ideal,
+            "gain_over_ideal_gain": (v["routed"][f"speedup_{metric}"] - 1) / (ideal - 1) if ideal > 1 else None}
+    if "routed_all_run" in v:
+        targets["routing_overhead_all_run_vs_dense_throughput"] = v["routed_all_run"]["speedup_throughput"]
+    return targets
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--routers", default=str(ROOT / "benchmarks/results/routers-lm-0.5"))
@@ -156,7 +183,18 @@ def main(argv=None) -> int:
     parser.add_argument("--kv-space-gib", type=int, default=1)
     parser.add_argument("--work-dir", default=None, help="where the exports go (default: a temporary folder)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/serve_bench.json"))
+    parser.add_argument("--summarise", nargs="+", default=None, metavar="PARTIAL_JSON",
+                        help="no measuring: merge the per-setting results of (interrupted) runs, *.partial.json, "
+                             "and write the output JSON with the targets")
     args = parser.parse_args(argv)
+    if args.summarise:
+        results = [entry for path in args.summarise for entry in json.loads(Path(path).read_text())]
+        out = {"schema": "routertune.serve_bench/1", "merged_from": args.summarise,
+               "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "settings": results, "targets": targets_of(results)}
+        Path(args.output).write_text(json.dumps(out, indent=2))
+        print(json.dumps(out["targets"], indent=2))
+        return 0
 
     from routertune.bench import FlopCounter
     from routertune.config import RouterConfig
@@ -287,23 +325,7 @@ def main(argv=None) -> int:
     for e in engines.values():
         e.close()
 
-    targets = {}
-    long = [e for e in results if e["prompt_tokens"] == max(p for p, _ in settings) and e["concurrent"] == 1]
-    if long:
-        v = long[0]["variants"]
-        for metric in ("throughput", "ttft", "tpot"):
-            gain_static = v["static"][f"speedup_{metric}"] - 1
-            gain_forced = v["routed_static_set"][f"speedup_{metric}"] - 1
-            targets[f"forced_vs_static_gain_{metric}"] = {
-                "value": gain_forced / gain_static if gain_static > 0 else None,
-                "target": TARGET_FORCED_VS_STATIC, "static_speedup": v["static"][f"speedup_{metric}"],
-                "routed_static_set_speedup": v["routed_static_set"][f"speedup_{metric}"]}
-            targets[f"own_vs_ideal_{metric}"] = {
-                "value": v["routed"][f"achieved_over_ideal_{metric}"], "target": TARGET_OWN_VS_IDEAL,
-                "speedup": v["routed"][f"speedup_{metric}"], "ideal": v["routed"][f"ideal_{metric}"],
-                "gain_over_ideal_gain": ((v["routed"][f"speedup_{metric}"] - 1) / (v["routed"][f"ideal_{metric}"] - 1)
-                                         if v["routed"][f"ideal_{metric}"] > 1 else None)}
-        targets["routing_overhead_all_run_vs_dense_throughput"] = v["routed_all_run"]["speedup_throughput"]
+    targets = targets_of(results)
     import vllm
 
     out = {
