@@ -7,6 +7,8 @@ request, and are reused by every decode step. Batch reshuffles (beam search, row
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 
@@ -109,3 +111,10 @@ class RoutedCache(DynamicCache):
 def _holds_tokens(layer) -> bool:
     # an emptied layer keeps is_initialized (and a sliding layer its stale token count) but has no rows
     return layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a model's forward and generate take the KV cache under: `cache` from transformers 5.20 on,
+    `past_key_values` before (the versions vLLM pins)."""
+    forward = getattr(model, "forward", model)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"

@@ -217,6 +217,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .serve import export
+
+    result = export.export(_build(export.ExportJob, args))
+    if result.dropped_layers is not None:
+        print(f"static drop of attention layers {result.dropped_layers} exported as {result.architecture} "
+              f"(vLLM's native no-op attention) to {result.output}")
+    else:
+        print(f"routers on layers {result.routed_layers} exported as {result.architecture} to {result.output}")
+    print(f"serve it (pip install 'routertune[serve]'): vllm serve {result.output} --no-enable-prefix-caching "
+          "--no-enable-chunked-prefill --max-num-batched-tokens <at least --max-model-len>")
+    return 0
+
+
 COMMANDS = {
     "demo": (cmd_demo, "main job: train, generate, trade-off vs static and random drop, benchmark, report, summary",
              [("routertune.demo:DemoJob", ())]),
@@ -235,6 +249,8 @@ COMMANDS = {
                  [("routertune.tradeoff:TradeoffJob", ())]),
     "bench": (cmd_bench, "speed: dense vs static drop vs routers (prefill, decode, KV bytes, peak memory, FLOPs)",
               [("routertune.bench:BenchConfig", ())]),
+    "export": (cmd_export, "write a folder vLLM serves (routers, or --static K native static drop) with the plugin",
+               [("routertune.serve.export:ExportJob", ())]),
     "report": (cmd_report, "one page (markdown + PNG plots) from bench and evaluation result JSON",
                [("routertune.report:ReportConfig", ())]),
 }

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import inject, routing, tasks
-from .cache import RoutedCache
+from .cache import RoutedCache, cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -596,7 +596,7 @@ class RoutedLM(TemplateLM):
                 kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self._pad_id)
                 if inject.is_routed(self.model):
-                    kwargs["cache"] = _new_cache(self.model)
+                    kwargs[cache_kwarg(self.model)] = _new_cache(self.model)
                 with routing.record() as calls:
                     generated = self.model.generate(**kwargs)[:, width:]
                 prefill = [c for c in calls if c.past_length == 0]

@@ -246,6 +246,9 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, Rout
         else:
             # keyword-only call (how the causal-LM head calls its decoder): nothing to bind
             arguments = dict(kwargs)
+        if cache_key != "cache" and arguments.get("cache") is not None:
+            # transformers < 5.20 (the versions vLLM pins) names it past_key_values; `cache=` reaches us in kwargs
+            arguments[cache_key] = arguments.pop("cache")
         cache = arguments.get(cache_key, arguments.get("past_key_values"))
         # the routers' mode decides: the frozen base model itself always stays in eval mode (no dropout)
         training = first_wrapper.training and torch.is_grad_enabled()

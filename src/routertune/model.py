@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import inject, lora, routing
-from .cache import RoutedCache
+from .cache import RoutedCache, cache_kwarg
 from .config import CONFIG_NAME, BaseModelIdentity, RouterConfig
 from .files import atomic_write, write_json
 from .token_cache import TokenRoutedCache
@@ -115,6 +115,9 @@ class RoutedModel(nn.Module):
                 return self.base_model.generate(*args, **kwargs)
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             kwargs["cache"] = self.new_cache()
+        key = cache_kwarg(self.base_model)
+        if key != "cache" and kwargs.get("cache") is not None:
+            kwargs[key] = kwargs.pop("cache")  # transformers < 5.20
         return self.base_model.generate(*args, **kwargs)
 
     @staticmethod

@@ -1,0 +1,211 @@
+"""A routed attention sublayer inside vLLM: per-request decisions and compute only for the requests that run.
+
+vLLM packs a step's requests as consecutive token segments (``query_start_loc``). At a routed layer:
+
+* every request decides once, at its prefill (no tokens in the cache yet: context 0), from the mean of the
+  layer's normed input over its prompt tokens (fp32, as ``routertune.router``); the decision is stored on the
+  request and reused by its decode steps and by the recompute after a preemption. A prefill that starts from
+  cached context (chunked prefill, prefix-cache hit) is refused: the decision would see part of the prompt;
+* when some requests skip, the layer's attention metadata and slot mapping are swapped for those of the
+  running requests only (``dataclasses.replace`` + a fresh CPU scheduler plan), q/k/v projections, RoPE,
+  attention and o_proj run on their tokens alone, and the originals are put back. Skipped requests compute
+  nothing there and write no K/V (the slots stay as vLLM zeroed them at allocation, so the kernel, which
+  reads whole blocks, never sees garbage); their attention output is zero, so the residual passes unchanged.
+
+The subset plan (token indices, metadata) is built once per step and decision pattern, and shared by every
+routed layer with that pattern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from ..routing import Forcing
+from .requests import ServeBatch, current_batch
+
+logger = logging.getLogger(__name__)
+
+
+class PartialPromptError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class RoutedAttention:
+    """Replaces one attention module's forward (the module and its weights stay where vLLM put them)."""
+
+    module: torch.nn.Module  # vLLM's attention sublayer (LlamaAttention, Qwen2Attention, ...)
+    original_forward: object
+    layer_idx: int
+    router: torch.nn.Module  # routertune.router.Router (fp32)
+    threshold: float
+    dtype: torch.dtype  # the model's dtype, as vLLM's CPU metadata builder uses
+
+    def __call__(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        batch = current_batch()
+        if batch is None:
+            # vLLM's own warm-up and profiling runs (no requests): the dense path, the most memory
+            return self.original_forward(positions=positions, hidden_states=hidden_states, **kwargs)
+        from vllm.forward_context import get_forward_context
+
+        context = get_forward_context()
+        layer_name = self.module.attn.layer_name
+        metadata = context.attn_metadata
+        if not isinstance(metadata, dict):
+            raise NotImplementedError("routertune serving needs per-layer attention metadata (no speculative "
+                                      "decoding, no micro-batching)")
+        metadata = metadata[layer_name]
+        starts, seq_lens = _layout(batch, metadata)
+        runs = self._decide(batch, starts, seq_lens, hidden_states)
+        n_run = sum(runs)
+        if n_run == len(runs):
+            return self.original_forward(positions=positions, hidden_states=hidden_states, **kwargs)
+        out = hidden_states.new_zeros(hidden_states.shape)  # (T, H): skipped requests add nothing
+        if n_run == 0:
+            return out
+        plan = _plan(batch, runs, starts, metadata, context.slot_mapping[layer_name], self.module.attn, self.dtype)
+        if plan is None:  # a backend whose metadata we cannot subset: exact, but every request computes
+            full = self.original_forward(positions=positions, hidden_states=hidden_states, **kwargs)
+            return full * _row_mask(runs, starts, full)
+        tokens, sub_metadata, sub_slots = plan
+        if positions.dim() != 1:
+            raise NotImplementedError("routertune serving supports 1-D positions (no M-RoPE)")
+        saved_metadata, saved_slots = context.attn_metadata[layer_name], context.slot_mapping[layer_name]
+        context.attn_metadata[layer_name], context.slot_mapping[layer_name] = sub_metadata, sub_slots
+        try:
+            sub_out = self.original_forward(positions=positions.index_select(0, tokens),
+                                            hidden_states=hidden_states.index_select(0, tokens), **kwargs)
+        finally:
+            context.attn_metadata[layer_name], context.slot_mapping[layer_name] = saved_metadata, saved_slots
+        return out.index_copy_(0, tokens, sub_out)
+
+    def _decide(self, batch: ServeBatch, starts: list[int], seq_lens: list[int],
+                hidden_states: torch.Tensor) -> list[bool]:
+        """Per request: the stored decision, or (prefill from an empty cache) a new one from its prompt."""
+        runs: list[bool | None] = []
+        pending: list[int] = []
+        for i, req in enumerate(batch.requests):
+            query = starts[i + 1] - starts[i]
+            context = seq_lens[i] - query
+            stored = req.decisions.get(self.layer_idx)
+            if stored is not None:
+                if context == 0 and query > req.prompt_len:
+                    batch.recomputed.add(i)  # a preempted request recomputed over prompt + output
+                runs.append(stored)
+                continue
+            if context != 0 or query < req.prompt_len:
+                raise PartialPromptError(
+                    f"request {batch.req_ids[i]}: its first step at routed layer {self.layer_idx} covers "
+                    f"{query} of {req.prompt_len} prompt tokens after {context} cached ones; routertune decides "
+                    "from the whole prompt, so serve without chunked prefill and prefix caching "
+                    "(enable_chunked_prefill=False, enable_prefix_caching=False, max_num_batched_tokens >= "
+                    "max_model_len)")
+            forcing: Forcing | None = batch.forcing[i]
+            if forcing is not None:
+                runs.append(bool(forcing.decision(self.layer_idx, 1, torch.device("cpu"))[0]))
+            else:
+                runs.append(None)
+                pending.append(i)
+        if pending:
+            # mean over the prompt tokens of the normed input, fp32 (routertune.router.masked_mean)
+            pooled = torch.stack([hidden_states[starts[i]: starts[i] + batch.requests[i].prompt_len].float().mean(0)
+                                  for i in pending])  # (P, H)
+            scores = self.router(pooled).tolist()  # (P,)
+            for i, score in zip(pending, scores):
+                runs[i] = score >= self.threshold
+                batch.requests[i].scores[self.layer_idx] = float(score)
+        for i, req in enumerate(batch.requests):
+            req.decisions.setdefault(self.layer_idx, bool(runs[i]))
+        return [bool(r) for r in runs]
+
+
+def _layout(batch: ServeBatch, metadata) -> tuple[list[int], list[int]]:
+    key = id(metadata)
+    layout = batch.layouts.get(key)
+    if layout is None:
+        starts = metadata.query_start_loc.tolist()
+        seq_lens = metadata.seq_lens.tolist()
+        n = len(batch.requests)
+        if len(starts) < n + 1 or len(seq_lens) < n:
+            raise RuntimeError(f"the step's attention metadata lists {len(starts) - 1} requests, the runner {n}")
+        layout = batch.layouts[key] = (starts[: n + 1], seq_lens[:n])
+    return layout
+
+
+def _row_mask(runs: list[bool], starts: list[int], like: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(like.shape[0], 1, dtype=like.dtype, device=like.device)
+    for i, run in enumerate(runs):
+        if run:
+            mask[starts[i]: starts[i + 1]] = 1
+    return mask
+
+
+_WARNED: set[str] = set()
+
+
+def _plan(batch: ServeBatch, runs: list[bool], starts: list[int], metadata, slot_mapping, attn_layer,
+          dtype: torch.dtype):
+    """(token indices, attention metadata, slot mapping) of the running requests alone; cached per step."""
+    key = (tuple(runs), id(metadata), id(slot_mapping))
+    if key in batch.plans:
+        return batch.plans[key]
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+    if not isinstance(metadata, CPUAttentionMetadata):
+        name = type(metadata).__name__
+        if name not in _WARNED:
+            _WARNED.add(name)
+            logger.warning("routertune: %s cannot be subset yet; skipped requests' attention is zeroed (exact) but "
+                           "still computed", name)
+        batch.plans[key] = None
+        return None
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    rows = [i for i, run in enumerate(runs) if run]
+    tokens = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in rows])  # (n_tokens,)
+    query_lens = [starts[i + 1] - starts[i] for i in rows]
+    sub_starts = torch.tensor([0] + list(_cumsum(query_lens)), dtype=metadata.query_start_loc.dtype)
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    seq_lens = metadata.seq_lens.index_select(0, rows_t)
+    impl = attn_layer.impl
+    scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(rows),
+        num_heads=impl.num_heads,
+        num_kv_heads=impl.num_kv_heads,
+        head_dim=impl.head_size,
+        seq_lens=seq_lens,
+        dtype=dtype,
+        query_start_loc=sub_starts,
+        causal=metadata.causal,
+        sliding_window_size=impl.sliding_window,
+        isa=attn_layer.isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        dynamic_causal=metadata.dynamic_causal,
+        kv_cache_dtype=impl.kv_cache_dtype,
+    )
+    sub_slots = slot_mapping.index_select(0, tokens)
+    sub_metadata = dataclasses.replace(
+        metadata,
+        num_actual_tokens=int(tokens.numel()),
+        max_query_len=max(query_lens),
+        query_start_loc=sub_starts,
+        max_seq_len=int(seq_lens.max()),
+        seq_lens=seq_lens,
+        block_table=metadata.block_table.index_select(0, rows_t),
+        slot_mapping=metadata.slot_mapping.index_select(0, tokens) if metadata.slot_mapping is not slot_mapping
+        else sub_slots,
+        scheduler_metadata=scheduler_metadata,
+    )
+    plan = batch.plans[key] = (tokens, sub_metadata, sub_slots)
+    return plan
+
+
+def _cumsum(values):
+    total = 0
+    for v in values:
+        total += v
+        yield total

@@ -1,0 +1,170 @@
+"""``routertune export``: a folder vLLM serves with the plugin installed (no vLLM needed to write it).
+
+* routed (``--routers DIR``): the base model's files unchanged (weights hard-linked when possible), with
+  config.json naming the routed architecture (``RoutertuneLlamaForCausalLM``, ...) and carrying the router
+  config under ``routertune``; router weights in ``routertune/routers.safetensors``, a sub-folder, because
+  vLLM loads every top-level ``*.safetensors`` as model weights.
+* static (``--static K``): vLLM's native static attention drop: a Nemotron-NAS (DeciLM) config whose K least
+  important attention layers (1 - cos on calibration text, as ``routertune eval --static-drop``; among the
+  routers' routed layers when ``--routers`` is given, so "routed forced to static's set" is comparable) are
+  no-ops, and weights without those layers' attention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import CONFIG_NAME, RouterConfig, default_routed_layers
+from .config import ARCH_PREFIX, CONFIG_KEY, ROUTERS_DIR, ROUTERS_FILE, VLLM_ARCHITECTURES, ServeRouting
+from . import static as static_drop
+
+_MARKER = "routertune_export.json"
+_SKIP = {"config.json", _MARKER}
+
+
+@dataclass
+class ExportJob:
+    """What `routertune export` writes; every field is a CLI flag."""
+
+    output: str = field(default="", metadata={"help": "folder to write (vllm.LLM(OUTPUT) / vllm serve OUTPUT load it)"})
+    routers: str | None = field(default=None, metadata={"help": "trained routers (a folder from `routertune train` or `calibrate`); needed unless --static"})
+    static: int | None = field(default=None, metadata={"help": "export vLLM's native static attention drop of this many layers instead of the routers"})
+    model: str | None = field(default=None, metadata={"help": "base model: local HF folder or hub id; default: embedded SmolLM2-135M-Instruct"})
+    cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing export in OUTPUT"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.output:
+            problems.append("--output is required: the folder to write")
+        if self.routers is None and self.static is None:
+            problems.append("pass --routers DIR (routed export) or --static K (native static drop), or both")
+        if self.static is not None and self.static < 1:
+            problems.append(f"static={self.static} must be >= 1 layers")
+        if problems:
+            raise ValueError("Invalid export: " + "; ".join(problems))
+
+
+@dataclass
+class ExportReport:
+    output: str
+    architecture: str
+    routed_layers: list[int] | None = None
+    dropped_layers: list[int] | None = None
+    importance: dict[int, float] | None = None
+
+
+def export(job: ExportJob) -> ExportReport:
+    import torch
+
+    from ..model import RoutedModel
+    from ..models import load_model_and_tokenizer, resolve_model_path
+
+    source = Path(resolve_model_path(job.model, job.cache_dir))
+    out = _prepare_output(Path(job.output), job.overwrite)
+    model, tokenizer = load_model_and_tokenizer(str(source))
+    model_type = model.config.model_type
+    if model_type not in VLLM_ARCHITECTURES:
+        raise ValueError(f"model_type {model_type!r} has no vLLM serving row; served families: "
+                         f"{', '.join(sorted(VLLM_ARCHITECTURES))}")
+    router_config = None
+    if job.routers is not None:
+        if (Path(job.routers) / "adapter_config.json").is_file():
+            raise ValueError(f"{job.routers} holds LoRA layers too; merge them into the base model first "
+                             "(vLLM serving takes the routers only)")
+        # checks the routers belong to this base model (refused with the differing fields otherwise)
+        routed = RoutedModel.from_pretrained(model, job.routers)
+        router_config = routed.router_config
+        if router_config.granularity != "attention":
+            raise ValueError(f"vLLM serving routes attention only; {job.routers} routes {router_config.granularity!r}")
+        router_state = routed.router_state_dict()
+        model = routed.unwrap()
+    config = json.loads((source / "config.json").read_text())
+
+    if job.static is not None:
+        from .. import baselines
+        from ..bench import calibration_batches
+
+        with torch.no_grad():
+            importance = baselines.attention_importance(model, calibration_batches(model, tokenizer))
+        candidates = (router_config.layers if router_config is not None
+                      else default_routed_layers(model.config.num_hidden_layers))
+        if job.static > len(candidates):
+            raise ValueError(f"--static {job.static}: only {len(candidates)} candidate layers ({candidates})")
+        dropped = importance.least_important(job.static, candidates)
+        _write_static(source, out, config, model.config, dropped, importance.scores)
+        return ExportReport(str(out), static_drop.ARCHITECTURE, dropped_layers=dropped,
+                            importance={i: importance.scores[i] for i in candidates})
+
+    arch = VLLM_ARCHITECTURES[model_type][0]
+    _link_files(source, out)
+    (out / ROUTERS_DIR).mkdir(exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file(router_state, str(out / ROUTERS_FILE))
+    (out / ROUTERS_DIR / CONFIG_NAME).write_text(json.dumps(router_config.to_dict(), indent=2))
+    config["architectures"] = [ARCH_PREFIX + arch]
+    config[CONFIG_KEY] = ServeRouting(RouterConfig.from_dict(router_config.to_dict())).to_dict()
+    _finish(out, config, {"kind": "routed", "routers": str(job.routers), "base_model": str(source)})
+    return ExportReport(str(out), ARCH_PREFIX + arch, routed_layers=list(router_config.layers))
+
+
+def _write_static(source: Path, out: Path, config: dict, model_config, dropped: list[int],
+                  importance: dict[int, float]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _link_files(source, out, weights=False)
+    prefixes = tuple(f"model.layers.{i}.{part}" for i in dropped for part in ("self_attn.", "input_layernorm."))
+    for weights in sorted(source.glob("*.safetensors")):
+        state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith(prefixes)}
+        save_file(state, str(out / weights.name), metadata={"format": "pt"})
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if not k.startswith(prefixes)}
+        (out / index.name).write_text(json.dumps(data, indent=2))
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    config["model_type"] = static_drop.MODEL_TYPE
+    config["architectures"] = [static_drop.ARCHITECTURE]
+    config["block_configs"] = static_drop.block_configs(
+        model_config.num_hidden_layers, dropped, model_config.num_attention_heads, kv_heads,
+        model_config.intermediate_size)
+    config["routertune_static"] = {"dropped_layers": dropped,
+                                   "importance": {str(k): v for k, v in sorted(importance.items())}}
+    _finish(out, config, {"kind": "static", "dropped_layers": dropped, "base_model": str(source)})
+
+
+def _prepare_output(out: Path, overwrite: bool) -> Path:
+    if out.exists() and any(out.iterdir()):
+        if not (out / _MARKER).is_file():
+            raise FileExistsError(f"{out} exists and is not a routertune export; choose another --output")
+        if not overwrite:
+            raise FileExistsError(f"{out} holds an export already; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _link_files(source: Path, out: Path, weights: bool = True) -> None:
+    """Every file of the base model folder but config.json (weights hard-linked when on the same disk)."""
+    for path in sorted(source.iterdir()):
+        if not path.is_file() or path.name in _SKIP:
+            continue
+        if path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json"):
+            if not weights:
+                continue
+            try:
+                os.link(path, out / path.name)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(path, out / path.name)
+
+
+def _finish(out: Path, config: dict, marker: dict) -> None:
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / _MARKER).write_text(json.dumps(marker, indent=2))

@@ -1,0 +1,96 @@
+"""Routed model classes for vLLM: vLLM's own model class of the family (never a fork), with routers attached
+to the routed attention sublayers after construction. ``RoutertuneLlamaForCausalLM`` and its siblings are
+made on first access (``models.RoutertuneQwen2ForCausalLM``), so only the family served is imported."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..router import Router
+from .attention import RoutedAttention
+from .config import ARCH_PREFIX, CONFIG_KEY, VLLM_ARCHITECTURES, ServeRouting
+
+_ROUTERS_ATTR = "routertune_routers"
+
+
+def check_engine_config(vllm_config) -> None:
+    """Refuse engine settings under which a decision would not see the whole prompt, naming the fix."""
+    problems = []
+    if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+        problems.append("prefix caching is on (pass enable_prefix_caching=False / --no-enable-prefix-caching): a "
+                        "prefix-cache hit prefills only the prompt's tail")
+    scheduler = vllm_config.scheduler_config
+    if getattr(scheduler, "enable_chunked_prefill", False):
+        problems.append("chunked prefill is on (pass enable_chunked_prefill=False / --no-enable-chunked-prefill, "
+                        "with max_num_batched_tokens >= max_model_len): a chunk holds part of the prompt")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        problems.append("speculative decoding is on: not supported with routed layers")
+    if problems:
+        raise ValueError("routertune serving decides each request's routed layers from its whole prompt, but "
+                         + "; ".join(problems))
+
+
+class RoutedServingMixin:
+    """Put before a vLLM *ForCausalLM class: builds it, then routes the configured attention sublayers."""
+
+    routertune_serving = True  # the runner hook publishes the step's requests only to such models
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        check_engine_config(vllm_config)
+        hf_config = vllm_config.model_config.hf_config
+        section = getattr(hf_config, CONFIG_KEY, None)
+        if section is None:
+            raise ValueError(f"{vllm_config.model_config.model} has no {CONFIG_KEY!r} section in config.json; "
+                             "make the folder with `routertune export --routers DIR --output SERVE_DIR`")
+        self._routertune = ServeRouting.from_dict(section)
+        self._routertune_dir = vllm_config.model_config.model
+        router_config = self._routertune.router_config
+        layers = self.model.layers
+        routed = router_config.resolved_layers(len(layers))
+        routers = nn.ModuleDict({str(i): Router(hf_config.hidden_size) for i in routed})
+        setattr(self, _ROUTERS_ATTR, routers)
+        for i in routed:
+            attention = layers[i].self_attn
+            attention.forward = RoutedAttention(
+                module=attention, original_forward=attention.forward, layer_idx=i, router=routers[str(i)],
+                threshold=router_config.threshold_for(i), dtype=vllm_config.model_config.dtype)
+
+    def load_weights(self, weights):
+        loaded = set(super().load_weights(weights))
+        path = self._routertune.routers_path(self._routertune_dir)
+        if not path.is_file():
+            raise FileNotFoundError(f"router weights {path} not found; re-export the folder with `routertune export`")
+        state = load_file(str(path))
+        routers = getattr(self, _ROUTERS_ATTR)
+        weights = {f"layers.{i}.router.weight" for i in routers}
+        biases = {f"layers.{i}.router.bias" for i in routers}
+        if set(state) not in (weights | biases, weights):  # files from before routers had a bias: bias 0
+            raise ValueError(f"{path} holds {sorted(state)}, the routed layers need {sorted(weights | biases)}")
+        with torch.no_grad():
+            for i, router in routers.items():
+                router.weight.copy_(state[f"layers.{i}.router.weight"].float())
+                router.bias.copy_(state.get(f"layers.{i}.router.bias", torch.zeros_like(router.bias)).float())
+                loaded.update({f"{_ROUTERS_ATTR}.{i}.proj.weight", f"{_ROUTERS_ATTR}.{i}.proj.bias"})
+        return loaded
+
+
+@functools.cache
+def routed_class(base_arch: str) -> type:
+    for arch, module in VLLM_ARCHITECTURES.values():
+        if arch == base_arch:
+            base = getattr(importlib.import_module(module), arch)
+            return type(ARCH_PREFIX + arch, (RoutedServingMixin, base), {"__module__": __name__})
+    raise ValueError(f"no routed vLLM class for {base_arch!r}; known: "
+                     f"{sorted(a for a, _ in VLLM_ARCHITECTURES.values())}")
+
+
+def __getattr__(name: str):
+    if name.startswith(ARCH_PREFIX):
+        return routed_class(name[len(ARCH_PREFIX):])
+    raise AttributeError(name)

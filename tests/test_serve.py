@@ -1,0 +1,194 @@
+"""routertune.serve without an engine: the exported folders, the refusals, and the per-request decision logic of
+the routed attention (run in vLLM by tests/test_serve_vllm.py)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import build_tiny
+from routertune import RoutedModel, RouterConfig
+from routertune.routing import Forcing
+from routertune.serve.attention import PartialPromptError, RoutedAttention
+from routertune.serve.config import CONFIG_KEY, ROUTERS_FILE, ServeRouting
+from routertune.serve.export import ExportJob, export
+from routertune.serve.requests import RequestRouting, ServeBatch, forcing_of
+
+LAYERS = [2, 3, 4]
+
+
+def _tiny_folder(tmp_path):
+    """A tiny llama saved as a Hugging Face folder, with a word-level tokenizer (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = build_tiny("llama")
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="w0", eos_token="w2").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def routers(tmp_path):
+    folder = _tiny_folder(tmp_path)
+    from routertune.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(str(folder))
+    routed = RoutedModel(model, RouterConfig(layers=LAYERS, layer_thresholds={3: 0.6}))
+    with torch.no_grad():
+        for router in routed.routers.values():
+            router.weight.normal_()
+            router.bias.normal_()
+    routed.save_pretrained(tmp_path / "routers")
+    return folder, tmp_path / "routers", routed
+
+
+def test_routed_export_names_the_routed_arch_and_carries_the_routers(routers, tmp_path):
+    folder, routers_dir, routed = routers
+    out = tmp_path / "serve"
+    report = export(ExportJob(output=str(out), routers=str(routers_dir), model=str(folder)))
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["RoutertuneLlamaForCausalLM"] == [report.architecture]
+    serving = ServeRouting.from_dict(config[CONFIG_KEY])
+    assert serving.router_config.layers == LAYERS
+    assert serving.router_config.threshold_for(3) == 0.6 and serving.router_config.threshold_for(2) == 0.5
+    state = load_file(str(out / ROUTERS_FILE))
+    assert set(state) == {f"layers.{i}.router.{p}" for i in LAYERS for p in ("weight", "bias")}
+    for i in LAYERS:
+        assert torch.equal(state[f"layers.{i}.router.weight"], routed.routers[i].weight.detach())
+        assert torch.equal(state[f"layers.{i}.router.bias"], routed.routers[i].bias.detach())
+    # the base weights are served unchanged; no router tensor lies where vLLM looks for model weights
+    assert load_file(str(out / "model.safetensors")).keys() == load_file(str(folder / "model.safetensors")).keys()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_static_export_is_native_no_op_attention_without_those_weights(routers, tmp_path):
+    folder, routers_dir, _ = routers
+    out = tmp_path / "static"
+    report = export(ExportJob(output=str(out), routers=str(routers_dir), model=str(folder), static=2))
+    dropped = report.dropped_layers
+    assert len(dropped) == 2 and set(dropped) <= set(LAYERS)  # among the routed layers: comparable sets
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DeciLMForCausalLM"] and config["model_type"] == "nemotron-nas"
+    blocks = config["block_configs"]
+    assert [b["attention"]["no_op"] for b in blocks] == [i in dropped for i in range(len(blocks))]
+    assert all(not b["ffn"]["no_op"] and b["ffn"]["intermediate_size"] == config["intermediate_size"] for b in blocks)
+    keys = load_file(str(out / "model.safetensors")).keys()
+    for i in range(len(blocks)):
+        has_attention = any(k.startswith(f"model.layers.{i}.self_attn.") for k in keys)
+        assert has_attention == (i not in dropped), i
+    # the configuration class the plugin registers reads the blocks as vLLM's DeciLM code does
+    from routertune.serve.static import config_class
+
+    cfg = config_class()(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    assert [cfg.block_configs[i].attention.no_op for i in range(len(blocks))] == [b["attention"]["no_op"] for b in blocks]
+    assert not hasattr(cfg.block_configs[0].ffn, "ffn_mult")
+
+
+def test_export_refusals(routers, tmp_path):
+    folder, routers_dir, _ = routers
+    with pytest.raises(ValueError, match="--routers DIR"):
+        ExportJob(output=str(tmp_path / "x"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a routertune export"):
+        export(ExportJob(output=str(tmp_path / "busy"), routers=str(routers_dir), model=str(folder)))
+    out = tmp_path / "again"
+    export(ExportJob(output=str(out), routers=str(routers_dir), model=str(folder)))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(ExportJob(output=str(out), routers=str(routers_dir), model=str(folder)))
+    export(ExportJob(output=str(out), routers=str(routers_dir), model=str(folder), overwrite=True))
+    with pytest.raises(ValueError, match="attention only"):
+        ServeRouting.from_dict({"router_config": RouterConfig(granularity="mlp").to_dict()})
+
+
+def test_engine_settings_that_split_a_prompt_are_refused():
+    from routertune.serve.models import check_engine_config
+
+    def config(prefix, chunked, spec=None):
+        return SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=prefix),
+                               scheduler_config=SimpleNamespace(enable_chunked_prefill=chunked), speculative_config=spec)
+
+    check_engine_config(config(False, False))
+    with pytest.raises(ValueError, match="enable_prefix_caching=False"):
+        check_engine_config(config(True, False))
+    with pytest.raises(ValueError, match="enable_chunked_prefill=False"):
+        check_engine_config(config(False, True))
+
+
+def test_forcing_from_sampling_params():
+    assert forcing_of(SimpleNamespace(extra_args=None)) is None
+    f = forcing_of(SimpleNamespace(extra_args={"routertune": {"force": "skip_set", "skip_layers": [3, "4"]}}))
+    assert f == Forcing("skip_set", frozenset({3, 4}))
+    with pytest.raises(ValueError, match="skip_set"):
+        forcing_of(SimpleNamespace(extra_args={"routertune": {"force": "sometimes"}}))
+
+
+# --- the decision logic of the served attention, on a hand-made step layout -------------------------------
+H = 8
+
+
+def _attention(threshold=0.5, seed=0):
+    from routertune.router import Router
+
+    torch.manual_seed(seed)
+    router = Router(H)
+    with torch.no_grad():
+        router.weight.normal_()
+        router.bias.fill_(0.3)
+    return RoutedAttention(module=None, original_forward=None, layer_idx=5, router=router, threshold=threshold,
+                           dtype=torch.float32)
+
+
+def _batch(prompt_lens, decisions=None, forcing=None):
+    requests = [RequestRouting(prompt_len=n, prompt_sha1=str(i)) for i, n in enumerate(prompt_lens)]
+    for req, dec in zip(requests, decisions or [None] * len(requests)):
+        if dec is not None:
+            req.decisions[5] = dec
+    return ServeBatch([f"r{i}" for i in range(len(requests))], requests, forcing or [None] * len(requests))
+
+
+def test_prefill_decides_from_the_mean_of_its_prompt_and_decode_reuses_it():
+    attn = _attention()
+    w, b = attn.router.weight.detach()[0], float(attn.router.bias)
+    # step 1: two prefills (4 and 3 tokens) in one packed step
+    hidden = torch.randn(7, H)
+    batch = _batch([4, 3])
+    runs = attn._decide(batch, starts=[0, 4, 7], seq_lens=[4, 3], hidden_states=hidden)
+    expected = [bool(torch.sigmoid(hidden[i:j].mean(0) @ w + b) >= 0.5) for i, j in ((0, 4), (4, 7))]
+    assert runs == expected
+    assert batch.requests[0].scores[5] == pytest.approx(float(torch.sigmoid(hidden[0:4].mean(0) @ w + b)))
+    # step 2: decode (one token each, context > 0): the stored decisions, whatever the new hidden states
+    decode = _batch([4, 3], decisions=[not expected[0], not expected[1]])
+    assert attn._decide(decode, [0, 1, 2], [5, 4], torch.randn(2, H)) == [not expected[0], not expected[1]]
+    assert not decode.recomputed
+
+
+def test_recompute_after_preemption_keeps_the_decision_and_is_flagged():
+    attn = _attention()
+    batch = _batch([3], decisions=[False])
+    # a preempted request comes back as one prefill over prompt + 5 generated tokens, from an empty cache
+    assert attn._decide(batch, [0, 8], [8], torch.randn(8, H)) == [False]
+    assert batch.recomputed == {0}
+
+
+def test_a_prefill_from_cached_context_is_refused():
+    attn = _attention()
+    with pytest.raises(PartialPromptError, match="enable_chunked_prefill=False"):
+        # 4 new prompt tokens after 6 cached ones: a prefix-cache hit or a second chunk
+        attn._decide(_batch([10]), [0, 4], [10], torch.randn(4, H))
+
+
+def test_forced_requests_take_the_forced_decision():
+    attn = _attention(threshold=1e-9)  # the routers would run everything
+    batch = _batch([2, 2], forcing=[Forcing("skip_set", frozenset({5})), None])
+    assert attn._decide(batch, [0, 2, 4], [2, 2], torch.randn(4, H)) == [False, True]

@@ -1,0 +1,142 @@
+"""Routed serving inside a real vLLM engine equals our reference path (RoutedModel.generate), on the default
+model in fp32: same greedy tokens and the same per-request decisions for a batch whose decisions differ row by
+row, also when a small KV cache forces vLLM to preempt and recompute requests.
+
+The reference is transformers' generate through RoutedModel (gather/scatter of the running rows, a
+RoutedCache); the served side is vLLM's own model class, kernels, scheduler and paged KV cache with the
+routertune plugin. The two share only the router weights and thresholds. Each engine runs in its own process
+(routertune.serve.engine), as vLLM is used in production.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="needs the routertune[serve] extra (vLLM)")
+
+from routertune import RoutedModel, RouterConfig  # noqa: E402
+from routertune.models import load_model_and_tokenizer  # noqa: E402
+from routertune.serve.export import ExportJob, export  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.serve]
+
+ROUTED_LAYERS = [14, 17, 20, 23, 26, 28]
+NEW_TOKENS = 32
+MIN_MARGIN = 2e-3  # every router score lies at least this far from its threshold (numerics differ ~1e-6)
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers and explain why each is prime.",
+    "Translate 'good morning' into Spanish.",
+    "Summarise the plot of Hamlet in one sentence, please, for a child who likes stories.",
+    "def add(a, b):",
+]
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)
+
+
+def _scores(routed: RoutedModel, batch: list[list[int]], layer: int) -> list[float]:
+    """Router scores at `layer` for each prompt alone (what a decision is taken from)."""
+    out = []
+    for ids in batch:
+        with torch.no_grad(), routed.recording() as calls:
+            routed(input_ids=torch.tensor([ids]), use_cache=False)
+        out.append(float(calls[-1].scores[layer][0]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Seeded routers whose per-layer thresholds split the prompts (mixed decisions at every routed layer),
+    placed in the widest gap between scores so no decision is a numerical coin toss; then exported."""
+    model, tokenizer = load_model_and_tokenizer()
+    routed = RoutedModel(model, RouterConfig(layers=ROUTED_LAYERS))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for router in routed.routers.values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 4 / math.sqrt(router.weight.shape[-1]))
+    prompts = [_chat_ids(tokenizer, p) for p in PROMPTS]
+    # layers not yet placed run for everyone (threshold ~0); a layer's scores depend only on earlier layers
+    thresholds = {layer: 1e-6 for layer in ROUTED_LAYERS}
+    margins = {}
+    for layer in ROUTED_LAYERS:
+        routed.set_threshold(0.5, dict(thresholds))
+        scores = sorted(_scores(routed, prompts, layer))
+        gaps = [(scores[k + 1] - scores[k], k) for k in range(len(scores) - 1)]
+        width, k = max(gaps)
+        thresholds[layer] = (scores[k] + scores[k + 1]) / 2
+        margins[layer] = width / 2
+    routed.set_threshold(0.5, thresholds)
+    assert min(margins.values()) > MIN_MARGIN, margins
+    routers_dir = tmp_path_factory.mktemp("routers")
+    routed.save_pretrained(routers_dir)
+
+    # the reference: one batch through RoutedModel.generate (left padding), greedy
+    tokenizer.padding_side = "left"
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    cache = routed.new_cache()
+    with torch.no_grad():
+        out = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                              cache=cache, pad_token_id=pad)
+    eos = tokenizer.eos_token_id
+    reference = []
+    for row in out[:, width:].tolist():
+        reference.append(row[: row.index(eos) + 1] if eos in row else row)
+    decisions = {layer: cache.decisions[layer].tolist() for layer in ROUTED_LAYERS}
+    serve_dir = tmp_path_factory.mktemp("serve") / "routed"
+    export(ExportJob(output=str(serve_dir), routers=str(routers_dir)))
+    return dict(prompts=prompts, reference=reference, decisions=decisions, serve_dir=serve_dir, eos=eos)
+
+
+def _serve(setup, tmp_path, **engine) -> dict:
+    request = {"model": str(setup["serve_dir"]), "engine": engine, "max_tokens": NEW_TOKENS,
+               "prompts": setup["prompts"], "log": str(tmp_path / "routing.jsonl")}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.run([sys.executable, "-m", "routertune.serve.engine", str(tmp_path / "request.json"),
+                           str(tmp_path / "result.json")], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+def _check(setup, result) -> None:
+    decided = {line["prompt_sha1"]: line for line in result["log"] if line["event"] == "decided"}
+    from routertune.serve.requests import prompt_sha1
+
+    for row, prompt in enumerate(setup["prompts"]):
+        line = decided[prompt_sha1(prompt)]
+        served = {int(k): v for k, v in line["decisions"].items()}
+        expected = {layer: bool(setup["decisions"][layer][row]) for layer in ROUTED_LAYERS}
+        assert served == expected, (row, served, expected)
+        assert result["tokens"][row] == setup["reference"][row], row
+    # the batch really mixes decisions row by row, at every routed layer
+    for layer in ROUTED_LAYERS:
+        assert 0 < sum(setup["decisions"][layer]) < len(setup["prompts"]), layer
+
+
+def test_served_tokens_and_decisions_equal_routed_generate(setup, tmp_path):
+    result = _serve(setup, tmp_path, max_model_len=512)
+    _check(setup, result)
+    assert not [line for line in result["log"] if line["event"] == "recomputed"]
+
+
+def test_preemption_keeps_decisions_and_tokens(setup, tmp_path):
+    # 9 blocks of 32 tokens (one is held back) for 6 requests growing to ~60-80 tokens each: vLLM must preempt
+    result = _serve(setup, tmp_path, max_model_len=256, block_size=32, num_gpu_blocks_override=9)
+    recomputed = [line for line in result["log"] if line["event"] == "recomputed"]
+    assert recomputed, "the small KV cache did not force a preemption; shrink it"
+    _check(setup, result)
