@@ -80,7 +80,7 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
         assert stage in printed
     summary = (out / "summary.md").read_text()
     assert summary.splitlines()[0] in printed
-    assert "| lambada (KL/token) | 10% |" in summary and "| arc_easy (acc, %) | 20% |" in summary
+    assert "| lambada (KL/token) | 10% |" in summary and "| arc_easy (acc, %) | 20%" in summary
     assert "distinct skip patterns" in summary and "prefill 32 tokens" in summary
     curve = json.loads((out / "tradeoff" / "tradeoff.json").read_text())
     assert {v["kind"] for v in curve["variants"]} == {"dense", "static", "random", "routers"}
