@@ -34,7 +34,7 @@ from routertune.models import load_model_and_tokenizer
 from routertune.prompts import chat_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_ROUTERS = RESULTS / "routers-lm-0.5"
+DEFAULT_ROUTERS = RESULTS / "routers-default"
 
 
 def harness_requests(task_names: list[str], limit: int) -> list:
