@@ -125,7 +125,7 @@ def test_importance_fit_meets_the_capacity_and_orders_layers_by_importance():
     # per input, the fitted logits track each layer's own importance on texts never fitted
     corr = []
     for i in LAYERS:
-        logits = feats[i].float() @ routed.routers[i].weight.double().float().squeeze(0) + routed.routers[i].bias
+        logits = feats[i].float() @ routed.routers[i].weight.detach().double().float().squeeze(0) + routed.routers[i].bias
         corr.append(np.corrcoef(logits.detach().numpy(), targets[i].numpy())[0, 1])
     assert np.mean(corr) > 0.3, corr
     with pytest.raises(ValueError, match="attention routers"):
@@ -231,3 +231,38 @@ def test_shrink_scales_the_per_input_part_around_the_training_mean():
         torch.testing.assert_close(fitted[0.5][i][0], 0.5 * fitted[1.0][i][0])
     with pytest.raises(ValueError, match="shrink"):
         importance.fit_routers(RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS)), batches[:1], [], 0.5, shrink=2.0)
+
+
+def test_relative_target_removes_each_inputs_level_and_keeps_each_layers_mean():
+    """The relative target: per record, the mean over layers is the same constant for every record (no input
+    is 'easier overall'), each layer keeps its mean over records, and within a record the layers keep their
+    differences. Checked against a direct computation on random values."""
+    gen = torch.Generator().manual_seed(0)
+    y = {i: torch.randn(50, generator=gen, dtype=torch.float64) + i for i in (1, 2, 5)}
+    rel = importance.relative_to_input(y)
+    levels = torch.stack([rel[i] for i in (1, 2, 5)]).mean(0)
+    overall = torch.stack([y[i] for i in (1, 2, 5)]).mean()
+    torch.testing.assert_close(levels, torch.full_like(levels, float(overall)))
+    for i in y:
+        torch.testing.assert_close(rel[i].mean(), y[i].mean())
+    torch.testing.assert_close(rel[5] - rel[1], y[5] - y[1])
+
+
+def test_relative_fit_skips_a_steadier_number_of_layers_per_input():
+    """Fitted to the relative target, the routers' summed logit over layers varies less from input to input
+    than when fitted to the absolute one (the per-input level is what the relative target removes)."""
+    tok = tiny_tokenizer()
+    lists = [tok(t)["input_ids"][:40] for t in tradeoff.domain_texts("wikipedia", 16) + tradeoff.domain_texts("code", 16)]
+    batches = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask}
+               for b in tradeoff.text_batches(lists, 0, batch_size=8)]
+    spread = {}
+    for target in ("absolute", "relative"):
+        routed = RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS))
+        fit = importance.fit_routers(routed, batches, [], target_capacity=0.5, shrink=1.0, target=target)
+        assert fit.target == target
+        x, _ = importance.collect(routed, batches)
+        logits = torch.stack([x[i] @ routed.routers[i].weight.detach().double().view(-1) for i in LAYERS])  # (layers, N)
+        spread[target] = float(logits.sum(0).std())
+    assert spread["relative"] < 0.5 * spread["absolute"]
+    with pytest.raises(ValueError, match="target"):
+        importance.fit_routers(RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS)), batches[:1], [], 0.5, target="levels")

@@ -22,7 +22,7 @@ def _flag_type(annotation):
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
         return _flag_type(args[0])
     if origin is list:
-        return args[0], "+", False
+        return args[0], "*", False  # a bare flag gives []: e.g. `tradeoff --tasks` (held-out text only)
     if annotation is bool:
         return None, None, True
     return annotation, None, False

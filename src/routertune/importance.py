@@ -47,6 +47,7 @@ class ImportanceFit:
     layers: list[int]
     ridge: float  # chosen penalty (relative)
     shrink: float  # scale of the per-input part (1: the ridge fit; 0: the static prior alone)
+    target: str  # absolute (log importance) or relative (minus the input's mean over the routed layers)
     heldout_r2: dict[str, float]  # per chosen penalty: mean over layers of held-out R^2 of log importance
     offset: float  # c
     scale: float  # d
@@ -146,8 +147,21 @@ def _r2(x, y, w, b) -> float:
     return 1.0 - float(((y - pred) ** 2).sum()) / total if total > 0 else 0.0
 
 
+TARGETS = ("absolute", "relative")
+
+
+def relative_to_input(y: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Each record's log importance minus that record's mean over the routed layers (plus the overall mean, so
+    each layer keeps its average): what is left says which layers matter *more or less than usual* for this
+    input, not how much attention matters for it overall. Fitted to this, routers reorder the layers per input
+    but skip about the same number of layers for every input."""
+    stacked = torch.stack([y[i] for i in sorted(y)])  # (layers, N)
+    level = stacked.mean(0)
+    return {i: y[i] - level + level.mean() for i in y}
+
+
 def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capacity: float,
-                shrink: float = 1.0) -> ImportanceFit:
+                shrink: float = 1.0, target: str = "absolute") -> ImportanceFit:
     """Fit every router of `routed` in place (weights and bias) and return what was chosen.
 
     `shrink` scales the per-input part around the training mean (logit = prior + shrink * w.(x - mean)):
@@ -157,6 +171,8 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
         raise ValueError(f"target_capacity={target_capacity} must lie in [0, 1]")
     if not 0.0 <= shrink <= 1.0:
         raise ValueError(f"shrink={shrink} must lie in [0, 1]")
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} is not one of {', '.join(TARGETS)}")
     x_train, y_train = collect(routed, train_batches)
     layers = sorted(x_train)
     n = int(next(iter(x_train.values())).shape[0])
@@ -164,6 +180,9 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
         raise ValueError(f"the importance fit needs at least 2 training records, got {n}")
     notes = []
     x_held, y_held = collect(routed, heldout_batches) if heldout_batches else ({}, {})
+    if target == "relative":
+        y_train = relative_to_input(y_train)
+        y_held = relative_to_input(y_held) if y_held else y_held
     r2 = {}
     if x_held and int(next(iter(x_held.values())).shape[0]) >= 2:
         for penalty in RIDGE_GRID:
@@ -198,6 +217,6 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
             router.weight.copy_((w / scale).to(router.weight.dtype).view_as(router.weight))
             router.bias.copy_(torch.tensor([(b - offset) / scale], dtype=router.bias.dtype))
     capacity = float((predicted >= offset).double().mean())
-    return ImportanceFit(layers=layers, ridge=ridge, shrink=shrink, heldout_r2=r2, offset=offset, scale=scale,
+    return ImportanceFit(layers=layers, ridge=ridge, shrink=shrink, target=target, heldout_r2=r2, offset=offset, scale=scale,
                          mean_log_importance=means, train_capacity=capacity, records=n, notes=notes)
 

@@ -140,7 +140,8 @@ def _fit_importance(routed, examples, cfg: TrainConfig, pad, heldout, device) ->
     result = TrainResult(steps=0, seconds=0.0)
     if heldout:
         result.dense = evaluate_loss(routed, heldout, dense=True)
-    fit = importance.fit_routers(routed, batches, heldout, cfg.target_capacity, shrink=cfg.shrink)
+    fit = importance.fit_routers(routed, batches, heldout, cfg.target_capacity, shrink=cfg.shrink,
+                                   target=cfg.importance_target)
     result.fit = asdict(fit)
     result.seconds = time.perf_counter() - began
     if heldout:

@@ -371,7 +371,9 @@ class TradeoffJob:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_tokens < 8:
             problems.append(f"max_tokens={self.max_tokens} must be >= 8 (half routes, half is scored)")
-        if any(not 0 < t < 1 for t in self.skip_targets):
+        if not self.domains and not self.tasks:
+            problems.append("nothing to measure: pass at least one of --domains, --tasks")
+        if not self.skip_targets or any(not 0 < t < 1 for t in self.skip_targets):
             problems.append(f"skip_targets={self.skip_targets} must lie in (0, 1)")
         if self.thresholds is not None and any(not 0 < t < 1 for t in self.thresholds):
             problems.append(f"thresholds={self.thresholds} must lie in (0, 1)")

@@ -45,6 +45,7 @@ class TrainConfig:
     objective: str = field(default="importance", metadata={"help": "importance (routers fitted to each input's attention importance, on top of static drop's order; no gradient descent), lm (response cross-entropy, the paper's) or distill (KL to the dense model)"})
     target_capacity: float = field(default=0.75, metadata={"help": "fraction of routed sublayers to run, in [0, 1]"})
     shrink: float = field(default=0.5, metadata={"help": "importance objective: scale of the per-input part of each router around the training mean (1: the full ridge fit, 0: a static drop ordered by mean importance)"})
+    importance_target: str = field(default="absolute", metadata={"help": "importance objective: what each router predicts per input: absolute (log importance) or relative (log importance minus the input's mean over the routed layers: layers reordered per input, about the same number skipped for every input)"})
     capacity_weight: float = field(default=0.1, metadata={"help": "lambda of the capacity hinge ReLU(capacity - target)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for the routers"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -66,6 +67,8 @@ class TrainConfig:
             problems.append(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if not 0.0 <= self.shrink <= 1.0:
             problems.append(f"shrink={self.shrink} must lie in [0, 1]")
+        if self.importance_target not in ("absolute", "relative"):
+            problems.append(f"importance_target={self.importance_target!r} is not one of absolute, relative")
         if not 0.0 <= self.target_capacity <= 1.0:
             problems.append(f"target_capacity={self.target_capacity} must lie in [0, 1]")
         if self.capacity_weight < 0:
