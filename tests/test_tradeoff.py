@@ -266,3 +266,37 @@ def test_relative_fit_skips_a_steadier_number_of_layers_per_input():
     assert spread["relative"] < 0.5 * spread["absolute"]
     with pytest.raises(ValueError, match="target"):
         importance.fit_routers(RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS)), batches[:1], [], 0.5, target="levels")
+
+
+def test_mixed_workload_pools_texts_and_interpolates_at_the_pooled_skip():
+    """benchmarks/mixed_workload.py against a hand computation: two domains, static drop (k=0, 3 of 30) and two
+    router thresholds whose skips differ by domain; at pooled skip 0.1 the routers' per-text KL is the
+    per-text linear interpolation between the two router points (pooled skips 0.05 and 0.25)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("mixed_workload", Path(__file__).parent.parent / "benchmarks" / "mixed_workload.py")
+    mixed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mixed)
+
+    def setting(skip, kl):
+        return {"skip": skip, "per_text_kl": kl, "per_text_tokens": [10.0, 20.0]}
+
+    domains = {
+        "a": {"dense": setting(0.0, [0.0, 0.0]), "static 3": setting(0.1, [3.0, 6.0]),
+              "routers @ 0.4": setting(0.0, [0.0, 0.0]), "routers @ 0.5": setting(0.2, [2.0, 4.0])},
+        "b": {"dense": setting(0.0, [0.0, 0.0]), "static 3": setting(0.1, [1.0, 2.0]),
+              "routers @ 0.4": setting(0.1, [1.0, 1.0]), "routers @ 0.5": setting(0.3, [3.0, 5.0]),
+              "routers @ 0.45": setting(0.1, [9.0, 9.0])},  # not measured on domain a: left out
+    }
+    result = {"domains": {d: {"settings": s} for d, s in domains.items()},
+              "job": {"skip_targets": [0.1], "bootstrap": 200}}
+    out = mixed.mixed_workload(result)
+    m = out["matched"]["0.10"]
+    tokens = np.array([10.0, 20.0, 10.0, 20.0])
+    routers = 0.75 * np.array([0, 0, 1, 1]) / tokens + 0.25 * np.array([2, 4, 3, 5]) / tokens  # pooled 0.05 .. 0.25
+    static = np.array([3, 6, 1, 2]) / tokens  # static 3 is exactly at 0.1
+    assert m["routers"] == pytest.approx((routers * tokens).sum() / tokens.sum())
+    assert m["static"] == pytest.approx((static * tokens).sum() / tokens.sum())
+    assert m["minus_static"] == pytest.approx(m["routers"] - m["static"])
+    assert m["routers_between"] == [pytest.approx(0.05), pytest.approx(0.25)]
