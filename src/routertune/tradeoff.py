@@ -355,7 +355,7 @@ class TradeoffJob:
     fidelity_prompts: int = field(default=32, metadata={"help": "held-out chat prompts for greedy agreement (0 = off)"})
     fidelity_tokens: int = field(default=32, metadata={"help": "greedy tokens per fidelity prompt"})
     calibration_samples: int = field(default=64, metadata={"help": "chat prompts of the tuning mix's train split: static-drop importance and the sweep's thresholds"})
-    accuracy_settings: str = field(default="matched", metadata={"help": "which settings the (costly) accuracy runs on: 'matched' (dense, static at the targets, the router points around them) or 'all'"})
+    accuracy_settings: str = field(default="matched", metadata={"help": "which settings the (costly) accuracy runs on: 'matched' (static drop at the targets and, per target, the router point nearest it on the task's contexts; dense is not run) or 'all' (every setting, dense included)"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward for the accuracy tasks"})
 
