@@ -55,6 +55,8 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
 
     from routertune.serve.engine import engine_kwargs
 
+    from routertune.serve import attention
+
     llm = LLM(model, **engine_kwargs(**engine))
     counter = [0]
     conn.send("ready")
@@ -72,6 +74,7 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
             engine.add_request(ids[-1], TokensPrompt(prompt_token_ids=prompt), params)
         # step the engine ourselves: the process CPU time (and wall time) when each request's first and last
         # tokens come out
+        attention.reset_profile()
         cpu0, wall0 = time.process_time(), time.perf_counter()
         first, last, tokens = {}, {}, {}
         while engine.has_unfinished_requests():
@@ -83,7 +86,7 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
                     first[out.request_id] = (cpu, wall)
                 last[out.request_id], tokens[out.request_id] = (cpu, wall), n
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        conn.send({"cpu_s": cpu, "wall_s": wall, "requests": [
+        conn.send({"cpu_s": cpu, "wall_s": wall, "routed_layers_profile": attention.reset_profile(), "requests": [
             {"new_tokens": tokens[r], "ttft_cpu_s": first[r][0], "ttft_wall_s": first[r][1],
              "tpot_cpu_s": (last[r][0] - first[r][0]) / max(1, tokens[r] - 1),
              "tpot_wall_s": (last[r][1] - first[r][1]) / max(1, tokens[r] - 1)} for r in ids]})
@@ -199,6 +202,7 @@ def main(argv=None) -> int:
     from routertune.bench import FlopCounter
     from routertune.config import RouterConfig
     from routertune.models import load_tokenizer, resolve_model_path
+    from routertune.serve.attention import PROFILE_ENV
     from routertune.serve.export import ExportJob, export
     from routertune.serve.requests import LOG_ENV, prompt_sha1
     from transformers import AutoConfig
@@ -225,7 +229,7 @@ def main(argv=None) -> int:
     log_path = work / "routing.jsonl"
     log_path.unlink(missing_ok=True)
     env = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
+           "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib), PROFILE_ENV: "1"}
     engine = {"max_model_len": max_len, "disable_log_stats": False}
     engines = {
         "dense": Engine("dense", base, engine, env),
@@ -296,6 +300,11 @@ def main(argv=None) -> int:
                          "wall_s_all": [x["wall_s"] for x in r]},
                 "flops_prefill": flops[name][0], "flops_decode": flops[name][1],
             }
+            if variants[name][0] == "routed":
+                # wall seconds inside the routed attention sublayers, summed over repeats: routing code vs
+                # vLLM's attention, and how many layer calls ran dense / on a subset / not at all
+                entry["variants"][name]["routed_layers_profile"] = {
+                    key: sum(x["routed_layers_profile"][key] for x in r) for key in r[0]["routed_layers_profile"]}
         dense = entry["variants"]["dense"]
         for name in names:
             v = entry["variants"][name]
