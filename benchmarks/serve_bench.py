@@ -44,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_FORCED_VS_STATIC = 0.9  # gain(routed_static_set) / gain(static) at 2048-token prompts
 TARGET_OWN_VS_IDEAL = 0.8  # speed-up(routed) / ideal speed-up at 2048-token prompts
+ISSUE_PROMPTS, ISSUE_CONCURRENCY = (128, 512, 2048), (1, 8, 32)  # the grid the issue asks for
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,7 +195,9 @@ def main(argv=None) -> int:
         results = [entry for path in args.summarise for entry in json.loads(Path(path).read_text())]
         out = {"schema": "routertune.serve_bench/1", "merged_from": args.summarise,
                "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "settings": results, "targets": targets_of(results)}
+               "settings": results, "targets": targets_of(results),
+               "not_measured": [f"{p}x{c}" for p in ISSUE_PROMPTS for c in ISSUE_CONCURRENCY
+                                if not any(e["prompt_tokens"] == p and e["concurrent"] == c for e in results)]}
         Path(args.output).write_text(json.dumps(out, indent=2))
         print(json.dumps(out["targets"], indent=2))
         return 0
@@ -350,7 +353,7 @@ def main(argv=None) -> int:
         "routers": args.routers, "routed_layers": router_config.layers, "threshold": router_config.threshold,
         "static_layers": static_layers, "static_importance": static_report.importance,
         "engine_load_s": {n: e.load_s for n, e in engines.items()},
-        "not_measured": "2048x8, 2048x32, 512x32: about 6-12 CPU-minutes per variant each on one shared core",
+        "not_measured": [f"{p}x{c}" for p in ISSUE_PROMPTS for c in ISSUE_CONCURRENCY if (p, c) not in settings],
         "settings": results, "targets": targets, "seconds": time.perf_counter() - started_all,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
