@@ -192,8 +192,15 @@ def main(argv=None) -> int:
                              "and write the output JSON with the targets")
     args = parser.parse_args(argv)
     if args.summarise:
-        results = [entry for path in args.summarise for entry in json.loads(Path(path).read_text())]
-        out = {"schema": "routertune.serve_bench/1", "merged_from": args.summarise,
+        results, runs = [], {}
+        for path in args.summarise:  # *.partial.json (a list of settings) or a whole output JSON
+            data = json.loads(Path(path).read_text())
+            if isinstance(data, dict):
+                results += data["settings"]
+                runs[path] = {k: v for k, v in data.items() if k not in ("settings", "targets", "not_measured")}
+            else:
+                results += data
+        out = {"schema": "routertune.serve_bench/1", "merged_from": args.summarise, "runs": runs,
                "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "settings": results, "targets": targets_of(results),
                "not_measured": [f"{p}x{c}" for p in ISSUE_PROMPTS for c in ISSUE_CONCURRENCY
