@@ -82,12 +82,12 @@ def setup(tmp_path_factory):
         width, k = max(gaps)
         thresholds[layer] = (scores[k] + scores[k + 1]) / 2
         margins[layer] = width / 2
-        bias = float(routed.routers[layer].bias)
+        bias = routed.routers[layer].bias.item()
         without_bias = [torch.sigmoid(torch.logit(torch.tensor(x, dtype=torch.float64)) - bias).item() for x in raw]
         bias_flips += sum((a >= thresholds[layer]) != (b >= thresholds[layer]) for a, b in zip(raw, without_bias))
     routed.set_threshold(0.5, thresholds)
     assert min(margins.values()) > MIN_MARGIN, margins
-    assert all(float(r.bias) != 0 for r in routed.routers.values())
+    assert all(r.bias.item() != 0 for r in routed.routers.values())
     assert bias_flips > 0, "without their biases the routers would take the same decisions: raise BIAS"
     routers_dir = tmp_path_factory.mktemp("routers")
     routed.save_pretrained(routers_dir)
