@@ -44,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_FORCED_VS_STATIC = 0.9  # gain(routed_static_set) / gain(static) at 2048-token prompts
 TARGET_OWN_VS_IDEAL = 0.8  # speed-up(routed) / ideal speed-up at 2048-token prompts
+ISSUE_PROMPTS, ISSUE_CONCURRENCY = (128, 512, 2048), (1, 8, 32)  # the grid the issue asks for
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,6 +55,8 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
     from vllm.inputs import TokensPrompt
 
     from routertune.serve.engine import engine_kwargs
+
+    from routertune.serve import attention
 
     llm = LLM(model, **engine_kwargs(**engine))
     counter = [0]
@@ -72,6 +75,7 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
             engine.add_request(ids[-1], TokensPrompt(prompt_token_ids=prompt), params)
         # step the engine ourselves: the process CPU time (and wall time) when each request's first and last
         # tokens come out
+        attention.reset_profile()
         cpu0, wall0 = time.process_time(), time.perf_counter()
         first, last, tokens = {}, {}, {}
         while engine.has_unfinished_requests():
@@ -83,7 +87,7 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
                     first[out.request_id] = (cpu, wall)
                 last[out.request_id], tokens[out.request_id] = (cpu, wall), n
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        conn.send({"cpu_s": cpu, "wall_s": wall, "requests": [
+        conn.send({"cpu_s": cpu, "wall_s": wall, "routed_layers_profile": attention.reset_profile(), "requests": [
             {"new_tokens": tokens[r], "ttft_cpu_s": first[r][0], "ttft_wall_s": first[r][1],
              "tpot_cpu_s": (last[r][0] - first[r][0]) / max(1, tokens[r] - 1),
              "tpot_wall_s": (last[r][1] - first[r][1]) / max(1, tokens[r] - 1)} for r in ids]})
@@ -188,10 +192,19 @@ def main(argv=None) -> int:
                              "and write the output JSON with the targets")
     args = parser.parse_args(argv)
     if args.summarise:
-        results = [entry for path in args.summarise for entry in json.loads(Path(path).read_text())]
-        out = {"schema": "routertune.serve_bench/1", "merged_from": args.summarise,
+        results, runs = [], {}
+        for path in args.summarise:  # *.partial.json (a list of settings) or a whole output JSON
+            data = json.loads(Path(path).read_text())
+            if isinstance(data, dict):
+                results += data["settings"]
+                runs[path] = {k: v for k, v in data.items() if k not in ("settings", "targets", "not_measured")}
+            else:
+                results += data
+        out = {"schema": "routertune.serve_bench/1", "merged_from": args.summarise, "runs": runs,
                "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "settings": results, "targets": targets_of(results)}
+               "settings": results, "targets": targets_of(results),
+               "not_measured": [f"{p}x{c}" for p in ISSUE_PROMPTS for c in ISSUE_CONCURRENCY
+                                if not any(e["prompt_tokens"] == p and e["concurrent"] == c for e in results)]}
         Path(args.output).write_text(json.dumps(out, indent=2))
         print(json.dumps(out["targets"], indent=2))
         return 0
@@ -199,6 +212,7 @@ def main(argv=None) -> int:
     from routertune.bench import FlopCounter
     from routertune.config import RouterConfig
     from routertune.models import load_tokenizer, resolve_model_path
+    from routertune.serve.attention import PROFILE_ENV
     from routertune.serve.export import ExportJob, export
     from routertune.serve.requests import LOG_ENV, prompt_sha1
     from transformers import AutoConfig
@@ -225,7 +239,7 @@ def main(argv=None) -> int:
     log_path = work / "routing.jsonl"
     log_path.unlink(missing_ok=True)
     env = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
+           "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib), PROFILE_ENV: "1"}
     engine = {"max_model_len": max_len, "disable_log_stats": False}
     engines = {
         "dense": Engine("dense", base, engine, env),
@@ -296,6 +310,11 @@ def main(argv=None) -> int:
                          "wall_s_all": [x["wall_s"] for x in r]},
                 "flops_prefill": flops[name][0], "flops_decode": flops[name][1],
             }
+            if variants[name][0] == "routed":
+                # wall seconds inside the routed attention sublayers, summed over repeats: routing code vs
+                # vLLM's attention, and how many layer calls ran dense / on a subset / not at all
+                entry["variants"][name]["routed_layers_profile"] = {
+                    key: sum(x["routed_layers_profile"][key] for x in r) for key in r[0]["routed_layers_profile"]}
         dense = entry["variants"]["dense"]
         for name in names:
             v = entry["variants"][name]
@@ -341,7 +360,7 @@ def main(argv=None) -> int:
         "routers": args.routers, "routed_layers": router_config.layers, "threshold": router_config.threshold,
         "static_layers": static_layers, "static_importance": static_report.importance,
         "engine_load_s": {n: e.load_s for n, e in engines.items()},
-        "not_measured": "2048x8, 2048x32, 512x32: about 6-12 CPU-minutes per variant each on one shared core",
+        "not_measured": [f"{p}x{c}" for p in ISSUE_PROMPTS for c in ISSUE_CONCURRENCY if (p, c) not in settings],
         "settings": results, "targets": targets, "seconds": time.perf_counter() - started_all,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -139,3 +139,28 @@ def test_generate_until_is_batched_truncated_and_cut_at_stops(tok, monkeypatch):
         assert text == expected
     with pytest.raises(ValueError, match="max_gen_toks=24.*max_length 24"):
         lm.generate_until([Instance("generate_until", {}, ("Hi", {"max_gen_toks": 24}), 0)])
+
+
+# --- logits at per-row positions, on every transformers release vLLM pins ----------------------------------
+@pytest.mark.parametrize("boolean_keep", [True, False])
+def test_kept_logits_are_each_rows_own_positions(boolean_keep, monkeypatch):
+    """The harness scores only chosen positions of each row (a (B, T) mask, different per row). transformers
+    5.20+ slice that mask itself; earlier ones (vLLM's pin) get the union of positions and the harness picks
+    each row's own. Both must equal the full logits indexed by the mask, in row-major order."""
+    from routertune import harness
+
+    if boolean_keep and not harness._BOOLEAN_LOGITS_TO_KEEP:
+        pytest.skip("this transformers has no boolean logits_to_keep")
+    monkeypatch.setattr(harness, "_BOOLEAN_LOGITS_TO_KEEP", boolean_keep)
+    model = tiny_llama(0)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 9), generator=gen)
+    keep = torch.zeros(3, 9, dtype=torch.bool)
+    keep[0, [1, 4]] = True
+    keep[1, [2, 3, 8]] = True  # rows keep different positions, and different counts
+    keep[2, 4] = True
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        got = harness._kept_logits(model, keep, input_ids=ids, use_cache=False)
+    assert got.shape == (int(keep.sum()), model.config.vocab_size)
+    torch.testing.assert_close(got, full[keep], atol=1e-5, rtol=1e-5)

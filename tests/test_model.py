@@ -193,8 +193,8 @@ def test_static_drop_importance_equals_hand_computation():
         rope = model.model.rotary_emb(h, pos)
         from transformers.masking_utils import create_causal_mask
 
-        causal = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=mask, cache=None,
-                                    position_ids=pos)
+        # the cache argument is positional: `cache` from transformers 5.20, `past_key_values` before
+        causal = create_causal_mask(model.config, h, mask, None, position_ids=pos)
         for idx, block in enumerate(model.model.layers):
             attn, _ = block.self_attn(block.input_layernorm(h), position_embeddings=rope, attention_mask=causal)
             cos = torch.nn.functional.cosine_similarity(h, h + attn, dim=-1)

@@ -59,6 +59,11 @@ def _assert_logits_close(got, expected):
         torch.testing.assert_close(g, e, atol=ATOL, rtol=0, msg=lambda m: f"step {step}: {m}")
 
 
+def _returned_cache(output):
+    """The KV cache a forward returned: `cache` from transformers 5.20, `past_key_values` before."""
+    return output.cache if "cache" in output else output.past_key_values
+
+
 def test_prefill_logits_and_kv_contents_equal_reference(family, granularity):
     """A mixed-decision, unequal-length batch: logits at every real position, the decisions, and the cached
     K/V of every layer (executed rows only in routed layers, every row in dense ones) equal the reference."""
@@ -72,7 +77,7 @@ def test_prefill_logits_and_kv_contents_equal_reference(family, granularity):
     torch.testing.assert_close(got.logits[real], expected.logits[real], atol=ATOL, rtol=0)
     _assert_decisions_match(calls[-1].decisions, ref.decisions)
     stores_kv = granularity in ("attention", "block")
-    for idx, (mine, theirs) in enumerate(zip(cache.layers, expected.cache.layers)):
+    for idx, (mine, theirs) in enumerate(zip(cache.layers, _returned_cache(expected).layers)):
         runs = ref.decisions.get(idx) if stores_kv else None
         if runs is not None and not runs.any():
             assert not mine.is_initialized or mine.keys.numel() == 0, f"layer {idx} stored K/V nobody ran"

@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
 ROUTED_LAYERS = [14, 17, 20, 23, 26, 28]
 NEW_TOKENS = 32
+BIAS = 0.75  # |bias| of every router (logit units)
 MIN_MARGIN = 2e-3  # every router score lies at least this far from its threshold (numerics differ ~1e-6)
 PROMPTS = [
     "What is the capital of France?",
@@ -65,19 +66,29 @@ def setup(tmp_path_factory):
     with torch.no_grad():
         for router in routed.routers.values():
             router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 4 / math.sqrt(router.weight.shape[-1]))
+            # non-zero biases of either sign (trained routers carry one): a server that dropped them would
+            # shift every score of a layer and, as checked below, flip decisions
+            router.bias.copy_(torch.randn(router.bias.shape, generator=gen).sign() * BIAS)
     prompts = [_chat_ids(tokenizer, p) for p in PROMPTS]
     # layers not yet placed run for everyone (threshold ~0); a layer's scores depend only on earlier layers
     thresholds = {layer: 1e-6 for layer in ROUTED_LAYERS}
     margins = {}
+    bias_flips = 0
     for layer in ROUTED_LAYERS:
         routed.set_threshold(0.5, dict(thresholds))
-        scores = sorted(_scores(routed, prompts, layer))
+        raw = _scores(routed, prompts, layer)
+        scores = sorted(raw)
         gaps = [(scores[k + 1] - scores[k], k) for k in range(len(scores) - 1)]
         width, k = max(gaps)
         thresholds[layer] = (scores[k] + scores[k + 1]) / 2
         margins[layer] = width / 2
+        bias = routed.routers[layer].bias.item()
+        without_bias = [torch.sigmoid(torch.logit(torch.tensor(x, dtype=torch.float64)) - bias).item() for x in raw]
+        bias_flips += sum((a >= thresholds[layer]) != (b >= thresholds[layer]) for a, b in zip(raw, without_bias))
     routed.set_threshold(0.5, thresholds)
     assert min(margins.values()) > MIN_MARGIN, margins
+    assert all(r.bias.item() != 0 for r in routed.routers.values())
+    assert bias_flips > 0, "without their biases the routers would take the same decisions: raise BIAS"
     routers_dir = tmp_path_factory.mktemp("routers")
     routed.save_pretrained(routers_dir)
 

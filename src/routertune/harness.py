@@ -39,11 +39,16 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import modeling_utils
 
 from . import inject, routing, tasks
 from .cache import RoutedCache, cache_kwarg
 
 log = logging.getLogger(__name__)
+
+# transformers 5.20+ take a (B, T) boolean logits_to_keep (each row its own positions, output flattened);
+# earlier releases index the sequence axis with it as given
+_BOOLEAN_LOGITS_TO_KEEP = hasattr(modeling_utils, "slice_logits_to_keep")
 
 try:  # the harness is a dependency, but keep `import routertune.harness` cheap and its absence explicit
     from lm_eval.api.model import TemplateLM
@@ -391,21 +396,21 @@ class RoutedLM(TemplateLM):
                 keep[b, n_in - rows[i].n_cont: n_in] = True
             if decided is None:
                 with routing.record() as calls, routing.pool_over(route.to(self.device)):
-                    logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                        use_cache=False, logits_to_keep=keep.to(self.device)).logits
+                    logits = _kept_logits(self.model, keep.to(self.device), input_ids=ids.to(self.device),
+                                          attention_mask=mask.to(self.device), use_cache=False)
                 self._count(calls, [rows[i].task for i in batch])
             else:
                 cache = RoutedCache(config=self.model.config)
                 chosen = [decided[(rows[i].task, rows[i].route)] for i in batch]
                 for layer in chosen[0]:
                     cache.set_decision(layer, torch.stack([d[layer] for d in chosen]))  # (B,)
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    cache=cache, use_cache=True, logits_to_keep=keep.to(self.device)).logits
+                logits = _kept_logits(self.model, keep.to(self.device), input_ids=ids.to(self.device),
+                                      attention_mask=mask.to(self.device), cache=cache, use_cache=True)
             index = _kept_index(keep)
             for b, i in enumerate(batch):
                 n_in = len(rows[i].tokens) - 1
                 at = index[b, n_in - rows[i].n_cont: n_in].to(logits.device)
-                results[i] = _score_positions(_flat(logits)[at], rows[i].tokens[-rows[i].n_cont:])
+                results[i] = _score_positions(logits[at], rows[i].tokens[-rows[i].n_cont:])
             bar.update(len(batch))
 
     def _score_shared(self, rows, indices, results, bar) -> None:
@@ -483,12 +488,10 @@ class RoutedLM(TemplateLM):
             dtype = next(self.model.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
         with routing.record() as calls, routing.pool_over(route.to(device)):
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                position_ids=position.to(device), use_cache=False,
-                                logits_to_keep=keep.to(device)).logits
+            flat = _kept_logits(self.model, keep.to(device), input_ids=ids.to(device),
+                                attention_mask=mask.to(device), position_ids=position.to(device), use_cache=False)
         self._count(calls, task_names)
         index = _kept_index(keep)
-        flat = _flat(logits)
         for g, (_, _, _, n_prefix, spans) in enumerate(layouts):
             for i, start, n_rest in spans:
                 at = index[g, _scored_positions(rows[i], n_prefix, start, n_rest)].to(flat.device)
@@ -543,9 +546,9 @@ class RoutedLM(TemplateLM):
             keep = torch.zeros((len(flat), rest_width), dtype=torch.bool)
             for r, i in enumerate(flat):  # rest positions whose logits are scored
                 keep[r, max(0, len(rests[r]) - rows[i].n_cont): len(rests[r])] = True
-            step_logits = _flat(self.model(input_ids=rest_ids.to(device), attention_mask=full_mask.to(device),
-                                           position_ids=rest_pos.to(device), cache=cache, use_cache=True,
-                                           logits_to_keep=keep.to(device)).logits)
+            step_logits = _kept_logits(self.model, keep.to(device), input_ids=rest_ids.to(device),
+                                       attention_mask=full_mask.to(device), position_ids=rest_pos.to(device),
+                                       cache=cache, use_cache=True)
             index = _kept_index(keep)
         for r, i in enumerate(flat):
             row = rows[i]
@@ -642,9 +645,16 @@ def _kept_index(keep: torch.Tensor) -> torch.Tensor:
     return keep.flatten().long().cumsum(0).sub(1).view(keep.shape)
 
 
-def _flat(logits: torch.Tensor) -> torch.Tensor:
-    """Logits of a boolean ``logits_to_keep`` come back flattened over the kept positions: (N, V)."""
-    return logits.reshape(-1, logits.shape[-1])
+def _kept_logits(model, keep: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The logits at the True positions of ``keep`` (B, T), flattened row by row: (N, V), the LM head run only
+    there (with a 49k vocabulary it would otherwise cost more than the model)."""
+    if _BOOLEAN_LOGITS_TO_KEEP:
+        return model(logits_to_keep=keep, **kwargs).logits  # already (N, V)
+    # transformers before 5.20 (the releases vLLM pins) slice logits_to_keep as positions shared by every row:
+    # keep the union of the rows' positions, then pick each row's own (same order as the boolean slice)
+    columns = keep.any(dim=0).nonzero().squeeze(-1)  # (K,)
+    logits = model(logits_to_keep=columns, **kwargs).logits  # (B, K, V)
+    return logits[keep[:, columns]]
 
 
 def _common_prefix(sequences: list[list[int]]) -> int:

@@ -20,6 +20,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 
+_CROP_REFUSED = ("a token-routed cache cannot be cropped (assisted / speculative decoding): each row holds a "
+                 "different number of tokens per layer. Generate without an assistant model.")
+
+
 @dataclass
 class KeyLayout:
     """What an attention call at a token-routed layer sees, for the rows it runs (B' rows)."""
@@ -214,10 +218,7 @@ class TokenLayer(CacheLayerMixin):
             self._reselect(torch.arange(self.counts.shape[0], device=self.counts.device).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "a token-routed cache cannot be cropped (assisted / speculative decoding): each row holds a different "
-            "number of tokens per layer. Generate without an assistant model."
-        )
+        raise NotImplementedError(_CROP_REFUSED)
 
     def reset(self) -> None:
         self.__init__(self.sliding_window)
@@ -274,6 +275,13 @@ class TokenRoutedCache(DynamicCache):
         self.cutoffs = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.cutoffs.items()}
 
     # -- accounting ------------------------------------------------------------------------------------------------
+    def crop(self, tokens_to_remove: int) -> None:
+        # refuse before any layer is touched (transformers < 5.20 crops the dense layers first, and fails on an
+        # empty one with a TypeError instead of this message)
+        if any(isinstance(layer, TokenLayer) for layer in self.layers):
+            raise NotImplementedError(_CROP_REFUSED)
+        super().crop(tokens_to_remove)
+
     def stored_tokens(self) -> dict[int, int]:
         """Tokens holding K/V at each token-routed layer (summed over rows)."""
         return {idx: layer.stored_tokens() for idx, layer in enumerate(self.layers) if isinstance(layer, TokenLayer)}

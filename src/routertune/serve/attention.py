@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import time
 
 import torch
 
@@ -27,6 +29,21 @@ from ..routing import Forcing
 from .requests import ServeBatch, current_batch
 
 logger = logging.getLogger(__name__)
+
+PROFILE_ENV = "ROUTERTUNE_SERVE_PROFILE"
+# where a routed layer's time goes (benchmarks read it in the engine process; off unless PROFILE_ENV is set):
+# seconds in the routing code itself (decisions, subset plans, gathers/scatters) and in vLLM's attention,
+# and how many layer calls ran dense, subset, or skipped whole
+PROFILE = {"routing_s": 0.0, "attention_s": 0.0, "calls_dense": 0, "calls_subset": 0, "calls_skipped": 0}
+_PROFILING = bool(os.environ.get(PROFILE_ENV))
+
+
+def reset_profile() -> dict:
+    """The counters so far, then zeroed."""
+    out = dict(PROFILE)
+    for key in PROFILE:
+        PROFILE[key] = type(PROFILE[key])(0)
+    return out
 
 
 class PartialPromptError(RuntimeError):
@@ -45,6 +62,24 @@ class RoutedAttention:
     dtype: torch.dtype  # the model's dtype, as vLLM's CPU metadata builder uses
 
     def __call__(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if not _PROFILING:
+            return self._forward(positions, hidden_states, **kwargs)
+        started, attention_before = time.perf_counter(), PROFILE["attention_s"]
+        try:
+            return self._forward(positions, hidden_states, **kwargs)
+        finally:
+            PROFILE["routing_s"] += time.perf_counter() - started - (PROFILE["attention_s"] - attention_before)
+
+    def _attention(self, **kwargs) -> torch.Tensor:
+        if not _PROFILING:
+            return self.original_forward(**kwargs)
+        started = time.perf_counter()
+        try:
+            return self.original_forward(**kwargs)
+        finally:
+            PROFILE["attention_s"] += time.perf_counter() - started
+
+    def _forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         batch = current_batch()
         if batch is None:
             # vLLM's own warm-up and profiling runs (no requests): the dense path, the most memory
@@ -62,13 +97,16 @@ class RoutedAttention:
         runs = self._decide(batch, starts, seq_lens, hidden_states)
         n_run = sum(runs)
         if n_run == len(runs):
-            return self.original_forward(positions=positions, hidden_states=hidden_states, **kwargs)
+            PROFILE["calls_dense"] += 1
+            return self._attention(positions=positions, hidden_states=hidden_states, **kwargs)
         out = hidden_states.new_zeros(hidden_states.shape)  # (T, H): skipped requests add nothing
         if n_run == 0:
+            PROFILE["calls_skipped"] += 1
             return out
+        PROFILE["calls_subset"] += 1
         plan = _plan(batch, runs, starts, metadata, context.slot_mapping[layer_name], self.module.attn, self.dtype)
         if plan is None:  # a backend whose metadata we cannot subset: exact, but every request computes
-            full = self.original_forward(positions=positions, hidden_states=hidden_states, **kwargs)
+            full = self._attention(positions=positions, hidden_states=hidden_states, **kwargs)
             return full * _row_mask(runs, starts, full)
         tokens, sub_metadata, sub_slots = plan
         if positions.dim() != 1:
@@ -76,8 +114,8 @@ class RoutedAttention:
         saved_metadata, saved_slots = context.attn_metadata[layer_name], context.slot_mapping[layer_name]
         context.attn_metadata[layer_name], context.slot_mapping[layer_name] = sub_metadata, sub_slots
         try:
-            sub_out = self.original_forward(positions=positions.index_select(0, tokens),
-                                            hidden_states=hidden_states.index_select(0, tokens), **kwargs)
+            sub_out = self._attention(positions=positions.index_select(0, tokens),
+                                      hidden_states=hidden_states.index_select(0, tokens), **kwargs)
         finally:
             context.attn_metadata[layer_name], context.slot_mapping[layer_name] = saved_metadata, saved_slots
         return out.index_copy_(0, tokens, sub_out)
