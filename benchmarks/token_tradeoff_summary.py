@@ -53,9 +53,15 @@ def summarise(token: dict, sequence: dict | None, targets, iterations: int = 200
             if not np.array_equal(seq_tokens, tokens):
                 raise ValueError(f"{domain}: the sequence run scored other texts (tokens per text differ); "
                                  "run both with the same --texts and --max-tokens")
-            static_gap = max(abs(float(np.max(np.abs(a[1] - b[1])))) for a, b in
+            static_gap = None if len(curves["static"]) == 1 else max(abs(float(np.max(np.abs(a[1] - b[1])))) for a, b in
                              zip(sorted(curves["static"], key=lambda p: p[0]),
                                  sorted(seq_curves["static"], key=lambda p: p[0])))
+        static_source = "token run"
+        if len(curves["static"]) == 1:  # the token run traced no static drop (--max-drop 0): take the sequence
+            # run's; static drop and dense do not depend on the routers, and the texts are the same (checked)
+            if seq_curves is None:
+                raise ValueError(f"{domain}: the token run has no static drop; pass --sequence with one")
+            curves["static"], static_source = seq_curves["static"], "sequence run"
         rows = {}
         for t in targets:
             row = {}
@@ -77,8 +83,9 @@ def summarise(token: dict, sequence: dict | None, targets, iterations: int = 200
                     diff, low, high = tradeoff.paired_bootstrap(a[0], b[0], tokens, iterations)
                     row[name] = {"diff": diff, "interval": [low, high]}
             rows[f"{t:.2f}"] = row
-        out[domain] = {"texts": data["texts"], "tokens": int(tokens.sum()), "at": rows}
-        if seq_curves is not None:
+        out[domain] = {"texts": data["texts"], "tokens": int(tokens.sum()), "static_from": static_source,
+                       "at": rows}
+        if seq_curves is not None and static_source == "token run":
             out[domain]["static_max_abs_difference_between_runs"] = static_gap
     return out
 
