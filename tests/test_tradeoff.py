@@ -300,3 +300,90 @@ def test_mixed_workload_pools_texts_and_interpolates_at_the_pooled_skip():
     assert m["static"] == pytest.approx((static * tokens).sum() / tokens.sum())
     assert m["minus_static"] == pytest.approx(m["routers"] - m["static"])
     assert m["routers_between"] == [pytest.approx(0.05), pytest.approx(0.25)]
+
+
+def _token_routed(threshold: float = 0.5, **config) -> tuple[RoutedModel, dict]:
+    """Token-level routers with seeded random weights (tokens both run and skip at every layer)."""
+    routed = RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS, unit="token", threshold=threshold, **config))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for router in routed.routers.values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 2)
+            router.bias.copy_(torch.randn(router.bias.shape, generator=gen) * 0.5)
+    weights = {layer: (r.weight.detach().clone(), r.bias.detach().clone()) for layer, r in routed.routers.items()}
+    return routed, weights
+
+
+def test_token_routers_skip_is_measured_on_the_scored_tokens_and_kl_matches_the_reference():
+    """Token routers on the curve: per text, KL and skip equal those of the independent reference (the plain
+    model with per-layer masks, each text alone); the skip counts (scored token, layer) pairs skipped."""
+    from token_reference import reference_logits
+
+    routed, weights = _token_routed()
+    plain = tiny_llama()
+    lists = _texts()
+    batches = tradeoff.text_batches(lists, 0, batch_size=4)  # right-padded batches of mixed lengths
+    variant = tradeoff.Variant("routers", threshold=0.5)
+    scores = tradeoff.score_texts(routed, batches, [tradeoff.Variant("dense"), variant], len(lists))[variant]
+    differs = 0
+    with torch.no_grad():
+        for i, ids in enumerate(lists):
+            x, n, half = torch.tensor([ids]), len(ids), len(ids) // 2
+            dense = F.log_softmax(plain(input_ids=x).logits[0, half - 1:-1].float(), -1)
+            logits, decisions = reference_logits(plain, "attention", weights, {layer: 0.5 for layer in LAYERS}, x,
+                                                 torch.ones_like(x))
+            routed_lp = F.log_softmax(logits[0, half - 1:-1].float(), -1)
+            kl = (dense.exp() * (dense - routed_lp)).sum()
+            assert scores.kl[i] == pytest.approx(float(kl), rel=1e-3, abs=1e-5)
+            skipped = torch.stack([~decisions[layer][0] for layer in LAYERS]).sum(0).double()  # (T,) per token
+            assert 0 < skipped.sum() < len(LAYERS) * n  # decisions are mixed
+            assert scores.skipped[i] == pytest.approx(float(skipped[half - 1: n - 1].mean()))
+            assert scores.skipped_all[i] == pytest.approx(float(skipped.mean()))
+            differs += abs(float(skipped[half - 1: n - 1].mean()) - float(skipped.mean())) > 1e-6
+    assert differs  # the scored tokens' skip is not the all-token one here, so the test tells them apart
+    summary = scores.summary(6)
+    assert summary["skip"] == pytest.approx(scores.skipped.mean() / 6)
+    assert summary["skip_all_tokens"] == pytest.approx(scores.skipped_all.mean() / 6)
+
+
+def test_sweep_spans_the_targets_for_token_routers():
+    routed, _ = _token_routed()
+    lists = _texts(8)
+    batches = tradeoff.text_batches(lists, 0, batch_size=4)
+    placement = [{"input_ids": b.input_ids, "attention_mask": b.route_mask} for b in batches]
+    targets = [0.1, 0.2, 0.3]
+    thresholds = tradeoff.sweep_thresholds(routed, placement, targets, 6, num_layers=6)
+    assert thresholds == sorted(thresholds) and len(thresholds) >= 4
+    variants = [tradeoff.Variant("routers", threshold=t) for t in thresholds]
+    scores = tradeoff.score_texts(routed, batches, variants, len(lists))
+    skips = [float(scores[v].skipped.mean() / 6) for v in variants]
+    assert all(a <= b + 1e-9 for a, b in zip(skips, skips[1:])), skips
+    # the sweep's points bracket every target (the threshold of a token router is per token, so the measured
+    # (token, layer) skip follows the score quantiles)
+    assert skips[0] < min(targets) and skips[-1] > max(targets), skips
+
+
+def test_tradeoff_cli_domains_only_and_top_k_token_routers_swept_by_threshold(byte_model, tmp_path):
+    """`--tasks` with no names runs no task; token routers saved in top-k mode are traced with thresholds
+    (top-k would ignore the threshold and put every point at one skip)."""
+    from transformers import AutoModelForCausalLM
+
+    routers, out = tmp_path / "routers", tmp_path / "tradeoff"
+    routed = RoutedModel(AutoModelForCausalLM.from_pretrained(byte_model),
+                         RouterConfig(layers=LAYERS, unit="token", token_top_k=0.5))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for router in routed.routers.values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 2)
+    routed.save_pretrained(routers)
+    assert main(["tradeoff", "--routers", str(routers), "--model", byte_model, "--output", str(out),
+                 "--domains", "code", "--texts", "6", "--max-tokens", "40", "--tasks", "--fidelity-prompts", "0",
+                 "--max-drop", "2", "--random-seeds", "0", "--sweep-points", "5", "--skip-targets", "0.2",
+                 "--bootstrap", "100", "--calibration-samples", "8"]) == 0
+    result = json.loads((out / "tradeoff.json").read_text())
+    assert result["tasks"] == {} and result["job"]["tasks"] == [] and set(result["domains"]) == {"code"}
+    assert result["unit"] == "token" and result["token_top_k_swept_as_thresholds"] == 0.5
+    skips = [s["skip"] for name, s in result["domains"]["code"]["settings"].items() if name.startswith("routers")]
+    assert len(set(round(s, 6) for s in skips)) >= 3, skips  # the threshold moves the skip
+    assert all("skip_all_tokens" in s for name, s in result["domains"]["code"]["settings"].items()
+               if name.startswith("routers"))

@@ -203,14 +203,19 @@ class TextScores:
     kl: np.ndarray
     nll: np.ndarray
     tokens: np.ndarray
-    skipped: np.ndarray  # attention sublayers skipped for this text (routers: its own decisions)
+    skipped: np.ndarray  # attention sublayers skipped for this text (routers: its own decisions; token
+    # routers: the mean over its scored tokens of the sublayers each skipped)
     patterns: list = field(default_factory=list)  # per text: the tuple of skipped layers
+    skipped_all: np.ndarray | None = None  # token routers: the same mean over all its real tokens
 
     def summary(self, num_layers: int) -> dict:
-        return {"kl": float(self.kl.sum() / self.tokens.sum()),
-                "ppl": float(math.exp(self.nll.sum() / self.tokens.sum())),
-                "skip": float(self.skipped.mean() / num_layers), "texts": int(len(self.kl)),
-                "tokens": int(self.tokens.sum()), "distinct_patterns": len(set(self.patterns))}
+        out = {"kl": float(self.kl.sum() / self.tokens.sum()),
+               "ppl": float(math.exp(self.nll.sum() / self.tokens.sum())),
+               "skip": float(self.skipped.mean() / num_layers), "texts": int(len(self.kl)),
+               "tokens": int(self.tokens.sum()), "distinct_patterns": len(set(self.patterns))}
+        if self.skipped_all is not None:
+            out["skip_all_tokens"] = float(self.skipped_all.mean() / num_layers)
+        return out
 
 
 @torch.inference_mode()
@@ -231,8 +236,12 @@ def score_texts(routed, batches: Sequence[TextBatch], variants: Sequence[Variant
             lp, calls = (dense, []) if variant.kind == "dense" else logprobs(variant)
             kl = (dense.exp() * (dense - lp)).sum(-1)  # (B, K)
             nll = -lp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
-            skipped, patterns = _skipped_per_row(variant, calls, len(batch.rows))
+            scored = torch.zeros(batch.input_ids.shape, dtype=torch.bool)  # (B, T): positions whose logits count
+            scored[:, batch.keep] = batch.score_mask
+            skipped, patterns, skipped_all = _skipped_per_row(variant, calls, len(batch.rows), scored)
             scores = out[variant]
+            if skipped_all is not None and scores.skipped_all is None:
+                scores.skipped_all = np.zeros(n_texts)
             for b, i in enumerate(batch.rows):
                 m = batch.score_mask[b]
                 scores.kl[i] = float(kl[b][m].sum())
@@ -240,36 +249,49 @@ def score_texts(routed, batches: Sequence[TextBatch], variants: Sequence[Variant
                 scores.tokens[i] = float(m.sum())
                 scores.skipped[i] = float(skipped[b])
                 scores.patterns[i] = patterns[b]
+                if skipped_all is not None:
+                    scores.skipped_all[i] = float(skipped_all[b])
             if progress:
                 progress(len(batch.rows))
     return out
 
 
-def _skipped_per_row(variant: Variant, calls, batch: int) -> tuple[np.ndarray, list[tuple[int, ...]]]:
-    """Per row: how many attention sublayers it skipped, and which."""
+def _skipped_per_row(variant: Variant, calls, batch: int, scored: torch.Tensor | None = None
+                     ) -> tuple[np.ndarray, list[tuple[int, ...]], np.ndarray | None]:
+    """Per row: how many attention sublayers it skipped, which, and (token routers only) the skip over all
+    its real tokens. `scored` (B, T): the positions whose predictions are scored (token routers' skip is
+    measured there; None = every real token)."""
     if variant.kind != "routers":
-        return np.full(batch, float(len(variant.drop))), [tuple(variant.drop)] * batch
+        return np.full(batch, float(len(variant.drop))), [tuple(variant.drop)] * batch, None
     decisions = calls[-1].decisions if calls else {}
     if not decisions:
-        return np.zeros(batch), [()] * batch
+        return np.zeros(batch), [()] * batch, None
     if calls[-1].token_runs:
-        return _token_skipped_per_row(calls[-1], batch)
+        return _token_skipped_per_row(calls[-1], batch, scored)
     layers = sorted(decisions)
     runs = torch.stack([decisions[i].cpu() for i in layers])  # (layers, B)
     patterns = [tuple(layers[j] for j in range(len(layers)) if not runs[j, b]) for b in range(batch)]
-    return (~runs).sum(0).double().numpy(), patterns
+    return (~runs).sum(0).double().numpy(), patterns, None
 
 
-def _token_skipped_per_row(call, batch: int) -> tuple[np.ndarray, list[tuple[int, ...]]]:
-    """Token routers: per row, the attention sublayers skipped per real token (a mean, so the skip ratio is
-    the share of (token, layer) pairs skipped), and the layers every one of its tokens skipped."""
+def _token_skipped_per_row(call, batch: int, scored: torch.Tensor | None
+                           ) -> tuple[np.ndarray, list[tuple[int, ...]], np.ndarray]:
+    """Token routers: per row, the attention sublayers skipped per scored token (a mean, so that skip / layers
+    is the share of (scored token, layer) pairs skipped, comparable to a sequence router's share of sublayers
+    skipped: the sublayers that did not run for the predictions scored), the layers every one of its tokens
+    skipped, and the same mean over all its real tokens (the prefill's compute)."""
     layers = sorted(call.token_runs)
     runs = torch.stack([call.token_runs[i].cpu() for i in layers])  # (layers, B, T)
-    real = (call.attention_mask[:, -runs.shape[-1]:].bool().cpu() if call.attention_mask is not None
+    steps = runs.shape[-1]
+    real = (call.attention_mask[:, -steps:].bool().cpu() if call.attention_mask is not None
             else torch.ones(runs.shape[1:], dtype=torch.bool))
-    skipped = ((~runs) & real).sum(0).double().sum(-1) / real.sum(-1).clamp_min(1)  # (B,)
+    counted = real if scored is None else real & scored[:, -steps:].cpu()
+
+    def mean_skipped(where):  # (B,)
+        return (((~runs) & where).sum(0).double().sum(-1) / where.sum(-1).clamp_min(1)).numpy()
+
     patterns = [tuple(layers[j] for j in range(len(layers)) if not runs[j, b][real[b]].any()) for b in range(batch)]
-    return skipped.numpy(), patterns
+    return mean_skipped(counted), patterns, mean_skipped(real)
 
 
 # --- multiple-choice accuracy through lm-eval's task configs ---------------------------------------------------
@@ -343,7 +365,7 @@ class TradeoffJob:
     domains: list[str] = field(default_factory=lambda: list(DOMAINS), metadata={"help": "held-out text domains for KL and perplexity"})
     texts: int = field(default=32, metadata={"help": "texts per domain"})
     max_tokens: int = field(default=192, metadata={"help": "tokens per text (the first half routes, the second is scored)"})
-    tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": "multiple-choice tasks (lm-eval configs)"})
+    tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": "multiple-choice tasks (lm-eval configs); the flag with no names runs none"})
     limit: int | None = field(default=1000, metadata={"help": "items per task (first N of the validation set; 0 = all)"})
     skip_targets: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3], metadata={"help": "measured skip ratios (of all attention sublayers) where the curves are compared"})
     max_drop: int = field(default=10, metadata={"help": "static drop traced for k = 0..max_drop"})
@@ -471,6 +493,12 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     RouterConfig.load(job.routers)  # a wrong folder fails before the model loads
     model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)
     routed = RoutedModel.from_pretrained(model, job.routers)
+    top_k = routed.router_config.token_top_k
+    if top_k is not None:
+        # the curve sweeps a threshold on the routers' scores; in top-k mode the threshold would be ignored and
+        # every point would sit at the same skip, so the same routers are traced in threshold mode instead
+        log(f"tradeoff: the token routers run top-k ({top_k}); their scores are swept with thresholds instead")
+        routed.router_config.token_top_k = None
     num_layers = int(model.config.num_hidden_layers)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -501,6 +529,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                                                     num_layers)
     variants += [Variant("routers", threshold=t) for t in thresholds]
     result: dict = {"job": asdict(job), "num_layers": num_layers, "routed_layers": routed.routed_layers,
+                    "unit": routed.router_config.unit, "token_top_k_swept_as_thresholds": top_k,
                     "importance": importance.scores, "variants": [_describe(v) for v in variants],
                     "domains": {}, "tasks": {}, "fidelity": {}, "matched": {}}
 
