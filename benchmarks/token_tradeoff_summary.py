@@ -8,7 +8,7 @@ KL of static drop, token and sequence routers (each curve interpolated per text 
 token - static, sequence - static, token - sequence with paired bootstrap 95% intervals over texts.
 
     python benchmarks/token_tradeoff_summary.py --token benchmarks/results/tradeoff-token/{lambada,wikipedia,code} \
-        --sequence /work/exp/s4/tradeoff/tradeoff.json --output benchmarks/results/tradeoff-token
+        --sequence benchmarks/results/tradeoff/tradeoff.json --output benchmarks/results/tradeoff-token
 """
 
 from __future__ import annotations
