@@ -22,7 +22,7 @@ def _flag_type(annotation):
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
         return _flag_type(args[0])
     if origin is list:
-        return args[0], "*", False  # a bare flag gives []: e.g. `tradeoff --tasks` (held-out text only)
+        return args[0], "+", False
     if annotation is bool:
         return None, None, True
     return annotation, None, False
@@ -37,6 +37,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         kind, nargs, is_bool = _flag_type(hints[f.name])
+        if nargs == "+" and f.metadata.get("may_be_empty"):
+            nargs = "*"  # a bare flag gives []: e.g. `tradeoff --tasks` (held-out text only)
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
