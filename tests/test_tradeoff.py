@@ -387,3 +387,15 @@ def test_tradeoff_cli_domains_only_and_top_k_token_routers_swept_by_threshold(by
     assert len(set(round(s, 6) for s in skips)) >= 3, skips  # the threshold moves the skip
     assert all("skip_all_tokens" in s for name, s in result["domains"]["code"]["settings"].items()
                if name.startswith("routers"))
+
+
+def test_accuracy_settings_bracket_a_router_point_outside_the_targets_span():
+    """When the only router points lie outside [lowest, highest target] (9.7% and 20.3% of 30 layers for targets
+    10% and 20%), static drop must also run at the layer counts around those points (2 and 3; 6 and 7), so
+    that it can be interpolated where the routers were measured."""
+    statics = [tradeoff.Variant("static", k=k) for k in range(0, 11)]
+    job = tradeoff.TradeoffJob(routers="x", skip_targets=[0.1, 0.2])
+    chosen = tradeoff._accuracy_settings(statics, {0.4: 0.097, 0.5: 0.203}, job, 30)
+    ks = {v.k for v in chosen if v.kind == "static"}
+    assert {2, 3, 6, 7} <= ks
+    assert [v.threshold for v in chosen if v.kind == "routers"] == [0.4, 0.5]

@@ -683,6 +683,10 @@ def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, nu
         pool = candidates or list(skips)
         best = min(pool, key=lambda th: abs(skips[th] - t))
         chosen.append(Variant("routers", threshold=best))
+        # static drop is interpolated at the router point's skip: when no point lies inside the targets' span
+        # (the fallback above), also run the static k on either side of it, or the comparison is not reached
+        around = {math.floor(skips[best] * num_layers + 1e-9), math.ceil(skips[best] * num_layers - 1e-9)}
+        chosen += [v for v in variants if v.kind == "static" and v.k in around and not candidates]
     return list(dict.fromkeys(chosen))
 
 
