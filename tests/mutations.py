@@ -115,6 +115,17 @@ MUTANTS = [
            "the straight-through estimator passes no gradient"),
     Mutant("everything_trainable", "inject.py", "param.requires_grad_(is_trainable(name))",
            "param.requires_grad_(True)", ("test_model.py",), "the base model is not frozen"),
+    # --- token routing's sink tokens ---------------------------------------------------------------------------
+    Mutant("sinks_counted_per_call", "token_routing.py",
+           "if mask is not None and mask.shape[1] >= call.past_length + steps:", "if False:",
+           ("test_token_routing.py",), "sinks counted from each call's start: every decode step forces a token"),
+    Mutant("sinks_ignored", "token_routing.py", "                runs = runs | sinks\n",
+           "                pass\n", ("test_token_routing.py",), "the first tokens skip like any other"),
+    Mutant("fit_samples_sinks", "importance.py", "(mask.cumsum(1) > routed.router_config.token_sink)",
+           "(mask.cumsum(1) > 0)", ("test_token_routing.py",), "the fit learns from tokens the router never decides"),
+    Mutant("sink_gate_learns", "token_routing.py",
+           "gate = torch.where(sinks, torch.ones_like(gate), gate)", "gate = gate",
+           ("test_token_routing.py",), "the router gets a gradient for tokens it does not decide"),
 ]
 
 

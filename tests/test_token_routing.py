@@ -65,10 +65,11 @@ def test_routed_prefill_equals_reference(family, granularity, side):
     torch.testing.assert_close(out[real], expected[real], atol=ATOL, rtol=0)
 
 
-def test_routed_decode_equals_reference(family, granularity):
+def test_routed_decode_equals_reference(family, granularity, seed=3):
     """Cached greedy generation (each new token decides per layer, stores K/V only where it runs) equals the
     reference re-run on the whole sequence, token for token and logit for logit."""
-    routed, plain, routers, thresholds = _routed(family, granularity)
+    # seed 2: decode steps mix running and skipping tokens at every layer in every family (checked below)
+    routed, plain, routers, thresholds = _routed(family, granularity, seed=2)
     ids, mask, _ = padded_batch([9, 5, 7], "left")
     new = 6
     out = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
@@ -151,7 +152,8 @@ def test_kv_elements_equal_executed_pairs(family, granularity):
 
 
 def test_layer_all_tokens_skip_stores_nothing_and_is_not_called(family):
-    routed = RoutedModel(build_tiny(family), RouterConfig(unit="token", layers=[2, 3], layer_thresholds={3: 0.99}))
+    routed = RoutedModel(build_tiny(family), RouterConfig(unit="token", layers=[2, 3], layer_thresholds={3: 0.99},
+                                                          token_sink=0))
     with torch.no_grad():
         routed.routers[2].weight.normal_()
         routed.routers[3].weight.zero_()  # every score 0.5 < 0.99
@@ -186,9 +188,11 @@ def test_top_k_runs_a_fixed_fraction_of_each_prompt_and_decodes_consistently(fam
     ids, mask, _ = padded_batch(lengths, "left")
     with torch.no_grad(), routed.recording() as calls:
         routed(input_ids=ids, attention_mask=mask, use_cache=False)
+    first = mask.bool() & (mask.cumsum(1) == 1)
     for layer, runs in calls[-1].token_runs.items():
+        # the sink token (the first real one) takes one of the k places; it does not add to them
         assert runs.sum(1).tolist() == [int(-(-0.4 * n // 1)) for n in lengths], f"layer {layer}"
-        assert not runs[~mask.bool()].any()
+        assert not runs[~mask.bool()].any() and runs[first].all()
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     cached = routed.generate(**kwargs)
     assert torch.equal(cached, routed.generate(**kwargs, use_cache=False))
@@ -261,6 +265,84 @@ def test_save_load_keeps_unit_and_old_files_load_as_sequence(tmp_path, family):
     (tmp_path / "router_config.json").write_text(json.dumps(saved))
     old = RoutedModel.from_pretrained(build_tiny(family), tmp_path)
     assert old.router_config.unit == "sequence" and not isinstance(old.new_cache(), TokenRoutedCache)
+    # token routers written before `token_sink` existed keep the behaviour they were fitted with: no sinks
+    saved.update(unit="token", token_top_k=None)
+    del saved["token_sink"]
+    (tmp_path / "router_config.json").write_text(json.dumps(saved))
+    assert RoutedModel.from_pretrained(build_tiny(family), tmp_path).router_config.token_sink == 0
+
+
+@pytest.mark.parametrize("sink", [1, 2])
+def test_sink_tokens_run_every_layer_in_prefill_only(family, sink):
+    """Routers that would skip every token: the first `sink` real tokens of each row still run every routed
+    layer (left padding counted out; a generated token only while the row has fewer than `sink` real tokens
+    before it), and the logits equal the reference's (plain model, per-layer masks) with the same sinks."""
+    routed, plain, routers, _ = _routed(family, "attention", token_sink=sink, threshold=0.99)
+    with torch.no_grad():
+        for router in routed.routers.values():
+            router.weight.zero_()
+            router.bias.zero_()  # every score 0.5 < 0.99
+    routers = {layer: (r.weight.detach().clone(), r.bias.detach().clone()) for layer, r in routed.routers.items()}
+    thresholds = {layer: 0.99 for layer in routers}
+    lengths = [8, 5, 1]
+    ids, mask, _ = padded_batch(lengths, "left")
+    expected_runs = mask.bool() & (mask.cumsum(1) <= sink)
+    with torch.no_grad(), routed.recording() as calls:
+        routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    prefill, *decode = calls
+    assert decode and prefill.past_length == 0
+    for layer, runs in prefill.token_runs.items():
+        assert torch.equal(runs, expected_runs), f"layer {layer}"
+    for step, call in enumerate(decode):
+        expected_step = torch.tensor([[n + step + 1 <= sink] for n in lengths])
+        for layer, runs in call.token_runs.items():
+            assert torch.equal(runs, expected_step), f"decode step {step}, layer {layer}"
+    expected, ref_runs = reference_logits(plain, "attention", routers, thresholds, ids, mask, sink=sink)
+    assert all(torch.equal(r, expected_runs) for r in ref_runs.values())
+    with torch.no_grad():
+        out = routed(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(out[mask.bool()], expected[mask.bool()], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("sink", [0, 2])
+def test_importance_fit_never_samples_sink_tokens(sink):
+    """Rows shorter than the tokens sampled per record: every real token but the sinks is one sample."""
+    from routertune import importance
+
+    routed, plain, _, _ = _routed("llama", "attention", token_sink=sink)
+    lengths = [6, 4, 3]
+    ids, mask, _ = padded_batch(lengths, "right")
+    assert max(lengths) <= importance.TOKENS_PER_RECORD
+    features, targets = importance.collect(routed, [dict(input_ids=ids, attention_mask=mask)])
+    for layer in routed.routed_layers:
+        assert features[layer].shape[0] == targets[layer].shape[0] == sum(lengths) - sink * len(lengths)
+    # the samples are the tokens after the sinks: their normed inputs, read off the plain model
+    normed = {}
+    handles = [plain.model.layers[i].self_attn.register_forward_pre_hook(
+        lambda m, a, k, i=i: normed.__setitem__(i, k["hidden_states"]), with_kwargs=True)
+        for i in routed.routed_layers]
+    with torch.no_grad():
+        plain(input_ids=ids, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    keep = mask.bool() & (mask.cumsum(1) > sink)
+    layer = routed.routed_layers[0]
+    expected = normed[layer][keep].double()
+    got = features[layer]
+    assert torch.allclose(got[got[:, 0].argsort()], expected[expected[:, 0].argsort()], atol=1e-5)
+
+
+def test_sink_tokens_get_gate_one_and_no_router_gradient():
+    routed, _, _, _ = _routed("llama", "attention", token_sink=1)
+    ids, mask, _ = padded_batch([7, 4], "left")
+    routed.train()
+    with routed.recording() as calls:
+        routed(input_ids=ids, attention_mask=mask, use_cache=False)
+    first = mask.bool() & (mask.cumsum(1) == 1)
+    for layer, gate in calls[-1].token_gates.items():
+        assert torch.equal(gate[first], torch.ones(2)), f"layer {layer}"
+        score_grad = torch.autograd.grad(gate[first].sum(), routed.routers[layer].weight, allow_unused=True)[0]
+        assert score_grad is None or not score_grad.any()
 
 
 def test_calibrate_sets_token_thresholds_to_the_target_fraction():

@@ -1,7 +1,7 @@
 """An independent reference for token routing: the *plain* model (no routertune code on it) with hooks.
 
 At each routed layer a hook computes every token's router score from the sublayer's normed input
-(sigmoid(w . x) >= threshold, padding never runs), then
+(sigmoid(w . x) >= threshold, padding never runs; the first `sink` real tokens of each row always run), then
 - attention / block: replaces the layer's attention mask with a per-layer 4D mask in which a key is visible
   only if its token ran at this layer (causal, sliding window where the layer has one, padding masked), and
   zeroes the attention output of tokens that skipped (a skipped block returns its input);
@@ -38,7 +38,7 @@ def _mask(runs: torch.Tensor, real: torch.Tensor, window: int | None) -> torch.T
 
 @contextlib.contextmanager
 def token_reference(model, granularity: str, routers: dict[int, torch.Tensor], thresholds: dict[int, float],
-                    attention_mask: torch.Tensor | None, forced: dict[int, bool] | None = None):
+                    attention_mask: torch.Tensor | None, forced: dict[int, bool] | None = None, sink: int = 1):
     """Inside the block, `model` (a plain HF causal LM) behaves as the token-routed model with router weights
     `routers` {layer: (weight (1, H), bias (1,))}. Yields {layer: (B, T) bool decisions} of the last forward."""
     decisions: dict[int, torch.Tensor] = {}
@@ -55,6 +55,7 @@ def token_reference(model, granularity: str, routers: dict[int, torch.Tensor], t
             weight, bias = routers[layer]
             score = torch.sigmoid(normed.float() @ weight.float().t() + bias.float()).squeeze(-1)  # (B, T)
             runs = (score >= thresholds[layer]) & real
+            runs |= real & (real.long().cumsum(1) <= sink)  # the whole sequence is here: count from its start
         decisions[layer] = runs
         return runs, real
 
@@ -99,17 +100,18 @@ def token_reference(model, granularity: str, routers: dict[int, torch.Tensor], t
             handle.remove()
 
 
-def reference_logits(model, granularity, routers, thresholds, ids, mask, forced=None, position_ids=None):
-    with torch.no_grad(), token_reference(model, granularity, routers, thresholds, mask, forced) as decisions:
+def reference_logits(model, granularity, routers, thresholds, ids, mask, forced=None, position_ids=None, sink=1):
+    with torch.no_grad(), token_reference(model, granularity, routers, thresholds, mask, forced, sink) as decisions:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
     return logits, {k: v.clone() for k, v in decisions.items()}
 
 
-def reference_greedy(model, granularity, routers, thresholds, ids, mask, new_tokens: int):
+def reference_greedy(model, granularity, routers, thresholds, ids, mask, new_tokens: int, sink: int = 1):
     """Greedy continuation by re-running the reference on the whole sequence each step (no cache)."""
     for _ in range(new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate() numbers left-padded rows
-        logits, _ = reference_logits(model, granularity, routers, thresholds, ids, mask, position_ids=positions)
+        logits, _ = reference_logits(model, granularity, routers, thresholds, ids, mask, position_ids=positions,
+                                     sink=sink)
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)

@@ -114,6 +114,15 @@ def quantile_threshold(scores: torch.Tensor, capacity: float) -> float:
     return min(max(t, _EPS), 1 - _EPS)
 
 
+def _decided_capacity(capacity: float, scores: torch.Tensor, decisions: torch.Tensor) -> float:
+    """The share of the router-decided units that must run for `capacity` of all units to run, where the units
+    without a score (token routing's always-run sink tokens) run anyway."""
+    forced = 1.0 - scores.numel() / max(decisions.numel(), 1)
+    if forced <= 0.0:
+        return capacity
+    return min(max((capacity - forced) / (1.0 - forced), 0.0), 1.0) if forced < 1.0 else capacity
+
+
 def next_threshold(points: list[tuple[float, float]], capacity: float, quantile_t: float) -> float:
     """The next global threshold, from the (threshold, capacity) pairs of the passes so far.
 
@@ -171,14 +180,17 @@ def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = F
         if error <= tolerance:
             break
         if per_layer:
-            new = {layer: quantile_threshold(s, capacity) for layer, s in scores.items()}
+            new = {layer: quantile_threshold(s, _decided_capacity(capacity, s, decisions[layer]))
+                   for layer, s in scores.items()}
             if current[1] == new:
                 break
             routed.set_threshold(config.threshold, new)
         else:
             if current[1] is None:  # a pass under per-layer thresholds says nothing about a global one
                 points.append((current[0], realised))
-            new_t = next_threshold(points, capacity, quantile_threshold(torch.cat(list(scores.values())), capacity))
+            pooled = torch.cat(list(scores.values()))
+            decided = _decided_capacity(capacity, pooled, torch.cat(list(decisions.values())))
+            new_t = next_threshold(points, capacity, quantile_threshold(pooled, decided))
             if current[0] == new_t and current[1] is None:
                 break
             routed.set_threshold(new_t, None)

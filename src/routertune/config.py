@@ -69,6 +69,14 @@ class RouterConfig:
             "(top-k by score) instead of comparing scores with the threshold"
         },
     )
+    token_sink: int = field(
+        default=1,
+        metadata={
+            "help": "token unit only: the first N real tokens of each sequence run every token-routed layer whatever "
+            "their router says (attention sinks: later tokens put much of their attention there); 0 lets the "
+            "routers decide for them too"
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.base_model, dict):
@@ -85,6 +93,8 @@ class RouterConfig:
                 problems.append(f"token_top_k={self.token_top_k!r} needs unit='token' (sequence routing has no top-k)")
             if not isinstance(self.token_top_k, (int, float)) or not 0.0 < float(self.token_top_k) <= 1.0:
                 problems.append(f"token_top_k={self.token_top_k!r} must lie in (0, 1]: the fraction of tokens that run")
+        if isinstance(self.token_sink, bool) or not isinstance(self.token_sink, int) or self.token_sink < 0:
+            problems.append(f"token_sink={self.token_sink!r} must be an integer >= 0: how many leading tokens always run")
         problems += _threshold_problems("threshold", self.threshold)
         for layer, value in (self.layer_thresholds or {}).items():
             problems += _threshold_problems(f"layer_thresholds[{layer}]", value)
@@ -132,6 +142,8 @@ class RouterConfig:
                 f"router config format {version} is newer than this routertune understands ({FORMAT_VERSION}); "
                 "upgrade routertune"
             )
+        if data.get("unit") == "token" and "token_sink" not in data:
+            data["token_sink"] = 0  # token routers saved before the field existed: the behaviour they were fitted with
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:

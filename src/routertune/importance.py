@@ -18,7 +18,8 @@ what the router sees at inference (its layer's normed input, mean-pooled over th
   dial: sweeping it moves through the layers from the least to the most important, per input.
 
 Token routers (RouterConfig(unit="token")) are fitted the same way per token: each sampled token's own normed
-input predicts that token's log importance (TOKENS_PER_RECORD real tokens per record, the same at every layer),
+input predicts that token's log importance (TOKENS_PER_RECORD real tokens per record, the same at every layer,
+never the always-run sink tokens),
 and c sets the target capacity over (token, layer) pairs.
 
 One dense forward over the training records gives every feature and target; there is no gradient descent,
@@ -112,7 +113,9 @@ def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]]) -> 
                 current["mask"] = mask.float()
                 current["pool"] = pool if pool is not None else mask
                 if token:
-                    current["pick"] = _sample_tokens(mask.bool(), TOKENS_PER_RECORD, generator)
+                    # the sink tokens run whatever the router says, so they are no data for the fit
+                    decided = mask.bool() & (mask.cumsum(1) > routed.router_config.token_sink)
+                    current["pick"] = _sample_tokens(decided, TOKENS_PER_RECORD, generator)
                 routed(input_ids=batch["input_ids"], attention_mask=mask, routing_mask=current["pool"],
                        use_cache=False, logits_to_keep=1)
     finally:

@@ -4,6 +4,9 @@ Semantics (exact, and what the tests check against a plain model with a per-laye
 - the router scores each token's own normed input (no pooling); a token runs if score >= threshold, or, in
   top-k mode, if it is among the top `token_top_k` fraction of its sequence's prompt tokens (tokens after the
   prompt, i.e. generated ones, run if they reach the lowest score that ran in the prompt);
+- the first `token_sink` real tokens of each sequence (default 1) run every routed layer whatever their router
+  says: later tokens put much of their attention on them (attention sinks), and a router that skips them there
+  costs far more than it saves (README, "Token-level routing");
 - attention: a skipped token adds nothing to its residual and writes no K/V at that layer; a running token
   attends causally to the earlier tokens that *wrote* K/V at that layer (and to itself);
 - MLP: a skipped token adds nothing; block: a skipped token passes through the whole block unchanged, and (its
@@ -71,17 +74,21 @@ class TokenRoutedSublayer(RoutedSublayer):
         real = _real_tokens(call.attention_mask, batch, steps, x.device)  # (B, T)
         idx = self.layer_idx
         forcing = call.forcing
-        scores = None
+        scores = sinks = None
         if forcing is not None:
             runs = real & forcing.decision(idx, batch, x.device)[:, None]
         else:
             scores = self.router(self._router_input(x))  # (B, T) float32
+            sinks = self._sink_tokens(call, real)
             fraction = self._top_k()
             if fraction is None:
                 runs = (scores.detach() >= self._threshold_for(idx)) & real
             else:
-                runs = self._top_k_runs(call, scores.detach(), real, fraction)
-            call.scores[idx] = scores.detach()[real]
+                runs = self._top_k_runs(call, scores.detach(), real, fraction, sinks)
+            if sinks is not None:
+                runs = runs | sinks
+        if scores is not None:  # the scores that decided something (calibration's quantiles): not the sinks'
+            call.scores[idx] = scores.detach()[real if sinks is None else real & ~sinks]
         call.token_runs[idx] = runs
         call.decisions[idx] = runs[real]
         if call.training:
@@ -89,11 +96,30 @@ class TokenRoutedSublayer(RoutedSublayer):
             if scores is not None:
                 # straight-through: forward is exactly the 0/1 decision, backward is the identity to the score
                 gate = gate + (scores - scores.detach())
+                if sinks is not None:
+                    gate = torch.where(sinks, torch.ones_like(gate), gate)  # always run: nothing for the router to learn
             call.gates[idx] = gate[real]
             call.token_gates[idx] = gate
         return runs
 
-    def _top_k_runs(self, call: RoutingCall, scores: torch.Tensor, real: torch.Tensor, fraction: float):
+    def _sink_tokens(self, call: RoutingCall, real: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) bool: the tokens of this call among the first `token_sink` real tokens of their sequence (counted
+        over the cached past too), which run whatever the router says; None when there are none."""
+        config = self._router_config[0]
+        keep = 1 if config is None else config.token_sink
+        if keep == 0 or call.past_length >= keep and call.attention_mask is None:
+            return None
+        steps = real.shape[1]
+        mask = call.attention_mask
+        if mask is not None and mask.shape[1] >= call.past_length + steps:
+            counts = mask.to(device=real.device, dtype=torch.long).cumsum(1)[:, -steps:]  # real tokens up to each one
+        else:  # no mask over the past: every past token was real
+            counts = call.past_length + real.long().cumsum(1)
+        sinks = real & (counts <= keep)
+        return sinks if bool(sinks.any()) else None
+
+    def _top_k_runs(self, call: RoutingCall, scores: torch.Tensor, real: torch.Tensor, fraction: float,
+                    sinks: torch.Tensor | None):
         cache = call.cache
         stored = cache.cutoffs.get(self.layer_idx) if isinstance(cache, TokenRoutedCache) else None
         if stored is not None:
@@ -109,6 +135,8 @@ class TokenRoutedSublayer(RoutedSublayer):
         k = torch.minimum(k, counts)
         width = max(int(k.max()), 1)
         masked = scores.masked_fill(~ranked, float("-inf"))
+        if sinks is not None:  # sink tokens run anyway: they take their places among the k
+            masked = masked.masked_fill(sinks & ranked, float("inf"))
         top = masked.topk(width, dim=1)  # values/indices (B, width)
         chosen = torch.arange(width, device=scores.device)[None, :] < k[:, None]  # (B, width)
         runs = torch.zeros_like(ranked)
