@@ -452,10 +452,10 @@ def test_cli_train_generate_calibrate_with_token_units(small_model, tmp_path, ca
     code = main(["train", "--model", small_model, "--output", str(out), "--unit", "token", "--objective", objective,
                  "--samples", "48",
                  "--heldout-samples", "8", "--max-length", "64", "--batch-size", "8", "--learning-rate", "1e-2",
-                 "--target-capacity", "0.6"])
+                 "--target-capacity", "0.6", "--token-sink", "2"])
     assert code == 0, capsys.readouterr()
     saved = json.loads((out / "router_config.json").read_text())
-    assert saved["unit"] == "token"
+    assert saved["unit"] == "token" and saved["token_sink"] == 2
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert abs(metrics["result"]["after"]["capacity"] - 0.6) < 0.1  # calibrated on (token, layer) pairs
     assert main(["generate", "--model", small_model, "--routers", str(out), "--max-new-tokens", "4", "Hi"]) == 0

@@ -41,6 +41,7 @@ class TuneJob:
     layers: list[int] | None = field(default=None, metadata={"help": "routed layer indices (default: every layer but the first and the last for --objective importance, the same candidates as static drop; the paper's rule, the last half before the final layer, for lm and distill)"})
     unit: str = field(default="sequence", metadata={"help": "sequence (one decision per prompt) or token (each token decides at each routed layer)"})
     token_top_k: float | None = field(default=None, metadata={"help": "with --unit token: run this fraction of each prompt's tokens per layer (top-k) instead of a threshold"})
+    token_sink: int = field(default=1, metadata={"help": "with --unit token: the first N real tokens of each sequence run every routed layer (attention sinks); 0 lets the routers decide for them too"})
     lora_rank: int = field(default=0, metadata={"help": "also train LoRA (q_proj, v_proj) of this rank with the routers (0 = off)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     overwrite: bool = field(default=False, metadata={"help": "replace a run already in --output"})
@@ -58,7 +59,7 @@ class TuneJob:
         if self.lora_rank < 0:
             problems.append(f"lora_rank={self.lora_rank} must be >= 0")
         try:
-            RouterConfig(unit=self.unit, token_top_k=self.token_top_k)
+            RouterConfig(unit=self.unit, token_top_k=self.token_top_k, token_sink=self.token_sink)
         except ValueError as error:
             problems.append(str(error).removeprefix("Invalid RouterConfig: "))
         if self.overwrite and self.resume:
@@ -107,7 +108,7 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
     if layers is None and train_cfg.objective == "importance":
         layers = baselines.droppable_layers(int(model.config.num_hidden_layers))
     routed = RoutedModel(model, RouterConfig(granularity=job.granularity, layers=layers, unit=job.unit,
-                                             token_top_k=job.token_top_k))
+                                             token_top_k=job.token_top_k, token_sink=job.token_sink))
     if job.overwrite:
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
     if train_cfg.objective == "importance":

@@ -1,0 +1,86 @@
+"""Dense accuracy beside a `routertune tradeoff` run's matched accuracy settings, on the same items.
+
+The trade-off's accuracy runs ('matched') score static drop and the routers only. This scores the dense model on
+the same items (same tasks, same --limit, so the same documents in the same order, checked by count) and
+reports each setting's accuracy against dense (paired difference per item, bootstrap 95% interval) and the
+average over tasks as a share of dense's average: the issue's "at least 99% of dense at 10%" aim.
+
+    python benchmarks/dense_accuracy.py benchmarks/results/tradeoff/tradeoff.json \
+        --output benchmarks/results/tradeoff/dense_accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from routertune import RoutedModel, tradeoff
+from routertune.files import atomic_write, write_json
+from routertune.models import load_model_and_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tradeoff_json")
+    parser.add_argument("--output", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    result = json.loads(Path(args.tradeoff_json).read_text())
+    job = result["job"]
+    names = list(result["tasks"])
+    model, tokenizer = load_model_and_tokenizer(job["model"], cache_dir=job["cache_dir"])
+    routed = RoutedModel.from_pretrained(model, job["routers"])
+    items = tradeoff.task_items(names, job["limit"] or None)
+    dense = tradeoff.score_tasks(routed, tokenizer, items, tradeoff.Variant("dense"), result["num_layers"],
+                                 batch_tokens=job["batch_tokens"])
+    out = {"tradeoff": args.tradeoff_json, "tasks": {}, "average": {}}
+    rows = []
+    by_setting: dict[str, list[tuple[float, float]]] = {}
+    for name in names:
+        correct = dense[name].correct
+        settings = result["tasks"][name]["settings"]
+        if any(len(s["per_item"]) != len(correct) for s in settings.values()):
+            raise SystemExit(f"{name}: the trade-off scored other items than these {len(correct)}")
+        task = {"dense": float(correct.mean()), "items": len(correct), "settings": {}}
+        for label, setting in settings.items():
+            per_item = np.asarray(setting["per_item"], dtype=float)
+            accuracy = float(per_item.mean())
+            diff, low, high = tradeoff.paired_bootstrap(per_item, correct)
+            task["settings"][label] = {"accuracy": accuracy, "skip": setting["skip"],
+                                       "of_dense": accuracy / float(correct.mean()),
+                                       "minus_dense": diff, "interval": [low, high]}
+            rows.append((name, label, setting["skip"], accuracy, float(correct.mean()), diff, low, high))
+            kind = "routers" if label.startswith("routers") else "static"
+            target = min((0.1, 0.2, 0.3), key=lambda t: abs(setting["skip"] - t))
+            by_setting.setdefault(f"{kind} near {round(100 * target)}%", []).append(
+                (accuracy, float(correct.mean())))
+        out["tasks"][name] = task
+    for label, pairs in sorted(by_setting.items()):
+        if len(pairs) == len(names):
+            mean_acc = float(np.mean([a for a, _ in pairs]))
+            mean_dense = float(np.mean([d for _, d in pairs]))
+            out["average"][label] = {"accuracy": mean_acc, "dense": mean_dense, "of_dense": mean_acc / mean_dense}
+    out["seconds"] = time.perf_counter() - started
+    prefix = Path(args.output)
+    write_json(prefix.with_suffix(".json"), out)
+    lines = ["| task | setting | measured skip | accuracy | dense | minus dense (pts) [95% CI] |",
+             "|---|---|---|---|---|---|"]
+    for name, label, skip, acc, dense_acc, diff, low, high in rows:
+        lines.append(f"| {name} | {label} | {skip:.3f} | {acc:.3f} | {dense_acc:.3f} | "
+                     f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |")
+    lines += ["", "| average over tasks | accuracy | dense | share of dense |", "|---|---|---|---|"]
+    for label, avg in out["average"].items():
+        lines.append(f"| {label} | {avg['accuracy']:.4f} | {avg['dense']:.4f} | {avg['of_dense']:.4f} |")
+    text = "\n".join(lines) + "\n"
+    atomic_write(prefix.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
