@@ -109,6 +109,14 @@ def test_export_refusals(routers, tmp_path):
     export(ExportJob(output=str(out), routers=str(routers_dir), model=str(folder), overwrite=True))
     with pytest.raises(ValueError, match="attention only"):
         ServeRouting.from_dict({"router_config": RouterConfig(granularity="mlp").to_dict()})
+    with pytest.raises(ValueError, match="one decision per request"):
+        ServeRouting.from_dict({"router_config": RouterConfig(unit="token").to_dict()})
+    from routertune.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(str(folder))
+    RoutedModel(model, RouterConfig(layers=LAYERS, unit="token")).save_pretrained(tmp_path / "token-routers")
+    with pytest.raises(ValueError, match="one decision per request"):
+        export(ExportJob(output=str(tmp_path / "tok"), routers=str(tmp_path / "token-routers"), model=str(folder)))
 
 
 def test_engine_settings_that_split_a_prompt_are_refused():

@@ -49,6 +49,9 @@ class ServeRouting:
         config = RouterConfig.from_dict(data["router_config"])
         if config.granularity != "attention":
             raise ValueError(f"vLLM serving routes attention only; these routers route {config.granularity!r}")
+        if config.unit != "sequence":
+            raise ValueError(f"vLLM serving takes one decision per request (unit='sequence'); these routers are "
+                             f"{config.unit}-level: serve them through RoutedModel.generate")
         return cls(config, data.get("routers_file", ROUTERS_FILE), version)
 
     def routers_path(self, model_dir: str | Path) -> Path:

@@ -81,6 +81,9 @@ def export(job: ExportJob) -> ExportReport:
         router_config = routed.router_config
         if router_config.granularity != "attention":
             raise ValueError(f"vLLM serving routes attention only; {job.routers} routes {router_config.granularity!r}")
+        if router_config.unit != "sequence":
+            raise ValueError(f"vLLM serving takes one decision per request (unit='sequence'); {job.routers} holds "
+                             f"{router_config.unit}-level routers, which serve through RoutedModel.generate only")
         router_state = routed.router_state_dict()
         model = routed.unwrap()
     config = json.loads((source / "config.json").read_text())
