@@ -173,7 +173,31 @@ def targets_of(results: list[dict]) -> dict:
             "gain_over_ideal_gain": (v["routed"][f"speedup_{metric}"] - 1) / (ideal - 1) if ideal > 1 else None}
     if "routed_all_run" in v:
         targets["routing_overhead_all_run_vs_dense_throughput"] = v["routed_all_run"]["speedup_throughput"]
+    targets["paired_throughput"] = paired_throughput(long[0])
     return targets
+
+
+def paired_throughput(entry: dict) -> dict:
+    """The throughput targets paired by repeat: each repeat runs every variant once, in rotating order, close in
+    time, so per-repeat ratios cancel the machine's drift that medians taken per variant keep. Median and range
+    over repeats of: static's and routed-forced's speed-up over that repeat's dense, the ratio of their gains,
+    routed-forced's CPU time over static's, and the routers' own speed-up over their FLOP ideal."""
+    v = entry["variants"]
+    dense = v["dense"]["cpu_s_all"]
+
+    def per_repeat(name):
+        return [d / x for d, x in zip(dense, v[name]["cpu_s_all"])]
+
+    static, forced, own = per_repeat("static"), per_repeat("routed_static_set"), per_repeat("routed")
+    rows = {
+        "static_speedup": static,
+        "routed_static_set_speedup": forced,
+        "forced_vs_static_gain": [(f - 1) / (s - 1) if s > 1 else float("nan") for f, s in zip(forced, static)],
+        "routed_static_set_cpu_over_static": [s / f for f, s in zip(forced, static)],
+        "own_vs_ideal": [o / v["routed"]["ideal_throughput"] for o in own],
+    }
+    return {"repeats": len(dense), **{k: {"median": statistics.median(x), "min": min(x), "max": max(x)}
+                                      for k, x in rows.items()}}
 
 
 def main(argv=None) -> int:
