@@ -118,9 +118,9 @@ def _decided_capacity(capacity: float, scores: torch.Tensor, decisions: torch.Te
     """The share of the router-decided units that must run for `capacity` of all units to run, where the units
     without a score (token routing's always-run sink tokens) run anyway."""
     forced = 1.0 - scores.numel() / max(decisions.numel(), 1)
-    if forced <= 0.0:
+    if not 0.0 < forced < 1.0:
         return capacity
-    return min(max((capacity - forced) / (1.0 - forced), 0.0), 1.0) if forced < 1.0 else capacity
+    return min(max((capacity - forced) / (1.0 - forced), 0.0), 1.0)
 
 
 def next_threshold(points: list[tuple[float, float]], capacity: float, quantile_t: float) -> float:

@@ -43,6 +43,7 @@ class RoutingCall:
     custom_mask: bool = False  # the caller passed a 4D mask (or a per-layer-type dict) instead of a 2D one
     token_runs: dict[int, torch.Tensor] = field(default_factory=dict)
     token_gates: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T) STE gate (training)
+    token_sinks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # sink count -> (B, T) bool, once per call
 
     def capacity(self) -> torch.Tensor:
         """Mean executed fraction over routed sublayers and batch; differentiable in training."""

@@ -107,6 +107,12 @@ class TokenRoutedSublayer(RoutedSublayer):
         over the cached past too), which run whatever the router says; None when there are none."""
         config = self._router_config[0]
         keep = 1 if config is None else config.token_sink
+        if keep not in call.token_sinks:  # the same at every layer of a call: computed once (one host sync)
+            call.token_sinks[keep] = self._find_sinks(call, real, keep)
+        return call.token_sinks[keep]
+
+    @staticmethod
+    def _find_sinks(call: RoutingCall, real: torch.Tensor, keep: int) -> torch.Tensor | None:
         if keep == 0 or call.past_length >= keep and call.attention_mask is None:
             return None
         steps = real.shape[1]
