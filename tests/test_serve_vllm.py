@@ -151,3 +151,11 @@ def test_preemption_keeps_decisions_and_tokens(setup, tmp_path):
     recomputed = [line for line in result["log"] if line["event"] == "recomputed"]
     assert recomputed, "the small KV cache did not force a preemption; shrink it"
     _check(setup, result)
+
+
+def test_requests_served_alone_skip_whole_layers_exactly(setup, tmp_path):
+    # one request per step: every layer it skips is skipped by the whole step, which then also skips the
+    # layer's input norm (attention.RoutedLayer, vLLM's native no-op form); the tokens must not change
+    result = _serve(setup, tmp_path, max_model_len=512, max_num_seqs=1)
+    _check(setup, result)
+    assert result["routed_layers_profile"]["layers_no_op"] > 0

@@ -19,9 +19,11 @@ class Forcing:
     mode: str  # "run" | "skip" | "skip_set"
     skip_layers: frozenset[int] = frozenset()
 
+    def runs(self, layer: int) -> bool:
+        return self.mode == "run" or (self.mode == "skip_set" and layer not in self.skip_layers)
+
     def decision(self, layer: int, batch: int, device: torch.device) -> torch.Tensor:
-        runs = self.mode == "run" or (self.mode == "skip_set" and layer not in self.skip_layers)
-        return torch.full((batch,), runs, dtype=torch.bool, device=device)
+        return torch.full((batch,), self.runs(layer), dtype=torch.bool, device=device)
 
 
 @dataclass

@@ -14,6 +14,10 @@ vLLM packs a step's requests as consecutive token segments (``query_start_loc``)
 
 The subset plan (token indices, metadata) is built once per step and decision pattern, and shared by every
 routed layer with that pattern.
+
+When every request of a step skips a layer and that is known before the layer runs (stored decisions at decode,
+forced ones), ``RoutedLayer`` skips the layer's input norm as well, the way vLLM's native no-op attention
+(Nemotron-NAS / DeciLM) does: the residual stream takes the pending update and goes straight to the MLP's norm.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ logger = logging.getLogger(__name__)
 PROFILE_ENV = "ROUTERTUNE_SERVE_PROFILE"
 # where a routed layer's time goes (benchmarks read it in the engine process; off unless PROFILE_ENV is set):
 # seconds in the routing code itself (decisions, subset plans, gathers/scatters) and in vLLM's attention,
-# and how many layer calls ran dense, subset, or skipped whole
-PROFILE = {"routing_s": 0.0, "attention_s": 0.0, "calls_dense": 0, "calls_subset": 0, "calls_skipped": 0}
+# and how many layer calls ran dense, subset, or skipped whole (of those, how many skipped the input norm too)
+PROFILE = {"routing_s": 0.0, "attention_s": 0.0, "calls_dense": 0, "calls_subset": 0, "calls_skipped": 0,
+           "layers_no_op": 0}
 _PROFILING = bool(os.environ.get(PROFILE_ENV))
 
 
@@ -79,21 +84,36 @@ class RoutedAttention:
         finally:
             PROFILE["attention_s"] += time.perf_counter() - started
 
+    def _step(self, batch: ServeBatch):
+        """(forward context, this layer's attention metadata, query starts, seq lens) of the running step."""
+        from vllm.forward_context import get_forward_context
+
+        context = get_forward_context()
+        metadata = context.attn_metadata
+        if not isinstance(metadata, dict):
+            raise NotImplementedError("routertune serving needs per-layer attention metadata (no speculative "
+                                      "decoding, no micro-batching)")
+        metadata = metadata[self.module.attn.layer_name]
+        starts, seq_lens = _layout(batch, metadata)
+        return context, metadata, starts, seq_lens
+
+    def skipped_by_all(self) -> bool:
+        """Whether every request of the running step skips this layer, known without its input (stored or
+        forced decisions); False outside a served step or when some request decides here from its prompt."""
+        batch = current_batch()
+        if batch is None:
+            return False
+        _, _, starts, seq_lens = self._step(batch)
+        runs, pending = self._known(batch, starts, seq_lens)
+        return not pending and not any(runs)
+
     def _forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         batch = current_batch()
         if batch is None:
             # vLLM's own warm-up and profiling runs (no requests): the dense path, the most memory
             return self.original_forward(positions=positions, hidden_states=hidden_states, **kwargs)
-        from vllm.forward_context import get_forward_context
-
-        context = get_forward_context()
+        context, metadata, starts, seq_lens = self._step(batch)
         layer_name = self.module.attn.layer_name
-        metadata = context.attn_metadata
-        if not isinstance(metadata, dict):
-            raise NotImplementedError("routertune serving needs per-layer attention metadata (no speculative "
-                                      "decoding, no micro-batching)")
-        metadata = metadata[layer_name]
-        starts, seq_lens = _layout(batch, metadata)
         runs = self._decide(batch, starts, seq_lens, hidden_states)
         n_run = sum(runs)
         if n_run == len(runs):
@@ -123,6 +143,25 @@ class RoutedAttention:
     def _decide(self, batch: ServeBatch, starts: list[int], seq_lens: list[int],
                 hidden_states: torch.Tensor) -> list[bool]:
         """Per request: the stored decision, or (prefill from an empty cache) a new one from its prompt."""
+        runs, pending = self._known(batch, starts, seq_lens)
+        if pending:
+            # mean over the prompt tokens of the normed input, fp32 (routertune.router.masked_mean)
+            pooled = torch.stack([hidden_states[starts[i]: starts[i] + batch.requests[i].prompt_len].float().mean(0)
+                                  for i in pending])  # (P, H)
+            scores = self.router(pooled).tolist()  # (P,)
+            for i, score in zip(pending, scores):
+                runs[i] = score >= self.threshold
+                batch.requests[i].scores[self.layer_idx] = float(score)
+                batch.requests[i].decisions[self.layer_idx] = bool(runs[i])
+        return [bool(r) for r in runs]
+
+    def _known(self, batch: ServeBatch, starts: list[int], seq_lens: list[int]) -> tuple[list, list[int]]:
+        """Per request the decision known without this layer's input (stored, or forced at its prefill; None
+        where the router must decide), and the rows that must decide. Idempotent within a step (the layer
+        path and the attention path may both ask); memoised per step and layer."""
+        memo = batch.known.get(self.layer_idx)
+        if memo is not None:
+            return list(memo[0]), memo[1]
         runs: list[bool | None] = []
         pending: list[int] = []
         for i, req in enumerate(batch.requests):
@@ -143,21 +182,49 @@ class RoutedAttention:
                     "max_model_len)")
             forcing: Forcing | None = batch.forcing[i]
             if forcing is not None:
-                runs.append(bool(forcing.decision(self.layer_idx, 1, torch.device("cpu"))[0]))
+                runs.append(forcing.runs(self.layer_idx))
+                req.decisions[self.layer_idx] = runs[-1]
             else:
                 runs.append(None)
                 pending.append(i)
-        if pending:
-            # mean over the prompt tokens of the normed input, fp32 (routertune.router.masked_mean)
-            pooled = torch.stack([hidden_states[starts[i]: starts[i] + batch.requests[i].prompt_len].float().mean(0)
-                                  for i in pending])  # (P, H)
-            scores = self.router(pooled).tolist()  # (P,)
-            for i, score in zip(pending, scores):
-                runs[i] = score >= self.threshold
-                batch.requests[i].scores[self.layer_idx] = float(score)
-        for i, req in enumerate(batch.requests):
-            req.decisions.setdefault(self.layer_idx, bool(runs[i]))
-        return [bool(r) for r in runs]
+        batch.known[self.layer_idx] = (tuple(runs), pending)
+        return runs, pending
+
+
+@dataclasses.dataclass
+class RoutedLayer:
+    """Replaces the forward of a decoder layer shaped like vLLM's LlamaDecoderLayer (input norm, attention,
+    fused add + post-attention norm, MLP): when the whole step skips its attention, it runs as vLLM's native
+    no-op attention layer does (``nemotron_nas.DeciLMDecoderLayer``), without the input norm. The residual
+    stream is the same as the routed path's (adding a zero attention output changes nothing)."""
+
+    layer: torch.nn.Module
+    original_forward: object
+    attention: RoutedAttention
+
+    def __call__(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
+        started = time.perf_counter() if _PROFILING else 0.0
+        no_op = residual is not None and self.attention.skipped_by_all()
+        if _PROFILING:
+            PROFILE["routing_s"] += time.perf_counter() - started
+        if no_op:
+            PROFILE["layers_no_op"] += 1
+            hidden_states, residual = self.layer.post_attention_layernorm(hidden_states, residual)
+            return self.layer.mlp(hidden_states), residual
+        return self.original_forward(positions, hidden_states, residual)
+
+
+# decoder layers whose forward is exactly llama's (input norm, attention, fused add + norm, MLP): RoutedLayer
+# may take their no-op path. Matched by exact class, so a subclass that changes forward (Mistral's t_cond) is not.
+NO_OP_LAYER_CLASSES = {
+    ("vllm.model_executor.models.llama", "LlamaDecoderLayer"),
+    ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
+    ("vllm.model_executor.models.qwen3", "Qwen3DecoderLayer"),
+}
+
+
+def has_llama_layer_forward(layer: torch.nn.Module) -> bool:
+    return (type(layer).__module__, type(layer).__name__) in NO_OP_LAYER_CLASSES
 
 
 def _layout(batch: ServeBatch, metadata) -> tuple[list[int], list[int]]:

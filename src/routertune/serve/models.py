@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..router import Router
-from .attention import RoutedAttention
+from .attention import RoutedAttention, RoutedLayer, has_llama_layer_forward
 from .config import ARCH_PREFIX, CONFIG_KEY, VLLM_ARCHITECTURES, ServeRouting
 
 _ROUTERS_ATTR = "routertune_routers"
@@ -60,6 +60,9 @@ class RoutedServingMixin:
             attention.forward = RoutedAttention(
                 module=attention, original_forward=attention.forward, layer_idx=i, router=routers[str(i)],
                 threshold=router_config.threshold_for(i), dtype=vllm_config.model_config.dtype)
+            if has_llama_layer_forward(layers[i]):  # whole-step skips also skip the input norm
+                layers[i].forward = RoutedLayer(layer=layers[i], original_forward=layers[i].forward,
+                                                attention=attention.forward)
 
     def load_weights(self, weights):
         loaded = set(super().load_weights(weights))

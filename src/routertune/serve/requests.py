@@ -54,6 +54,7 @@ class ServeBatch:
     forcing: list[Forcing | None]
     layouts: dict = field(default_factory=dict)  # id(attention metadata) -> (query starts, seq lens) lists
     plans: dict = field(default_factory=dict)  # (decisions, id(metadata)) -> subset plan, reused across layers
+    known: dict = field(default_factory=dict)  # layer -> (decisions known before the layer runs, rows to decide)
     recomputed: set[int] = field(default_factory=set)
 
     def finish(self) -> None:
