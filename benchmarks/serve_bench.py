@@ -49,8 +49,10 @@ ISSUE_PROMPTS, ISSUE_CONCURRENCY = (128, 512, 2048), (1, 8, 32)  # the grid the 
 
 # ---------------------------------------------------------------------------------------------------------
 # the engine worker (a spawned process holding one vLLM engine)
-def _worker(conn, model: str, engine: dict, env: dict) -> None:
+def _worker(conn, model: str, engine: dict, env: dict, cpu: int | None) -> None:
     os.environ.update(env)
+    if cpu is not None:  # every engine on the same core: the variants differ by their work, not by their core
+        os.sched_setaffinity(0, {cpu})
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -94,11 +96,11 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
 
 
 class Engine:
-    def __init__(self, name: str, model: str, engine: dict, env: dict):
+    def __init__(self, name: str, model: str, engine: dict, env: dict, cpu: int | None = None):
         ctx = mp.get_context("spawn")
         self.name = name
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker, args=(child, model, engine, env), daemon=True)
+        self.process = ctx.Process(target=_worker, args=(child, model, engine, env, cpu), daemon=True)
         self.started = time.perf_counter()
         self.process.start()
 
@@ -174,7 +176,23 @@ def targets_of(results: list[dict]) -> dict:
     if "routed_all_run" in v:
         targets["routing_overhead_all_run_vs_dense_throughput"] = v["routed_all_run"]["speedup_throughput"]
     targets["paired_throughput"] = paired_throughput(long[0])
+    targets["forced_minus_static"] = time_gap(long[0], "routed_static_set", "static")
     return targets
+
+
+def time_gap(entry: dict, name: str, reference: str) -> dict:
+    """Where `name` spends more CPU time than `reference` per run (medians): prefill (TTFT), decode (TPOT x
+    the decode steps), and the share inside the routed layers' own code (routing_s, the plugin's Python)."""
+    v, r = entry["variants"][name], entry["variants"][reference]
+    steps = entry["new_tokens"] - 1
+    out = {"cpu_s_per_run": statistics.median(v["cpu_s_all"]) - statistics.median(r["cpu_s_all"]),
+           "prefill_s": v["ttft_s"] - r["ttft_s"], "decode_s": (v["tpot_s"] - r["tpot_s"]) * steps,
+           "relative_cpu": statistics.median(v["cpu_s_all"]) / statistics.median(r["cpu_s_all"])}
+    profile = v.get("routed_layers_profile")
+    if profile:
+        out["routing_code_s_per_run"] = profile["routing_s"] / entry["repeats"]
+        out["routed_layer_calls_per_run"] = {k: profile[k] / entry["repeats"] for k in profile if not k.endswith("_s")}
+    return out
 
 
 def paired_throughput(entry: dict) -> dict:
@@ -209,6 +227,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", default="2048x1=3", help="extra repeats per setting, e.g. 2048x1=3 (default 1)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--kv-space-gib", type=int, default=1)
+    parser.add_argument("--cpu", type=int, default=0,
+                        help="pin every engine to this CPU (-1: let the OS place them); one core for all keeps a "
+                             "faster or busier core from favouring one variant")
     parser.add_argument("--work-dir", default=None, help="where the exports go (default: a temporary folder)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/serve_bench.json"))
     parser.add_argument("--summarise", nargs="+", default=None, metavar="PARTIAL_JSON",
@@ -242,6 +263,7 @@ def main(argv=None) -> int:
     from transformers import AutoConfig
 
     started_all = time.perf_counter()
+    load_start = os.getloadavg()
     settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
     repeats = {tuple(int(x) for x in k.split("x")): int(v) for k, v in
                (item.split("=") for item in args.repeats.split(",") if item)}
@@ -265,10 +287,11 @@ def main(argv=None) -> int:
     env = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib), PROFILE_ENV: "1"}
     engine = {"max_model_len": max_len, "disable_log_stats": False}
+    cpu = None if args.cpu < 0 else args.cpu
     engines = {
-        "dense": Engine("dense", base, engine, env),
-        "static": Engine("static", str(static_dir), engine, env),
-        "routed": Engine("routed", str(routed_dir), engine, dict(env, **{LOG_ENV: str(log_path)})),
+        "dense": Engine("dense", base, engine, env, cpu),
+        "static": Engine("static", str(static_dir), engine, env, cpu),
+        "routed": Engine("routed", str(routed_dir), engine, dict(env, **{LOG_ENV: str(log_path)}), cpu),
     }
     for e in engines.values():  # started together, loading in parallel
         e.wait_ready()
@@ -375,12 +398,13 @@ def main(argv=None) -> int:
         "schema": "routertune.serve_bench/1",
         "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "engine": {"vllm": vllm.__version__, "mode": "eager, fp32, 1 OMP thread per engine, in-process engine core",
+                   "pinned_cpu": cpu,
                    "clock": "process CPU time of the engine process (the 2-core machine is shared: wall time there "
                             "mostly measures waiting for a core); wall figures kept under 'wall'",
                    "prefix_caching": False, "chunked_prefill": False, "max_model_len": max_len,
                    "kv_cache_gib_per_engine": args.kv_space_gib},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "load_avg_start_end": None},
+                    "load_avg_start_end": [load_start, os.getloadavg()]},
         "routers": args.routers, "routed_layers": router_config.layers, "threshold": router_config.threshold,
         "static_layers": static_layers, "static_importance": static_report.importance,
         "engine_load_s": {n: e.load_s for n, e in engines.items()},

@@ -71,17 +71,18 @@ def test_real_model_mixed_batch_cache_and_kv(trained):
 def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
     """The README's main job, shrunk: every stage runs on the real model and the summary reads its results."""
     out = tmp_path / "demo"
-    code = main(["demo", "--output", str(out), "--samples", "24", "--limit", "6", "--texts", "3",
-                 "--fidelity-prompts", "3", "--calibration-samples", "8", "--bench-repeats", "2",
-                 "--bench-lengths", "16", "32", "--decode-prompt", "16", "--decode-tokens", "2"])
+    code = main(["demo", "--output", str(out), "--samples", "24", "--heldout-samples", "4", "--limit", "6",
+                 "--texts", "2", "--fidelity-prompts", "2", "--calibration-samples", "8", "--sweep-points", "4",
+                 "--random-seeds", "1", "--skip-targets", "0.1", "--bench-repeats", "2", "--bench-lengths", "16",
+                 "--decode-prompt", "16", "--decode-tokens", "2"])
     assert code == 0
     printed = capsys.readouterr().out
     for stage in ("[1/5] train", "[2/5] generate", "[3/5] tradeoff", "[4/5] bench", "[5/5] report"):
         assert stage in printed
     summary = (out / "summary.md").read_text()
     assert summary.splitlines()[0] in printed
-    assert "| lambada (KL/token) | 10% |" in summary and "| arc_easy (acc, %) | 20%" in summary
-    assert "distinct skip patterns" in summary and "prefill 32 tokens" in summary
+    assert "| lambada (KL/token) | 10% |" in summary and "| arc_easy (acc, %) | 10%" in summary
+    assert "distinct skip patterns" in summary and "prefill 16 tokens" in summary
     curve = json.loads((out / "tradeoff" / "tradeoff.json").read_text())
     assert {v["kind"] for v in curve["variants"]} == {"dense", "static", "random", "routers"}
     bench = json.loads((out / "bench.json").read_text())

@@ -31,12 +31,15 @@ class DemoJob:
     model: str | None = field(default=None, metadata={"help": "base model (default: embedded SmolLM2-135M-Instruct)"})
     cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
     samples: int = field(default=1000, metadata={"help": "training records (the paper's ~1,000)"})
+    heldout_samples: int = field(default=32, metadata={"help": "held-out records for the training stage's loss report"})
     capacity: float = field(default=0.75, metadata={"help": "fraction of routed attention layers the routers run at the default threshold"})
     tasks: list[str] | None = field(default=None, metadata={"help": "multiple-choice tasks of the trade-off (default: arc_easy piqa)"})
     limit: int = field(default=200, metadata={"help": "items per task in the trade-off"})
     texts: int = field(default=16, metadata={"help": "held-out texts per domain (LAMBADA, Wikipedia, code) for KL and perplexity"})
     skip_targets: list[float] | None = field(default=None, metadata={"help": "measured skip ratios where routers and static drop are compared (default: 0.1 0.2)"})
     fidelity_prompts: int = field(default=16, metadata={"help": "held-out prompts for greedy agreement with the dense model"})
+    sweep_points: int = field(default=8, metadata={"help": "router thresholds in the trade-off's sweep"})
+    random_seeds: int = field(default=2, metadata={"help": "random-drop seeds in the trade-off"})
     calibration_samples: int = field(default=32, metadata={"help": "chat prompts for static-drop importance and the sweep's placement"})
     bench_lengths: list[int] | None = field(default=None, metadata={"help": "prefill lengths benchmarked (default: 128 512 2048)"})
     bench_repeats: int = field(default=7, metadata={"help": "paired repeats per prefill setting (the summary gives the interval)"})
@@ -63,8 +66,8 @@ class DemoJob:
         if not 0.0 < self.capacity < 1.0:
             problems.append(f"capacity={self.capacity} must lie strictly between 0 and 1 for the demo "
                             "(1 is the dense model, 0 skips every routed layer)")
-        for name in ("samples", "limit", "texts", "fidelity_prompts", "calibration_samples", "decode_prompt",
-                     "decode_tokens", "bench_repeats"):
+        for name in ("samples", "heldout_samples", "limit", "texts", "fidelity_prompts", "calibration_samples",
+                     "decode_prompt", "decode_tokens", "bench_repeats", "sweep_points", "random_seeds"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if any(not 0 < t < 1 for t in self.skip_targets):
@@ -110,7 +113,7 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
                    f"mix, capacity {job.capacity} -> {out}")
     tune = pipeline.tune(
         pipeline.TuneJob(output=str(out), model=job.model, cache_dir=job.cache_dir, samples=job.samples,
-                         heldout_samples=32, overwrite=True),
+                         heldout_samples=job.heldout_samples, overwrite=True),
         TrainConfig(target_capacity=job.capacity),
     )
     finished("train", tune)
@@ -127,7 +130,8 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
     curve = tradeoff.run_tradeoff(tradeoff.TradeoffJob(
         routers=str(out), output=str(out / "tradeoff"), model=job.model, cache_dir=job.cache_dir,
         texts=job.texts, max_tokens=192, tasks=job.tasks, limit=job.limit, skip_targets=job.skip_targets,
-        max_drop=int(round(max(job.skip_targets) * 30)) + 1, random_seeds=2, sweep_points=8,
+        max_drop=int(round(max(job.skip_targets) * 30)) + 1, random_seeds=job.random_seeds,
+        sweep_points=job.sweep_points,
         fidelity_prompts=job.fidelity_prompts, fidelity_tokens=24, calibration_samples=job.calibration_samples,
         bootstrap=1000))
     finished("tradeoff", curve)
