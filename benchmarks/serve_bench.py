@@ -49,10 +49,8 @@ ISSUE_PROMPTS, ISSUE_CONCURRENCY = (128, 512, 2048), (1, 8, 32)  # the grid the 
 
 # ---------------------------------------------------------------------------------------------------------
 # the engine worker (a spawned process holding one vLLM engine)
-def _worker(conn, model: str, engine: dict, env: dict, cpu: int | None) -> None:
+def _worker(conn, model: str, engine: dict, env: dict) -> None:
     os.environ.update(env)
-    if cpu is not None:  # every engine on the same core: the variants differ by their work, not by their core
-        os.sched_setaffinity(0, {cpu})
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -96,11 +94,11 @@ def _worker(conn, model: str, engine: dict, env: dict, cpu: int | None) -> None:
 
 
 class Engine:
-    def __init__(self, name: str, model: str, engine: dict, env: dict, cpu: int | None = None):
+    def __init__(self, name: str, model: str, engine: dict, env: dict):
         ctx = mp.get_context("spawn")
         self.name = name
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker, args=(child, model, engine, env, cpu), daemon=True)
+        self.process = ctx.Process(target=_worker, args=(child, model, engine, env), daemon=True)
         self.started = time.perf_counter()
         self.process.start()
 
@@ -214,8 +212,22 @@ def paired_throughput(entry: dict) -> dict:
         "routed_static_set_cpu_over_static": [s / f for f, s in zip(forced, static)],
         "own_vs_ideal": [o / v["routed"]["ideal_throughput"] for o in own],
     }
-    return {"repeats": len(dense), **{k: {"median": statistics.median(x), "min": min(x), "max": max(x)}
-                                      for k, x in rows.items()}}
+    out = {"repeats": len(dense), **{k: {"median": statistics.median(x), "min": min(x), "max": max(x),
+                                         "median_ci95": median_interval(x)} for k, x in rows.items()}}
+    # the forced-vs-static target in CPU time, the steadier figure: gaining >= 0.9 of static's gain s - 1 means
+    # routed-forced may take at most s / (1 + 0.9 (s - 1)) of static's CPU time
+    s = out["static_speedup"]["median"]
+    out["routed_static_set_cpu_over_static"]["allowed_by_target"] = s / (1 + TARGET_FORCED_VS_STATIC * (s - 1))
+    return out
+
+
+def median_interval(values: list[float], resamples: int = 4000, seed: int = 0) -> list[float]:
+    """Percentile bootstrap 95% interval of the median over repeats."""
+    import random
+
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
 
 
 def main(argv=None) -> int:
@@ -227,9 +239,6 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", default="2048x1=3", help="extra repeats per setting, e.g. 2048x1=3 (default 1)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--kv-space-gib", type=int, default=1)
-    parser.add_argument("--cpu", type=int, default=0,
-                        help="pin every engine to this CPU (-1: let the OS place them); one core for all keeps a "
-                             "faster or busier core from favouring one variant")
     parser.add_argument("--work-dir", default=None, help="where the exports go (default: a temporary folder)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/serve_bench.json"))
     parser.add_argument("--summarise", nargs="+", default=None, metavar="PARTIAL_JSON",
@@ -287,11 +296,10 @@ def main(argv=None) -> int:
     env = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib), PROFILE_ENV: "1"}
     engine = {"max_model_len": max_len, "disable_log_stats": False}
-    cpu = None if args.cpu < 0 else args.cpu
     engines = {
-        "dense": Engine("dense", base, engine, env, cpu),
-        "static": Engine("static", str(static_dir), engine, env, cpu),
-        "routed": Engine("routed", str(routed_dir), engine, dict(env, **{LOG_ENV: str(log_path)}), cpu),
+        "dense": Engine("dense", base, engine, env),
+        "static": Engine("static", str(static_dir), engine, env),
+        "routed": Engine("routed", str(routed_dir), engine, dict(env, **{LOG_ENV: str(log_path)})),
     }
     for e in engines.values():  # started together, loading in parallel
         e.wait_ready()
@@ -398,7 +406,6 @@ def main(argv=None) -> int:
         "schema": "routertune.serve_bench/1",
         "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "engine": {"vllm": vllm.__version__, "mode": "eager, fp32, 1 OMP thread per engine, in-process engine core",
-                   "pinned_cpu": cpu,
                    "clock": "process CPU time of the engine process (the 2-core machine is shared: wall time there "
                             "mostly measures waiting for a core); wall figures kept under 'wall'",
                    "prefix_caching": False, "chunked_prefill": False, "max_model_len": max_len,

@@ -72,7 +72,7 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
     """The README's main job, shrunk: every stage runs on the real model and the summary reads its results."""
     out = tmp_path / "demo"
     code = main(["demo", "--output", str(out), "--samples", "24", "--heldout-samples", "4", "--limit", "6",
-                 "--texts", "2", "--fidelity-prompts", "2", "--calibration-samples", "8", "--sweep-points", "4",
+                 "--texts", "2", "--fidelity-prompts", "1", "--calibration-samples", "8", "--sweep-points", "4",
                  "--random-seeds", "1", "--skip-targets", "0.1", "--bench-repeats", "2", "--bench-lengths", "16",
                  "--decode-prompt", "16", "--decode-tokens", "2"])
     assert code == 0
