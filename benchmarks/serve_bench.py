@@ -11,6 +11,11 @@ machine drift hits every variant alike; the routed variants share one engine and
 * ``routed``             the routed export, routers taking their own per-request decisions;
 * ``routed_all_run``     the routed export forced to run every layer (routing machinery, nothing skipped).
 
+With ``--rounds N`` the engines are started afresh N times and every setting's repeats run in each round: how
+fast one engine process runs varies from process to process (here by about +-5%, as the routed engine forced to
+run everything shows against dense), more than the gap between routed-forced and native static, so one set of
+processes is one draw of that variation. The paired figures then also come per round.
+
 Per setting (prompt tokens, concurrent requests): all requests are submitted at once to ``LLM.generate``
 (greedy, ``ignore_eos``) and the engine is stepped until they finish. The clock is the engine process's CPU
 time: on the shared 2-core development machine a nice'd engine spends most wall time waiting for a core, so
@@ -214,6 +219,18 @@ def paired_throughput(entry: dict) -> dict:
     }
     out = {"repeats": len(dense), **{k: {"median": statistics.median(x), "min": min(x), "max": max(x),
                                          "median_ci95": median_interval(x)} for k, x in rows.items()}}
+    rounds = entry.get("round_of_repeat") or [0] * len(dense)
+    if len(set(rounds)) > 1:
+        # per engine round (fresh processes): routed-forced's CPU time over static's, and the routed engine
+        # forced to run everything over dense (same work: the process-to-process variation)
+        all_run = [d / x for d, x in zip(dense, v["routed_all_run"]["cpu_s_all"])] if "routed_all_run" in v else None
+        out["per_round"] = [
+            {"round": r,
+             "routed_static_set_cpu_over_static": statistics.median(
+                 x for x, q in zip(rows["routed_static_set_cpu_over_static"], rounds) if q == r),
+             **({"routed_all_run_speedup": statistics.median(x for x, q in zip(all_run, rounds) if q == r)}
+                if all_run else {})}
+            for r in sorted(set(rounds))]
     # the forced-vs-static target in CPU time, the steadier figure: gaining >= 0.9 of static's gain s - 1 means
     # routed-forced may take at most s / (1 + 0.9 (s - 1)) of static's CPU time
     s = out["static_speedup"]["median"]
@@ -238,6 +255,8 @@ def main(argv=None) -> int:
                         help="comma-separated PROMPT_TOKENSxCONCURRENT")
     parser.add_argument("--repeats", default="2048x1=3", help="extra repeats per setting, e.g. 2048x1=3 (default 1)")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="start fresh engine processes this many times; every setting's repeats run in each")
     parser.add_argument("--kv-space-gib", type=int, default=1)
     parser.add_argument("--work-dir", default=None, help="where the exports go (default: a temporary folder)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/serve_bench.json"))
@@ -296,13 +315,6 @@ def main(argv=None) -> int:
     env = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib), PROFILE_ENV: "1"}
     engine = {"max_model_len": max_len, "disable_log_stats": False}
-    engines = {
-        "dense": Engine("dense", base, engine, env),
-        "static": Engine("static", str(static_dir), engine, env),
-        "routed": Engine("routed", str(routed_dir), engine, dict(env, **{LOG_ENV: str(log_path)})),
-    }
-    for e in engines.values():  # started together, loading in parallel
-        e.wait_ready()
     variants = {
         "dense": ("dense", None),
         "static": ("static", None),
@@ -310,22 +322,46 @@ def main(argv=None) -> int:
         "routed": ("routed", None),
         "routed_all_run": ("routed", {"routertune": {"force": "run"}}),
     }
-    # warm-up: every engine and routed mode once, untimed
-    warm = chat_prompts(tokenizer, 256, 2, offset=10_000)
-    for name, (eng, extra) in variants.items():
-        engines[eng].run(warm, 4, extra)
+    prompts_of = {setting: chat_prompts(tokenizer, setting[0], setting[1], offset=i * 97)
+                  for i, setting in enumerate(settings)}
+    names_of = {setting: list(variants) if setting == settings[0] else [v for v in variants if v != "routed_all_run"]
+                for setting in settings}
+    runs_of = {setting: {name: [] for name in names_of[setting]} for setting in settings}
+    rounds_of = {setting: [] for setting in settings}  # the round of each repeat
+    engine_load_s = []
+    for round_index in range(args.rounds):
+        # fresh engine processes each round: how fast a process runs varies from process to process by more
+        # than the gaps measured here (the "forced to run all" variant against dense shows it), so the
+        # rounds sample that variation instead of betting on one draw
+        engines = {
+            "dense": Engine("dense", base, engine, env),
+            "static": Engine("static", str(static_dir), engine, env),
+            "routed": Engine("routed", str(routed_dir), engine, dict(env, **{LOG_ENV: str(log_path)})),
+        }
+        for e in engines.values():  # started together, loading in parallel
+            e.wait_ready()
+        engine_load_s.append({n: e.load_s for n, e in engines.items()})
+        # warm-up: every engine and routed mode once, untimed
+        warm = chat_prompts(tokenizer, 256, 2, offset=10_000)
+        for name, (eng, extra) in variants.items():
+            engines[eng].run(warm, 4, extra)
+        for setting in settings:
+            names, runs = names_of[setting], runs_of[setting]
+            for _ in range(repeats.get(setting, 1)):
+                rep = len(rounds_of[setting])
+                order = names[rep % len(names):] + names[: rep % len(names)]  # rotate between repeats
+                for name in order:
+                    eng, extra = variants[name]
+                    runs[name].append(engines[eng].run(prompts_of[setting], args.new_tokens, extra))
+                rounds_of[setting].append(round_index)
+            print(f"[serve-bench] round {round_index + 1}/{args.rounds}: {setting[0]}x{setting[1]} measured", flush=True)
+        for e in engines.values():
+            e.close()
 
     results = []
-    for setting_index, (length, concurrent) in enumerate(settings):
-        prompts = chat_prompts(tokenizer, length, concurrent, offset=setting_index * 97)
-        names = list(variants) if (length, concurrent) == settings[0] else [v for v in variants if v != "routed_all_run"]
-        runs = {name: [] for name in names}
-        n_rep = repeats.get((length, concurrent), 1)
-        for rep in range(n_rep):
-            order = names[rep % len(names):] + names[: rep % len(names)]  # rotate between repeats
-            for name in order:
-                eng, extra = variants[name]
-                runs[name].append(engines[eng].run(prompts, args.new_tokens, extra))
+    for (length, concurrent) in settings:
+        prompts, names, runs = prompts_of[(length, concurrent)], names_of[(length, concurrent)], runs_of[(length, concurrent)]
+        n_rep = len(rounds_of[(length, concurrent)])
         # served decisions of the routers' own mode, per prompt (from the routing log)
         own = {}
         for line in (json.loads(x) for x in log_path.read_text().splitlines()):
@@ -346,7 +382,7 @@ def main(argv=None) -> int:
                 pre, dec = pre + a, dec + b
             flops[name] = (pre, dec)
         entry = {"prompt_tokens": length, "concurrent": concurrent, "new_tokens": args.new_tokens,
-                 "repeats": n_rep, "variants": {}}
+                 "repeats": n_rep, "round_of_repeat": rounds_of[(length, concurrent)], "variants": {}}
         n_new = args.new_tokens
         for name in names:
             r = runs[name]
@@ -396,9 +432,6 @@ def main(argv=None) -> int:
             f"{n} {entry['variants'][n]['throughput_tok_s']:.1f} tok/s (x{entry['variants'][n]['speedup_throughput']:.3f}, "
             f"ideal x{entry['variants'][n]['ideal_throughput']:.3f})" for n in names), flush=True)
 
-    for e in engines.values():
-        e.close()
-
     targets = targets_of(results)
     import vllm
 
@@ -414,7 +447,7 @@ def main(argv=None) -> int:
                     "load_avg_start_end": [load_start, os.getloadavg()]},
         "routers": args.routers, "routed_layers": router_config.layers, "threshold": router_config.threshold,
         "static_layers": static_layers, "static_importance": static_report.importance,
-        "engine_load_s": {n: e.load_s for n, e in engines.items()},
+        "engine_load_s": engine_load_s,
         "not_measured": [f"{p}x{c}" for p in ISSUE_PROMPTS for c in ISSUE_CONCURRENCY if (p, c) not in settings],
         "settings": results, "targets": targets, "seconds": time.perf_counter() - started_all,
     }
