@@ -179,6 +179,9 @@ def targets_of(results: list[dict]) -> dict:
     if "routed_all_run" in v:
         targets["routing_overhead_all_run_vs_dense_throughput"] = v["routed_all_run"]["speedup_throughput"]
     targets["paired_throughput"] = paired_throughput(long[0])
+    if len(long) > 1:  # several runs of the setting merged by --summarise: their repeats and rounds pooled
+        targets["pooled_runs"] = len(long)
+        targets["pooled_paired_throughput"] = paired_throughput(pooled_entry(long))
     targets["forced_minus_static"] = time_gap(long[0], "routed_static_set", "static")
     return targets
 
@@ -236,6 +239,21 @@ def paired_throughput(entry: dict) -> dict:
     s = out["static_speedup"]["median"]
     out["routed_static_set_cpu_over_static"]["allowed_by_target"] = s / (1 + TARGET_FORCED_VS_STATIC * (s - 1))
     return out
+
+
+def pooled_entry(entries: list[dict]) -> dict:
+    """Several runs of one setting as one entry for paired_throughput: every run's repeats, its rounds kept
+    apart (each round of each run is its own draw of engine processes)."""
+    merged = {"variants": {}, "round_of_repeat": []}
+    offset = 0
+    for e in entries:
+        rounds = e.get("round_of_repeat") or [0] * e["repeats"]
+        merged["round_of_repeat"] += [offset + r for r in rounds]
+        offset += max(rounds) + 1
+        for name, v in e["variants"].items():
+            m = merged["variants"].setdefault(name, {"cpu_s_all": [], "ideal_throughput": v["ideal_throughput"]})
+            m["cpu_s_all"] += v["cpu_s_all"]
+    return merged
 
 
 def median_interval(values: list[float], resamples: int = 4000, seed: int = 0) -> list[float]:
