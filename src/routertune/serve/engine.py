@@ -1,7 +1,8 @@
 """Starting a vLLM engine on an exported folder with the settings routed serving needs, and a small worker
 (``python -m routertune.serve.engine REQUEST.json``) that runs one engine in its own process and writes the
-greedy tokens, the routing log and the routed layers' call counts as JSON: what the equality test and the benchmark drive. One engine per
-process keeps vLLM's process-wide state (distributed groups, forward context) clean."""
+greedy tokens, the routing log and the routed layers' call counts as JSON: what the equality test and the
+benchmark drive. One engine per process keeps vLLM's process-wide state (distributed groups, forward context)
+clean."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import sys
 import time
 
+from .attention import reset_profile
 from .requests import LOG_ENV
 
 
@@ -47,8 +49,6 @@ def run_request(request: dict) -> dict:
     if request.get("log") and os.path.exists(request["log"]):
         with open(request["log"]) as handle:
             log = [json.loads(line) for line in handle]
-    from .attention import reset_profile
-
     return {"tokens": [list(o.outputs[0].token_ids) for o in outputs], "log": log, "load_s": load_s,
             "generate_s": generate_s, "routed_layers_profile": reset_profile()}
 
