@@ -104,7 +104,7 @@ def cmd_demo(args) -> int:
 
     job = _build(demo.DemoJob, args)
     print(f"routertune demo on {job.model or 'the embedded SmolLM2-135M-Instruct'}: {len(demo.STAGES)} stages "
-          f"({', '.join(demo.STAGES)}), about half an hour on 2 CPU cores -> {job.output}", flush=True)
+          f"({', '.join(demo.STAGES)}), about 40 minutes on one CPU thread -> {job.output}", flush=True)
 
     def finished(stage: str, outcome) -> None:
         if stage == "train":

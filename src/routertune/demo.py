@@ -4,7 +4,7 @@ trade-off against static and random drop on the same items, benchmark speed, wri
 it all: the routers beside static drop at matched measured skip, with intervals.
 
 Each stage is an existing job (TuneJob, GenerateJob, TradeoffJob, BenchConfig, ReportConfig); this module
-only chooses settings that fit about half an hour on two CPU cores and reads the results back.
+only chooses settings that fit about 40 minutes on one CPU thread and reads the results back.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ STAGES = ("train", "generate", "tradeoff", "bench", "report")
 
 @dataclass
 class DemoJob:
-    """What `routertune demo` does; every field is a flag. The defaults fit ~30 minutes on 2 CPU cores."""
+    """What `routertune demo` does; every field is a flag. The defaults take ~40 minutes on one CPU thread."""
 
     output: str = field(default="runs/demo", metadata={"help": "folder for everything the job writes (replaced on each run)"})
     model: str | None = field(default=None, metadata={"help": "base model (default: embedded SmolLM2-135M-Instruct)"})
