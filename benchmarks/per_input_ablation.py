@@ -82,7 +82,6 @@ def transform_part(part: torch.Tensor, s: dict, transform: str) -> torch.Tensor:
 def transformed(routed: RoutedModel, stats: dict[int, dict], transform: str):
     """The routers with their per-input part transformed (each router's forward wrapped, restored on exit)."""
     routers = routed.routers
-    saved = {}
 
     def forward_of(idx, router):
         s = stats[idx]
@@ -92,14 +91,15 @@ def transformed(routed: RoutedModel, stats: dict[int, dict], transform: str):
             return torch.sigmoid(s["prior"] + transform_part(logit - s["prior"], s, transform))
         return forward
 
+    wrapped = []
     try:
         for idx, router in routers.items():
-            saved[idx] = router.forward
-            router.forward = forward_of(idx, router)
+            router.forward = forward_of(idx, router)  # an instance attribute, shadowing Router.forward
+            wrapped.append(router)
         yield
     finally:
-        for idx, router in routers.items():
-            router.forward = saved[idx]
+        for router in wrapped:
+            del router.forward
 
 
 @torch.inference_mode()

@@ -60,6 +60,7 @@ def test_wrapped_routers_score_prior_plus_transformed_part_and_are_restored():
             assert torch.allclose(router(pooled), expected, atol=1e-5)
     for idx, router in routed.routers.items():
         assert torch.equal(router(pooled), plain[idx])
+        assert "forward" not in vars(router)  # Router.forward itself again, not a leftover wrapper
 
 
 def test_bracket_holds_the_target_within_the_width():
