@@ -119,23 +119,22 @@ def measured_skip(routed: RoutedModel, batches, threshold: float, num_layers: in
     return skipped / rows / num_layers
 
 
-def bracket(skip_of, target: float, low: float, high: float, width: float, iterations: int) -> tuple[float, float]:
-    """Two thresholds whose measured skips lie on either side of `target`, within `width` of each other if
-    `iterations` allow: false position on (threshold, skip), bisection when it stalls."""
-    s_low, s_high = skip_of(low), skip_of(high)
-    if not s_low <= target <= s_high:
-        raise ValueError(f"thresholds {low}-{high} skip {s_low:.3f}-{s_high:.3f}, which does not hold {target}")
-    for step in range(iterations):
-        if s_high - s_low <= width:
-            break
-        guess = low + (target - s_low) / max(s_high - s_low, 1e-9) * (high - low)
-        mid = guess if step % 2 == 0 and low < guess < high else (low + high) / 2
-        s_mid = skip_of(mid)
-        if s_mid < target:
-            low, s_low = mid, s_mid
-        else:
-            high, s_high = mid, s_mid
-    return low, high
+def bracketing_thresholds(skip_of, targets, width: float, max_new: int, low: float = 0.3,
+                           high: float = 0.7) -> list[float]:
+    """For each target, the two thresholds whose measured skips lie on either side of it, refined (by
+    routertune.tradeoff.refine_sweep, as the trade-off command does) until they are within `width` of each
+    other or `max_new` more thresholds have been measured."""
+    known = {low: skip_of(low), high: skip_of(high)}
+    for target in targets:
+        if not known[low] <= target < known[high]:
+            raise ValueError(f"thresholds {low}-{high} skip {known[low]:.3f}-{known[high]:.3f}, "
+                             f"which does not hold {target}")
+    tradeoff.refine_sweep(skip_of, known, targets, width, max_new)
+    found = set()
+    for target in targets:
+        found.add(max((s, t) for t, s in known.items() if s <= target)[1])
+        found.add(min((s, t) for t, s in known.items() if s > target)[1])
+    return sorted(found)
 
 
 def main() -> None:
@@ -147,7 +146,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=400, help="training records for the part's statistics")
     parser.add_argument("--statistics-cache", help="file keeping the training records' pooled inputs between runs")
     parser.add_argument("--bracket", type=float, default=0.015, help="widest measured-skip bracket accepted")
-    parser.add_argument("--iterations", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=8, help="most thresholds added per target")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -172,20 +171,11 @@ def main() -> None:
     for transform in args.transforms:
         started = time.perf_counter()
         with transformed(routed, stats, transform):
-            seen: dict[float, float] = {}
-
             def skip_of(threshold: float) -> float:
-                if threshold not in seen:
-                    seen[threshold] = measured_skip(routed, batches, threshold, num_layers)
-                return seen[threshold]
+                return measured_skip(routed, batches, threshold, num_layers)
 
-            found = set()
-            for target in args.targets:
-                # start from the tightest bracket the thresholds measured so far give
-                low = max([t for t, s in seen.items() if s < target], default=0.3)
-                high = min([t for t, s in seen.items() if s >= target], default=0.7)
-                found.update(bracket(skip_of, target, low, high, args.bracket, args.iterations))
-            thresholds = sorted(found)
+            thresholds = bracketing_thresholds(skip_of, args.targets, args.bracket,
+                                               args.iterations * len(args.targets))
             variants = [tradeoff.Variant("routers", threshold=t) for t in thresholds]
             scores = tradeoff.score_texts(routed, batches, variants, len(lists))
         routed.set_threshold(0.5)

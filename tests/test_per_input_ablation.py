@@ -64,14 +64,13 @@ def test_wrapped_routers_score_prior_plus_transformed_part_and_are_restored():
 
 
 def test_bracket_holds_the_target_within_the_width():
-    calls = []
-
     def skip_of(t):  # a monotone staircase, as measured skips are
-        calls.append(t)
         return min(1.0, max(0.0, round((t - 0.3) * 2.5, 2)))
 
-    low, high = ablation.bracket(skip_of, 0.3, 0.3, 0.7, width=0.015, iterations=20)
-    assert skip_of(low) < 0.3 <= skip_of(high)
-    assert skip_of(high) - skip_of(low) <= 0.015
+    thresholds = ablation.bracketing_thresholds(skip_of, [0.2, 0.3], width=0.015, max_new=40)
+    for target in (0.2, 0.3):
+        low = max((t for t in thresholds if skip_of(t) <= target), key=skip_of)
+        high = min((t for t in thresholds if skip_of(t) > target), key=skip_of)
+        assert skip_of(high) - skip_of(low) <= 0.015
     with pytest.raises(ValueError, match="does not hold"):
-        ablation.bracket(skip_of, 0.3, 0.5, 0.7, width=0.015, iterations=5)
+        ablation.bracketing_thresholds(skip_of, [0.3], width=0.015, max_new=5, low=0.5)
