@@ -11,6 +11,9 @@ while the prior alone ties it. The transforms measured here change only the part
     clip:K      part clipped to +-K of its standard deviation on the training records: a trust region around
                 the prior, where a router may reorder layers near the threshold but never overturns a large
                 prior gap on an input unlike its training data
+    floor:K     part kept above -K sd only: an input may raise a layer's importance freely (run it), but lower
+                it (skip it sooner than the prior would) by at most K sd
+    cap:K       part kept below +K sd only: the reverse
     fallback    part set to 0 where it lies outside its range on the training records (an out-of-distribution
                 guard; clipping to that range instead would change no decision at a threshold inside it)
 
@@ -73,9 +76,13 @@ def transform_part(part: torch.Tensor, s: dict, transform: str) -> torch.Tensor:
     if name == "clip":
         bound = float(arg) * s["sd"]
         return part.clamp(-bound, bound)
+    if name == "floor":
+        return part.clamp(min=-float(arg) * s["sd"])
+    if name == "cap":
+        return part.clamp(max=float(arg) * s["sd"])
     if name == "fallback":
         return torch.where((part < s["low"]) | (part > s["high"]), torch.zeros_like(part), part)
-    raise ValueError(f"unknown transform {transform!r}: use none, scale:A, clip:K or fallback")
+    raise ValueError(f"unknown transform {transform!r}: use none, scale:A, clip:K, floor:K, cap:K or fallback")
 
 
 @contextlib.contextmanager

@@ -181,6 +181,10 @@ def test_default_recipe_and_tradeoff_end_to_end(byte_model, tmp_path, capsys):
     assert result["tasks"]["arc_easy"]["items"] == 12
     assert "0.20" in result["matched"]["arc_easy"] and "0.20" in result["matched"]["lambada"]
     assert result["matched"]["lambada"]["0.20"]["static"]["reached"]
+    task_row = result["matched"]["arc_easy"]["0.20"]
+    assert task_row["routers"]["reached"] and task_row["static"]["reached"], task_row
+    static_ks = {int(name.split()[1]) for name in result["tasks"]["arc_easy"]["settings"] if name.startswith("static")}
+    assert math.floor(task_row["at"] * 6 + 1e-9) in static_ks | {0} and math.ceil(task_row["at"] * 6 - 1e-9) in static_ks | {0}
     assert (out / "tradeoff.md").read_text().startswith("| where |")
     assert "routers - static" in capsys.readouterr().out
 
@@ -399,3 +403,40 @@ def test_accuracy_settings_bracket_a_router_point_outside_the_targets_span():
     ks = {v.k for v in chosen if v.kind == "static"}
     assert {2, 3, 6, 7} <= ks
     assert [v.threshold for v in chosen if v.kind == "routers"] == [0.4, 0.5]
+
+
+def test_static_counts_are_added_around_the_router_points_measured_skip():
+    """The accuracy run's router points measure their skip on all the items, which can leave static drop's
+    estimated counts on one side of it (the full demo: PIQA at 9.7% and 20.3% with static 3 and 6 run, both
+    rows 'not reached'): the counts on either side of each measured skip are added, and only those missing."""
+    assert tradeoff.static_counts_to_add([0.097, 0.203], {3, 6}, [0.1, 0.2], 30) == [2, 7]
+    assert tradeoff.static_counts_to_add([0.1, 0.2], {3, 6}, [0.1, 0.2], 30) == []  # exactly on a count
+    assert tradeoff.static_counts_to_add([0.02], {3}, [0.1], 30) == [0, 1]  # 0: the dense model
+    assert tradeoff.static_counts_to_add([0.097, 0.5], {2, 3}, [0.1], 30) == []  # only the nearest point counts
+    assert tradeoff.static_counts_to_add([], set(), [0.1], 30) == []
+
+
+def test_accuracy_comparison_is_reached_where_the_router_point_lands_off_the_estimate(byte_model, tmp_path,
+                                                                                     monkeypatch):
+    """The accuracy settings are chosen on an estimate of each router point's skip; here the choice is made
+    wrong on purpose (static 1 only, beside the routers' deepest threshold) and the run must still add the
+    static counts around the skip the router point measures on the items, so the row is reached."""
+    routers, out = tmp_path / "routers", tmp_path / "tradeoff"
+    assert main(["train", "--model", byte_model, "--output", str(routers), "--samples", "32",
+                 "--heldout-samples", "8", "--max-length", "48", "--batch-size", "8"]) == 0
+
+    def misplaced(variants, skips, job, num_layers):
+        return [v for v in variants if v.kind == "static" and v.k == 1] + [
+            tradeoff.Variant("routers", threshold=max(skips, key=lambda t: skips[t]))]
+
+    monkeypatch.setattr(tradeoff, "_accuracy_settings", misplaced)
+    assert main(["tradeoff", "--routers", str(routers), "--model", byte_model, "--output", str(out),
+                 "--domains", "--tasks", "arc_easy", "--limit", "8", "--fidelity-prompts", "0", "--max-drop", "1",
+                 "--random-seeds", "0", "--sweep-points", "4", "--skip-targets", "0.2", "--bootstrap", "100",
+                 "--calibration-samples", "8"]) == 0
+    result = json.loads((out / "tradeoff.json").read_text())
+    row = result["matched"]["arc_easy"]["0.20"]
+    assert row["at"] > 1 / 6, row  # off static 1's side: the comparison needs counts that were not chosen
+    assert row["routers"]["reached"] and row["static"]["reached"], row
+    settings = result["tasks"]["arc_easy"]["settings"]
+    assert f"static {math.floor(row['at'] * 6 + 1e-9)}" in settings and f"static {math.ceil(row['at'] * 6 - 1e-9)}" in settings

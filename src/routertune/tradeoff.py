@@ -508,9 +508,13 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     with routing.forced("run"):
         importance = baselines.attention_importance(model, calibration_batches)
     candidates = baselines.droppable_layers(num_layers)
+
+    def static_variant(k: int) -> Variant:
+        return Variant("static", tuple(importance.least_important(k, candidates)), k) if k else Variant("dense")
+
     variants = [Variant("dense")]
     for k in range(1, min(job.max_drop, len(candidates)) + 1):
-        variants.append(Variant("static", tuple(importance.least_important(k, candidates)), k))
+        variants.append(static_variant(k))
     random_ks = job.random_drops or sorted({int(round(t * num_layers)) for t in job.skip_targets})
     for k in random_ks:
         for seed in range(job.random_seeds):
@@ -579,20 +583,35 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                 _add_variants(result, {v: None for v in chosen})
             per_task[task.name] = {}
             bar = tqdm(total=len(chosen), desc=f"accuracy {task.name}", disable=not progress)
-            for variant in chosen:
+
+            def score(variant: Variant) -> None:
                 log(f"tradeoff: {task.name}, {variant.name}")
                 per_task[task.name][variant] = score_tasks(routed, tokenizer, [task], variant, num_layers,
                                                            job.batch_tokens)[task.name]
                 bar.update(1)
                 result["tasks"][task.name] = _task_result(per_task[task.name], task)
                 write_json(output / RESULT_NAME, result)
+
+            for variant in chosen:
+                score(variant)
+            # a router point's skip on all the items can differ from its estimate on the first contexts (PIQA:
+            # 9.7% where 10.1% was estimated); static drop is interpolated at the measured skip, so it also
+            # runs at the layer counts around that skip if they are missing, or the comparison is not reached
+            measured = [s.skip for v, s in per_task[task.name].items() if v.kind == "routers"]
+            have = {v.k for v in per_task[task.name] if v.kind in ("static", "dense")}
+            missing = [static_variant(k) for k in static_counts_to_add(measured, have, job.skip_targets,
+                                                                       num_layers) if k <= len(candidates)]
+            _add_variants(result, {v: None for v in missing})
+            bar.total += len(missing)
+            for variant in missing:
+                score(variant)
             bar.close()
             curves = _accuracy_curves(per_task[task.name])
             result["matched"][task.name] = {}
             for t in job.skip_targets:
                 # compared where the router point nearest the target measured its skip on the items (the
                 # accuracy runs hold one router point per target); static drop is interpolated there
-                at = min((x for x, _ in curves["routers"]), key=lambda x: abs(x - t), default=t)
+                at = min(measured, key=lambda x: abs(x - t), default=t)  # router points only, never dense's 0
                 entry = compare_curves(curves, at, iterations=job.bootstrap)
                 entry["at"] = at
                 result["matched"][task.name][f"{t:.2f}"] = entry
@@ -688,6 +707,17 @@ def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, nu
         around = {math.floor(skips[best] * num_layers + 1e-9), math.ceil(skips[best] * num_layers - 1e-9)}
         chosen += [v for v in variants if v.kind == "static" and v.k in around and not candidates]
     return list(dict.fromkeys(chosen))
+
+
+def static_counts_to_add(router_skips: Sequence[float], have: set[int], targets: Sequence[float],
+                         num_layers: int) -> list[int]:
+    """The static layer counts (0 = dense) still to run so that static drop can be interpolated at the
+    measured skip of the router point nearest each target: the counts on either side of that skip."""
+    needed: set[int] = set()
+    for t in targets if router_skips else ():
+        at = min(router_skips, key=lambda x: abs(x - t))
+        needed |= {math.floor(at * num_layers + 1e-9), math.ceil(at * num_layers - 1e-9)}
+    return sorted(needed - have)
 
 
 def _task_result(scores: dict, task: TaskItems) -> dict:
