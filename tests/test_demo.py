@@ -48,3 +48,5 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys):
     assert "prefill 16 tokens" in summary
     assert json.loads((out / "train_metrics.json").read_text())["train"]["objective"] == "importance"
     assert (out / "report" / "tradeoff.png").exists()
+    # static drop is traced one layer past the largest target (20%) of this model's own 6 layers, not of 30
+    assert json.loads((out / "tradeoff" / "tradeoff.json").read_text())["job"]["max_drop"] == round(0.2 * 6) + 1

@@ -123,6 +123,9 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
         prompts=DEMO_PROMPTS, routers=str(out), model=job.model, cache_dir=job.cache_dir, max_new_tokens=48))
     finished("generate", generations)
 
+    from .config import RouterConfig
+
+    num_layers = RouterConfig.load(str(out)).base_model.num_hidden_layers  # static drop's k per target
     targets = ", ".join(f"{t:.0%}" for t in job.skip_targets)
     stage("tradeoff", f"KL to dense on {job.texts} texts x 3 held-out domains, {', '.join(job.tasks)} "
                       f"({job.limit} items each), greedy agreement: a threshold sweep against static and random "
@@ -130,7 +133,7 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
     curve = tradeoff.run_tradeoff(tradeoff.TradeoffJob(
         routers=str(out), output=str(out / "tradeoff"), model=job.model, cache_dir=job.cache_dir,
         texts=job.texts, max_tokens=192, tasks=job.tasks, limit=job.limit, skip_targets=job.skip_targets,
-        max_drop=int(round(max(job.skip_targets) * 30)) + 1, random_seeds=job.random_seeds,
+        max_drop=int(round(max(job.skip_targets) * num_layers)) + 1, random_seeds=job.random_seeds,
         sweep_points=job.sweep_points,
         fidelity_prompts=job.fidelity_prompts, fidelity_tokens=24, calibration_samples=job.calibration_samples,
         bootstrap=1000))
