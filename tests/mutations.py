@@ -126,6 +126,19 @@ MUTANTS = [
     Mutant("sink_gate_learns", "token_routing.py",
            "gate = torch.where(sinks, torch.ones_like(gate), gate)", "gate = gate",
            ("test_token_routing.py",), "the router gets a gradient for tokens it does not decide"),
+    # --- the trust region of the importance fit --------------------------------------------------------------
+    Mutant("trust_region_ignored", "router.py",
+           "logit = torch.where((part < low) | (part > high), prior + part.clamp(low, high), logit)",
+           "logit = logit", ("test_trust_region.py",), "the router scores as if it had no region"),
+    Mutant("trust_region_not_loaded", "router.py",
+           'router.trust_region.copy_(state.get(f"{prefix}.trust_region", unbounded).float())',
+           "pass", ("test_trust_region.py",), "saved routers lose their region on load"),
+    Mutant("trust_bound_not_in_sd", "importance.py", "else -down * sd, math.inf", "else -down, math.inf",
+           ("test_trust_region.py",), "the bound taken in logit units, not standard deviations of the part"),
+    Mutant("capacity_on_unbounded_logits", "importance.py",
+           "predicted = torch.stack([_bounded(x_train[i] @ fits[i][0] + fits[i][1], *bounds[i]) for i in layers])",
+           "predicted = torch.stack([x_train[i] @ fits[i][0] + fits[i][1] for i in layers])",
+           ("test_trust_region.py",), "the capacity offset set before the region, so the target is missed"),
 ]
 
 

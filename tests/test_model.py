@@ -83,7 +83,8 @@ def test_save_load_round_trip(tmp_path, family, granularity):
     routed.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["router_config.json", "routers.safetensors"]
     weights = load_file(tmp_path / "routers.safetensors")
-    assert set(weights) == {f"layers.{i}.router.{p}" for i in routed.routed_layers for p in ("weight", "bias")}
+    assert set(weights) == {f"layers.{i}.router.{p}" for i in routed.routed_layers
+                            for p in ("weight", "bias", "trust_region")}
     config = json.loads((tmp_path / "router_config.json").read_text())
     assert set(config["base_model"]) == {"model_type", "num_hidden_layers", "hidden_size", "fingerprint",
                                          "name_or_path"}

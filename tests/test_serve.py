@@ -61,7 +61,7 @@ def test_routed_export_names_the_routed_arch_and_carries_the_routers(routers, tm
     assert serving.router_config.layers == LAYERS
     assert serving.router_config.threshold_for(3) == 0.6 and serving.router_config.threshold_for(2) == 0.5
     state = load_file(str(out / ROUTERS_FILE))
-    assert set(state) == {f"layers.{i}.router.{p}" for i in LAYERS for p in ("weight", "bias")}
+    assert set(state) == {f"layers.{i}.router.{p}" for i in LAYERS for p in ("weight", "bias", "trust_region")}
     for i in LAYERS:
         assert torch.equal(state[f"layers.{i}.router.weight"], routed.routers[i].weight.detach())
         assert torch.equal(state[f"layers.{i}.router.bias"], routed.routers[i].bias.detach())

@@ -28,6 +28,7 @@ so the fit is deterministic, cannot collapse, and costs one pass over the data.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -56,6 +57,7 @@ class ImportanceFit:
     train_capacity: float  # fraction of (record, layer) pairs that run at threshold 0.5 on the training prompts
     records: int
     notes: list[str] = field(default_factory=list)
+    trust: tuple[float | None, float | None] = (None, None)  # (down, up) bound on the per-input part, in sd
 
 
 @torch.no_grad()
@@ -134,6 +136,12 @@ def _sample_tokens(real: torch.Tensor, k: int, generator: torch.Generator) -> to
     return pick
 
 
+def _bounded(logit: torch.Tensor, prior: float, low: float, high: float) -> torch.Tensor:
+    """The logit with its per-input part (logit - prior) kept within [low, high], as Router.forward does."""
+    part = logit - prior
+    return torch.where((part < low) | (part > high), prior + part.clamp(low, high), logit)
+
+
 def _ridge(x: torch.Tensor, y: torch.Tensor, penalty: float) -> tuple[torch.Tensor, float]:
     """Ridge regression with an unpenalised intercept: returns (w (H,), b)."""
     mu, y_mean = x.mean(0), y.mean()
@@ -164,16 +172,23 @@ def relative_to_input(y: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
 
 
 def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capacity: float,
-                shrink: float = 1.0, target: str = "absolute") -> ImportanceFit:
-    """Fit every router of `routed` in place (weights and bias) and return what was chosen.
+                shrink: float = 1.0, target: str = "absolute",
+                trust: tuple[float | None, float | None] = (None, None)) -> ImportanceFit:
+    """Fit every router of `routed` in place (weights, bias, trust region) and return what was chosen.
 
     `shrink` scales the per-input part around the training mean (logit = prior + shrink * w.(x - mean)):
     1 keeps the ridge fit, 0 leaves the static prior alone. Held-out R^2 on the tuning mix cannot choose it:
-    text far from that mix (code, for one) is where a per-input prediction extrapolates."""
+    text far from that mix (code, for one) is where a per-input prediction extrapolates.
+
+    `trust` = (down, up) bounds that part, in standard deviations of it over the training records: an input
+    may lower a layer's logit below the prior by at most down sd and raise it by at most up sd (None:
+    unbounded). The capacity offset is set on the bounded logits, so the target is still met."""
     if not 0.0 <= target_capacity <= 1.0:
         raise ValueError(f"target_capacity={target_capacity} must lie in [0, 1]")
     if not 0.0 <= shrink <= 1.0:
         raise ValueError(f"shrink={shrink} must lie in [0, 1]")
+    if len(trust) != 2 or any(k is not None and not k >= 0 for k in trust):
+        raise ValueError(f"trust={trust!r} must be (down, up), each None or >= 0 standard deviations")
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is not one of {', '.join(TARGETS)}")
     x_train, y_train = collect(routed, train_batches)
@@ -204,8 +219,15 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
     means = {i: float(y_train[i].mean()) for i in layers}
     spread = float(torch.tensor(list(means.values())).std()) if len(layers) > 1 else 1.0
     scale = spread if spread > 1e-6 else 1.0
+    # the trust region around each layer's prior (its prediction at the mean input), in the fit's units
+    bounds = {}
+    for i in layers:
+        prior = float(x_train[i].mean(0) @ fits[i][0]) + fits[i][1]
+        sd = float((x_train[i] @ fits[i][0] + fits[i][1] - prior).std()) if n > 1 else 0.0
+        down, up = trust
+        bounds[i] = (prior, -math.inf if down is None else -down * sd, math.inf if up is None else up * sd)
     # c: the quantile of predicted log importance over (record, layer) pairs below which (1 - target) skip
-    predicted = torch.stack([x_train[i] @ fits[i][0] + fits[i][1] for i in layers])  # (layers, N)
+    predicted = torch.stack([_bounded(x_train[i] @ fits[i][0] + fits[i][1], *bounds[i]) for i in layers])
     flat = predicted.flatten()
     if target_capacity >= 1.0:
         offset = float(flat.min()) - 1.0
@@ -219,7 +241,10 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
             router = routed.routers[i]
             router.weight.copy_((w / scale).to(router.weight.dtype).view_as(router.weight))
             router.bias.copy_(torch.tensor([(b - offset) / scale], dtype=router.bias.dtype))
+            prior, low, high = bounds[i]
+            router.set_trust_region((prior - offset) / scale, low / scale, high / scale)
     capacity = float((predicted >= offset).double().mean())
     return ImportanceFit(layers=layers, ridge=ridge, shrink=shrink, target=target, heldout_r2=r2, offset=offset, scale=scale,
-                         mean_log_importance=means, train_capacity=capacity, records=n, notes=notes)
+                         mean_log_importance=means, train_capacity=capacity, records=n, notes=notes,
+                         trust=tuple(trust))
 

@@ -17,6 +17,7 @@ from torch import nn
 from . import inject, lora, routing
 from .cache import RoutedCache, cache_kwarg
 from .config import CONFIG_NAME, BaseModelIdentity, RouterConfig
+from .router import load_router
 from .files import atomic_write, write_json
 from .token_cache import TokenRoutedCache
 from .token_routing import TokenRoutedSublayer
@@ -155,21 +156,23 @@ class RoutedModel(nn.Module):
         for idx, r in self.routers.items():
             state[f"layers.{idx}.router.weight"] = r.weight.detach().cpu().contiguous()
             state[f"layers.{idx}.router.bias"] = r.bias.detach().cpu().contiguous()
+            state[f"layers.{idx}.router.trust_region"] = r.trust_region.detach().cpu().contiguous()
         return state
 
     def load_router_state_dict(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
-        """Copy router weights in; files written before routers had a bias (no `.bias` keys) load with bias 0."""
+        """Copy router weights in. Files written before routers had a trust region (no `.trust_region` keys)
+        load without one, and those written before they had a bias (no `.bias` keys) with bias 0."""
         expected = set(self.router_state_dict())
-        legacy = {k for k in expected if k.endswith(".bias")}
-        if set(state) != expected and set(state) != expected - legacy:
+        trust = {k for k in expected if k.endswith(".trust_region")}
+        bias = {k for k in expected if k.endswith(".bias")}
+        if set(state) not in (expected, expected - trust, expected - trust - bias):
             raise ValueError(
                 f"{source} holds keys {sorted(set(state) ^ expected)} that do not match the routed "
                 f"layers {self.routed_layers}"
             )
         with torch.no_grad():
             for idx, router in self.routers.items():
-                router.weight.copy_(state[f"layers.{idx}.router.weight"])
-                router.bias.copy_(state.get(f"layers.{idx}.router.bias", torch.zeros_like(router.bias)))
+                load_router(router, state, f"layers.{idx}.router")
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write router_config.json + routers.safetensors (kilobytes), each atomically; with LoRA layers,

@@ -142,7 +142,7 @@ def _fit_importance(routed, examples, cfg: TrainConfig, pad, heldout, device) ->
     if heldout:
         result.dense = evaluate_loss(routed, heldout, dense=True)
     fit = importance.fit_routers(routed, batches, heldout, cfg.target_capacity, shrink=cfg.shrink,
-                                   target=cfg.importance_target)
+                                   target=cfg.importance_target, trust=(cfg.trust_down, cfg.trust_up))
     result.fit = asdict(fit)
     result.seconds = time.perf_counter() - began
     if heldout:

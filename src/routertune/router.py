@@ -5,6 +5,8 @@ Imports only torch so it can be reused anywhere.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -26,6 +28,16 @@ class Router(nn.Module):
         self.proj = nn.Linear(hidden_size, 1, bias=True, dtype=torch.float32)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        # [prior, low, high]: the logit is kept within prior + [low, high]. The importance fit sets it (its
+        # `trust` option) so that an input unlike the training data cannot overturn a large gap between
+        # layers; (0, -inf, inf), the default, changes nothing.
+        self.register_buffer("trust_region", torch.tensor([0.0, -math.inf, math.inf], dtype=torch.float32))
+
+    def set_trust_region(self, prior: float, low: float, high: float) -> None:
+        """Keep the per-input part of the logit (logit - prior) within [low, high] (infinite: unbounded)."""
+        if not low <= 0.0 <= high:
+            raise ValueError(f"a trust region [{low}, {high}] must hold 0 (the prior itself)")
+        self.trust_region.copy_(torch.tensor([prior, low, high], dtype=self.trust_region.dtype))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -38,7 +50,22 @@ class Router(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled: (B, H) in any dtype -> scores (B,) in float32, also under bf16 autocast."""
         with torch.autocast(device_type=pooled.device.type, enabled=False):
-            return torch.sigmoid(self.proj(pooled.float())).squeeze(-1)
+            logit = self.proj(pooled.float()).squeeze(-1)
+            prior, low, high = self.trust_region
+            part = logit - prior
+            # only parts outside the region are replaced, so routers without one score bit for bit as before
+            logit = torch.where((part < low) | (part > high), prior + part.clamp(low, high), logit)
+            return torch.sigmoid(logit)
+
+
+def load_router(router: Router, state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Copy one router's tensors from a routers.safetensors state (keys `prefix.weight`, `.bias`,
+    `.trust_region`); a missing bias (older files) loads as 0, a missing trust region as none."""
+    with torch.no_grad():
+        router.weight.copy_(state[f"{prefix}.weight"].float().view_as(router.weight))
+        router.bias.copy_(state.get(f"{prefix}.bias", torch.zeros_like(router.bias)).float())
+        unbounded = torch.tensor([0.0, -math.inf, math.inf])
+        router.trust_region.copy_(state.get(f"{prefix}.trust_region", unbounded).float())
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..router import Router
+from ..router import Router, load_router
 from .attention import RoutedAttention, RoutedLayer, has_llama_layer_forward
 from .config import ARCH_PREFIX, CONFIG_KEY, VLLM_ARCHITECTURES, ServeRouting
 
@@ -73,13 +73,15 @@ class RoutedServingMixin:
         routers = getattr(self, _ROUTERS_ATTR)
         weights = {f"layers.{i}.router.weight" for i in routers}
         biases = {f"layers.{i}.router.bias" for i in routers}
-        if set(state) not in (weights | biases, weights):  # files from before routers had a bias: bias 0
-            raise ValueError(f"{path} holds {sorted(state)}, the routed layers need {sorted(weights | biases)}")
-        with torch.no_grad():
-            for i, router in routers.items():
-                router.weight.copy_(state[f"layers.{i}.router.weight"].float())
-                router.bias.copy_(state.get(f"layers.{i}.router.bias", torch.zeros_like(router.bias)).float())
-                loaded.update({f"{_ROUTERS_ATTR}.{i}.proj.weight", f"{_ROUTERS_ATTR}.{i}.proj.bias"})
+        trust = {f"layers.{i}.router.trust_region" for i in routers}
+        # files from before routers had a trust region (none) or a bias (bias 0) load too
+        if set(state) not in (weights | biases | trust, weights | biases, weights):
+            raise ValueError(f"{path} holds {sorted(state)}, the routed layers need "
+                             f"{sorted(weights | biases | trust)}")
+        for i, router in routers.items():
+            load_router(router, state, f"layers.{i}.router")
+            loaded.update({f"{_ROUTERS_ATTR}.{i}.proj.weight", f"{_ROUTERS_ATTR}.{i}.proj.bias",
+                           f"{_ROUTERS_ATTR}.{i}.trust_region"})
         return loaded
 
 
