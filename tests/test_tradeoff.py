@@ -164,7 +164,9 @@ def test_default_recipe_and_tradeoff_end_to_end(byte_model, tmp_path, capsys):
                  "--heldout-samples", "16", "--max-length", "64", "--batch-size", "8"]) == 0
     metrics = json.loads((routers / "train_metrics.json").read_text())
     assert metrics["train"]["objective"] == "importance"
-    assert metrics["result"]["fit"]["train_capacity"] == pytest.approx(0.75, abs=0.02)
+    # the default trust region piles a layer's inputs with upward parts onto its prior, so the share that runs
+    # moves in steps (of up to 1/8 here: 48 records, 4 layers, half of a layer's inputs on one pile)
+    assert metrics["result"]["fit"]["train_capacity"] == pytest.approx(0.75, abs=0.05)
     config = json.loads((routers / "router_config.json").read_text())
     assert config["layers"] == [1, 2, 3, 4]  # every layer but the first and the last, as static drop
     assert main(["tradeoff", "--routers", str(routers), "--model", byte_model, "--output", str(out),

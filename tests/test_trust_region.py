@@ -120,9 +120,15 @@ def test_train_cli_fits_the_region_and_refuses_bad_bounds(tmp_path, capsys):
     assert main(["train", "--model", str(folder), "--output", str(out), "--samples", "32", "--heldout-samples",
                  "8", "--max-length", "48", "--trust-down", "0.5"]) == 0
     fit = json.loads((out / "train_metrics.json").read_text())["result"]["fit"]
-    assert fit["trust"] == [0.5, None]
+    assert fit["trust"] == [0.5, 0.0]  # up: the default, no upward move
     regions = load_file(out / "routers.safetensors")
-    assert all(float(v[1]) < 0 and float(v[2]) == np.inf for k, v in regions.items() if k.endswith("trust_region"))
+    assert all(float(v[1]) < 0 and float(v[2]) == 0 for k, v in regions.items() if k.endswith("trust_region"))
+    assert main(["train", "--model", str(folder), "--output", str(out), "--samples", "32", "--heldout-samples",
+                 "8", "--max-length", "48", "--trust-up", "inf", "--overwrite"]) == 0
+    assert json.loads((out / "train_metrics.json").read_text())["result"]["fit"]["trust"] == [None, None]
+    regions = load_file(out / "routers.safetensors")
+    assert all(torch.equal(v, torch.tensor([0.0, -np.inf, np.inf])) for k, v in regions.items()
+               if k.endswith("trust_region"))  # unbounded both ways: no region at all, as before
     capsys.readouterr()
     assert main(["train", "--model", str(folder), "--output", str(tmp_path / "x"), "--trust-down", "-1"]) != 0
     assert "trust_down=-1.0 must be >= 0" in capsys.readouterr().err

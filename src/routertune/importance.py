@@ -142,6 +142,15 @@ def _bounded(logit: torch.Tensor, prior: float, low: float, high: float) -> torc
     return torch.where((part < low) | (part > high), prior + part.clamp(low, high), logit)
 
 
+def _capacity_offset(flat: torch.Tensor, target: float) -> float:
+    """The predicted value c whose share of values >= c is nearest `target`. A quantile would do for distinct
+    values, but a trust region piles many inputs of a layer onto one bound, and a quantile landing on such a
+    pile counts all of it."""
+    values, counts = torch.unique_consecutive(flat.sort().values, return_counts=True)
+    share = (flat.numel() - (torch.cumsum(counts, 0) - counts)).double() / flat.numel()  # of values >= each
+    return float(values[int((share - target).abs().argmin())])
+
+
 def _ridge(x: torch.Tensor, y: torch.Tensor, penalty: float) -> tuple[torch.Tensor, float]:
     """Ridge regression with an unpenalised intercept: returns (w (H,), b)."""
     mu, y_mean = x.mean(0), y.mean()
@@ -189,6 +198,7 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
         raise ValueError(f"shrink={shrink} must lie in [0, 1]")
     if len(trust) != 2 or any(k is not None and not k >= 0 for k in trust):
         raise ValueError(f"trust={trust!r} must be (down, up), each None or >= 0 standard deviations")
+    trust = tuple(None if k is None or math.isinf(k) else float(k) for k in trust)  # None: unbounded
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is not one of {', '.join(TARGETS)}")
     x_train, y_train = collect(routed, train_batches)
@@ -234,7 +244,7 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
     elif target_capacity <= 0.0:
         offset = float(flat.max()) + 1.0
     else:
-        offset = float(torch.quantile(flat, 1.0 - target_capacity))
+        offset = _capacity_offset(flat, target_capacity)
     with torch.no_grad():
         for i in layers:
             w, b = fits[i]
@@ -242,7 +252,10 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
             router.weight.copy_((w / scale).to(router.weight.dtype).view_as(router.weight))
             router.bias.copy_(torch.tensor([(b - offset) / scale], dtype=router.bias.dtype))
             prior, low, high = bounds[i]
-            router.set_trust_region((prior - offset) / scale, low / scale, high / scale)
+            if math.isinf(low) and math.isinf(high):
+                router.set_trust_region(0.0, -math.inf, math.inf)  # no region (one fitted earlier is cleared)
+            else:
+                router.set_trust_region((prior - offset) / scale, low / scale, high / scale)
     capacity = float((predicted >= offset).double().mean())
     return ImportanceFit(layers=layers, ridge=ridge, shrink=shrink, target=target, heldout_r2=r2, offset=offset, scale=scale,
                          mean_log_importance=means, train_capacity=capacity, records=n, notes=notes,

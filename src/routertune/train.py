@@ -46,8 +46,8 @@ class TrainConfig:
     target_capacity: float = field(default=0.75, metadata={"help": "fraction of routed sublayers to run, in [0, 1]"})
     shrink: float = field(default=0.5, metadata={"help": "importance objective: scale of the per-input part of each router around the training mean (1: the full ridge fit, 0: a static drop ordered by mean importance)"})
     importance_target: str = field(default="absolute", metadata={"help": "importance objective: what each router predicts per input: absolute (log importance) or relative (log importance minus the input's mean over the routed layers: layers reordered per input, about the same number skipped for every input)"})
-    trust_down: float | None = field(default=None, metadata={"help": "importance objective: how far below its prior (the logit at the training mean input) an input may push a router's logit, in standard deviations of the per-input part over the training records; a layer the prior keeps cannot be skipped on an input unlike the training data (none: unbounded)"})
-    trust_up: float | None = field(default=None, metadata={"help": "importance objective: the same bound above the prior (none: unbounded)"})
+    trust_down: float = field(default=math.inf, metadata={"help": "importance objective: how far below its prior (the logit at the training mean input) an input may push a router's logit, in standard deviations of the per-input part over the training records (inf: unbounded)"})
+    trust_up: float = field(default=0.0, metadata={"help": "importance objective: how far above its prior an input may push a router's logit, in the same units. 0, the default: an input can make a layer skip sooner than the prior would, never keep it longer; on code, far from the tuning mix, the routers' upward moves are what lost to static drop (README: the trade-off)"})
     capacity_weight: float = field(default=0.1, metadata={"help": "lambda of the capacity hinge ReLU(capacity - target)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for the routers"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -69,11 +69,11 @@ class TrainConfig:
             problems.append(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if not 0.0 <= self.shrink <= 1.0:
             problems.append(f"shrink={self.shrink} must lie in [0, 1]")
-        for name in ("trust_down", "trust_up"):
+        for name, default in (("trust_down", math.inf), ("trust_up", 0.0)):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
-                problems.append(f"{name}={value} must be >= 0 standard deviations (or unset: unbounded)")
-            if value is not None and self.objective != "importance":
+            if not value >= 0:
+                problems.append(f"{name}={value} must be >= 0 standard deviations (inf: unbounded)")
+            elif value != default and self.objective != "importance":
                 problems.append(f"{name} bounds the importance fit's per-input part; objective "
                                 f"{self.objective!r} has no prior to bound it around (use --objective importance)")
         if self.importance_target not in ("absolute", "relative"):
