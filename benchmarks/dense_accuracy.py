@@ -6,7 +6,10 @@ reports each setting's accuracy against dense (paired difference per item, boots
 average over tasks as a share of dense's average: the issue's "at least 99% of dense at 10%" aim.
 
     python benchmarks/dense_accuracy.py benchmarks/results/tradeoff/tradeoff.json \
-        --output benchmarks/results/tradeoff/dense_accuracy
+        --output benchmarks/results/tradeoff/dense_accuracy [--dense-cache dense_items.json]
+
+Dense does not depend on the routers: `--dense-cache` keeps its per-item results (per task, checked by item
+count on reuse), so a second trade-off run on the same tasks and --limit is compared in seconds.
 """
 
 from __future__ import annotations
@@ -28,17 +31,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tradeoff_json")
     parser.add_argument("--output", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
+    parser.add_argument("--dense-cache", help="JSON of dense per-item results: read if it exists, else written")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
     result = json.loads(Path(args.tradeoff_json).read_text())
     job = result["job"]
     names = list(result["tasks"])
-    model, tokenizer = load_model_and_tokenizer(job["model"], cache_dir=job["cache_dir"])
-    routed = RoutedModel.from_pretrained(model, job["routers"])
-    items = tradeoff.task_items(names, job["limit"] or None)
-    dense = tradeoff.score_tasks(routed, tokenizer, items, tradeoff.Variant("dense"), result["num_layers"],
-                                 batch_tokens=job["batch_tokens"])
+    cache = Path(args.dense_cache) if args.dense_cache else None
+    if cache is not None and cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored["limit"] != job["limit"] or not set(names) <= set(stored["tasks"]):
+            raise SystemExit(f"{cache} holds tasks {sorted(stored['tasks'])} at limit {stored['limit']}, "
+                             f"not {names} at limit {job['limit']}: pass another --dense-cache")
+        dense = {name: tradeoff.TaskScores(np.asarray(stored["tasks"][name], dtype=float), 0.0) for name in names}
+    else:
+        model, tokenizer = load_model_and_tokenizer(job["model"], cache_dir=job["cache_dir"])
+        routed = RoutedModel.from_pretrained(model, job["routers"])
+        items = tradeoff.task_items(names, job["limit"] or None)
+        dense = tradeoff.score_tasks(routed, tokenizer, items, tradeoff.Variant("dense"), result["num_layers"],
+                                     batch_tokens=job["batch_tokens"])
+        if cache is not None:
+            write_json(cache, {"limit": job["limit"], "tasks": {n: dense[n].correct.tolist() for n in names}})
     out = {"tradeoff": args.tradeoff_json, "tasks": {}, "average": {}}
     rows = []
     by_setting: dict[str, list[tuple[float, float]]] = {}
