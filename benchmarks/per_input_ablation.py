@@ -165,6 +165,9 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer()
     routed = RoutedModel.from_pretrained(model, job["routers"])
     routed.eval()
+    if any(torch.isfinite(r.trust_region[1:]).any() for r in routed.routers.values()):
+        raise SystemExit(f"{job['routers']} were fitted with a trust region, which the transforms here would "
+                         "replace, not stack on: measure routers fitted with --trust-up inf")
     num_layers = int(reference["num_layers"])
     texts = tradeoff.domain_texts(args.domain, job["texts"])
     lists = [ids for ids in (tokenizer(t)["input_ids"][: job["max_tokens"]] for t in texts) if len(ids) >= 8]

@@ -29,6 +29,8 @@ class SkipReference:
         self.granularity = routed.router_config.granularity
         self.weights = {i: r.weight.detach().float().clone() for i, r in routed.routers.items()}  # (1, H)
         self.biases = {i: r.bias.detach().float().clone() for i, r in routed.routers.items()}  # (1,)
+        # [prior, low, high]: the logit's part beyond the prior is clipped to [low, high] (inf: no region)
+        self.regions = {i: [float(v) for v in r.trust_region] for i, r in routed.routers.items()}
         self.thresholds = {i: routed.router_config.threshold_for(i) for i in routed.routed_layers}
         self.forced: set[int] | None = None  # layers forced to skip (None: decide by the routers)
         self.prompt_mask: torch.Tensor | None = None
@@ -70,7 +72,12 @@ class SkipReference:
                 return None
             m = mask.float()
             pooled = (x[:, : m.shape[1]].float() * m[..., None]).sum(1) / m.sum(1, keepdim=True)  # (B, H)
-            score = torch.sigmoid(pooled @ self.weights[idx].T + self.biases[idx])[:, 0]  # (B,)
+            logit = (pooled @ self.weights[idx].T + self.biases[idx])[:, 0]  # (B,)
+            prior, low, high = self.regions[idx]
+            if (logit - prior < low).any() or (logit - prior > high).any():
+                logit = torch.where((logit - prior < low) | (logit - prior > high),
+                                    prior + (logit - prior).clamp(low, high), logit)
+            score = torch.sigmoid(logit)
             self.scores[idx] = score
             self.decisions[idx] = score >= self.thresholds[idx]
             return None

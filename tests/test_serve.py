@@ -47,6 +47,7 @@ def routers(tmp_path):
         for router in routed.routers.values():
             router.weight.normal_()
             router.bias.normal_()
+            router.set_trust_region(float(router.bias), -0.5, 0.0)  # carried into the export
     routed.save_pretrained(tmp_path / "routers")
     return folder, tmp_path / "routers", routed
 
@@ -65,6 +66,7 @@ def test_routed_export_names_the_routed_arch_and_carries_the_routers(routers, tm
     for i in LAYERS:
         assert torch.equal(state[f"layers.{i}.router.weight"], routed.routers[i].weight.detach())
         assert torch.equal(state[f"layers.{i}.router.bias"], routed.routers[i].bias.detach())
+        assert torch.equal(state[f"layers.{i}.router.trust_region"], routed.routers[i].trust_region)
     # the base weights are served unchanged; no router tensor lies where vLLM looks for model weights
     assert load_file(str(out / "model.safetensors")).keys() == load_file(str(folder / "model.safetensors")).keys()
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]

@@ -135,3 +135,26 @@ def test_train_cli_fits_the_region_and_refuses_bad_bounds(tmp_path, capsys):
     assert main(["train", "--model", str(folder), "--output", str(tmp_path / "y"), "--objective", "lm",
                  "--trust-up", "1"]) != 0
     assert "use --objective importance" in capsys.readouterr().err
+
+
+def test_capacity_offset_lies_between_values_at_the_share_nearest_the_target():
+    """A pile of equal values (a bound of the region) is counted whole or not at all, whichever share is
+    nearer the target, and the offset lies halfway to the next lower value, on no record."""
+    values = torch.tensor([0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    # shares of values >= 3: 2/8, >= 2 (the pile): 6/8, >= 1: 7/8
+    assert importance._capacity_offset(values, 0.7) == 1.5  # 6/8 (the pile runs) is nearest 0.7
+    assert importance._capacity_offset(values, 0.4) == 2.5  # 2/8 beats 6/8 for 0.4
+    assert importance._capacity_offset(values, 0.9) == 0.5  # 7/8
+    assert importance._capacity_offset(values, 1.0) == -0.5  # every value
+    distinct = torch.arange(100, dtype=torch.float64)
+    offset = importance._capacity_offset(distinct, 0.75)
+    assert float((distinct >= offset).double().mean()) == 0.75 and offset not in distinct.tolist()
+
+
+def test_token_routers_default_to_no_region():
+    """`--trust-up` defaults to 0 for sequence routers only: the one-sided region was measured for them."""
+    from routertune.train import TrainConfig, trust_bounds
+
+    cfg = TrainConfig()
+    assert trust_bounds(cfg, "sequence") == (np.inf, 0.0) and trust_bounds(cfg, "token") == (np.inf, np.inf)
+    assert trust_bounds(TrainConfig(trust_up=0.5), "token") == (np.inf, 0.5)

@@ -143,12 +143,15 @@ def _bounded(logit: torch.Tensor, prior: float, low: float, high: float) -> torc
 
 
 def _capacity_offset(flat: torch.Tensor, target: float) -> float:
-    """The predicted value c whose share of values >= c is nearest `target`. A quantile would do for distinct
-    values, but a trust region piles many inputs of a layer onto one bound, and a quantile landing on such a
-    pile counts all of it."""
+    """An offset c whose share of values >= c is nearest `target`, placed halfway between two distinct values
+    so that no training record sits on the decision boundary. A quantile would do for distinct values, but a
+    trust region piles many inputs of a layer onto one bound, and a quantile landing on such a pile counts all
+    of it."""
     values, counts = torch.unique_consecutive(flat.sort().values, return_counts=True)
     share = (flat.numel() - (torch.cumsum(counts, 0) - counts)).double() / flat.numel()  # of values >= each
-    return float(values[int((share - target).abs().argmin())])
+    j = int((share - target).abs().argmin())
+    below = float(values[j - 1]) if j > 0 else float(values[0]) - 1.0
+    return (float(values[j]) + below) / 2
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor, penalty: float) -> tuple[torch.Tensor, float]:
@@ -190,8 +193,10 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
     text far from that mix (code, for one) is where a per-input prediction extrapolates.
 
     `trust` = (down, up) bounds that part, in standard deviations of it over the training records: an input
-    may lower a layer's logit below the prior by at most down sd and raise it by at most up sd (None:
-    unbounded). The capacity offset is set on the bounded logits, so the target is still met."""
+    may lower a layer's logit below the prior by at most down sd and raise it by at most up sd (None or inf:
+    unbounded; unbounded both ways here, while `routertune train` defaults to (inf, 0) for sequence routers).
+    The capacity offset is set on the bounded logits, so the target is still met, in steps where a bound piles
+    inputs up."""
     if not 0.0 <= target_capacity <= 1.0:
         raise ValueError(f"target_capacity={target_capacity} must lie in [0, 1]")
     if not 0.0 <= shrink <= 1.0:

@@ -19,7 +19,7 @@ from .config import CONFIG_NAME, RouterConfig
 from .files import write_json
 from .model import RoutedModel
 from .models import load_model_and_tokenizer
-from .train import CHECKPOINTS, TrainConfig, TrainResult, evaluate_loss, train_routers
+from .train import CHECKPOINTS, TrainConfig, TrainResult, evaluate_loss, train_routers, trust_bounds
 
 log = logging.getLogger(__name__)
 METRICS_NAME = "train_metrics.json"
@@ -142,7 +142,8 @@ def _fit_importance(routed, examples, cfg: TrainConfig, pad, heldout, device) ->
     if heldout:
         result.dense = evaluate_loss(routed, heldout, dense=True)
     fit = importance.fit_routers(routed, batches, heldout, cfg.target_capacity, shrink=cfg.shrink,
-                                   target=cfg.importance_target, trust=(cfg.trust_down, cfg.trust_up))
+                                   target=cfg.importance_target,
+                                   trust=trust_bounds(cfg, routed.router_config.unit))
     result.fit = asdict(fit)
     result.seconds = time.perf_counter() - began
     if heldout:

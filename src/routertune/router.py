@@ -64,8 +64,10 @@ def load_router(router: Router, state: dict[str, torch.Tensor], prefix: str) -> 
     with torch.no_grad():
         router.weight.copy_(state[f"{prefix}.weight"].float().view_as(router.weight))
         router.bias.copy_(state.get(f"{prefix}.bias", torch.zeros_like(router.bias)).float())
-        unbounded = torch.tensor([0.0, -math.inf, math.inf])
-        router.trust_region.copy_(state.get(f"{prefix}.trust_region", unbounded).float())
+        region = state.get(f"{prefix}.trust_region", torch.tensor([0.0, -math.inf, math.inf]))
+        if region.shape != (3,):
+            raise ValueError(f"{prefix}.trust_region has shape {tuple(region.shape)}, not (3,): [prior, low, high]")
+        router.set_trust_region(*(float(v) for v in region))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -600,7 +600,8 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             measured = [s.skip for v, s in per_task[task.name].items() if v.kind == "routers"]
             have = {v.k for v in per_task[task.name] if v.kind in ("static", "dense")}
             missing = [static_variant(k) for k in static_counts_to_add(measured, have, job.skip_targets,
-                                                                       num_layers) if k <= len(candidates)]
+                                                                       num_layers)
+                       if k <= len(candidates) and job.max_drop > 0]  # --max-drop 0: no static drop here
             _add_variants(result, {v: None for v in missing})
             bar.total += len(missing)
             for variant in missing:

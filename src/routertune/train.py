@@ -40,6 +40,13 @@ PRECISIONS = ("fp32", "bf16")
 CHECKPOINTS = "checkpoints"
 
 
+def trust_bounds(cfg: "TrainConfig", unit: str) -> tuple[float, float]:
+    """(down, up) of the importance fit's trust region for routers of `unit`, with trust_up's default
+    resolved: 0 for sequence routers, unbounded for token routers."""
+    up = cfg.trust_up if cfg.trust_up is not None else (0.0 if unit == "sequence" else math.inf)
+    return cfg.trust_down, up
+
+
 @dataclass
 class TrainConfig:
     objective: str = field(default="importance", metadata={"help": "importance (routers fitted to each input's attention importance, on top of static drop's order; no gradient descent), lm (response cross-entropy, the paper's) or distill (KL to the dense model)"})
@@ -47,7 +54,7 @@ class TrainConfig:
     shrink: float = field(default=0.5, metadata={"help": "importance objective: scale of the per-input part of each router around the training mean (1: the full ridge fit, 0: a static drop ordered by mean importance)"})
     importance_target: str = field(default="absolute", metadata={"help": "importance objective: what each router predicts per input: absolute (log importance) or relative (log importance minus the input's mean over the routed layers: layers reordered per input, about the same number skipped for every input)"})
     trust_down: float = field(default=math.inf, metadata={"help": "importance objective: how far below its prior (the logit at the training mean input) an input may push a router's logit, in standard deviations of the per-input part over the training records (inf: unbounded)"})
-    trust_up: float = field(default=0.0, metadata={"help": "importance objective: how far above its prior an input may push a router's logit, in the same units. 0, the default: an input can make a layer skip sooner than the prior would, never keep it longer; on code, far from the tuning mix, the routers' upward moves are what lost to static drop (README: the trade-off)"})
+    trust_up: float | None = field(default=None, metadata={"help": "importance objective: how far above its prior an input may push a router's logit, in the same units. Default: 0 for sequence routers (an input can make a layer skip sooner than the prior would, never keep it longer; on code, far from the tuning mix, the upward moves are what lost to static drop: README, the trade-off), unbounded for token routers (not measured there)"})
     capacity_weight: float = field(default=0.1, metadata={"help": "lambda of the capacity hinge ReLU(capacity - target)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for the routers"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -69,9 +76,9 @@ class TrainConfig:
             problems.append(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if not 0.0 <= self.shrink <= 1.0:
             problems.append(f"shrink={self.shrink} must lie in [0, 1]")
-        for name, default in (("trust_down", math.inf), ("trust_up", 0.0)):
+        for name, default in (("trust_down", math.inf), ("trust_up", None)):
             value = getattr(self, name)
-            if not value >= 0:
+            if value is not None and not value >= 0:
                 problems.append(f"{name}={value} must be >= 0 standard deviations (inf: unbounded)")
             elif value != default and self.objective != "importance":
                 problems.append(f"{name} bounds the importance fit's per-input part; objective "
