@@ -131,7 +131,7 @@ MUTANTS = [
            "logit = torch.where((part < low) | (part > high), prior + part.clamp(low, high), logit)",
            "logit = logit", ("test_trust_region.py",), "the router scores as if it had no region"),
     Mutant("trust_region_not_loaded", "router.py",
-           'router.trust_region.copy_(state.get(f"{prefix}.trust_region", unbounded).float())',
+           "router.set_trust_region(*(float(v) for v in region))",
            "pass", ("test_trust_region.py",), "saved routers lose their region on load"),
     Mutant("trust_bound_not_in_sd", "importance.py", "else -down * sd, math.inf", "else -down, math.inf",
            ("test_trust_region.py",), "the bound taken in logit units, not standard deviations of the part"),
@@ -139,6 +139,9 @@ MUTANTS = [
            "predicted = torch.stack([_bounded(x_train[i] @ fits[i][0] + fits[i][1], *bounds[i]) for i in layers])",
            "predicted = torch.stack([x_train[i] @ fits[i][0] + fits[i][1] for i in layers])",
            ("test_trust_region.py",), "the capacity offset set before the region, so the target is missed"),
+    Mutant("capacity_offset_on_a_record", "importance.py", "    return (float(values[j]) + below) / 2\n",
+           "    return float(values[j])\n", ("test_trust_region.py",),
+           "the offset sits on a training record (or a pile of them), decided by rounding"),
 ]
 
 
