@@ -36,7 +36,7 @@ import torch
 
 from . import arch, inject
 from .model import RoutedModel
-from .router import masked_mean
+from .router import bounded_logit, masked_mean
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # penalty, relative to the mean feature variance x N
 TOKENS_PER_RECORD = 8  # token routers: real tokens sampled per record (the same ones at every layer)
@@ -134,12 +134,6 @@ def _sample_tokens(real: torch.Tensor, k: int, generator: torch.Generator) -> to
     pick = torch.zeros_like(real)
     pick.scatter_(1, top.indices, top.values >= 0)
     return pick
-
-
-def _bounded(logit: torch.Tensor, prior: float, low: float, high: float) -> torch.Tensor:
-    """The logit with its per-input part (logit - prior) kept within [low, high], as Router.forward does."""
-    part = logit - prior
-    return torch.where((part < low) | (part > high), prior + part.clamp(low, high), logit)
 
 
 def _capacity_offset(flat: torch.Tensor, target: float) -> float:
@@ -242,7 +236,7 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
         down, up = trust
         bounds[i] = (prior, -math.inf if down is None else -down * sd, math.inf if up is None else up * sd)
     # c: the quantile of predicted log importance over (record, layer) pairs below which (1 - target) skip
-    predicted = torch.stack([_bounded(x_train[i] @ fits[i][0] + fits[i][1], *bounds[i]) for i in layers])
+    predicted = torch.stack([bounded_logit(x_train[i] @ fits[i][0] + fits[i][1], *bounds[i]) for i in layers])
     flat = predicted.flatten()
     if target_capacity >= 1.0:
         offset = float(flat.min()) - 1.0

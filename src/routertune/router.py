@@ -50,12 +50,14 @@ class Router(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled: (B, H) in any dtype -> scores (B,) in float32, also under bf16 autocast."""
         with torch.autocast(device_type=pooled.device.type, enabled=False):
-            logit = self.proj(pooled.float()).squeeze(-1)
-            prior, low, high = self.trust_region
-            part = logit - prior
-            # only parts outside the region are replaced, so routers without one score bit for bit as before
-            logit = torch.where((part < low) | (part > high), prior + part.clamp(low, high), logit)
-            return torch.sigmoid(logit)
+            return torch.sigmoid(bounded_logit(self.proj(pooled.float()).squeeze(-1), *self.trust_region))
+
+
+def bounded_logit(logit: torch.Tensor, prior, low, high) -> torch.Tensor:
+    """The logit with its per-input part (logit - prior) kept within [low, high]. Only parts outside are
+    replaced, so a router without a region (low -inf, high inf) scores bit for bit as before."""
+    part = logit - prior
+    return torch.where((part < low) | (part > high), prior + part.clamp(low, high), logit)
 
 
 def load_router(router: Router, state: dict[str, torch.Tensor], prefix: str) -> None:
