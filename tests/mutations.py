@@ -142,6 +142,10 @@ MUTANTS = [
     Mutant("capacity_offset_on_a_record", "importance.py", "    return (float(values[j]) + below) / 2\n",
            "    return float(values[j])\n", ("test_trust_region.py",),
            "the offset sits on a training record (or a pile of them), decided by rounding"),
+    Mutant("resume_rescores_finished_settings", "tradeoff.py", "if variant.name in stored:", "if False:",
+           ("test_tradeoff.py",), "--resume measures again what the stored run finished"),
+    Mutant("resume_accepts_another_routers_run", "tradeoff.py", "        check_resumable(previous, result)\n",
+           "", ("test_tradeoff.py",), "a stored run whose settings no longer match is mixed into this one"),
 ]
 
 

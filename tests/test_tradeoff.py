@@ -442,3 +442,49 @@ def test_accuracy_comparison_is_reached_where_the_router_point_lands_off_the_est
     assert row["routers"]["reached"] and row["static"]["reached"], row
     settings = result["tasks"]["arc_easy"]["settings"]
     assert f"static {math.floor(row['at'] * 6 + 1e-9)}" in settings and f"static {math.ceil(row['at'] * 6 - 1e-9)}" in settings
+
+
+def test_resume_keeps_what_finished_measures_the_rest_and_equals_a_full_run(byte_model, tmp_path, monkeypatch,
+                                                                           capsys):
+    """An interrupted run is continued with --resume: the finished domains, fidelity and task settings are taken
+    from tradeoff.json, only the missing task settings are scored, and the result equals an uninterrupted run.
+    A run of another job, or one whose settings no longer match the routers, is refused."""
+    routers, out = tmp_path / "routers", tmp_path / "tradeoff"
+    assert main(["train", "--model", byte_model, "--output", str(routers), "--samples", "32",
+                 "--heldout-samples", "8", "--max-length", "48", "--batch-size", "8"]) == 0
+    flags = ["tradeoff", "--routers", str(routers), "--model", byte_model, "--output", str(out),
+             "--domains", "code", "--texts", "4", "--max-tokens", "32", "--tasks", "arc_easy", "--limit", "8",
+             "--fidelity-prompts", "2", "--fidelity-tokens", "3", "--max-drop", "2", "--random-seeds", "1",
+             "--sweep-points", "4", "--skip-targets", "0.2", "--bootstrap", "100", "--calibration-samples", "8"]
+    assert main(flags) == 0
+    full = json.loads((out / "tradeoff.json").read_text())
+    settings = list(full["tasks"]["arc_easy"]["settings"])
+    assert len(settings) >= 2
+    cut = json.loads(json.dumps(full))  # as if stopped after the first task setting
+    cut["tasks"]["arc_easy"]["settings"] = {settings[0]: full["tasks"]["arc_easy"]["settings"][settings[0]]}
+    del cut["matched"]["arc_easy"], cut["seconds"]
+    (out / "tradeoff.json").write_text(json.dumps(cut))
+
+    scored = []
+    real_score_tasks = tradeoff.score_tasks
+    monkeypatch.setattr(tradeoff, "score_tasks", lambda *a, **k: scored.append(a[3].name) or real_score_tasks(*a, **k))
+    real_score_texts = tradeoff.score_texts
+    monkeypatch.setattr(tradeoff, "score_texts", lambda *a, **k: pytest.fail("a finished domain was measured again"))
+    monkeypatch.setattr(tradeoff, "_fidelity", lambda *a, **k: pytest.fail("finished fidelity was measured again"))
+    assert main(flags + ["--resume"]) == 0
+    resumed = json.loads((out / "tradeoff.json").read_text())
+    assert scored == settings[1:]
+    assert resumed["resumed"] == {"domains": ["code"], "fidelity": True, "task_settings": {"arc_easy": settings[:1]}}
+    for key in ("domains", "fidelity", "tasks", "variants"):
+        assert resumed[key] == full[key], key
+    for key in ("code", "arc_easy"):
+        assert resumed["matched"][key] == full["matched"][key]
+
+    assert main(flags[:flags.index("--limit") + 1] + ["6"] + flags[flags.index("--limit") + 2:] + ["--resume"]) == 2
+    assert "different job (limit differ: limit 8 there, 6 here)" in capsys.readouterr().err
+    monkeypatch.setattr(tradeoff, "score_texts", real_score_texts)
+    stored = json.loads((out / "tradeoff.json").read_text())
+    stored["variants"][1]["drop"] = [9]  # static drop's layers no longer what the importance gives
+    (out / "tradeoff.json").write_text(json.dumps(stored))
+    assert main(flags + ["--resume"]) == 2
+    assert "started from other settings" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -380,6 +381,7 @@ class TradeoffJob:
     accuracy_settings: str = field(default="matched", metadata={"help": "which settings the (costly) accuracy runs on: 'matched' (static drop at the targets and, per target, the router point nearest it on the task's contexts; dense is not run) or 'all' (every setting, dense included)"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward for the accuracy tasks"})
+    resume: bool = field(default=False, metadata={"help": "continue the run whose tradeoff.json is in --output: the domains, the fidelity and the task settings it finished are kept, the rest is measured (the job must be the same)"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -491,6 +493,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     started = time.perf_counter()
     output = Path(job.output)
     RouterConfig.load(job.routers)  # a wrong folder fails before the model loads
+    previous = previous_result(job)  # so does --resume of a different job
     model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)
     routed = RoutedModel.from_pretrained(model, job.routers)
     top_k = routed.router_config.token_top_k
@@ -536,9 +539,19 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                     "unit": routed.router_config.unit, "token_top_k_swept_as_thresholds": top_k,
                     "importance": importance.scores, "variants": [_describe(v) for v in variants],
                     "domains": {}, "tasks": {}, "fidelity": {}, "matched": {}}
+    kept: dict = {"domains": [], "fidelity": False, "task_settings": {}}  # what --resume took from the stored run
+    if previous is not None:
+        check_resumable(previous, result)
+        result["variants"] = previous["variants"]
+        result["resumed"] = kept
 
     # 1. KL and perplexity on held-out domains (every variant, same texts)
     for domain, token_lists in domain_tokens.items():
+        if previous is not None and domain in previous["domains"] and domain in previous["matched"]:
+            log(f"tradeoff: {domain}: kept from the stored run")
+            result["domains"][domain], result["matched"][domain] = previous["domains"][domain], previous["matched"][domain]
+            kept["domains"].append(domain)
+            continue
         batches = text_batches(token_lists, pad)
         log(f"tradeoff: {domain}: {len(token_lists)} texts x {len(variants)} settings")
         bar = tqdm(total=len(token_lists) * len(variants), desc=f"KL {domain}", disable=not progress)
@@ -563,7 +576,9 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
         write_json(output / RESULT_NAME, result)
 
     # 2. greedy agreement with dense on held-out chat prompts
-    if job.fidelity_prompts:
+    if job.fidelity_prompts and previous is not None and previous["fidelity"]:
+        result["fidelity"], kept["fidelity"] = previous["fidelity"], True
+    elif job.fidelity_prompts:
         result["fidelity"] = _fidelity(routed, tokenizer, variants, job, num_layers)
         write_json(output / RESULT_NAME, result)
 
@@ -584,10 +599,18 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             per_task[task.name] = {}
             bar = tqdm(total=len(chosen), desc=f"accuracy {task.name}", disable=not progress)
 
+            stored = (previous or {}).get("tasks", {}).get(task.name, {}).get("settings", {})
+
             def score(variant: Variant) -> None:
-                log(f"tradeoff: {task.name}, {variant.name}")
-                per_task[task.name][variant] = score_tasks(routed, tokenizer, [task], variant, num_layers,
-                                                           job.batch_tokens)[task.name]
+                if variant.name in stored:  # --resume: this setting finished in the stored run
+                    log(f"tradeoff: {task.name}, {variant.name}: kept from the stored run")
+                    kept["task_settings"].setdefault(task.name, []).append(variant.name)
+                    per_task[task.name][variant] = TaskScores(np.asarray(stored[variant.name]["per_item"], float),
+                                                              stored[variant.name]["skip"])
+                else:
+                    log(f"tradeoff: {task.name}, {variant.name}")
+                    per_task[task.name][variant] = score_tasks(routed, tokenizer, [task], variant, num_layers,
+                                                               job.batch_tokens)[task.name]
                 bar.update(1)
                 result["tasks"][task.name] = _task_result(per_task[task.name], task)
                 write_json(output / RESULT_NAME, result)
@@ -622,6 +645,32 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     (output / "tradeoff.md").write_text(markdown_table(result) + "\n")
     routed.unwrap()
     return result
+
+
+def previous_result(job: TradeoffJob) -> dict | None:
+    """The unfinished run in `job.output` that `--resume` continues, or None when there is none; a run of a
+    different job is refused, since its settings would be mixed with this job's."""
+    path = Path(job.output) / RESULT_NAME
+    if not job.resume or not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    ours, theirs = asdict(job), dict(previous.get("job", {}))
+    differ = sorted(k for k in ours if k != "resume" and ours[k] != theirs.get(k))
+    if differ:
+        raise ValueError(f"--resume: {path} was written by a different job ({', '.join(differ)} differ: "
+                         + "; ".join(f"{k} {theirs.get(k)!r} there, {ours[k]!r} here" for k in differ)
+                         + "); rerun with the same flags, or drop --resume / pick another --output to start over")
+    return previous
+
+
+def check_resumable(previous: dict, result: dict) -> None:
+    """The stored run must have started from the same settings: static drop's and random drop's layers and the
+    sweep's thresholds (its first variants, in order). If they differ, the routers, the model or the
+    calibration data changed since it was written, and its numbers do not belong with this run's."""
+    if previous.get("variants", [])[: len(result["variants"])] != result["variants"]:
+        raise ValueError("--resume: the stored run started from other settings (static drop's layers or the "
+                         "sweep's thresholds differ), so the routers, the model or the data changed since it was "
+                         "written; drop --resume to measure from scratch")
 
 
 def _describe(v: Variant) -> dict:
