@@ -18,9 +18,9 @@ compared at chosen skip ratios by interpolating each one linearly between the tw
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -655,7 +655,8 @@ def previous_result(job: TradeoffJob) -> dict | None:
         return None
     previous = json.loads(path.read_text())
     ours, theirs = asdict(job), dict(previous.get("job", {}))
-    differ = sorted(k for k in ours if k != "resume" and ours[k] != theirs.get(k))
+    # the folders may have moved or be named another way; every flag that shapes the numbers must match
+    differ = sorted(k for k in ours if k not in ("resume", "output", "cache_dir") and ours[k] != theirs.get(k))
     if differ:
         raise ValueError(f"--resume: {path} was written by a different job ({', '.join(differ)} differ: "
                          + "; ".join(f"{k} {theirs.get(k)!r} there, {ours[k]!r} here" for k in differ)
