@@ -48,6 +48,29 @@ def test_report_from_bench_json(bench_json, tmp_path):
     assert any("heatmap" in note for note in report.notes)
 
 
+def test_target_verdicts_say_when_an_interval_spans_the_limit(bench_json):
+    """A verdict read off the median of a few noisy pairs is qualified when the interval reaches across the
+    limit (the full demo: overhead 1.026 [1.006, 1.059] against < 1.02 read plainly "NOT met"), and left plain
+    when the whole interval is on one side."""
+    from routertune.report import bench_tables
+
+    bench = json.loads(bench_json.read_text())
+
+    def overhead_row(ratio, ci):
+        bench["overhead"] = [{**bench["overhead"][0], "ratio": ratio, "ci": ci}]
+        bench["checks"]["overhead_max"], bench["checks"]["met"]["overhead"] = ratio, ratio < 1.02
+        return next(line for line in bench_tables(bench) if line.startswith("| routing overhead"))
+
+    assert overhead_row(1.026, [1.006, 1.059, 0.95]).endswith("| NOT met on the median; not resolved: an interval spans the limit |")
+    assert overhead_row(1.026, [1.021, 1.059, 0.95]).endswith("| NOT met |")
+    assert overhead_row(1.010, [0.990, 1.019, 0.95]).endswith("| met |")
+    assert overhead_row(1.010, [0.990, 1.030, 0.95]).endswith("| met on the median; not resolved: an interval spans the limit |")
+    assert overhead_row(1.010, [None, None, False]).endswith("| met |")  # no interval from too few pairs
+    bench["checks"]["forced_vs_static_ci"] = {k: [0.95, 1.05, 0.95] for k in bench["checks"]["forced_vs_static"]}
+    forced = next(line for line in bench_tables(bench) if line.startswith("| routers forced"))
+    assert "not resolved: an interval spans the limit" in forced
+
+
 def _compare_json(bench: dict) -> dict:
     """compare.json's shape (routertune compare), with the quick bench's routed layers."""
     layers = bench["routed_layers"]

@@ -314,16 +314,28 @@ def bench_tables(bench: dict) -> list[str]:
     if checks:
         met = checks.get("met", {})
 
+        cis = checks.get("forced_vs_static_ci", {})
+        overhead_cis = [o.get("ci") for o in bench.get("overhead", [])]
+
         def verdict(key):
             return {True: "met", False: "NOT met", None: "not measured"}[met.get(key)]
 
-        cis = checks.get("forced_vs_static_ci", {})
+        def verdict_with_intervals(key, intervals, limit: float) -> str:
+            """The median's verdict, qualified when an interval reaches across the limit: a few noisy pairs
+            cannot settle a 1-3% target, and the table should not read as if they had."""
+            spans = any(ci and ci[0] is not None and (len(ci) < 3 or ci[2]) and ci[0] < limit <= ci[1]
+                        for ci in intervals)
+            text = verdict(key)
+            if spans and met.get(key) is not None:
+                text += " on the median; not resolved: an interval spans the limit"
+            return text
+
         per_setting = "; ".join(f"{k}: {val:.3f} {_ci(cis.get(k))}" for k, val in checks["forced_vs_static"].items())
         lines += ["", "### Targets", "",
                   "| target | measured (median, CI) | verdict |", "|---|---|---|",
                   f"| routers forced to static drop's set reach >= {checks['forced_vs_static_target']} of static "
                   f"drop's speed-up | min {_x(checks['forced_vs_static_min'], 3)}; {per_setting} | "
-                  f"{verdict('forced_vs_static')} |"]
+                  f"{verdict_with_intervals('forced_vs_static', cis.values(), checks['forced_vs_static_target'])} |"]
         ideal = checks.get("prefill_ideal", {})
         measured = "; ".join(f"{name} {k}: {val:.2f}" for name in ("static_drop", "routed_static_set")
                              for k, val in ideal.get(name, {}).items())
@@ -334,7 +346,8 @@ def bench_tables(bench: dict) -> list[str]:
                      f"{'exact in every setting' if checks['kv_equal_all'] else 'differs somewhere'} | "
                      f"{verdict('kv_equal')} |")
         lines.append(f"| routing overhead < {checks['overhead_limit']} x a dense step | max "
-                     f"{_x(checks['overhead_max'], 3)} | {verdict('overhead')} |")
+                     f"{_x(checks['overhead_max'], 3)} | "
+                     f"{verdict_with_intervals('overhead', overhead_cis, checks['overhead_limit'])} |")
     return lines
 
 
