@@ -144,8 +144,11 @@ MUTANTS = [
            "the offset sits on a training record (or a pile of them), decided by rounding"),
     Mutant("resume_rescores_finished_settings", "tradeoff.py", "if variant.name in stored:", "if False:",
            ("test_tradeoff.py",), "--resume measures again what the stored run finished"),
-    Mutant("resume_accepts_another_routers_run", "tradeoff.py", "        check_resumable(previous, result)\n",
+    Mutant("resume_accepts_other_settings", "tradeoff.py", "        check_resumable(previous, result)\n",
            "", ("test_tradeoff.py",), "a stored run whose settings no longer match is mixed into this one"),
+    Mutant("resume_ignores_the_routers_fingerprint", "tradeoff.py",
+           '    for key in ("routers_sha256", "num_layers",', '    for key in ("num_layers",',
+           ("test_tradeoff.py",), "routers retrained into the same folder are mixed with the stored run's"),
 ]
 
 

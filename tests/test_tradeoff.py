@@ -462,7 +462,8 @@ def test_resume_keeps_what_finished_measures_the_rest_and_equals_a_full_run(byte
     assert len(settings) >= 2
     cut = json.loads(json.dumps(full))  # as if stopped after the first task setting
     cut["tasks"]["arc_easy"]["settings"] = {settings[0]: full["tasks"]["arc_easy"]["settings"][settings[0]]}
-    del cut["matched"]["arc_easy"], cut["seconds"]
+    del cut["matched"]["arc_easy"]
+    cut["seconds"] = 1000.0  # the stopped run's elapsed time, saved with its last write
     (out / "tradeoff.json").write_text(json.dumps(cut))
 
     scored = []
@@ -470,11 +471,14 @@ def test_resume_keeps_what_finished_measures_the_rest_and_equals_a_full_run(byte
     monkeypatch.setattr(tradeoff, "score_tasks", lambda *a, **k: scored.append(a[3].name) or real_score_tasks(*a, **k))
     real_score_texts = tradeoff.score_texts
     monkeypatch.setattr(tradeoff, "score_texts", lambda *a, **k: pytest.fail("a finished domain was measured again"))
+    real_fidelity = tradeoff._fidelity
     monkeypatch.setattr(tradeoff, "_fidelity", lambda *a, **k: pytest.fail("finished fidelity was measured again"))
     assert main(flags + ["--resume"]) == 0
     resumed = json.loads((out / "tradeoff.json").read_text())
     assert scored == settings[1:]
-    assert resumed["resumed"] == {"domains": ["code"], "fidelity": True, "task_settings": {"arc_easy": settings[:1]}}
+    assert resumed["resumed"] == {"domains": ["code"], "fidelity": True, "task_settings": {"arc_easy": settings[:1]},
+                                  "seconds_before": 1000.0}
+    assert 1000 < resumed["seconds"] < 1000 + full["seconds"] + 60  # the time of both sessions
     for key in ("domains", "fidelity", "tasks", "variants"):
         assert resumed[key] == full[key], key
     for key in ("code", "arc_easy"):
@@ -483,8 +487,28 @@ def test_resume_keeps_what_finished_measures_the_rest_and_equals_a_full_run(byte
     assert main(flags[:flags.index("--limit") + 1] + ["6"] + flags[flags.index("--limit") + 2:] + ["--resume"]) == 2
     assert "different job (limit differ: limit 8 there, 6 here)" in capsys.readouterr().err
     monkeypatch.setattr(tradeoff, "score_texts", real_score_texts)
+    monkeypatch.setattr(tradeoff, "_fidelity", real_fidelity)
     stored = json.loads((out / "tradeoff.json").read_text())
-    stored["variants"][1]["drop"] = [9]  # static drop's layers no longer what the importance gives
-    (out / "tradeoff.json").write_text(json.dumps(stored))
-    assert main(flags + ["--resume"]) == 2
-    assert "started from other settings" in capsys.readouterr().err
+
+    def resume_with(**changes) -> str:
+        (out / "tradeoff.json").write_text(json.dumps({**stored, **changes}))
+        assert main(flags + ["--resume"]) == 2
+        return capsys.readouterr().err
+
+    variants = json.loads(json.dumps(stored["variants"]))
+    variants[1]["drop"] = [9]  # static drop's layers no longer what the importance gives
+    assert "started from other settings" in resume_with(variants=variants)
+    task = {**stored["tasks"]["arc_easy"], "items": 7}  # the task data changed: its items no longer pair up
+    assert "scored arc_easy on 7 items" in resume_with(tasks={"arc_easy": task})
+
+    # routers retrained into the same folder: with fixed thresholds every setting looks the same, only the
+    # routers' fingerprint tells the runs apart
+    fixed = flags + ["--thresholds", "0.5", "--output", str(tmp_path / "fixed")]
+    assert main(fixed) == 0
+    from safetensors.torch import load_file, save_file
+    weights = load_file(routers / "routers.safetensors")
+    name = next(k for k in weights if k.endswith("bias"))
+    weights[name] = weights[name] + 0.5
+    save_file(weights, routers / "routers.safetensors")
+    assert main(fixed + ["--resume"]) == 2
+    assert "routers_sha256" in capsys.readouterr().err

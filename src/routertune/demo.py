@@ -146,9 +146,9 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
             model=job.model, cache_dir=job.cache_dir, routers=str(out), lengths=job.bench_lengths,
             batch_sizes=[1, 8], decode_prompt=job.decode_prompt, decode_tokens=job.decode_tokens,
             repeats=job.bench_repeats, skip_fraction=1 - job.capacity,
-            # the bench's own overhead pairs (5 + 32 gave [1.006, 1.059], which cannot settle a 2% limit), fewer
-            # decode steps only when the demo's decode is shrunk
-            overhead_repeats=20, overhead_steps=min(256, 8 * job.decode_tokens),
+            # the bench's own overhead prefill pairs (5 + 32 pairs gave [1.006, 1.059], which cannot settle a 2%
+            # limit); fewer decode steps only when the demo's decode is shrunk
+            overhead_steps=min(256, 8 * job.decode_tokens),
             # one thread on the process CPU clock: time spent waiting for a core (a shared machine) is not counted
             threads=1, clock="cpu", output=str(out / "bench.json"))
         bench_json = bench.run_bench(cfg, progress=bench.progress_bar(cfg)).to_dict()

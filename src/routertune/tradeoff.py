@@ -18,6 +18,7 @@ compared at chosen skip ratios by interpolating each one linearly between the tw
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import time
@@ -535,19 +536,32 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     thresholds = job.thresholds or sweep_thresholds(routed, placement, job.skip_targets, job.sweep_points,
                                                     num_layers)
     variants += [Variant("routers", threshold=t) for t in thresholds]
-    result: dict = {"job": asdict(job), "num_layers": num_layers, "routed_layers": routed.routed_layers,
+    result: dict = {"job": asdict(job), "routers_sha256": routers_fingerprint(job.routers),
+                    "num_layers": num_layers, "routed_layers": routed.routed_layers,
                     "unit": routed.router_config.unit, "token_top_k_swept_as_thresholds": top_k,
                     "importance": importance.scores, "variants": [_describe(v) for v in variants],
                     "domains": {}, "tasks": {}, "fidelity": {}, "matched": {}}
     kept: dict = {"domains": [], "fidelity": False, "task_settings": {}}  # what --resume took from the stored run
+    seconds_before = 0.0
     if previous is not None:
         check_resumable(previous, result)
         result["variants"] = previous["variants"]
         result["resumed"] = kept
+        # elapsed time is saved with every write, so a stopped run's time carries over (older files: not known)
+        kept["seconds_before"] = previous.get("seconds")
+        seconds_before = previous.get("seconds") or 0.0
+
+    def save() -> None:
+        result["seconds"] = seconds_before + time.perf_counter() - started
+        write_json(output / RESULT_NAME, result)
 
     # 1. KL and perplexity on held-out domains (every variant, same texts)
     for domain, token_lists in domain_tokens.items():
         if previous is not None and domain in previous["domains"] and domain in previous["matched"]:
+            stored_texts = previous["domains"][domain]["texts"]
+            if stored_texts != len(token_lists):
+                raise ValueError(f"--resume: the stored run scored {stored_texts} {domain} texts, this data gives "
+                                 f"{len(token_lists)}; the data changed since, drop --resume to measure from scratch")
             log(f"tradeoff: {domain}: kept from the stored run")
             result["domains"][domain], result["matched"][domain] = previous["domains"][domain], previous["matched"][domain]
             kept["domains"].append(domain)
@@ -573,14 +587,14 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                          for v, s in scores.items()},
         }
         result["matched"][domain] = _match_kl(scores, list(scores), job, num_layers)
-        write_json(output / RESULT_NAME, result)
+        save()
 
     # 2. greedy agreement with dense on held-out chat prompts
     if job.fidelity_prompts and previous is not None and previous["fidelity"]:
         result["fidelity"], kept["fidelity"] = previous["fidelity"], True
     elif job.fidelity_prompts:
         result["fidelity"] = _fidelity(routed, tokenizer, variants, job, num_layers)
-        write_json(output / RESULT_NAME, result)
+        save()
 
     # 3. accuracy (the costly part): per task, dense, static drop around the targets and the router thresholds
     #    that bracket each target on that task's own contexts (or every setting, with --accuracy-settings all)
@@ -599,7 +613,12 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             per_task[task.name] = {}
             bar = tqdm(total=len(chosen), desc=f"accuracy {task.name}", disable=not progress)
 
-            stored = (previous or {}).get("tasks", {}).get(task.name, {}).get("settings", {})
+            stored_task = (previous or {}).get("tasks", {}).get(task.name, {})
+            stored = stored_task.get("settings", {})
+            if stored and (stored_task["items"], stored_task["metric"]) != (len(task.docs), task.metric):
+                raise ValueError(f"--resume: the stored run scored {task.name} on {stored_task['items']} items "
+                                 f"({stored_task['metric']}), this data gives {len(task.docs)} ({task.metric}); "
+                                 "the task data changed since, drop --resume to measure from scratch")
 
             def score(variant: Variant) -> None:
                 if variant.name in stored:  # --resume: this setting finished in the stored run
@@ -613,7 +632,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                                                                job.batch_tokens)[task.name]
                 bar.update(1)
                 result["tasks"][task.name] = _task_result(per_task[task.name], task)
-                write_json(output / RESULT_NAME, result)
+                save()
 
             for variant in chosen:
                 score(variant)
@@ -639,9 +658,8 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                 entry = compare_curves(curves, at, iterations=job.bootstrap)
                 entry["at"] = at
                 result["matched"][task.name][f"{t:.2f}"] = entry
-            write_json(output / RESULT_NAME, result)
-    result["seconds"] = time.perf_counter() - started
-    write_json(output / RESULT_NAME, result)
+            save()
+    save()
     (output / "tradeoff.md").write_text(markdown_table(result) + "\n")
     routed.unwrap()
     return result
@@ -664,10 +682,31 @@ def previous_result(job: TradeoffJob) -> dict | None:
     return previous
 
 
+def routers_fingerprint(folder: str) -> str:
+    """sha256 over the files that define the routers (config, weights, LoRA adapter if any): retrained routers
+    in the same folder are other routers, even when fixed --thresholds make every setting look the same."""
+    from .config import CONFIG_NAME
+    from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from .model import WEIGHTS_NAME
+
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        path = Path(folder) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def check_resumable(previous: dict, result: dict) -> None:
-    """The stored run must have started from the same settings: static drop's and random drop's layers and the
-    sweep's thresholds (its first variants, in order). If they differ, the routers, the model or the
-    calibration data changed since it was written, and its numbers do not belong with this run's."""
+    """The stored run must come from the same routers and model and have started from the same settings: static
+    drop's and random drop's layers and the sweep's thresholds (its first variants, in order). Otherwise its
+    numbers do not belong with this run's. (Files written before the routers' fingerprint was stored are
+    checked on the settings alone.)"""
+    for key in ("routers_sha256", "num_layers", "routed_layers", "unit", "token_top_k_swept_as_thresholds"):
+        if key in previous and previous[key] != result[key]:
+            raise ValueError(f"--resume: the stored run's {key} is {previous[key]!r}, now {result[key]!r}: the "
+                             "routers or the model changed since it was written; drop --resume to measure from "
+                             "scratch")
     if previous.get("variants", [])[: len(result["variants"])] != result["variants"]:
         raise ValueError("--resume: the stored run started from other settings (static drop's layers or the "
                          "sweep's thresholds differ), so the routers, the model or the data changed since it was "
