@@ -4,7 +4,7 @@ random drop, on the same held-out texts (KL to dense per token; the cheap, resol
     python benchmarks/ablation.py --routers NAME=DIR [NAME=DIR ...] --output benchmarks/results/ablation.json
 
 Each set of routers gets its own threshold sweep (placed on the evaluated texts), and is compared with static
-drop at 10/20/30% measured attention skip through routertune.tradeoff (interpolation along each curve, paired
+drop at 10/20/30% measured attention skip through routertune.eval.tradeoff (interpolation along each curve, paired
 bootstrap over texts). Writes JSON and a markdown table next to it.
 """
 
@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from routertune import baselines, routing, tradeoff
+from routertune.routing import static_drop as baselines
+from routertune.routing import state as routing
+from routertune.eval import tradeoff
 from routertune.calibrate import prompt_batches
 from routertune.files import write_json
 from routertune.model import RoutedModel
-from routertune.models import load_model_and_tokenizer
-from routertune.prompts import chat_prompts
+from routertune.base_model import load_model_and_tokenizer
+from routertune.train.prompts import chat_prompts
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ attention drop, routers forced to static drop's skip set, routers with their own
     python benchmarks/bench.py --quick --output /tmp/quick.json  # smoke test
     routertune report --inputs benchmarks/results --output benchmarks/results/report
 
-Every flag is a field of routertune.bench.BenchConfig (`--help`); this script only changes the default
+Every flag is a field of routertune.bench.runner.BenchConfig (`--help`); this script only changes the default
 output path. The same measurement is `routertune bench --output FILE.json`.
 """
 
@@ -16,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from routertune import bench, report
+from routertune import report
+from routertune.bench import runner as bench
 from routertune.cli import _build, add_dataclass_flags
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "bench_default.json"

@@ -22,8 +22,8 @@ import torch
 from routertune import RoutedModel
 from routertune.calibrate import prompt_batches, prompt_scores, quantile_threshold
 from routertune.files import write_json
-from routertune.models import load_model_and_tokenizer
-from routertune.prompts import chat_prompts
+from routertune.base_model import load_model_and_tokenizer
+from routertune.train.prompts import chat_prompts
 
 
 def patterns(routed: RoutedModel, prompts: list[list[int]], pad: int, num_layers: int,

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from routertune.compare import DEFAULT_COMPARE_TASKS, CompareJob, compare
+from routertune.eval.compare import DEFAULT_COMPARE_TASKS, CompareJob, compare
 
 # what fits in about 25 minutes of a shared 2-core CPU (measured: ~50-60 tokens/s for SmolLM2-135M there)
 README_JOB = dict(

@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from routertune import RoutedModel, tradeoff
+from routertune import stats
+from routertune import RoutedModel
+from routertune.eval import tradeoff
 from routertune.files import atomic_write, write_json
-from routertune.models import load_model_and_tokenizer
+from routertune.base_model import load_model_and_tokenizer
 
 
 def main() -> None:
@@ -67,7 +69,7 @@ def main() -> None:
         for label, setting in settings.items():
             per_item = np.asarray(setting["per_item"], dtype=float)
             accuracy = float(per_item.mean())
-            diff, low, high = tradeoff.paired_bootstrap(per_item, correct)
+            diff, low, high = stats.paired_bootstrap(per_item, correct)
             task["settings"][label] = {"accuracy": accuracy, "skip": setting["skip"],
                                        "of_dense": accuracy / float(correct.mean()),
                                        "minus_dense": diff, "interval": [low, high]}

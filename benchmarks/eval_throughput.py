@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from routertune import tasks
-from routertune.evaluate import Setting, prepared_lm
-from routertune.harness import RoutedLM, SkipStats, _batches, _quiet_harness
-from routertune.models import load_model_and_tokenizer
-from routertune.prompts import chat_prompts
+from routertune.eval import tasks
+from routertune.eval.evaluate import Setting, prepared_lm
+from routertune.eval.harness import RoutedLM, SkipStats, _batches, _quiet_harness
+from routertune.base_model import load_model_and_tokenizer
+from routertune.train.prompts import chat_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_ROUTERS = RESULTS / "routers-default"

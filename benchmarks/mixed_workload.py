@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from routertune.files import write_json
-from routertune.tradeoff import interpolate, paired_bootstrap
+from routertune.stats import interpolate, paired_bootstrap
 
 
 def mixed_workload(result: dict) -> dict:

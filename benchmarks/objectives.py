@@ -18,11 +18,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from routertune import RoutedModel, data
+from routertune import RoutedModel
+from routertune.train import data
 from routertune.files import atomic_write, write_json
-from routertune.models import load_model_and_tokenizer
-from routertune.pipeline import TuneJob, tune
-from routertune.train import TrainConfig, evaluate_loss
+from routertune.base_model import load_model_and_tokenizer
+from routertune.train.tune import TuneJob, tune
+from routertune.train.loop import TrainConfig, evaluate_loss
 
 CONFIGS = [("lm", 0.75), ("lm", 0.5), ("distill", 0.75), ("distill", 0.5)]
 

@@ -38,11 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from routertune import data, importance, tradeoff
+from routertune import stats
+from routertune.train import data
+from routertune.train import importance
+from routertune.eval import tradeoff
 from routertune.files import write_json
 from routertune.model import RoutedModel
-from routertune.models import load_model_and_tokenizer
-from routertune.pipeline import _mix_forms
+from routertune.base_model import load_model_and_tokenizer
+from routertune.train.tune import _mix_forms
 
 
 def part_statistics(routed: RoutedModel, tokenizer, records: int, cache: str | None = None) -> dict[int, dict]:
@@ -129,7 +132,7 @@ def measured_skip(routed: RoutedModel, batches, threshold: float, num_layers: in
 def bracketing_thresholds(skip_of, targets, width: float, max_new: int, low: float = 0.3,
                            high: float = 0.7) -> list[float]:
     """For each target, the two thresholds whose measured skips lie on either side of it, refined (by
-    routertune.tradeoff.refine_sweep, as the trade-off command does) until they are within `width` of each
+    routertune.eval.tradeoff.refine_sweep, as the trade-off command does) until they are within `width` of each
     other or `max_new` more thresholds have been measured."""
     known = {low: skip_of(low), high: skip_of(high)}
     for target in targets:
@@ -196,11 +199,11 @@ def main() -> None:
                             for t, (x, k) in zip(thresholds, points)], "matched": {},
                  "seconds": time.perf_counter() - started}
         for target in args.targets:
-            routers, static_at = tradeoff.interpolate(points, target), tradeoff.interpolate(static, target)
+            routers, static_at = stats.interpolate(points, target), stats.interpolate(static, target)
             if routers is None or static_at is None:
                 entry["matched"][f"{target:.2f}"] = {"reached": False}
                 continue
-            diff, low, high = tradeoff.paired_bootstrap(routers[0] / tokens, static_at[0] / tokens, weights=tokens)
+            diff, low, high = stats.paired_bootstrap(routers[0] / tokens, static_at[0] / tokens, weights=tokens)
             entry["matched"][f"{target:.2f}"] = {
                 "reached": True, "routers": float(routers[0].sum() / tokens.sum()),
                 "static": float(static_at[0].sum() / tokens.sum()), "minus_static": diff, "interval": [low, high],

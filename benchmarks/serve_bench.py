@@ -22,7 +22,7 @@ time: on the shared 2-core development machine a nice'd engine spends most wall 
 wall figures (kept under ``wall``) measure the neighbours. Throughput = new tokens / CPU seconds of the run;
 TTFT = CPU seconds from submission to a request's first token; TPOT = CPU seconds between its first and last
 token / (new tokens - 1); medians over requests and repeats, variants in rotating order.
-Ideal speed-up = analytic FLOPs of dense / of the variant for the same requests (routertune.bench.FlopCounter:
+Ideal speed-up = analytic FLOPs of dense / of the variant for the same requests (routertune.bench.runner.FlopCounter:
 attention projections, scores over the causal context, MLP, one LM-head row per generated token), using each
 request's served decisions from the routing log.
 
@@ -125,7 +125,7 @@ class Engine:
 def chat_prompts(tokenizer, length: int, count: int, offset: int) -> list[list[int]]:
     """`count` chat prompts of exactly `length` tokens: held-out user turns of the offline mix (the kind of
     text the routers were tuned on), concatenated and cut to fit the chat template."""
-    from routertune.data import default_records
+    from routertune.train.data import default_records
 
     sentinel = "\u2063"
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=True,
@@ -300,9 +300,9 @@ def main(argv=None) -> int:
         print(json.dumps(out["targets"], indent=2))
         return 0
 
-    from routertune.bench import FlopCounter
+    from routertune.bench.runner import FlopCounter
     from routertune.config import RouterConfig
-    from routertune.models import load_tokenizer, resolve_model_path
+    from routertune.base_model import load_tokenizer, resolve_model_path
     from routertune.serve.attention import PROFILE_ENV
     from routertune.serve.export import ExportJob, export
     from routertune.serve.requests import LOG_ENV, prompt_sha1

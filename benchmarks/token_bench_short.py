@@ -1,6 +1,6 @@
 """Short token-routing benchmark for a starved shared machine: prefill at 2048 tokens (batch 1), then decode,
 writing the JSON after every row, so whatever finishes is kept. Same measurement code as
-`routertune bench --token-routing` (routertune.token_bench), leaner warm-up: the runs that record decisions and
+`routertune bench --token-routing` (routertune.bench.token_rows), leaner warm-up: the runs that record decisions and
 KV bytes are the warm-up. CPU process time, one thread.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 19 python benchmarks/token_bench_short.py OUT.json
@@ -13,10 +13,10 @@ from dataclasses import asdict
 
 import torch
 
-from routertune import routing
-from routertune.bench import BenchConfig, Clock, FlopCounter, _ids, _prefill, _rotated, build_variants, environment, kv_bytes
-from routertune.models import load_model_and_tokenizer
-from routertune.token_bench import _collect, _row, bench_token_decode, token_flops, token_variant
+from routertune.routing import state as routing
+from routertune.bench.runner import BenchConfig, Clock, FlopCounter, _ids, _prefill, _rotated, build_variants, environment, kv_bytes
+from routertune.base_model import load_model_and_tokenizer
+from routertune.bench.token_rows import _collect, _row, bench_token_decode, token_flops, token_variant
 
 
 def prefill_row(vs, token, length, cfg, flops, clock):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from routertune import tradeoff
+from routertune import stats
+from routertune.eval import tradeoff
 
 
 def _curves(domain: dict, num_layers: int) -> tuple[dict[str, list], np.ndarray]:
@@ -35,7 +36,7 @@ def _curves(domain: dict, num_layers: int) -> tuple[dict[str, list], np.ndarray]
 
 
 def _at(curve, target, tokens):
-    got = tradeoff.interpolate(curve, target)
+    got = stats.interpolate(curve, target)
     if got is None:
         return None
     values, between = got
@@ -80,7 +81,7 @@ def summarise(token: dict, sequence: dict | None, targets, iterations: int = 200
                      ("token_minus_sequence", tok, seq)]
             for name, a, b in pairs:
                 if a is not None and b is not None:
-                    diff, low, high = tradeoff.paired_bootstrap(a[0], b[0], tokens, iterations)
+                    diff, low, high = stats.paired_bootstrap(a[0], b[0], tokens, iterations)
                     row[name] = {"diff": diff, "interval": [low, high]}
             rows[f"{t:.2f}"] = row
         out[domain] = {"texts": data["texts"], "tokens": int(tokens.sum()), "static_from": static_source,

@@ -12,7 +12,7 @@ import torch
 from conftest import build_tiny, padded_batch
 from helpers import zero_sublayer_hooks
 from routertune import RoutedCache, RoutedModel, RouterConfig
-from routertune.bench import (
+from routertune.bench.runner import (
     SCHEMA,
     VARIANTS,
     BenchConfig,
@@ -183,7 +183,7 @@ def test_quick_bench_schema_and_exact_kv_accounting(quick):
 
 def test_quick_bench_leaves_the_model_plain_and_threads_alone(quick):
     model, _, _ = quick
-    from routertune.inject import is_routed
+    from routertune.routing.inject import is_routed
 
     assert not is_routed(model)
     assert not any(isinstance(b.self_attn, DroppedAttention) for b in model.model.layers)

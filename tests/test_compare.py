@@ -9,7 +9,7 @@ import torch
 
 from routertune import RoutedModel, RouterConfig
 from routertune.cli import main
-from routertune.compare import CompareJob, compare, plan
+from routertune.eval.compare import CompareJob, compare, plan
 from tiny_lm import randomize_routers, tiny_llama, tiny_tokenizer
 
 
@@ -68,7 +68,7 @@ def test_compare_end_to_end(saved, tmp_path):
 
 
 def test_eval_job_with_routers_capacity_perplexity_and_fidelity(saved, tmp_path):
-    from routertune.evaluate import EvalJob, evaluate_job
+    from routertune.eval.evaluate import EvalJob, evaluate_job
 
     out = tmp_path / "eval.json"
     job = EvalJob(tasks=["openbookqa"], routers=str(saved / "routers"), model=str(saved / "model"), limit=4,

@@ -1,4 +1,4 @@
-"""Tests for routertune.data: record parsing, the default dataset, tokenization, batching.
+"""Tests for routertune.train.data: record parsing, the default dataset, tokenization, batching.
 
 Tokenizer-dependent tests use the real SmolLM2 tokenizer from the cached
 default model (converted once if missing).
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from routertune import data
-from routertune.data import (
+from routertune.train import data
+from routertune.train.data import (
     DEFAULT_TASKS,
     IGNORE_INDEX,
     DataError,
@@ -27,7 +27,7 @@ from routertune.data import (
     length_batches,
     load_records,
 )
-from routertune.models import load_tokenizer
+from routertune.base_model import load_tokenizer
 
 MULTIPLE_CHOICE_TASKS = ("arc", "hellaswag", "piqa", "winogrande", "openbookqa", "boolq", "mmlu")
 

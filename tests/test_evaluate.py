@@ -12,11 +12,13 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from conftest import VOCAB, build_tiny
-from routertune import RoutedModel, RouterConfig, routing, tasks
+from routertune import RoutedModel, RouterConfig
+from routertune.routing import state as routing
+from routertune.eval import tasks
 from routertune.cli import main
-from routertune.evaluate import Setting, prepared_lm
-from routertune.harness import RoutedLM, _Row, run_harness
-from routertune.metrics import perplexity
+from routertune.eval.evaluate import Setting, prepared_lm
+from routertune.eval.harness import RoutedLM, _Row, run_harness
+from routertune.eval.metrics import perplexity
 from tiny_lm import randomize_routers, tiny_llama, tiny_tokenizer
 
 CONTEXTS = ["Question: what is up?\nAnswer:", "Another one", "Short", "The cat sat on the mat because"]
@@ -274,7 +276,7 @@ def test_default_model_reproduces_the_harness_numbers(monkeypatch):
     the harness's own arc_easy config, both reading the same local data."""
     from lm_eval.models.huggingface import HFLM
 
-    from routertune.models import load_model_and_tokenizer
+    from routertune.base_model import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer()
     ours = run_harness(RoutedLM(model, tok, progress=False), ["arc_easy"], limit=16).tasks["arc_easy"]

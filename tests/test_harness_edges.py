@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance
 
 from reference import SkipReference
 from routertune import RoutedModel, RouterConfig
-from routertune.harness import RoutedLM, _Row
+from routertune.eval.harness import RoutedLM, _Row
 from tiny_lm import randomize_routers, tiny_llama, tiny_tokenizer
 
 LAYERS = [1, 2, 3, 4]
@@ -147,7 +147,7 @@ def test_kept_logits_are_each_rows_own_positions(boolean_keep, monkeypatch):
     """The harness scores only chosen positions of each row (a (B, T) mask, different per row). transformers
     5.20+ slice that mask itself; earlier ones (vLLM's pin) get the union of positions and the harness picks
     each row's own. Both must equal the full logits indexed by the mask, in row-major order."""
-    from routertune import harness
+    from routertune.eval import harness
 
     if boolean_keep and not harness._BOOLEAN_LOGITS_TO_KEEP:
         pytest.skip("this transformers has no boolean logits_to_keep")

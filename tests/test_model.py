@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import build_tiny, padded_batch
 from helpers import mix_decisions
 from routertune import RoutedCache, RoutedModel, RouterConfig
-from routertune.train import TrainConfig, micro_batch_loss
+from routertune.train.loop import TrainConfig, micro_batch_loss
 
 
 def _batch(seed=1):
@@ -182,7 +182,7 @@ def test_forced_skip_set_outside_routed_layers_is_an_error():
 
 
 def test_static_drop_importance_equals_hand_computation():
-    from routertune.baselines import attention_importance
+    from routertune.routing.static_drop import attention_importance
 
     model = build_tiny("llama")
     ids, mask, _ = padded_batch([7, 4], "right")

@@ -1,4 +1,4 @@
-"""Tests for routertune.models: cache location, name resolution, loading.
+"""Tests for routertune.base_model: cache location, name resolution, loading.
 
 The fast tests use the default model from the default cache (converted once
 if missing, ~40 s). The slow test converts the embedded GGUF from scratch into
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from routertune import models
-from routertune.models import (
+from routertune import base_model as models
+from routertune.base_model import (
     DEFAULT_MODEL,
     default_cache_dir,
     find_default_gguf,
@@ -159,7 +159,7 @@ def test_conversion_into_fresh_cache(fresh_cache, monkeypatch, caplog):
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
 
-    with caplog.at_level(logging.INFO, logger="routertune.models"):
+    with caplog.at_level(logging.INFO, logger="routertune.base_model"):
         path = resolve_model_path()
     assert Path(path) == target
     assert "Converting the embedded GGUF once" in caplog.text
@@ -170,7 +170,7 @@ def test_conversion_into_fresh_cache(fresh_cache, monkeypatch, caplog):
 
     caplog.clear()
     started = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="routertune.models"):
+    with caplog.at_level(logging.INFO, logger="routertune.base_model"):
         assert resolve_model_path(DEFAULT_MODEL, cache_dir=cache) == path
     assert time.monotonic() - started < 1.0
     assert "Converting" not in caplog.text

@@ -9,7 +9,7 @@ import torch
 
 from routertune import RoutedModel, RouterConfig
 from routertune.cli import main
-from routertune.models import load_model_and_tokenizer
+from routertune.base_model import load_model_and_tokenizer
 
 pytestmark = pytest.mark.slow
 

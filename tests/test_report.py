@@ -10,7 +10,7 @@ import pytest
 
 from conftest import build_tiny
 from routertune import cli
-from routertune.bench import BenchConfig, bench_model
+from routertune.bench.runner import BenchConfig, bench_model
 from routertune.files import write_json
 from routertune.report import ReportConfig, build_report, extract_eval
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import build_tiny
 from routertune import RoutedModel, RouterConfig
-from routertune.routing import Forcing
+from routertune.routing.state import Forcing
 from routertune.serve.attention import PartialPromptError, RoutedAttention
 from routertune.serve.config import CONFIG_KEY, ROUTERS_FILE, ServeRouting
 from routertune.serve.export import ExportJob, export
@@ -39,7 +39,7 @@ def _tiny_folder(tmp_path):
 @pytest.fixture
 def routers(tmp_path):
     folder = _tiny_folder(tmp_path)
-    from routertune.models import load_model_and_tokenizer
+    from routertune.base_model import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(folder))
     routed = RoutedModel(model, RouterConfig(layers=LAYERS, layer_thresholds={3: 0.6}))
@@ -113,7 +113,7 @@ def test_export_refusals(routers, tmp_path):
         ServeRouting.from_dict({"router_config": RouterConfig(granularity="mlp").to_dict()})
     with pytest.raises(ValueError, match="one decision per request"):
         ServeRouting.from_dict({"router_config": RouterConfig(unit="token").to_dict()})
-    from routertune.models import load_model_and_tokenizer
+    from routertune.base_model import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(folder))
     RoutedModel(model, RouterConfig(layers=LAYERS, unit="token")).save_pretrained(tmp_path / "token-routers")
@@ -148,7 +148,7 @@ H = 8
 
 
 def _attention(threshold=0.5, seed=0):
-    from routertune.router import Router
+    from routertune.routing.router import Router
 
     torch.manual_seed(seed)
     router = Router(H)

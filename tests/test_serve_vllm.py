@@ -22,7 +22,7 @@ import torch
 vllm = pytest.importorskip("vllm", reason="needs the routertune[serve] extra (vLLM)")
 
 from routertune import RoutedModel, RouterConfig  # noqa: E402
-from routertune.models import load_model_and_tokenizer  # noqa: E402
+from routertune.base_model import load_model_and_tokenizer  # noqa: E402
 from routertune.serve.export import ExportJob, export  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]

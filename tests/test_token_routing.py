@@ -11,7 +11,7 @@ import torch
 
 from conftest import PAD, build_tiny, padded_batch
 from routertune import RoutedModel, RouterConfig
-from routertune.token_cache import TokenLayer, TokenRoutedCache
+from routertune.routing.token_cache import TokenLayer, TokenRoutedCache
 from token_reference import reference_greedy, reference_logits
 
 ATOL = 2e-5
@@ -224,7 +224,7 @@ def test_training_forward_equals_inference_and_capacity_counts_token_pairs(famil
 
 
 def test_train_step_changes_only_routers(family):
-    from routertune.train import TrainConfig, micro_batch_loss
+    from routertune.train.loop import TrainConfig, micro_batch_loss
 
     routed, _, _, _ = _routed(family, "attention")
     ids, mask, _ = padded_batch([10, 7, 9], "right")
@@ -307,7 +307,7 @@ def test_sink_tokens_run_every_layer_in_prefill_only(family, sink):
 @pytest.mark.parametrize("sink", [0, 2])
 def test_importance_fit_never_samples_sink_tokens(sink):
     """Rows shorter than the tokens sampled per record: every real token but the sinks is one sample."""
-    from routertune import importance
+    from routertune.train import importance
 
     routed, plain, _, _ = _routed("llama", "attention", token_sink=sink)
     lengths = [6, 4, 3]
@@ -402,7 +402,7 @@ def test_eager_attention_matches_sdpa():
 def test_harness_scores_with_shared_prefill_equal_one_forward(family):
     """The eval path (prefill the shared context once into the token cache, then score each continuation
     against it) gives the numbers of one uncached forward over context + continuation."""
-    from routertune.harness import RoutedLM, _Row
+    from routertune.eval.harness import RoutedLM, _Row
     from tiny_lm import tiny_tokenizer
 
     routed, _, _, _ = _routed(family, "attention")
@@ -429,7 +429,7 @@ def test_harness_scores_with_shared_prefill_equal_one_forward(family):
 def small_model(tmp_path_factory) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from routertune.models import load_tokenizer
+    from routertune.base_model import load_tokenizer
 
     tokenizer = load_tokenizer()
     torch.manual_seed(0)
@@ -489,8 +489,8 @@ def test_custom_4d_mask_is_refused():
 
 # --- benchmark rows ----------------------------------------------------------------------------------------------
 def test_token_flops_count_what_ran_by_hand():
-    from routertune.bench import FlopCounter
-    from routertune.token_bench import token_flops
+    from routertune.bench.runner import FlopCounter
+    from routertune.bench.token_rows import token_flops
 
     fc = FlopCounter(hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16, vocab_size=10,
                      windows=(None, None))
@@ -506,7 +506,7 @@ def test_token_flops_count_what_ran_by_hand():
 
 
 def test_bench_token_rows_on_a_tiny_model():
-    from routertune.bench import BenchConfig, bench_model
+    from routertune.bench.runner import BenchConfig, bench_model
 
     cfg = BenchConfig(quick=True, token_routing=True, memory=False, lengths=[24], batch_sizes=[1, 2],
                       overhead_repeats=1, overhead_steps=1)
@@ -547,7 +547,7 @@ def byte_model(tmp_path_factory) -> str:
 def test_default_command_token_routers_on_the_tradeoff_curve(byte_model, tmp_path):
     """`routertune train --unit token` (default objective) then `routertune tradeoff`: token routers land on the
     curve beside static and random drop, their skip measured as the share of (token, layer) pairs skipped."""
-    from routertune import tradeoff
+    from routertune.eval import tradeoff
     from routertune.cli import main
 
     routers, out = tmp_path / "routers", tmp_path / "tradeoff"

@@ -1,4 +1,4 @@
-"""The trade-off curve (routertune.tradeoff) and the importance objective (routertune.importance).
+"""The trade-off curve (routertune.eval.tradeoff) and the importance objective (routertune.train.importance).
 
 References are independent of the code under test: per-text forwards of the plain model for NLL, routers
 forced to a skip set (the routing code path) for static drop's KL, closed-form statistics for the bootstrap."""
@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from routertune import RoutedModel, RouterConfig, importance, tradeoff
+from routertune import stats
+from routertune import RoutedModel, RouterConfig
+from routertune.train import importance
+from routertune.eval import tradeoff
 from routertune.cli import main
 from tiny_lm import tiny_llama, tiny_tokenizer
 
@@ -85,30 +88,30 @@ def test_sweep_measured_skip_rises_with_the_threshold():
 
 def test_paired_bootstrap_known_answers():
     a = np.arange(50, dtype=float)
-    diff, low, high = tradeoff.paired_bootstrap(a + 0.5, a)  # a constant shift has no sampling spread
+    diff, low, high = stats.paired_bootstrap(a + 0.5, a)  # a constant shift has no sampling spread
     assert (diff, low, high) == (0.5, 0.5, 0.5)
     rng = np.random.default_rng(1)
     d = rng.normal(0.3, 1.0, size=400)
-    diff, low, high = tradeoff.paired_bootstrap(d, np.zeros(400), iterations=4000)
+    diff, low, high = stats.paired_bootstrap(d, np.zeros(400), iterations=4000)
     assert diff == pytest.approx(d.mean())
     half_width = 1.96 * d.std(ddof=1) / math.sqrt(400)  # the normal-theory interval of a mean
     assert (high - low) / 2 == pytest.approx(half_width, rel=0.15)
     assert low < d.mean() < high
     # weighted: a ratio of sums (per-token means from per-text sums)
     w = np.array([1.0, 3.0])
-    diff, _, _ = tradeoff.paired_bootstrap(np.array([2.0, 6.0]), np.zeros(2), weights=w)
+    diff, _, _ = stats.paired_bootstrap(np.array([2.0, 6.0]), np.zeros(2), weights=w)
     assert diff == pytest.approx((2.0 + 18.0) / 4.0)
     with pytest.raises(ValueError, match="equal-length"):
-        tradeoff.paired_bootstrap(np.zeros(3), np.zeros(4))
+        stats.paired_bootstrap(np.zeros(3), np.zeros(4))
 
 
 def test_interpolation_is_linear_per_item_and_never_extrapolates():
     points = [(0.0, np.array([0.0, 1.0])), (0.2, np.array([1.0, 1.0])), (0.1, np.array([0.5, 0.0]))]
-    values, between = tradeoff.interpolate(points, 0.15)
+    values, between = stats.interpolate(points, 0.15)
     np.testing.assert_allclose(values, [0.75, 0.5])
     assert between == (0.1, 0.2)
-    assert tradeoff.interpolate(points, 0.25) is None
-    values, _ = tradeoff.interpolate(points, 0.2)
+    assert stats.interpolate(points, 0.25) is None
+    values, _ = stats.interpolate(points, 0.2)
     np.testing.assert_allclose(values, [1.0, 1.0])
 
 
@@ -192,7 +195,8 @@ def test_default_recipe_and_tradeoff_end_to_end(byte_model, tmp_path, capsys):
 
 
 def test_default_mix_renders_an_even_share_as_plain_text():
-    from routertune import data, pipeline
+    from routertune.train import data
+    from routertune.train import tune as pipeline
 
     records = data.default_records("train", n=10)
     mixed = pipeline._mix_forms(records, 0.5)

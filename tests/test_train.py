@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import build_tiny, padded_batch
 from routertune import RoutedModel, RouterConfig
 from routertune.cli import main
-from routertune.models import load_tokenizer
+from routertune.base_model import load_tokenizer
 
 # the gradient-trained objectives (the default, importance, is a single closed-form pass: tests/test_tradeoff.py)
 ARGS = ["--objective", "lm", "--samples", "96", "--heldout-samples", "8", "--max-length", "96", "--batch-size", "8",
@@ -97,8 +97,8 @@ def test_two_processes_equal_one_process_with_accumulation(small_model, tmp_path
 
 
 def test_lora_and_routers_train_save_and_load_together(tmp_path):
-    from routertune import lora
-    from routertune.train import TrainConfig, micro_batch_loss
+    from routertune.train import lora
+    from routertune.train.loop import TrainConfig, micro_batch_loss
 
     base = build_tiny("llama")
     lora.add_lora(base, rank=4)

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from routertune import RoutedModel, RouterConfig, importance, tradeoff
+from routertune import RoutedModel, RouterConfig
+from routertune.train import importance
+from routertune.eval import tradeoff
 from routertune.cli import main
-from routertune.router import Router
+from routertune.routing.router import Router
 from tiny_lm import tiny_llama, tiny_tokenizer
 
 LAYERS = [1, 2, 3, 4]
@@ -153,7 +155,7 @@ def test_capacity_offset_lies_between_values_at_the_share_nearest_the_target():
 
 def test_token_routers_default_to_no_region():
     """`--trust-up` defaults to 0 for sequence routers only: the one-sided region was measured for them."""
-    from routertune.train import TrainConfig, trust_bounds
+    from routertune.train.loop import TrainConfig, trust_bounds
 
     cfg = TrainConfig()
     assert trust_bounds(cfg, "sequence") == (np.inf, 0.0) and trust_bounds(cfg, "token") == (np.inf, np.inf)

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from .model import WEIGHTS_NAME, RoutedModel
-from .prompts import chat_prompts
+from routertune.train.prompts import chat_prompts
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class CalibrateReport:
 
 def calibration_prompts(tokenizer, job_data: str | None, split: str, n: int, max_tokens: int) -> list[list[int]]:
     """Prompt token ids for calibration ("train") or the held-out check ("heldout")."""
-    from . import data
+    from routertune.train import data
 
     if job_data is None:
         return chat_prompts(tokenizer, split=split, n=n, max_tokens=max_tokens)
@@ -280,7 +280,7 @@ def calibration_prompts(tokenizer, job_data: str | None, split: str, n: int, max
 def calibrate_job(job: CalibrateJob) -> CalibrateReport:
     """Load a model and its routers, calibrate the thresholds, save the router config."""
     from .config import RouterConfig
-    from .models import load_model_and_tokenizer
+    from routertune.base_model import load_model_and_tokenizer
 
     RouterConfig.load(job.routers)  # a wrong folder fails before the model loads
     model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)

@@ -11,8 +11,9 @@ import sys
 import typing
 from pathlib import Path
 
-from . import pipeline
-from .train import TrainConfig
+from routertune import generate
+from routertune.train import tune as pipeline
+from routertune.train.loop import TrainConfig
 
 
 def _flag_type(annotation):
@@ -74,7 +75,7 @@ def _print_tune(report: pipeline.TuneReport, cfg: TrainConfig) -> None:
               f"(capacity {res.after.capacity:.2f}, target {cfg.target_capacity:.2f})")
 
 
-def _print_generations(generations: list[pipeline.Generation]) -> None:
+def _print_generations(generations: list[generate.Generation]) -> None:
     for gen in generations:
         if gen.token_run_fraction is not None:
             print(f"\n>>> {gen.prompt}\n{gen.completion}")
@@ -94,7 +95,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    _print_generations(pipeline.generate(_build(pipeline.GenerateJob, args)))
+    _print_generations(generate.generate(_build(generate.GenerateJob, args)))
     return 0
 
 
@@ -112,7 +113,7 @@ def cmd_demo(args) -> int:
         elif stage == "generate":
             _print_generations(outcome)
         elif stage == "tradeoff":
-            from . import tradeoff
+            from routertune.eval import tradeoff
 
             print(tradeoff.markdown_table(outcome))
         elif stage == "bench":
@@ -127,7 +128,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import evaluate
+    from routertune.eval import evaluate
 
     report = evaluate.evaluate_job(_build(evaluate.EvalJob, args))
     harness = report.harness
@@ -171,7 +172,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from . import compare
+    from routertune.eval import compare
 
     report = compare.compare(_build(compare.CompareJob, args))
     print(report.markdown)
@@ -180,7 +181,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_tradeoff(args) -> int:
-    from . import tradeoff
+    from routertune.eval import tradeoff
 
     job = _build(tradeoff.TradeoffJob, args)
     result = tradeoff.run_tradeoff(job, log=lambda message: print(f"[tradeoff] {message}", flush=True))
@@ -191,13 +192,14 @@ def cmd_tradeoff(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import bench, report
+    from routertune import report
+    from routertune.bench import runner as bench
 
     cfg = _build(bench.BenchConfig, args)
     result = bench.run_bench(cfg, progress=lambda message: print(f"[bench] {message}", flush=True))
     print("\n".join(report.bench_tables(result.to_dict())))
     if result.token is not None:
-        from .token_bench import token_table
+        from routertune.bench.token_rows import token_table
 
         print("\n".join(token_table(bench._jsonable(result.token))))
     for note in result.skipped:
@@ -239,18 +241,18 @@ COMMANDS = {
     "train": (cmd_train, "train routers on a frozen model (Router-Tuning)",
               [(pipeline.TuneJob, ()), (TrainConfig, ())]),
     "generate": (cmd_generate, "generate with trained routers and show which layers each prompt skipped",
-                 [(pipeline.GenerateJob, ("prompts",))]),
+                 [(generate.GenerateJob, ("prompts",))]),
     "eval": (cmd_eval, "benchmarks on lm-evaluation-harness (local data): dense, routers, static or random drop",
-             [("routertune.evaluate:EvalJob", ())]),
+             [("routertune.eval.evaluate:EvalJob", ())]),
     "calibrate": (cmd_calibrate, "set the threshold so routers run a requested fraction of routed sublayers",
                   [("routertune.calibrate:CalibrateJob", ())]),
     "compare": (cmd_compare, "dense vs static drop vs random drop vs routers at matched attention skip ratios",
-                [("routertune.compare:CompareJob", ())]),
+                [("routertune.eval.compare:CompareJob", ())]),
     "tradeoff": (cmd_tradeoff, "quality vs measured skip: a router threshold sweep against static and random drop, "
                  "on the same items, compared at matched skip with paired bootstrap intervals",
-                 [("routertune.tradeoff:TradeoffJob", ())]),
+                 [("routertune.eval.tradeoff:TradeoffJob", ())]),
     "bench": (cmd_bench, "speed: dense vs static drop vs routers (prefill, decode, KV bytes, peak memory, FLOPs)",
-              [("routertune.bench:BenchConfig", ())]),
+              [("routertune.bench.runner:BenchConfig", ())]),
     "export": (cmd_export, "write a folder vLLM serves (routers, or --static K native static drop) with the plugin",
                [("routertune.serve.export:ExportJob", ())]),
     "report": (cmd_report, "one page (markdown + PNG plots) from bench and evaluation result JSON",

@@ -48,7 +48,7 @@ class DemoJob:
     bench: bool = field(default=True, metadata={"help": "run the speed benchmark stage"})
 
     def __post_init__(self) -> None:
-        from . import tasks
+        from routertune.eval import tasks
         from .calibrate import check_capacity
 
         self.tasks = ["arc_easy", "piqa"] if self.tasks is None else list(self.tasks)
@@ -81,7 +81,7 @@ class DemoResult:
     output: str
     seconds: dict[str, float]  # stage -> wall seconds
     tune: object  # pipeline.TuneReport
-    generations: list  # pipeline.Generation
+    generations: list  # generate.Generation
     tradeoff: dict  # tradeoff.json
     bench: dict | None  # bench JSON (None with --no-bench)
     report: object  # report.Report
@@ -91,9 +91,13 @@ class DemoResult:
 def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
              finished: Callable[[str, object], None] = lambda stage, outcome: None) -> DemoResult:
     """Run every stage in order; `announce` gets a line as each stage starts, `finished` each stage's outcome."""
-    from . import bench, pipeline, report, tradeoff
+    from routertune import report
+    from routertune.bench import runner as bench
+    from routertune import generate
+    from routertune.train import tune as pipeline
+    from routertune.eval import tradeoff
     from .files import atomic_write
-    from .train import TrainConfig
+    from routertune.train.loop import TrainConfig
 
     out = Path(job.output)
     _claim(out, job)
@@ -119,7 +123,7 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
     finished("train", tune)
 
     stage("generate", "greedy completions of the demo prompts, with run/SKIP per routed layer")
-    generations = pipeline.generate(pipeline.GenerateJob(
+    generations = generate.generate(generate.GenerateJob(
         prompts=DEMO_PROMPTS, routers=str(out), model=job.model, cache_dir=job.cache_dir, max_new_tokens=48))
     finished("generate", generations)
 
@@ -176,7 +180,7 @@ def _claim(out: Path, job: DemoJob) -> None:
 
     from .config import CONFIG_NAME
     from .files import write_json
-    from .train import CHECKPOINTS
+    from routertune.train.loop import CHECKPOINTS
 
     foreign = ((out / CONFIG_NAME).exists() or (out / CHECKPOINTS).exists()) and not (out / JOB_NAME).exists()
     if foreign:
@@ -188,7 +192,7 @@ def _claim(out: Path, job: DemoJob) -> None:
 def summary_table(result: DemoResult) -> list[str]:
     """Markdown: the routers beside static drop at matched measured skip (quality, with paired intervals),
     what the routers did per prompt, and speed with its interval."""
-    from .tradeoff import markdown_table
+    from routertune.eval.tradeoff import markdown_table
 
     lines = ["Quality at matched measured skip (routers interpolated along their threshold sweep, static drop "
              "along k; same items; KL per token to the dense model, lower is better; accuracy in %):", "",

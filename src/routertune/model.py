@@ -14,13 +14,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import inject, lora, routing
-from .cache import RoutedCache, cache_kwarg
+from routertune.routing import inject
+from routertune.train import lora
+from routertune.routing import state as routing
+from routertune.routing.cache import RoutedCache, cache_kwarg
 from .config import CONFIG_NAME, BaseModelIdentity, RouterConfig
-from .router import load_router
+from routertune.routing.router import load_router
 from .files import atomic_write, write_json
-from .token_cache import TokenRoutedCache
-from .token_routing import TokenRoutedSublayer
+from routertune.routing.token_cache import TokenRoutedCache
+from routertune.routing.token_routing import TokenRoutedSublayer
 
 WEIGHTS_NAME = "routers.safetensors"
 

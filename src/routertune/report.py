@@ -576,7 +576,7 @@ def tradeoff_difference_curves(data: dict, task: str, iterations: int = 1000) ->
     (interpolated there, per item) with its paired bootstrap interval: (skip, diff, low, high)."""
     import numpy as np
 
-    from .tradeoff import interpolate, paired_bootstrap
+    from routertune.stats import interpolate, paired_bootstrap
 
     settings = data["tasks"][task]["settings"]
     kinds = {v["name"]: v["kind"] for v in data["variants"]}
@@ -703,7 +703,7 @@ def build_report(cfg: ReportConfig) -> Report:
         notes.append("no bench results (schema routertune.bench/1): speed and memory plots skipped")
 
     for path, data in tradeoffs:
-        from .tradeoff import markdown_table
+        from routertune.eval.tradeoff import markdown_table
 
         suffix = "" if len(tradeoffs) == 1 else f"_{path.parent.name}"
         written = plot_tradeoff(data, out / f"tradeoff{suffix}.png")

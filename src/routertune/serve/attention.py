@@ -3,7 +3,7 @@
 vLLM packs a step's requests as consecutive token segments (``query_start_loc``). At a routed layer:
 
 * every request decides once, at its prefill (no tokens in the cache yet: context 0), from the mean of the
-  layer's normed input over its prompt tokens (fp32, as ``routertune.router``); the decision is stored on the
+  layer's normed input over its prompt tokens (fp32, as ``routertune.routing.router``); the decision is stored on the
   request and reused by its decode steps and by the recompute after a preemption. A prefill that starts from
   cached context (chunked prefill, prefix-cache hit) is refused: the decision would see part of the prompt;
 * when some requests skip, the layer's attention metadata and slot mapping are swapped for those of the
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from ..routing import Forcing
+from routertune.routing.state import Forcing
 from .requests import ServeBatch, current_batch
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class RoutedAttention:
     module: torch.nn.Module  # vLLM's attention sublayer (LlamaAttention, Qwen2Attention, ...)
     original_forward: object
     layer_idx: int
-    router: torch.nn.Module  # routertune.router.Router (fp32)
+    router: torch.nn.Module  # routertune.routing.router.Router (fp32)
     threshold: float
     dtype: torch.dtype  # the model's dtype, as vLLM's CPU metadata builder uses
 
@@ -145,7 +145,7 @@ class RoutedAttention:
         """Per request: the stored decision, or (prefill from an empty cache) a new one from its prompt."""
         runs, pending = self._known(batch, starts, seq_lens)
         if pending:
-            # mean over the prompt tokens of the normed input, fp32 (routertune.router.masked_mean)
+            # mean over the prompt tokens of the normed input, fp32 (routertune.routing.router.masked_mean)
             pooled = torch.stack([hidden_states[starts[i]: starts[i] + batch.requests[i].prompt_len].float().mean(0)
                                   for i in pending])  # (P, H)
             scores = self.router(pooled).tolist()  # (P,)

@@ -62,7 +62,7 @@ def export(job: ExportJob) -> ExportReport:
     import torch
 
     from ..model import RoutedModel
-    from ..models import load_model_and_tokenizer, resolve_model_path
+    from routertune.base_model import load_model_and_tokenizer, resolve_model_path
 
     source = Path(resolve_model_path(job.model, job.cache_dir))
     out = _prepare_output(Path(job.output), job.overwrite)
@@ -89,8 +89,8 @@ def export(job: ExportJob) -> ExportReport:
     config = json.loads((source / "config.json").read_text())
 
     if job.static is not None:
-        from .. import baselines
-        from ..bench import calibration_batches
+        from routertune.routing import static_drop as baselines
+        from routertune.bench.runner import calibration_batches
 
         with torch.no_grad():
             importance = baselines.attention_importance(model, calibration_batches(model, tokenizer))

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..router import Router, load_router
+from routertune.routing.router import Router, load_router
 from .attention import RoutedAttention, RoutedLayer, has_llama_layer_forward
 from .config import ARCH_PREFIX, CONFIG_KEY, VLLM_ARCHITECTURES, ServeRouting
 

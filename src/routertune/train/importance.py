@@ -34,9 +34,10 @@ from typing import Sequence
 
 import torch
 
-from . import arch, inject
-from .model import RoutedModel
-from .router import bounded_logit, masked_mean
+from routertune.routing import arch
+from routertune.routing import inject
+from routertune.model import RoutedModel
+from routertune.routing.router import bounded_logit, masked_mean
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # penalty, relative to the mean feature variance x N
 TOKENS_PER_RECORD = 8  # token routers: real tokens sampled per record (the same ones at every layer)

@@ -16,7 +16,7 @@ class Router(nn.Module):
 
     The paper's router has no bias. Ours has one so that a router can carry a per-layer prior (how important
     its layer is on average) separately from the per-input part (the weights): the importance fit
-    (routertune.importance) sets both, and with zero weights the routers reduce exactly to a static drop
+    (routertune.train.importance) sets both, and with zero weights the routers reduce exactly to a static drop
     ordered by the biases.
 
     Kept in float32 whatever the base model's dtype: in bf16, tiny logits near zero fall into a dead zone

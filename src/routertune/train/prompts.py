@@ -8,7 +8,7 @@ def chat_prompts(tokenizer, split: str = "heldout", n: int = 64, max_tokens: int
                  records: list[dict] | None = None) -> list[list[int]]:
     """Prompt token ids (chat template with generation prompt) of held-out records of the default mix (or of
     `records`), longest prompts cut to their last `max_tokens` tokens."""
-    from . import data
+    from routertune.train import data
 
     if records is None:
         records = data.default_records(split, n=n)

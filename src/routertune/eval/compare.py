@@ -17,12 +17,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import tasks as task_configs
-from .evaluate import Setting, check_routers, prepared_lm
-from .harness import run_harness
-from .metrics import PERPLEXITY_SOURCES, generation_fidelity, heldout_texts, perplexity
-from .prompts import chat_prompts
-from .files import atomic_write, write_json
+from routertune.eval import tasks as task_configs
+from routertune.eval.evaluate import Setting, check_routers, prepared_lm
+from routertune.eval.harness import run_harness
+from routertune.eval.metrics import PERPLEXITY_SOURCES, generation_fidelity, heldout_texts, perplexity
+from routertune.train.prompts import chat_prompts
+from routertune.files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,10 @@ def plan(job: CompareJob, num_layers: int, routed_layers: int) -> list[tuple[flo
 def compare(job: CompareJob, progress: bool = True) -> CompareReport:
     """Run every setting through the harness, perplexity and fidelity; write compare.json / compare.md after
     each setting (a long run can be read while it goes)."""
-    from . import baselines
-    from .calibrate import prompt_batches
-    from .config import RouterConfig
-    from .models import load_model_and_tokenizer
+    from routertune.routing import static_drop as baselines
+    from routertune.calibrate import prompt_batches
+    from routertune.config import RouterConfig
+    from routertune.base_model import load_model_and_tokenizer
 
     started = time.perf_counter()
     output = Path(job.output)

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import IGNORE_INDEX, Example, collate, length_batches
-from .files import atomic_write
-from .model import RoutedModel
+from routertune.train.data import IGNORE_INDEX, Example, collate, length_batches
+from routertune.files import atomic_write
+from routertune.model import RoutedModel
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("importance", "lm", "distill")
@@ -127,7 +127,7 @@ class TrainResult:
     resumed_from: int | None = None
     uncalibrated: EvalResult | None = None  # held-out metrics at threshold 0.5, before calibration
     threshold: float = 0.5
-    fit: dict | None = None  # the importance objective's choices (routertune.importance.ImportanceFit)
+    fit: dict | None = None  # the importance objective's choices (routertune.train.importance.ImportanceFit)
 
 
 # --- losses -------------------------------------------------------------------------------------------------

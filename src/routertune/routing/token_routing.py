@@ -27,10 +27,10 @@ import math
 import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from .config import RouterConfig
-from .inject import RoutedSublayer
-from .routing import RoutingCall, current_call
-from .token_cache import KeyLayout, TokenRoutedCache
+from routertune.config import RouterConfig
+from routertune.routing.inject import RoutedSublayer
+from routertune.routing.state import RoutingCall, current_call
+from routertune.routing.token_cache import KeyLayout, TokenRoutedCache
 
 _ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 

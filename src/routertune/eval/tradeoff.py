@@ -32,8 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import arch, baselines, routing
-from .files import write_json
+from routertune.routing import arch
+from routertune.routing import static_drop as baselines
+from routertune.routing import state as routing
+from routertune.files import write_json
+from routertune.routing.static_drop import zeroed_attention
+from routertune.stats import interpolate, paired_bootstrap
 
 DOMAINS = ("lambada", "wikipedia", "code")
 TASKS = ("arc_easy", "piqa", "hellaswag")
@@ -65,30 +69,6 @@ class Variant:
 
 
 @contextlib.contextmanager
-def zeroed_attention(model: nn.Module, layers: Sequence[int]) -> Iterator[None]:
-    """Static drop as the method defines it: the attention output of `layers` is zero for every input (the
-    residual passes unchanged). A hook on the plain attention modules, independent of the routing code."""
-    spec = arch.arch_spec(model)
-    blocks = arch.blocks_of(model)
-
-    def zero(module, args, output):
-        if isinstance(output, tuple):
-            return (torch.zeros_like(output[0]), *output[1:])
-        return torch.zeros_like(output)
-
-    handles = []
-    try:
-        for idx in layers:
-            attention = getattr(blocks[idx], spec.attention)
-            attention = getattr(attention, "base_layer", attention)  # the original module under a router
-            handles.append(attention.register_forward_hook(zero))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
 def applied(variant: Variant, routed) -> Iterator[None]:
     """Run the routed model as `variant`: routers at a threshold, or forced to run with a fixed drop."""
     if variant.kind == "routers":
@@ -103,46 +83,12 @@ def applied(variant: Variant, routed) -> Iterator[None]:
             yield
 
 
-# --- statistics ------------------------------------------------------------------------------------------------
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None, iterations: int = 2000,
-                     seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of a - b over items (weighted by `weights`, e.g. tokens per text: a ratio of sums) and its
-    percentile bootstrap interval, resampling items with replacement. Returns (difference, low, high)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"paired values must be two equal-length non-empty vectors, got {a.shape} and {b.shape}")
-    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64)
-    diff = a - b
-    point = float((diff * w).sum() / w.sum())
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(iterations, len(a)))
-    samples = (diff[idx] * w[idx]).sum(1) / w[idx].sum(1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(samples, [tail, 100 - tail])
-    return point, float(low), float(high)
-
-
-def interpolate(points: list[tuple[float, np.ndarray]], x: float) -> tuple[np.ndarray, tuple[float, float]] | None:
-    """Per-item values of a curve at measured skip `x`: linear between the two measured points around it
-    (points: (measured skip, per-item values)). None when the curve does not reach `x` (no extrapolation)."""
-    pts = sorted(points, key=lambda p: p[0])
-    for (x0, v0), (x1, v1) in zip(pts, pts[1:]):
-        if x0 <= x <= x1:
-            if x1 - x0 < 1e-12:
-                return v0, (x0, x1)
-            t = (x - x0) / (x1 - x0)
-            return (1 - t) * v0 + t * v1, (x0, x1)
-    for x0, v0 in pts:
-        if abs(x0 - x) < 1e-12:
-            return v0, (x0, x0)
-    return None
-
-
 # --- items -----------------------------------------------------------------------------------------------------
 def domain_texts(domain: str, n: int) -> list[str]:
     """Held-out text of one domain, never in the tuning mix: LAMBADA fiction, BoolQ's Wikipedia passages,
     HumanEval code (prompt + canonical solution)."""
-    from . import data, tasks
+    from routertune.train import data
+    from routertune.eval import tasks
 
     if domain == "lambada":
         return data.lambada_passages(n)
@@ -307,8 +253,8 @@ class TaskItems:
 
 
 def task_items(names: Sequence[str], limit: int | None) -> list[TaskItems]:
-    from . import tasks
-    from .harness import _quiet_harness
+    from routertune.eval import tasks
+    from routertune.eval.harness import _quiet_harness
 
     out = []
     with _quiet_harness():
@@ -333,7 +279,7 @@ class TaskScores:
 
 def score_tasks(routed, tokenizer, items: Sequence[TaskItems], variant: Variant, num_layers: int,
                 batch_tokens: int = 4096) -> dict[str, TaskScores]:
-    from .harness import RoutedLM
+    from routertune.eval.harness import RoutedLM
 
     out = {}
     with applied(variant, routed):
@@ -417,7 +363,7 @@ def sweep_thresholds(routed, calibration_batches, skip_targets: Sequence[float],
     the matching quantiles of the routers' scores there. Scores move once earlier layers skip, so each
     threshold's actual skip is whatever the items give: the curves use the measured skip, never these
     targets."""
-    from .calibrate import prompt_scores, quantile_threshold
+    from routertune.calibrate import prompt_scores, quantile_threshold
 
     routed_n = len(routed.routed_layers)
     low, high = 0.4 * min(skip_targets), min(1.5 * max(skip_targets), routed_n / num_layers * 0.98)
@@ -485,11 +431,11 @@ def compare_curves(curves: dict[str, list[tuple[float, np.ndarray]]], target: fl
 
 def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], None] = lambda s: None) -> dict:
     """The whole measurement; writes tradeoff.json after each stage so a long run can be read as it goes."""
-    from .calibrate import prompt_batches
-    from .config import RouterConfig
-    from .prompts import chat_prompts
-    from .model import RoutedModel
-    from .models import load_model_and_tokenizer
+    from routertune.calibrate import prompt_batches
+    from routertune.config import RouterConfig
+    from routertune.train.prompts import chat_prompts
+    from routertune.model import RoutedModel
+    from routertune.base_model import load_model_and_tokenizer
 
     started = time.perf_counter()
     output = Path(job.output)
@@ -685,9 +631,9 @@ def previous_result(job: TradeoffJob) -> dict | None:
 def routers_fingerprint(folder: str) -> str:
     """sha256 over the files that define the routers (config, weights, LoRA adapter if any): retrained routers
     in the same folder are other routers, even when fixed --thresholds make every setting look the same."""
-    from .config import CONFIG_NAME
-    from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-    from .model import WEIGHTS_NAME
+    from routertune.config import CONFIG_NAME
+    from routertune.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from routertune.model import WEIGHTS_NAME
 
     digest = hashlib.sha256()
     for name in (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -752,7 +698,7 @@ def task_context_skips(routed, tokenizer, task: TaskItems, thresholds: Sequence[
                        sample: int = 100) -> dict[float, float]:
     """Estimated measured skip of each router threshold on a task: the routers run on the contexts of its
     first `sample` items (decisions depend on the context alone)."""
-    from .calibrate import prompt_batches
+    from routertune.calibrate import prompt_batches
 
     contexts, seen = [], set()
     for inst in task.instances:
@@ -829,8 +775,8 @@ def _accuracy_curves(scores: dict) -> dict[str, list]:
 
 
 def _fidelity(routed, tokenizer, variants, job: TradeoffJob, num_layers: int) -> dict:
-    from .harness import RoutedLM
-    from .prompts import chat_prompts
+    from routertune.eval.harness import RoutedLM
+    from routertune.train.prompts import chat_prompts
 
     prompts = chat_prompts(tokenizer, split="heldout", n=job.fidelity_prompts, max_tokens=256)
     out, reference = {}, None

@@ -4,13 +4,15 @@ text) and a seeded random drop. Both run through the same RoutedModel code path,
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from . import arch
+from routertune.routing import arch
 
 
 @dataclass
@@ -75,3 +77,27 @@ def random_drop(k: int, candidates: list[int], seed: int = 0) -> list[int]:
 def droppable_layers(num_hidden_layers: int) -> list[int]:
     """Candidates for static/random drop: every layer but the first and the last, which stay dense."""
     return list(range(1, num_hidden_layers - 1))
+
+
+@contextlib.contextmanager
+def zeroed_attention(model: nn.Module, layers: Sequence[int]) -> Iterator[None]:
+    """Static drop as the method defines it: the attention output of `layers` is zero for every input (the
+    residual passes unchanged). A hook on the plain attention modules, independent of the routing code."""
+    spec = arch.arch_spec(model)
+    blocks = arch.blocks_of(model)
+
+    def zero(module, args, output):
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    handles = []
+    try:
+        for idx in layers:
+            attention = getattr(blocks[idx], spec.attention)
+            attention = getattr(attention, "base_layer", attention)  # the original module under a router
+            handles.append(attention.register_forward_hook(zero))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -43,10 +43,13 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from . import arch, baselines, inject, routing
-from .cache import RoutedCache
-from .config import RouterConfig
-from .model import RoutedModel
+from routertune.routing import arch
+from routertune.routing import static_drop as baselines
+from routertune.routing import inject
+from routertune.routing import state as routing
+from routertune.routing.cache import RoutedCache
+from routertune.config import RouterConfig
+from routertune.model import RoutedModel
 
 SCHEMA = "routertune.bench/1"
 VARIANTS = ("dense", "static_drop", "routed_static_set", "routed")
@@ -84,7 +87,7 @@ class BenchConfig:
     steady_malloc: bool = field(default=True, metadata={"help": "glibc: keep freed memory mapped (mallopt, process-wide) so a run pays no page faults that depend on what ran before it"})
     compile: str | None = field(default=None, metadata={"help": "torch.compile every variant with this backend (e.g. inductor); graph breaks at routing decisions are expected; the first call of each setting (compilation included) is reported apart as first_call_s. Default: eager"})
     output: str | None = field(default=None, metadata={"help": "write the results JSON here"})
-    token_routing: bool = field(default=False, metadata={"help": "also measure token-level routing (prefill and decode rows against dense and against sequence routing at the same executed fraction; see routertune.token_bench)"})
+    token_routing: bool = field(default=False, metadata={"help": "also measure token-level routing (prefill and decode rows against dense and against sequence routing at the same executed fraction; see routertune.bench.token_rows)"})
     token_routers: str | None = field(default=None, metadata={"help": "with --token-routing: trained token-level routers (run in top-k mode at the sequence side's fraction); default: seeded synthetic ones"})
 
     def __post_init__(self) -> None:
@@ -311,7 +314,7 @@ class BenchResult:
     skipped: list[str]
     checks: Checks | None = None
     seconds: float = 0.0
-    token: dict | None = None  # token-routing rows (routertune.token_bench), with --token-routing
+    token: dict | None = None  # token-routing rows (routertune.bench.token_rows), with --token-routing
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -979,7 +982,7 @@ def _bench_model(model, cfg, tokenizer, progress) -> BenchResult:
         note(f"decode B={batch}: {cfg.decode_tokens} tokens after {cfg.decode_prompt}")
         result.decode.append(bench_decode(vs, batch, cfg, flops, device, clock, cfg.seed + 100 + batch))
     if cfg.token_routing:
-        from .token_bench import run_token_bench
+        from routertune.bench.token_rows import run_token_bench
 
         result.token = asdict(run_token_bench(model, vs, cfg, flops, device, clock, note))
     note("routing overhead")
@@ -1019,8 +1022,8 @@ def progress_bar(cfg: BenchConfig) -> Callable[[str], None]:
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     """Load the model named in `cfg` (float32, SDPA), benchmark it, and write the JSON if `cfg.output`."""
-    from .files import write_json
-    from .models import load_model_and_tokenizer
+    from routertune.files import write_json
+    from routertune.base_model import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, cache_dir=cfg.cache_dir, device=cfg.device)
     result = bench_model(model, cfg, tokenizer=tokenizer, progress=progress)

@@ -13,11 +13,11 @@ import inspect
 import torch
 from torch import nn
 
-from . import arch
-from .cache import RoutedCache
-from .config import RouterConfig
-from .router import Router, masked_mean, straight_through_gate
-from .routing import (
+from routertune.routing import arch
+from routertune.routing.cache import RoutedCache
+from routertune.config import RouterConfig
+from routertune.routing.router import Router, masked_mean, straight_through_gate
+from routertune.routing.state import (
     RoutingCall,
     active_call,
     current_call,
@@ -215,7 +215,7 @@ def is_routed(model: nn.Module) -> bool:
 
 
 def is_trainable(name: str) -> bool:
-    """Routers, and LoRA layers when they were added (routertune.lora)."""
+    """Routers, and LoRA layers when they were added (routertune.train.lora)."""
     return ".router." in f".{name}" or "lora_" in name
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import routing
-from .bench import (
+from routertune.routing import state as routing
+from routertune.bench.runner import (
     BenchConfig,
     Clock,
     FlopCounter,
@@ -39,9 +39,9 @@ from .bench import (
     shared_copy,
     synthetic_routers,
 )
-from .config import RouterConfig
-from .model import RoutedModel
-from .token_cache import TokenRoutedCache
+from routertune.config import RouterConfig
+from routertune.model import RoutedModel
+from routertune.routing.token_cache import TokenRoutedCache
 
 TOKEN_PREFILL_IDEAL_TARGET = 0.8  # achieved / ideal for token-routed prefill at the target length
 TOKEN_TARGET_LENGTH = 2048

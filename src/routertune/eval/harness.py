@@ -2,7 +2,7 @@
 
 The harness is the engine: :class:`RoutedLM` is an ``lm_eval`` LM (a ``TemplateLM``, so tokenisation of
 context/continuation pairs is the harness's own) and the tasks are the harness's configs reading local data
-(:mod:`routertune.tasks`). What routertune adds is how a request is scored:
+(:mod:`routertune.eval.tasks`). What routertune adds is how a request is scored:
 
 * **Routed on the context alone.** A loglikelihood request (context, continuation) is scored with routing
   decisions pooled over its context tokens only, as in generation (prefill decides, decode reuses). All
@@ -41,8 +41,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import modeling_utils
 
-from . import inject, routing, tasks
-from .cache import RoutedCache, cache_kwarg
+from routertune.routing import inject
+from routertune.routing import state as routing
+from routertune.eval import tasks
+from routertune.routing.cache import RoutedCache, cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 # earlier releases index the sequence axis with it as given
 _BOOLEAN_LOGITS_TO_KEEP = hasattr(modeling_utils, "slice_logits_to_keep")
 
-try:  # the harness is a dependency, but keep `import routertune.harness` cheap and its absence explicit
+try:  # the harness is a dependency, but keep `import routertune.eval.harness` cheap and its absence explicit
     from lm_eval.api.model import TemplateLM
 except ModuleNotFoundError:  # pragma: no cover - exercised only without lm-eval installed
     TemplateLM = object  # type: ignore[misc,assignment]
@@ -613,14 +615,14 @@ class RoutedLM(TemplateLM):
 
 
 def _token_routed(model: nn.Module) -> bool:
-    from .token_routing import TokenRoutedSublayer
+    from routertune.routing.token_routing import TokenRoutedSublayer
 
     return any(isinstance(w, TokenRoutedSublayer) for w in inject.routed_sublayers(model).values())
 
 
 def _new_cache(model: nn.Module):
     """The KV cache a routed model's sublayers need: the token cache for token routing, else a RoutedCache."""
-    from .token_cache import TokenRoutedCache
+    from routertune.routing.token_cache import TokenRoutedCache
 
     return TokenRoutedCache(config=model.config) if _token_routed(model) else RoutedCache(config=model.config)
 

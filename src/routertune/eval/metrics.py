@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from . import tasks
-from .harness import RoutedLM, _Row
+from routertune.eval import tasks
+from routertune.eval.harness import RoutedLM, _Row
 
 
 PERPLEXITY_SOURCES = ("lambada", "boolq")
@@ -17,7 +17,7 @@ PERPLEXITY_SOURCES = ("lambada", "boolq")
 def heldout_texts(source: str, n: int) -> list[str]:
     """Held-out passages: LAMBADA (kept out of the router-tuning mix) or BoolQ's Wikipedia passages."""
     if source == "lambada":
-        from . import data
+        from routertune.train import data
 
         return data.lambada_passages(n)
     if source == "boolq":

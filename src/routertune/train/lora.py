@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .files import atomic_write
+from routertune.files import atomic_write
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "lora.safetensors"

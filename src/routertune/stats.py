@@ -1,0 +1,40 @@
+"""Statistics shared by every measurement: the paired bootstrap over items and linear interpolation of a
+per-item curve at a measured skip. Imports only numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None, iterations: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of a - b over items (weighted by `weights`, e.g. tokens per text: a ratio of sums) and its
+    percentile bootstrap interval, resampling items with replacement. Returns (difference, low, high)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired values must be two equal-length non-empty vectors, got {a.shape} and {b.shape}")
+    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64)
+    diff = a - b
+    point = float((diff * w).sum() / w.sum())
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(iterations, len(a)))
+    samples = (diff[idx] * w[idx]).sum(1) / w[idx].sum(1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
+def interpolate(points: list[tuple[float, np.ndarray]], x: float) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """Per-item values of a curve at measured skip `x`: linear between the two measured points around it
+    (points: (measured skip, per-item values)). None when the curve does not reach `x` (no extrapolation)."""
+    pts = sorted(points, key=lambda p: p[0])
+    for (x0, v0), (x1, v1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            if x1 - x0 < 1e-12:
+                return v0, (x0, x1)
+            t = (x - x0) / (x1 - x0)
+            return (1 - t) * v0 + t * v1, (x0, x1)
+    for x0, v0 in pts:
+        if abs(x0 - x) < 1e-12:
+            return v0, (x0, x0)
+    return None
