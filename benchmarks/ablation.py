@@ -1,7 +1,7 @@
 """Ablation of the router recipe on the trade-off curve: several sets of routers against the same static and
 random drop, on the same held-out texts (KL to dense per token; the cheap, resolving signal).
 
-    python benchmarks/ablation.py --routers NAME=DIR [NAME=DIR ...] --output benchmarks/results/ablation.json
+    python benchmarks/ablation.py --routers NAME=DIR [NAME=DIR ...] --output benchmarks/results/ablation/ablation.json
 
 Each set of routers gets its own threshold sweep (placed on the evaluated texts), and is compared with static
 drop at 10/20/30% measured attention skip through routertune.eval.tradeoff (interpolation along each curve, paired
@@ -30,7 +30,7 @@ from routertune.train.prompts import chat_prompts
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--routers", nargs="+", required=True, help="NAME=FOLDER of routers to compare")
-    parser.add_argument("--output", default="benchmarks/results/ablation.json")
+    parser.add_argument("--output", default="benchmarks/results/ablation/ablation.json")
     parser.add_argument("--texts", type=int, default=16, help="texts per domain")
     parser.add_argument("--max-tokens", type=int, default=192)
     parser.add_argument("--sweep-points", type=int, default=10)

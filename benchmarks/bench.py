@@ -1,10 +1,10 @@
 """Speed benchmark of routertune on a model (default: the embedded SmolLM2-135M-Instruct): dense, static
 attention drop, routers forced to static drop's skip set, routers with their own decisions. Writes JSON.
 
-    python benchmarks/bench.py                                   # -> benchmarks/results/bench_default.json
+    python benchmarks/bench.py                                   # -> benchmarks/results/speed/bench_default.json
     python benchmarks/bench.py --threads 1 --clock cpu           # what the README's table used (shared CPU)
     python benchmarks/bench.py --quick --output /tmp/quick.json  # smoke test
-    routertune report --inputs benchmarks/results --output benchmarks/results/report
+    routertune report --inputs benchmarks/results/speed --output benchmarks/results/speed/report
 
 Every flag is a field of routertune.bench.runner.BenchConfig (`--help`); this script only changes the default
 output path. The same measurement is `routertune bench --output FILE.json`.
@@ -20,7 +20,7 @@ from routertune import report
 from routertune.bench import runner as bench
 from routertune.cli import _build, add_dataclass_flags
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "bench_default.json"
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "speed" / "bench_default.json"
 
 
 def main(argv: list[str] | None = None) -> int:

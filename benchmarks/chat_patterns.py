@@ -7,8 +7,8 @@ threshold at the quantile of the routers' scores on the prompts with every layer
 decisions the routers actually take (scores move once earlier layers skip): measured skip, distinct patterns,
 and the share of prompts on the most common pattern, with its layers.
 
-    python benchmarks/chat_patterns.py benchmarks/results/routers-default \
-        benchmarks/results/previous-default/routers-default --output benchmarks/results/chat_patterns
+    python benchmarks/chat_patterns.py benchmarks/results/routers/default \
+        benchmarks/results/routers/previous-default --output benchmarks/results/chat_patterns/chat_patterns
 """
 
 from __future__ import annotations

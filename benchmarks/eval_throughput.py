@@ -2,7 +2,7 @@
 against a plain batched forward of the plain Hugging Face model over exactly the same token sequences, at one
 torch thread, interleaved in one run. Writes JSON.
 
-    python benchmarks/eval_throughput.py        # -> benchmarks/results/eval_throughput.json
+    python benchmarks/eval_throughput.py        # -> benchmarks/results/eval_throughput/eval_throughput.json
 
 The requests are the ones lm-evaluation-harness builds for the tasks (zero-shot, routertune's offline task
 configs), `--limit` items each. Each request is context + continuation, cut to the model's length as the
@@ -34,7 +34,7 @@ from routertune.base_model import load_model_and_tokenizer
 from routertune.train.prompts import chat_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_ROUTERS = RESULTS / "routers-default"
+DEFAULT_ROUTERS = RESULTS / "routers" / "default"
 
 
 def harness_requests(task_names: list[str], limit: int) -> list:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds (the best of each is kept)")
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--output", default=str(RESULTS / "eval_throughput.json"))
+    parser.add_argument("--output", default=str(RESULTS / "eval_throughput" / "eval_throughput.json"))
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)

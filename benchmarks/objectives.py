@@ -1,6 +1,6 @@
 """Compare the two Router-Tuning objectives at two target capacities on the default model.
 
-    python benchmarks/objectives.py [--samples 1000] [--out benchmarks/results/objectives.json]
+    python benchmarks/objectives.py [--samples 1000] [--out benchmarks/results/objectives/objectives.json]
                                     [--reuse lm:0.5=DIR]   # routers already trained with these settings
 
 For each (objective, target) it trains routers with `routertune train` settings and measures held-out
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--heldout-samples", type=int, default=64)
     parser.add_argument("--lambada", type=int, default=128, help="LAMBADA passages for perplexity")
     parser.add_argument("--capacity-weight", type=float, default=TrainConfig.capacity_weight)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/objectives.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/objectives/objectives.json"))
     parser.add_argument("--reuse", action="append", default=[], metavar="OBJECTIVE:TARGET=DIR",
                         help="use routers already trained with the same settings (e.g. by train_default.py --keep)")
     args = parser.parse_args()

@@ -26,7 +26,7 @@ Ideal speed-up = analytic FLOPs of dense / of the variant for the same requests 
 attention projections, scores over the causal context, MLP, one LM-head row per generated token), using each
 request's served decisions from the routing log.
 
-    python benchmarks/serve_bench.py --routers benchmarks/results/routers-lm-0.5 \
+    python benchmarks/serve_bench.py --routers benchmarks/results/routers/lm-0.5 \
         --output benchmarks/results/serve_bench.json
 
 Every engine runs eagerly with one thread (``OMP_NUM_THREADS=1``), in fp32, nice'd by the caller.
@@ -267,7 +267,7 @@ def median_interval(values: list[float], resamples: int = 4000, seed: int = 0) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--routers", default=str(ROOT / "benchmarks/results/routers-lm-0.5"))
+    parser.add_argument("--routers", default=str(ROOT / "benchmarks/results/routers/lm-0.5"))
     parser.add_argument("--static", type=int, default=None, help="layers static drop removes (default: half the routed layers)")
     parser.add_argument("--settings", default="2048x1,512x1,512x8,128x1,128x8,128x32",
                         help="comma-separated PROMPT_TOKENSxCONCURRENT")

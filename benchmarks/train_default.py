@@ -1,6 +1,6 @@
 """Time `routertune train` on the default model with the default data and record where capacity ends.
 
-    python benchmarks/train_default.py [--out benchmarks/results/train_default.json] [--keep DIR] [-- extra train flags]
+    python benchmarks/train_default.py [--out benchmarks/results/objectives/train_default.json] [--keep DIR] [-- extra train flags]
 
 `--keep DIR` keeps the trained routers (benchmarks/objectives.py can reuse them as its "lm, 0.5" row).
 
@@ -65,7 +65,7 @@ def run(out: Path, extra: list[str], keep: Path | None = None) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_default.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/objectives/train_default.json"))
     parser.add_argument("--keep", type=Path, default=None, help="write the routers here instead of a temp dir")
     args, extra = parser.parse_known_args()
     summary = run(args.out, [a for a in extra if a != "--"], args.keep)

@@ -45,13 +45,13 @@ METHOD_STYLE = {"routers": ("#2ca02c", "o"), "static": ("#1f77b4", "s"), "random
 class ReportConfig:
     """What `routertune report` reads and where it writes; every field is a CLI flag."""
 
-    inputs: list[str] | None = field(default=None, metadata={"help": "result JSON files or folders holding them (bench and evaluation results); default: benchmarks/results"})
-    output: str = field(default="benchmarks/results/report", metadata={"help": "folder for report.md and the PNG plots"})
+    inputs: list[str] | None = field(default=None, metadata={"help": "result JSON files or folders holding them (bench and evaluation results); default: benchmarks/results/speed"})
+    output: str = field(default="benchmarks/results/speed/report", metadata={"help": "folder for report.md and the PNG plots"})
     title: str = field(default="routertune report", metadata={"help": "page title"})
 
     def __post_init__(self) -> None:
         if self.inputs is None:
-            self.inputs = ["benchmarks/results"]
+            self.inputs = ["benchmarks/results/speed"]
         if not self.inputs:
             raise ValueError("Invalid report config: inputs is empty; pass result JSON files or folders")
 
