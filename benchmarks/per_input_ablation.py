@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from routertune import stats
+from routertune.stats import interpolate, paired_bootstrap
 from routertune.train import data
 from routertune.train import importance
 from routertune.eval import tradeoff
@@ -199,11 +199,11 @@ def main() -> None:
                             for t, (x, k) in zip(thresholds, points)], "matched": {},
                  "seconds": time.perf_counter() - started}
         for target in args.targets:
-            routers, static_at = stats.interpolate(points, target), stats.interpolate(static, target)
+            routers, static_at = interpolate(points, target), interpolate(static, target)
             if routers is None or static_at is None:
                 entry["matched"][f"{target:.2f}"] = {"reached": False}
                 continue
-            diff, low, high = stats.paired_bootstrap(routers[0] / tokens, static_at[0] / tokens, weights=tokens)
+            diff, low, high = paired_bootstrap(routers[0] / tokens, static_at[0] / tokens, weights=tokens)
             entry["matched"][f"{target:.2f}"] = {
                 "reached": True, "routers": float(routers[0].sum() / tokens.sum()),
                 "static": float(static_at[0].sum() / tokens.sum()), "minus_static": diff, "interval": [low, high],
