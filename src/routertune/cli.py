@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 
 from routertune import generate
+from routertune.demo import HELP as DEMO_HELP  # the demo's expected time, measured (the module imports nothing heavy)
 from routertune.train import tune as pipeline
 from routertune.train.loop import TrainConfig
 
@@ -50,8 +51,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=kind, nargs=nargs, default=default,
-                               help=f"{help_text} (default: {default})")
+            suffix = "" if f.metadata.get("default_in_help") else f" (default: {default})"
+            group.add_argument(flag, dest=f.name, type=kind, nargs=nargs, default=default, help=help_text + suffix)
 
 
 def _build(cls, namespace, **extra):
@@ -104,8 +105,7 @@ def cmd_demo(args) -> int:
     from . import demo, report
 
     job = _build(demo.DemoJob, args)
-    print(f"routertune demo on {job.model or 'the embedded SmolLM2-135M-Instruct'}: {len(demo.STAGES)} stages "
-          f"({', '.join(demo.STAGES)}), about 40 minutes on one CPU thread -> {job.output}", flush=True)
+    print(demo.banner(job), flush=True)
 
     def finished(stage: str, outcome) -> None:
         if stage == "train":
@@ -230,14 +230,35 @@ def cmd_export(args) -> int:
               f"(vLLM's native no-op attention) to {result.output}")
     else:
         print(f"routers on layers {result.routed_layers} exported as {result.architecture} to {result.output}")
-    print(f"serve it (pip install 'routertune[serve]'): vllm serve {result.output} --no-enable-prefix-caching "
-          "--no-enable-chunked-prefill --max-num-batched-tokens <at least --max-model-len>")
+    print(f"serve it (pip install 'routertune[serve]'): routertune serve {result.output} [vLLM server flags]")
     return 0
 
 
+def cmd_serve(args) -> int:
+    """vLLM's OpenAI-compatible server on an export; routertune's own flags may also follow EXPORT."""
+    import os
+    import shlex
+
+    from .serve import engine
+
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # no prefix may catch a vLLM flag
+    add_dataclass_flags(own, engine.ServeJob, ("export",))
+    own.set_defaults(**{k: v for k, v in vars(args).items() if k in ("routing_log", "dry_run")})
+    mine, vllm_args = own.parse_known_args(args.vllm_args)
+    job = _build(engine.ServeJob, argparse.Namespace(**{**vars(args), **vars(mine)}))
+    command = engine.server_command(job, vllm_args)
+    kind = "routed export" if command.routed else "export without routers (static drop): served as given"
+    print(f"routertune serve: {kind}; " + (f"added {' '.join(command.added)}; " if command.added else "")
+          + " ".join(f"{k}={v}" for k, v in command.env.items()) + (" " if command.env else "")
+          + shlex.join(command.argv), flush=True)
+    if job.dry_run:
+        return 0
+    os.execve(command.argv[0], command.argv, {**os.environ, **command.env})  # the server takes this process
+    return 0  # not reached
+
+
 COMMANDS = {
-    "demo": (cmd_demo, "main job: train, generate, trade-off vs static and random drop, benchmark, report, summary",
-             [("routertune.demo:DemoJob", ())]),
+    "demo": (cmd_demo, DEMO_HELP, [("routertune.demo:DemoJob", ())]),
     "train": (cmd_train, "train routers on a frozen model (Router-Tuning)",
               [(pipeline.TuneJob, ()), (TrainConfig, ())]),
     "generate": (cmd_generate, "generate with trained routers and show which layers each prompt skipped",
@@ -255,6 +276,9 @@ COMMANDS = {
               [("routertune.bench.runner:BenchConfig", ())]),
     "export": (cmd_export, "write a folder vLLM serves (routers, or --static K native static drop) with the plugin",
                [("routertune.serve.export:ExportJob", ())]),
+    "serve": (cmd_serve, "serve an export with vLLM's OpenAI-compatible server: routertune serve EXPORT [vLLM "
+              "server flags]; adds the flags routed serving needs, refuses those it cannot work with",
+              [("routertune.serve.engine:ServeJob", ("export",))]),
     "report": (cmd_report, "one page (markdown + PNG plots) from bench and evaluation result JSON",
                [("routertune.report:ReportConfig", ())]),
 }
@@ -269,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "generate":
             p.add_argument("prompts", nargs="+", help="prompts to complete")
+        if name == "serve":
+            p.add_argument("export", help="the folder `routertune export` wrote")
+            p.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                           help="flags for vLLM's server (python -m vllm.entrypoints.openai.api_server --help)")
         for cls, skip in classes:
             if isinstance(cls, str):  # imported lazily: the harness takes seconds to import
                 module, _, name = cls.partition(":")

@@ -150,7 +150,7 @@ class RoutedAttention:
                                   for i in pending])  # (P, H)
             scores = self.router(pooled).tolist()  # (P,)
             for i, score in zip(pending, scores):
-                runs[i] = score >= self.threshold
+                runs[i] = score >= batch.threshold_of(i, self.threshold)  # the request's own, if it set one
                 batch.requests[i].scores[self.layer_idx] = float(score)
                 batch.requests[i].decisions[self.layer_idx] = bool(runs[i])
         return [bool(r) for r in runs]

@@ -1,8 +1,14 @@
-"""Starting a vLLM engine on an exported folder with the settings routed serving needs, and a small worker
-(``python -m routertune.serve.engine REQUEST.json``) that runs one engine in its own process and writes the
-greedy tokens, the routing log and the routed layers' call counts as JSON: what the equality test and the
-benchmark drive. One engine per process keeps vLLM's process-wide state (distributed groups, forward context)
-clean."""
+"""Starting vLLM on an exported folder with the settings routed serving needs:
+
+* ``routertune serve EXPORT [vLLM server flags]`` (``ServeJob``, ``server_command``): vLLM's OpenAI-compatible
+  server (``python -m vllm.entrypoints.openai.api_server --model EXPORT ...``, this interpreter, vLLM's normal
+  multi-process engine) with the flags routed serving needs added, and the user's flags that cannot work with
+  a routed export refused;
+* ``engine_kwargs``: the same settings for ``vllm.LLM``;
+* a small worker (``python -m routertune.serve.engine REQUEST.json``) that runs one engine in its own process
+  and writes the greedy tokens, the routing log and the routed layers' call counts as JSON: what the equality
+  test and the benchmark drive. One engine per process keeps vLLM's process-wide state (distributed groups,
+  forward context) clean."""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .attention import reset_profile
 from .requests import LOG_ENV
@@ -25,11 +33,112 @@ def engine_kwargs(max_model_len: int = 2048, **overrides) -> dict:
     return kwargs
 
 
+DEFAULT_MAX_MODEL_LEN = 2048  # engine_kwargs' default: a step of that many tokens holds any prompt
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+@dataclass
+class ServeJob:
+    """`routertune serve EXPORT [vLLM server flags]`: its own flags (the rest go to vLLM's server)."""
+
+    export: str = field(default="", metadata={"help": "the folder `routertune export` wrote (routed or --static)"})
+    routing_log: str | None = field(default=None, metadata={"help": "append each request's routing decisions to this JSONL file (sets ROUTERTUNE_SERVE_LOG for the server)"})
+    dry_run: bool = field(default=False, metadata={"help": "print the server command and exit without starting it"})
+
+
+@dataclass
+class ServerCommand:
+    argv: list[str]  # [python, -m, vllm.entrypoints.openai.api_server, --model, EXPORT, ...]
+    env: dict[str, str]  # variables to set for the server
+    routed: bool
+    added: list[str]  # the flags routertune added
+
+
+_UNSET = object()
+
+
+def _export_kind(export: str) -> bool:
+    """True for a routed export, False for a static (or other plain) one; refuses a folder without config.json."""
+    from .config import CONFIG_KEY
+
+    config = Path(export) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{export} has no config.json; serve a folder written by `routertune export "
+                                "--routers DIR --output EXPORT` (or --static K)")
+    return CONFIG_KEY in json.loads(config.read_text())
+
+
+def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
+    """vLLM's OpenAI server command for `job.export`. The user's flags are read with vLLM's own parser (the
+    forms vLLM accepts: --flag=value, --config FILE.yaml, ...); for a routed export, flags under which a
+    decision would not see its whole prompt or the routed layers could not branch per request are refused,
+    and the required ones added where absent. A static export is served as given."""
+    if not job.export:
+        raise ValueError("routertune serve needs the export folder: routertune serve EXPORT [vLLM server flags]")
+    routed = _export_kind(job.export)
+    env = {}
+    if job.routing_log:
+        if not routed:
+            raise ValueError(f"--routing-log: {job.export} is not a routed export (no routers decide there); drop "
+                             "the flag, or serve a folder from `routertune export --routers DIR`")
+        env["ROUTERTUNE_SERVE_LOG"] = str(Path(job.routing_log).resolve())
+    try:
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(f"routertune serve needs vLLM ({error}); pip install 'routertune[serve]'") from error
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    checked = ("model", "enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "speculative_config",
+               "max_model_len", "max_num_batched_tokens")
+    parser.set_defaults(**{name: _UNSET for name in checked})  # tell "not passed" from a passed default value
+    try:
+        given = parser.parse_args(list(vllm_args))
+    except SystemExit as exit_:
+        raise ValueError(f"vLLM's server does not accept the flags {vllm_args} (see python -m {SERVER_MODULE} "
+                         "--help)") from exit_
+    if given.model is not _UNSET or getattr(given, "model_tag", None):
+        raise ValueError(f"the model is EXPORT ({job.export}); drop --model / the positional model from the vLLM flags")
+    added: list[str] = []
+    if routed:
+        problems = []
+        if given.enable_prefix_caching is True:
+            problems.append("--enable-prefix-caching (a prefix-cache hit prefills only the prompt's tail)")
+        if given.enable_chunked_prefill is True:
+            problems.append("--enable-chunked-prefill (a chunk holds part of the prompt)")
+        if given.enforce_eager is False:
+            problems.append("--no-enforce-eager (routed layers branch per request; graph capture cannot follow)")
+        if given.speculative_config not in (_UNSET, None):
+            problems.append("--speculative-config (speculative decoding is not supported with routed layers)")
+        max_model_len = DEFAULT_MAX_MODEL_LEN if given.max_model_len in (_UNSET, None) else int(given.max_model_len)
+        if given.max_num_batched_tokens not in (_UNSET, None) and int(given.max_num_batched_tokens) < max_model_len:
+            problems.append(f"--max-num-batched-tokens {given.max_num_batched_tokens} below --max-model-len "
+                            f"{max_model_len} (a step must hold the longest prompt whole)")
+        if problems:
+            raise ValueError("a routed export decides each request's routed layers from its whole prompt, in eager "
+                             "mode; these vLLM flags cannot work with it: " + "; ".join(problems)
+                             + ". Drop them (routertune serve adds --enforce-eager --no-enable-prefix-caching "
+                             "--no-enable-chunked-prefill --max-num-batched-tokens >= --max-model-len)")
+        if given.enforce_eager is _UNSET:
+            added.append("--enforce-eager")
+        if given.enable_prefix_caching is _UNSET:
+            added.append("--no-enable-prefix-caching")
+        if given.enable_chunked_prefill is _UNSET:
+            added.append("--no-enable-chunked-prefill")
+        if given.max_model_len in (_UNSET, None):
+            added += ["--max-model-len", str(max_model_len)]
+        if given.max_num_batched_tokens in (_UNSET, None):
+            added += ["--max-num-batched-tokens", str(max_model_len)]
+    argv = [sys.executable, "-m", SERVER_MODULE, "--model", job.export, *vllm_args, *added]
+    return ServerCommand(argv, env, routed, added)
+
+
 def run_request(request: dict) -> dict:
     """Generate greedily for lists of prompt token ids with one engine.
 
     request: {"model": folder, "engine": {LLM kwargs}, "max_tokens": N, "prompts": [[ids]...],
-              "extra_args": {...} | None, "log": path | None}
+              "extra_args": {...} | None, "log": path | None,
+              "refused_extra_args": [{...}, ...] (each tried first on the first prompt; expected to be refused)}
     """
     if request.get("log"):
         os.environ[LOG_ENV] = request["log"]
@@ -39,6 +148,15 @@ def run_request(request: dict) -> dict:
     started = time.perf_counter()
     llm = LLM(request["model"], **engine_kwargs(**request.get("engine", {})))
     load_s = time.perf_counter() - started
+    refused = []  # per entry of refused_extra_args: None if generate accepted it, else what it raised
+    for extra in request.get("refused_extra_args", ()):
+        try:
+            llm.generate([TokensPrompt(prompt_token_ids=request["prompts"][0])],
+                         SamplingParams(temperature=0.0, max_tokens=1, extra_args=extra), use_tqdm=False)
+            refused.append(None)
+        except Exception as error:  # noqa: BLE001 - recorded for the caller to judge
+            refused.append({"type": type(error).__name__, "value_error": isinstance(error, ValueError),
+                            "message": str(error)})
     params = SamplingParams(temperature=0.0, max_tokens=int(request["max_tokens"]),
                             extra_args=request.get("extra_args"))
     started = time.perf_counter()
@@ -50,7 +168,7 @@ def run_request(request: dict) -> dict:
         with open(request["log"]) as handle:
             log = [json.loads(line) for line in handle]
     return {"tokens": [list(o.outputs[0].token_ids) for o in outputs], "log": log, "load_s": load_s,
-            "generate_s": generate_s, "routed_layers_profile": reset_profile()}
+            "generate_s": generate_s, "routed_layers_profile": reset_profile(), "refused": refused}
 
 
 def main(argv: list[str] | None = None) -> int:

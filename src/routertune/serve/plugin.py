@@ -1,5 +1,7 @@
 """What vLLM's general-plugin loader runs in every engine process: register the routed architectures, the
-configuration class of the static-drop export, and the runner hook (``requests.install_runner_hook``)."""
+configuration class of the static-drop export, the runner hook (``requests.install_runner_hook``) and the
+admission check of per-request routing settings (``requests.install_admission_check``: vLLM's front-end
+process validates requests, the engine process runs them; the plugin loads in both)."""
 
 from __future__ import annotations
 
@@ -18,3 +20,4 @@ def register() -> None:
             ModelRegistry.register_model(name, f"routertune.serve.models:{name}")
     static.register_config()
     requests.install_runner_hook()
+    requests.install_admission_check()  # refuse malformed routing settings before the engine sees them

@@ -9,11 +9,27 @@ dropped when it finishes), so one wrapper around ``GPUModelRunner._model_forward
 it) publishes them in a context variable for the duration of the forward. The decisions themselves live on
 the request's ``CachedRequestState``, never on modules, and end with the request.
 
-Per-request forcing (benchmarks, audits): ``SamplingParams(extra_args={"routertune": {"force": "skip_set",
-"skip_layers": [20, 21]}})``; ``"run"`` runs every routed layer, ``"skip"`` skips them all.
+Per-request settings, as flat keys of ``SamplingParams.extra_args`` (over HTTP: the request body's
+``vllm_xargs``, whose values vLLM 0.32 allows to be strings, numbers or lists of them):
 
-``ROUTERTUNE_SERVE_LOG=/path/log.jsonl`` appends one line per decided request (request id, prompt length and
-hash, decision and score per routed layer) and one per recomputed (preempted) request.
+* ``routertune_force``: ``"run"`` (every routed layer runs), ``"skip"`` (every routed layer skips) or
+  ``"skip_set"`` (the layers of ``routertune_skip_layers`` skip, the other routed layers run);
+* ``routertune_skip_layers``: a JSON list of routed layer indices, e.g. ``[20, 21]``; only with ``skip_set``;
+* ``routertune_threshold``: a number in (0, 1): this request's routers decide ``score >= threshold`` at every
+  routed layer (in place of the export's thresholds, per-layer ones included); only without
+  ``routertune_force``.
+
+``LLM.generate`` also takes the nested form ``extra_args={"routertune": {"force": ..., "skip_layers": [...],
+"threshold": ...}}`` (not over HTTP: vllm_xargs values cannot be objects). A request whose settings are
+malformed is refused when vLLM admits it (``check_request_args``, run by the plugin's admission hook in
+``plugin.py``): ``LLM.generate`` raises ValueError, the OpenAI server answers HTTP 400, the engine never sees
+it. The model runner parses the settings again without raising (``settings_of_runner``).
+
+``ROUTERTUNE_SERVE_LOG=/path/log.jsonl`` (``routertune serve --routing-log``) appends one line per decided
+request (vLLM's request id, prompt length and hash, the forcing or threshold it asked for, decision and score
+per routed layer) and one per recomputed (preempted) request. Over HTTP the id is the response's ``id``
+(``cmpl-...``, or ``cmpl-`` + the ``X-Request-Id`` header / the body's ``request_id``) + ``-<prompt index>-``
++ 8 random characters vLLM appends.
 """
 
 from __future__ import annotations
@@ -21,14 +37,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from routertune.routing.state import Forcing
 
+logger = logging.getLogger(__name__)
+
 LOG_ENV = "ROUTERTUNE_SERVE_LOG"
-EXTRA_ARGS_KEY = "routertune"
+EXTRA_ARGS_KEY = "routertune"  # the nested form (LLM.generate only)
+FLAT_PREFIX = "routertune_"  # the flat keys (vllm_xargs over HTTP, or extra_args)
+FORCE_KEY, SKIP_LAYERS_KEY, THRESHOLD_KEY = "routertune_force", "routertune_skip_layers", "routertune_threshold"
+FLAT_KEYS = (FORCE_KEY, SKIP_LAYERS_KEY, THRESHOLD_KEY)
+FORCE_MODES = ("run", "skip", "skip_set")
 _STATE_ATTR = "_routertune_routing"  # attribute on vLLM's CachedRequestState
 _HOOKED = "_routertune_hooked"
 
@@ -52,10 +76,17 @@ class ServeBatch:
     req_ids: list[str]
     requests: list[RequestRouting]
     forcing: list[Forcing | None]
+    # per request: its own decision threshold (routertune_threshold), None for the export's; may be left empty
+    thresholds: list[float | None] = field(default_factory=list)
     layouts: dict = field(default_factory=dict)  # id(attention metadata) -> (query starts, seq lens) lists
     plans: dict = field(default_factory=dict)  # (decisions, id(metadata)) -> subset plan, reused across layers
     known: dict = field(default_factory=dict)  # layer -> (decisions known before the layer runs, rows to decide)
     recomputed: set[int] = field(default_factory=set)
+
+    def threshold_of(self, row: int, default: float | None) -> float | None:
+        """The decision threshold of the step's `row`: its own, else `default` (the layer's)."""
+        own = self.thresholds[row] if row < len(self.thresholds) else None
+        return default if own is None else own
 
     def finish(self) -> None:
         path = os.environ.get(LOG_ENV)
@@ -70,6 +101,7 @@ class ServeBatch:
                 lines.append({"event": "decided", "req_id": self.req_ids[i], "prompt_len": req.prompt_len,
                               "prompt_sha1": req.prompt_sha1,
                               "forced": self.forcing[i].mode if self.forcing[i] is not None else None,
+                              "threshold": self.threshold_of(i, None),
                               "decisions": {str(k): v for k, v in sorted(req.decisions.items())},
                               "scores": {str(k): v for k, v in sorted(req.scores.items())}})
         if path and lines:
@@ -98,23 +130,142 @@ def prompt_sha1(token_ids) -> str:
     return hashlib.sha1(json.dumps(list(token_ids or [])).encode()).hexdigest()[:16]
 
 
-def forcing_of(sampling_params) -> Forcing | None:
-    """The per-request override in SamplingParams.extra_args["routertune"], checked."""
-    extra = getattr(sampling_params, "extra_args", None) or {}
-    spec = extra.get(EXTRA_ARGS_KEY)
-    if spec is None:
+class RoutingArgsError(ValueError):
+    """A malformed per-request routing setting; `key` names the argument (e.g. ``routertune_force``)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    """One request's routing settings: forced decisions, or its own threshold (neither: the export's)."""
+
+    forcing: Forcing | None = None
+    threshold: float | None = None
+
+
+def _layer_list(key: str, value, routed_layers) -> frozenset[int]:
+    allowed = f"routed layers {list(routed_layers)}" if routed_layers is not None else "routed layer indices"
+    if not isinstance(value, (list, tuple)):
+        raise RoutingArgsError(key, f"{key}={value!r}: expected a JSON list of layer indices, e.g. [2, 3], "
+                                    f"among the {allowed}")
+    layers = []
+    for item in value:
+        # integers, or strings of digits (vllm_xargs lists may carry strings); never bools, floats, words
+        if isinstance(item, bool) or not (isinstance(item, int) or isinstance(item, str) and item.strip().isdigit()):
+            raise RoutingArgsError(key, f"{key}={value!r}: {item!r} is not a layer index; expected a list of "
+                                        f"integers among the {allowed}")
+        layers.append(int(item))
+    if routed_layers is not None:
+        unknown = sorted(set(layers) - set(routed_layers))
+        if unknown:
+            raise RoutingArgsError(key, f"{key}={value!r}: layers {unknown} are not routed; this model routes "
+                                        f"layers {list(routed_layers)}")
+    return frozenset(layers)
+
+
+def parse_settings(extra_args, routed_layers=None) -> RequestSettings | None:
+    """This request's routing settings from SamplingParams.extra_args (flat ``routertune_*`` keys or the nested
+    ``routertune`` dict), checked; None when it has none. `routed_layers` (when known) bounds skip_layers.
+    Raises RoutingArgsError naming the key and the allowed values."""
+    if not extra_args:
         return None
-    if not isinstance(spec, dict) or spec.get("force") not in ("run", "skip", "skip_set"):
-        raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}]={spec!r}: expected {{'force': 'run' | 'skip' | "
-                         "'skip_set', 'skip_layers': [...]}}")
-    return Forcing(spec["force"], frozenset(int(i) for i in spec.get("skip_layers", ())))
+    if not isinstance(extra_args, dict):
+        raise RoutingArgsError("extra_args", f"extra_args={extra_args!r}: expected a dict")
+    flat = {k: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith(FLAT_PREFIX)}
+    nested = extra_args.get(EXTRA_ARGS_KEY)
+    unknown = sorted(set(flat) - set(FLAT_KEYS))
+    if unknown:
+        raise RoutingArgsError(unknown[0], f"unknown routing argument(s) {unknown}; routertune reads "
+                                           f"{list(FLAT_KEYS)}")
+    if nested is not None:
+        if flat:
+            raise RoutingArgsError(EXTRA_ARGS_KEY, f"extra_args has both {EXTRA_ARGS_KEY!r} and {sorted(flat)}: "
+                                                   "give the flat keys or the nested dict, not both")
+        if not isinstance(nested, dict):
+            raise RoutingArgsError(EXTRA_ARGS_KEY, f"extra_args[{EXTRA_ARGS_KEY!r}]={nested!r}: expected "
+                                                   "{'force': 'run' | 'skip' | 'skip_set', 'skip_layers': [...]} "
+                                                   "or {'threshold': t}")
+        names = {"force": FORCE_KEY, "skip_layers": SKIP_LAYERS_KEY, "threshold": THRESHOLD_KEY}
+        extra = sorted(set(nested) - set(names))
+        if extra:
+            raise RoutingArgsError(EXTRA_ARGS_KEY, f"extra_args[{EXTRA_ARGS_KEY!r}] has unknown keys {extra}; "
+                                                   f"known: {sorted(names)}")
+        flat = {names[k]: v for k, v in nested.items()}
+    if not flat:
+        return None
+    force = flat.get(FORCE_KEY)
+    if force is not None and force not in FORCE_MODES:
+        raise RoutingArgsError(FORCE_KEY, f"{FORCE_KEY}={force!r}: expected one of {list(FORCE_MODES)} "
+                                          "('skip_set' with routertune_skip_layers)")
+    forcing = None
+    if force is not None:
+        skip = frozenset()
+        if force == "skip_set":
+            if SKIP_LAYERS_KEY not in flat:
+                raise RoutingArgsError(SKIP_LAYERS_KEY, f"{FORCE_KEY}='skip_set' needs {SKIP_LAYERS_KEY}: a JSON "
+                                                        "list of the routed layers to skip, e.g. [2, 3]")
+            skip = _layer_list(SKIP_LAYERS_KEY, flat[SKIP_LAYERS_KEY], routed_layers)
+        forcing = Forcing(force, skip)
+    if SKIP_LAYERS_KEY in flat and force != "skip_set":
+        raise RoutingArgsError(SKIP_LAYERS_KEY, f"{SKIP_LAYERS_KEY} applies only with {FORCE_KEY}='skip_set' "
+                                                f"(got {FORCE_KEY}={force!r})")
+    threshold = flat.get(THRESHOLD_KEY)
+    if threshold is not None:
+        if force is not None:
+            raise RoutingArgsError(THRESHOLD_KEY, f"{THRESHOLD_KEY} applies only when the routers decide; "
+                                                  f"{FORCE_KEY}={force!r} fixes every decision: drop one of them")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                or not math.isfinite(threshold) or not 0 < threshold < 1:
+            raise RoutingArgsError(THRESHOLD_KEY, f"{THRESHOLD_KEY}={threshold!r}: expected a number strictly "
+                                                  "between 0 and 1 (a router runs its layer when score >= it)")
+        threshold = float(threshold)
+    return RequestSettings(forcing, threshold)
+
+
+def forcing_of(sampling_params) -> Forcing | None:
+    """The per-request forcing in SamplingParams.extra_args (flat keys or the nested dict), checked."""
+    settings = parse_settings(getattr(sampling_params, "extra_args", None))
+    return settings.forcing if settings is not None else None
+
+
+def check_request_args(sampling_params, routed_layers) -> None:
+    """The admission check (the plugin runs it where vLLM validates a request): raise RoutingArgsError for
+    malformed settings. `routed_layers` is None for a model without routers, which takes none."""
+    extra = getattr(sampling_params, "extra_args", None)
+    if routed_layers is None:
+        ours = [k for k in (extra if isinstance(extra, dict) else ())
+                if isinstance(k, str) and (k.startswith(FLAT_PREFIX) or k == EXTRA_ARGS_KEY)]
+        if ours:
+            raise RoutingArgsError(ours[0], f"{ours}: this model has no routers (not a routed `routertune export`), "
+                                            "so it takes no routing arguments")
+        return
+    parse_settings(extra, routed_layers)
+
+
+_REFUSED_IN_RUNNER: set[str] = set()
+
+
+def settings_of_runner(req_id: str, sampling_params) -> RequestSettings | None:
+    """The settings inside the model runner: never raises (a raise there kills the engine for every request).
+    Admission has refused malformed ones already; should one get through, it is logged and the routers decide."""
+    try:
+        return parse_settings(getattr(sampling_params, "extra_args", None))
+    except ValueError as error:
+        if req_id not in _REFUSED_IN_RUNNER:
+            _REFUSED_IN_RUNNER.add(req_id)
+            logger.error("routertune: request %s reached the model runner with malformed routing settings (%s); "
+                         "its routers decide instead", req_id, error)
+        return None
 
 
 def batch_of_runner(runner) -> ServeBatch:
     """The step's requests from vLLM's model runner (GPUModelRunner and its CPU subclass)."""
     num_reqs = runner.input_batch.num_reqs
     req_ids = list(runner.input_batch.req_ids[:num_reqs])
-    requests, forcing = [], []
+    requests, forcing, thresholds = [], [], []
     for req_id in req_ids:
         state = runner.requests[req_id]
         routing = getattr(state, _STATE_ATTR, None)
@@ -123,8 +274,10 @@ def batch_of_runner(runner) -> ServeBatch:
                                      prompt_sha1=prompt_sha1(state.prompt_token_ids))
             setattr(state, _STATE_ATTR, routing)
         requests.append(routing)
-        forcing.append(forcing_of(state.sampling_params))
-    return ServeBatch(req_ids, requests, forcing)
+        settings = settings_of_runner(req_id, state.sampling_params)
+        forcing.append(settings.forcing if settings is not None else None)
+        thresholds.append(settings.threshold if settings is not None else None)
+    return ServeBatch(req_ids, requests, forcing, thresholds)
 
 
 def install_runner_hook() -> None:
@@ -148,3 +301,51 @@ def install_runner_hook() -> None:
     setattr(_model_forward, _HOOKED, True)
     _model_forward.__wrapped__ = original
     GPUModelRunner._model_forward = _model_forward
+
+
+def routed_layers_of(model_config) -> list[int] | None:
+    """The routed layers of the model vLLM serves (None: not a routed export), from its config.json section."""
+    from .config import CONFIG_KEY, ServeRouting
+
+    hf_config = model_config.hf_config
+    section = getattr(hf_config, CONFIG_KEY, None)
+    if section is None:
+        return None
+    text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
+    return ServeRouting.from_dict(section).router_config.resolved_layers(int(text_config.num_hidden_layers))
+
+
+def install_admission_check() -> None:
+    """Wrap vLLM's InputProcessor._validate_params (where every request, from LLM.generate or the OpenAI server,
+    is validated before it reaches the engine) once per process, so malformed routing settings are refused
+    there: as vLLM's own VLLMValidationError (HTTP 400, ``param`` the key) that is also a ValueError. A raise
+    inside the model runner instead would kill the engine for every request."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = getattr(InputProcessor, "_validate_params", None)
+    if original is None:
+        raise RuntimeError("this vLLM has no InputProcessor._validate_params; routertune's serving plugin was "
+                           "built for vLLM 0.32 (pip install 'routertune[serve]' installs a matching version)")
+    if getattr(original, _HOOKED, False):
+        return
+
+    class RoutingArgsValidationError(VLLMValidationError, ValueError):
+        pass
+
+    def _validate_params(self, params, *args, **kwargs):
+        result = original(self, params, *args, **kwargs)
+        if isinstance(params, SamplingParams):
+            if not hasattr(self, "_routertune_routed_layers"):
+                self._routertune_routed_layers = routed_layers_of(self.model_config)
+            try:
+                check_request_args(params, self._routertune_routed_layers)
+            except RoutingArgsError as error:
+                raise RoutingArgsValidationError(str(error), parameter=error.key,
+                                                 value=(params.extra_args or {}).get(error.key)) from None
+        return result
+
+    setattr(_validate_params, _HOOKED, True)
+    _validate_params.__wrapped__ = original
+    InputProcessor._validate_params = _validate_params

@@ -1,0 +1,357 @@
+"""Serving as vLLM users serve: `routertune serve EXPORT` starts vLLM's OpenAI-compatible server (its normal
+multi-process engine) on a tiny routed export, and per-request routing settings travel over HTTP as flat
+`vllm_xargs` keys. Checked on one server: the routers' own decisions, `routertune_force` = run / skip / skip_set
+(+ `routertune_skip_layers`) and `routertune_threshold`, each against an independent reference (the plain
+Hugging Face model with the skipped attention outputs zeroed, tests/reference.py) and against the routing
+log; malformed settings answered 400 naming the key, and the server still serving afterwards.
+
+Also: the same settings parsed without an engine, `routertune serve`'s refusals, and `LLM.generate` raising
+ValueError for a malformed setting while its engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from reference import SkipReference
+from routertune import RoutedModel, RouterConfig
+from routertune.routing.state import Forcing
+from routertune.serve.requests import RequestSettings, check_request_args, forcing_of, parse_settings
+from tiny_lm import tiny_tokenizer
+
+LAYERS = [1, 2, 3]
+NEW_TOKENS = 12
+PROMPT = "The quick brown fox jumps over"
+MIN_MARGIN = 0.02  # every router score lies this far from its threshold (vLLM and HF differ ~1e-6)
+SERVER_ENV = dict(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
+                  OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def _needs_vllm():
+    pytest.importorskip("vllm", reason="needs the routertune[serve] extra (vLLM)")
+
+
+# --- the settings without an engine ----------------------------------------------------------------------
+def test_flat_and_nested_settings_parse_alike():
+    flat = {"routertune_force": "skip_set", "routertune_skip_layers": [1, "3"], "other_extension": "x"}
+    assert parse_settings(flat, LAYERS) == RequestSettings(Forcing("skip_set", frozenset({1, 3})), None)
+    assert parse_settings({"routertune": {"force": "skip_set", "skip_layers": [1, 3]}}, LAYERS) \
+        == parse_settings(flat, LAYERS)
+    assert parse_settings({"routertune_threshold": 0.25}) == RequestSettings(None, 0.25)
+    assert parse_settings({"routertune": {"threshold": 0.25}}) == RequestSettings(None, 0.25)
+    assert parse_settings({"other_extension": 1}) is None and parse_settings(None) is None
+    assert forcing_of(SimpleNamespace(extra_args={"routertune_force": "skip"})) == Forcing("skip")
+
+
+@pytest.mark.parametrize("extra, key, says", [
+    ({"routertune_force": "sometimes"}, "routertune_force", "['run', 'skip', 'skip_set']"),
+    ({"routertune_force": 1}, "routertune_force", "['run', 'skip', 'skip_set']"),
+    ({"routertune_force": "skip_set"}, "routertune_skip_layers", "needs routertune_skip_layers"),
+    ({"routertune_force": "skip_set", "routertune_skip_layers": [0]}, "routertune_skip_layers",
+     "routes layers [1, 2, 3]"),
+    ({"routertune_force": "skip_set", "routertune_skip_layers": "1,2"}, "routertune_skip_layers", "JSON list"),
+    ({"routertune_force": "skip_set", "routertune_skip_layers": [1.5]}, "routertune_skip_layers", "not a layer"),
+    ({"routertune_skip_layers": [1]}, "routertune_skip_layers", "only with routertune_force='skip_set'"),
+    ({"routertune_force": "skip", "routertune_skip_layers": [1]}, "routertune_skip_layers", "only with"),
+    ({"routertune_threshold": 1.5}, "routertune_threshold", "strictly between 0 and 1"),
+    ({"routertune_threshold": 0}, "routertune_threshold", "strictly between 0 and 1"),
+    ({"routertune_threshold": "0.3"}, "routertune_threshold", "strictly between 0 and 1"),
+    ({"routertune_threshold": float("nan")}, "routertune_threshold", "strictly between 0 and 1"),
+    ({"routertune_threshold": 0.3, "routertune_force": "run"}, "routertune_threshold", "only when the routers"),
+    ({"routertune_treshold": 0.3}, "routertune_treshold", "routertune reads"),
+    ({"routertune": {"force": "run"}, "routertune_threshold": 0.3}, "routertune", "not both"),
+    ({"routertune": {"force": "sometimes"}}, "routertune_force", "skip_set"),
+    ({"routertune": "run"}, "routertune", "expected"),
+])
+def test_malformed_settings_are_refused_naming_the_key(extra, key, says):
+    with pytest.raises(ValueError) as caught:
+        check_request_args(SimpleNamespace(extra_args=extra), LAYERS)
+    assert caught.value.key == key and says in str(caught.value), str(caught.value)
+
+
+def test_a_model_without_routers_takes_no_routing_settings():
+    check_request_args(SimpleNamespace(extra_args={"other": 1}), None)
+    with pytest.raises(ValueError, match="no routers"):
+        check_request_args(SimpleNamespace(extra_args={"routertune_force": "run"}), None)
+
+
+# --- a tiny routed export ---------------------------------------------------------------------------------
+def _tiny_model() -> LlamaForCausalLM:
+    """A llama small enough to serve in seconds, with heads vLLM's CPU attention takes (head size 32)."""
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32")
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def _scores(routed: RoutedModel, ids: torch.Tensor) -> dict[int, float]:
+    with torch.no_grad(), routed.recording() as calls:
+        routed(input_ids=ids, use_cache=False)
+    return {layer: float(calls[-1].scores[layer][0]) for layer in LAYERS}
+
+
+def _place(score: float, run: bool) -> float:
+    """A threshold MIN_MARGIN or more from `score` on the side that gives the wanted decision."""
+    return score - MIN_MARGIN * 2 if run else score + MIN_MARGIN * 2
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """Routers whose export thresholds skip layers 1 and 3 and run layer 2 for PROMPT; a request threshold
+    that decides differently; the greedy tokens and decisions of every setting from the reference."""
+    from routertune.serve.export import ExportJob, export
+
+    model, tokenizer = _tiny_model(), tiny_tokenizer()
+    base = tmp_path_factory.mktemp("tiny-base")
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    routed = RoutedModel(model, RouterConfig(layers=LAYERS))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for router in routed.routers.values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 2 / math.sqrt(128))
+            router.bias.zero_()
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    # place the export's per-layer thresholds one layer at a time (a layer's score depends on earlier decisions)
+    wanted = {1: False, 2: True, 3: False}
+    thresholds = {layer: 1e-6 for layer in LAYERS}
+    for layer in LAYERS:
+        routed.set_threshold(0.5, dict(thresholds))
+        thresholds[layer] = _place(_scores(routed, ids)[layer], wanted[layer])
+        assert 0 < thresholds[layer] < 1, thresholds
+    routed.set_threshold(0.5, thresholds)
+    routers = tmp_path_factory.mktemp("routers")
+    routed.save_pretrained(routers)
+    # a request threshold whose decisions are neither the export's nor all-run / all-skip, far from every score
+    request_threshold = None
+    for t in [k / 100 for k in range(3, 98)]:
+        routed.set_threshold(t)
+        scores = _scores(routed, ids)
+        runs = {layer: scores[layer] >= t for layer in LAYERS}
+        if runs != wanted and 0 < sum(runs.values()) < len(LAYERS) and \
+                min(abs(s - t) for s in scores.values()) > MIN_MARGIN:
+            request_threshold = t
+            break
+    assert request_threshold is not None, "no request threshold splits the layers differently; change the seed"
+    routed.set_threshold(0.5, thresholds)
+
+    reference = SkipReference(routed)
+    mask = torch.ones_like(ids)
+
+    def run(skip=None, threshold=None):
+        saved = dict(reference.thresholds)
+        if threshold is not None:
+            reference.thresholds = {layer: threshold for layer in LAYERS}
+        try:
+            out = reference.generate(ids, mask, skip=skip, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                     min_new_tokens=NEW_TOKENS, pad_token_id=0, output_scores=True,
+                                     return_dict_in_generate=True)
+        finally:
+            reference.thresholds = saved
+        # greedy steps whose two best logits nearly tie would make the comparison a coin toss
+        gaps = [float((lambda top: top[0] - top[1])(step[0].topk(2).values)) for step in out.scores]
+        assert min(gaps) > 1e-3, f"a near tie in the reference's greedy choice ({min(gaps):.2e}); change the seed"
+        return {"tokens": out.sequences[0, ids.shape[1]:].tolist(),
+                "decisions": {layer: bool(reference.decisions[layer][0]) for layer in LAYERS}}
+
+    expected = {
+        "routers": run(),
+        "run": run(skip=set()),
+        "skip": run(skip=set(LAYERS)),
+        "skip_set": run(skip={2, 3}),  # neither the routers' set ({1, 3}) nor all
+        "threshold": run(threshold=request_threshold),
+    }
+    assert expected["routers"]["decisions"] == wanted
+    tokens = [tuple(v["tokens"]) for v in expected.values()]
+    assert len(set(tokens)) == len(tokens), "two settings give the same tokens: the check could not tell them apart"
+    out = tmp_path_factory.mktemp("serve") / "routed"
+    export(ExportJob(output=str(out), routers=str(routers), model=str(base)))
+    return dict(export=out, prompt=ids[0].tolist(), expected=expected, threshold=request_threshold)
+
+
+# --- `routertune serve`'s command line --------------------------------------------------------------------
+def _serve_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "routertune.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, **SERVER_ENV))
+
+
+def test_serve_adds_what_routed_serving_needs_and_refuses_what_cannot_work(tiny_export, tmp_path):
+    _needs_vllm()
+    export = str(tiny_export["export"])
+    done = _serve_cli(export, "--port", "8123", "--routing-log", str(tmp_path / "log.jsonl"), "--dry-run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert f"-m vllm.entrypoints.openai.api_server --model {export} --port 8123 --enforce-eager " \
+           "--no-enable-prefix-caching --no-enable-chunked-prefill --max-model-len 2048 " \
+           "--max-num-batched-tokens 2048" in line, line
+    assert f"ROUTERTUNE_SERVE_LOG={tmp_path / 'log.jsonl'}" in line
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in line
+    done = _serve_cli(export, "--max-model-len=512", "--dry-run")
+    assert done.returncode == 0 and "--max-model-len=512 --enforce-eager --no-enable-prefix-caching " \
+        "--no-enable-chunked-prefill --max-num-batched-tokens 512" in done.stdout, done.stdout + done.stderr[-2000:]
+    done = _serve_cli(export, "--enable-prefix-caching", "--enable_chunked_prefill", "--no-enforce-eager",
+                      "--max-model-len", "1024", "--max-num-batched-tokens", "256", "--dry-run")
+    assert done.returncode == 2, done.stdout
+    for flag in ("--enable-prefix-caching", "--enable-chunked-prefill", "--no-enforce-eager",
+                 "--max-num-batched-tokens 256 below --max-model-len 1024"):
+        assert flag in done.stderr, (flag, done.stderr[-2000:])
+    done = _serve_cli(export, "--model", export, "--dry-run")
+    assert done.returncode == 2 and "drop --model" in done.stderr, done.stderr[-2000:]
+    done = _serve_cli(str(tmp_path / "missing"), "--dry-run")
+    assert done.returncode == 2 and "no config.json" in done.stderr, done.stderr[-2000:]
+
+
+# --- the HTTP server --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(port: int, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export, tmp_path_factory):
+    """One `routertune serve` for every HTTP check; its process group is killed whatever happens."""
+    _needs_vllm()
+    folder = tmp_path_factory.mktemp("server")
+    port, log = _free_port(), folder / "routing.jsonl"
+    output = open(folder / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "routertune.cli", "serve", str(tiny_export["export"]),
+                             "--routing-log", str(log), "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32", "--max-model-len", "512", "--seed", "0"],
+                            stdout=output, stderr=subprocess.STDOUT, env=dict(os.environ, **SERVER_ENV),
+                            start_new_session=True)  # its own process group: the engine process goes with it
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited ({proc.returncode}):\n"
+                                     + (folder / "server.log").read_text()[-4000:])
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, (folder / "server.log").read_text()[-4000:]
+            time.sleep(2)
+        yield SimpleNamespace(port=port, log=log, server_log=folder / "server.log", proc=proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        output.close()
+
+
+def _complete(server, tiny_export, request_id: str, xargs: dict | None = None) -> tuple[int, dict]:
+    body = {"model": str(tiny_export["export"]), "prompt": tiny_export["prompt"], "max_tokens": NEW_TOKENS,
+            "min_tokens": NEW_TOKENS, "temperature": 0.0, "return_token_ids": True, "request_id": request_id}
+    if xargs is not None:
+        body["vllm_xargs"] = xargs
+    return _post(server.port, body)
+
+
+def _decided(server, response_id: str) -> dict:
+    """The routing log's line for a response: vLLM's request id is the response id + "-<prompt index>-<8 chars>"."""
+    lines = [json.loads(line) for line in server.log.read_text().splitlines()]
+    mine = [line for line in lines if line["event"] == "decided" and line["req_id"].startswith(response_id + "-0-")]
+    assert len(mine) == 1, (response_id, lines)
+    return mine[0]
+
+
+def test_http_per_request_routing_settings(server, tiny_export):
+    expected = tiny_export["expected"]
+    cases = [
+        ("routers", None, None, None),
+        ("run", {"routertune_force": "run"}, "run", None),
+        ("skip", {"routertune_force": "skip"}, "skip", None),
+        ("skip_set", {"routertune_force": "skip_set", "routertune_skip_layers": [2, 3]}, "skip_set", None),
+        ("threshold", {"routertune_threshold": tiny_export["threshold"]}, None, tiny_export["threshold"]),
+    ]
+    for name, xargs, forced, threshold in cases:
+        status, body = _complete(server, tiny_export, f"rt-{name}", xargs)
+        assert status == 200, (name, body)
+        assert body["id"] == f"cmpl-rt-{name}"
+        assert body["choices"][0]["token_ids"] == expected[name]["tokens"], name
+        line = _decided(server, body["id"])
+        assert {int(k): v for k, v in line["decisions"].items()} == expected[name]["decisions"], (name, line)
+        assert line["forced"] == forced and line["threshold"] == threshold, (name, line)
+
+    malformed = [
+        ({"routertune_force": "sometimes"}, "routertune_force", "'run', 'skip', 'skip_set'"),
+        ({"routertune_force": "skip_set", "routertune_skip_layers": [0, 2]}, "routertune_skip_layers",
+         "routes layers [1, 2, 3]"),
+        ({"routertune_force": "skip_set"}, "routertune_skip_layers", "needs routertune_skip_layers"),
+        ({"routertune_skip_layers": [2]}, "routertune_skip_layers", "only with routertune_force='skip_set'"),
+        ({"routertune_threshold": 1.5}, "routertune_threshold", "strictly between 0 and 1"),
+        ({"routertune_threshold": "high"}, "routertune_threshold", "strictly between 0 and 1"),
+    ]
+    for k, (xargs, key, says) in enumerate(malformed):
+        status, body = _complete(server, tiny_export, f"rt-bad-{k}", xargs)
+        assert status == 400, (xargs, status, body)
+        assert body["error"]["param"] == key and key in body["error"]["message"] and says in body["error"]["message"], body
+        assert server.proc.poll() is None
+    # the engine still serves, and the refused requests never reached it
+    status, body = _complete(server, tiny_export, "rt-after", None)
+    assert status == 200 and body["choices"][0]["token_ids"] == expected["routers"]["tokens"], body
+    assert {int(k): v for k, v in _decided(server, body["id"])["decisions"].items()} == expected["routers"]["decisions"]
+    assert "cmpl-rt-bad" not in server.log.read_text()
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=10) as response:
+        assert response.status == 200
+
+
+# --- LLM.generate -----------------------------------------------------------------------------------------
+def test_llm_generate_raises_value_error_and_keeps_serving(tiny_export, tmp_path):
+    _needs_vllm()
+    request = {"model": str(tiny_export["export"]), "engine": {"max_model_len": 512}, "max_tokens": NEW_TOKENS,
+               "prompts": [tiny_export["prompt"]], "log": str(tmp_path / "routing.jsonl"),
+               "refused_extra_args": [{"routertune_force": "sometimes"}, {"routertune_threshold": 2.0},
+                                      {"routertune": {"force": "skip_set", "skip_layers": [9]}}],
+               "extra_args": {"routertune": {"force": "skip_set", "skip_layers": [2, 3]}}}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", **SERVER_ENV)
+    done = subprocess.run([sys.executable, "-m", "routertune.serve.engine", str(tmp_path / "request.json"),
+                           str(tmp_path / "result.json")], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    refused = result["refused"]
+    assert all(r is not None and r["value_error"] for r in refused), refused
+    assert "routertune_force" in refused[0]["message"] and "routertune_threshold" in refused[1]["message"]
+    assert "[9] are not routed" in refused[2]["message"]
+    # the nested form still works, and the engine served after the refusals
+    assert result["tokens"][0] == tiny_export["expected"]["skip_set"]["tokens"]
