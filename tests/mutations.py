@@ -149,6 +149,11 @@ MUTANTS = [
     Mutant("resume_ignores_the_routers_fingerprint", "eval/tradeoff.py",
            '    for key in ("routers_sha256", "num_layers",', '    for key in ("num_layers",',
            ("test_tradeoff.py",), "routers retrained into the same folder are mixed with the stored run's"),
+    # --- five correctness defects of the independent review (MLP reshuffle, token cut-off, ties, config, empty) --
+    Mutant("mlp_reshuffle_selects_subset_rows", "routing/cache.py",
+           "if runs is None or stored == runs.shape[0]:", "if runs is None:",
+           ("test_generate_modes.py", "test_reference.py"),
+           "MLP routing stores every row's K/V, but a reshuffle selects them as if only the running rows were stored"),
 ]
 
 

@@ -39,9 +39,9 @@ def tok():
     return tiny_tokenizer()
 
 
-def _routed(seed=0):
+def _routed(seed=0, granularity="attention"):
     model = tiny_llama(seed)
-    routed = RoutedModel(model, RouterConfig(layers=[1, 2, 3, 4]))
+    routed = RoutedModel(model, RouterConfig(layers=[1, 2, 3, 4], granularity=granularity))
     randomize_routers(routed, seed)
     return model, routed
 
@@ -73,9 +73,12 @@ def _direct(model, row: _Row) -> float:
 PATHS = {"packed": {}, "cached": {"packed": False}, "full": {"share_prefix": False}}
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
-def test_scores_equal_a_direct_forward(tok, path):
-    model, routed = _routed()
+@pytest.mark.parametrize("path,granularity", [(path, "attention") for path in sorted(PATHS)]
+                         + [("cached", "mlp"), ("cached", "block")])
+def test_scores_equal_a_direct_forward(tok, path, granularity):
+    """The cached path re-maps the prefix cache's rows to the requests: under MLP routing every row's K/V is
+    stored, under attention and block routing only the running rows'."""
+    model, routed = _routed(granularity=granularity)
     lm = RoutedLM(routed, tok, batch_tokens=64, max_batch=3, progress=False, **PATHS[path])
     rows = _rows(lm)
     with routed.recording() as calls:

@@ -33,8 +33,11 @@ def _mixed(family="llama", lengths=(9, 4, 7), granularity="attention", layers=No
 
 
 # --- bug 1: use_cache=False with beams / several returned sequences ---------------------------------------
-def test_uncached_beam_search_expands_the_routing_mask():
-    routed, ref, ids, mask = _mixed()
+@pytest.mark.parametrize("granularity", ["attention", "mlp", "block"])
+def test_uncached_beam_search_expands_the_routing_mask(granularity):
+    """Also cached: beam reorders re-map each layer's stored K/V rows (only the running rows under attention
+    and block routing, every row under MLP routing)."""
+    routed, ref, ids, mask = _mixed(granularity=granularity)
     with torch.no_grad():
         got = routed.generate(input_ids=ids, attention_mask=mask, num_beams=3, use_cache=False, max_new_tokens=4)
         cached = routed.generate(input_ids=ids, attention_mask=mask, num_beams=3, max_new_tokens=4)
@@ -116,9 +119,10 @@ def test_layer_emptied_by_row_selection_keeps_the_cache_length():
     assert tokens == expected[0, 10:].tolist()
 
 
-def test_batch_repeat_interleave_expands_decisions_and_rows():
+@pytest.mark.parametrize("granularity", ["attention", "mlp", "block"])
+def test_batch_repeat_interleave_expands_decisions_and_rows(granularity):
     """Expanding a filled cache (several continuations of one prefill) keeps each copy on its prompt's depth."""
-    routed, ref, ids, mask = _mixed()
+    routed, ref, ids, mask = _mixed(granularity=granularity)
     cache = routed.new_cache()
     with torch.no_grad():
         first = routed(input_ids=ids, attention_mask=mask, cache=cache).logits[:, -1]

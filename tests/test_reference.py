@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from conftest import build_tiny, padded_batch
+from conftest import FAMILIES, GRANULARITIES, build_tiny, padded_batch
 from helpers import mix_decisions
 from reference import SkipReference
 from routertune import RoutedModel, RouterConfig
@@ -91,10 +91,22 @@ def test_prefill_logits_and_kv_contents_equal_reference(family, granularity):
             torch.testing.assert_close(a[keep], b[keep], atol=ATOL, rtol=0, msg=lambda m: f"layer {idx} {name}: {m}")
 
 
-@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
+# Every family with attention routing, cached and uncached. MLP and block routing change what the cache stores
+# (MLP routing: every row's K/V; block routing: the running rows' only), which beam reshuffles must respect, so
+# they run cached in every family; their uncached path differs from attention's only in the routed module, so
+# one family keeps the suite's time down.
+GENERATE_CASES = [
+    (family, granularity, use_cache)
+    for family in FAMILIES for granularity in GRANULARITIES for use_cache in (True, False)
+    if granularity == "attention" or use_cache or family == "llama"
+]
+
+
+@pytest.mark.parametrize("family,granularity,use_cache", GENERATE_CASES,
+                         ids=[f"{f}-{g}-{'cached' if c else 'uncached'}" for f, g, c in GENERATE_CASES])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_generate_equals_reference(family, mode, use_cache):
-    routed, ref, ids, mask = _setup(family)
+def test_generate_equals_reference(family, granularity, mode, use_cache):
+    routed, ref, ids, mask = _setup(family, granularity)
     kwargs, expand = MODES[mode]
     common = dict(max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True, **kwargs)
     cache = routed.new_cache() if use_cache else None

@@ -61,19 +61,31 @@ class RoutedCache(DynamicCache):
 
     # --- batch reshuffles ----------------------------------------------------------------------------
     def _select_rows(self, rows: torch.Tensor) -> None:
-        """New batch row i is old row rows[i]; re-map decisions and each routed layer's subset rows."""
+        """New batch row i is old row rows[i]; re-map decisions and each layer's stored rows.
+
+        A layer with a decision stores K/V for the rows that ran it under attention and block routing, but for
+        every row under MLP routing (the decision is the MLP's; the layer's attention runs for all). The cache
+        is not told the granularity, so it reads which from the stored row count: all B rows, or the n_run that
+        ran (when every row runs the two coincide, and so do both selections)."""
         for idx, layer in enumerate(self.layers):
             runs = self.decisions.get(idx)
-            if runs is None:  # dense layer: every row is stored
-                if layer.get_seq_length() > 0:
-                    layer.batch_select_indices(rows.to(layer.keys.device))
+            if layer.get_seq_length() == 0 or layer.keys is None:
+                continue  # nothing stored (every row skipped it, or not reached yet)
+            stored = layer.keys.shape[0]
+            if runs is None or stored == runs.shape[0]:  # every row is stored (dense layer, or MLP routing)
+                layer.batch_select_indices(rows.to(layer.keys.device))
                 continue
+            if stored != int(runs.sum()):
+                raise RuntimeError(
+                    f"layer {idx} stores K/V for {stored} rows, but its decision has {runs.shape[0]} rows of "
+                    f"which {int(runs.sum())} ran: the cache no longer matches its decisions. Use one fresh "
+                    "RoutedCache per batch of prompts."
+                )
             new_runs = runs[rows.to(runs.device)]
-            if layer.get_seq_length() > 0:
-                # position of each old row among the stored (executed) rows
-                stored_pos = torch.cumsum(runs.long(), 0) - 1  # (B_old,)
-                local = stored_pos[rows.to(runs.device)][new_runs]
-                layer.batch_select_indices(local.to(layer.keys.device))
+            # position of each old row among the stored (executed) rows
+            stored_pos = torch.cumsum(runs.long(), 0) - 1  # (B_old,)
+            local = stored_pos[rows.to(runs.device)][new_runs]
+            layer.batch_select_indices(local.to(layer.keys.device))
         self.decisions = {
             idx: runs[rows.to(runs.device)] for idx, runs in self.decisions.items()
         }
