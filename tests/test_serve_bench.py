@@ -52,3 +52,65 @@ def test_median_interval_brackets_the_median():
     low, high = serve_bench.median_interval(values)
     assert min(values) <= low <= sorted(values)[3] <= high <= max(values)
     assert serve_bench.median_interval([2.0] * 5) == [2.0, 2.0]
+
+
+def _draws(gains, repeats, static=1.25, jitter=0.0):
+    """One entry whose engine draws (rounds) have the given forced-vs-static gain ratios, static's paired speed-up
+    `static` in every repeat, `repeats` repeats per draw; `jitter` spreads forced's CPU time within a draw. The
+    machine's drift (dense's CPU time changing between repeats) cancels in every paired figure."""
+    dense, stat, forced, rounds = [], [], [], []
+    for r, (gain, n) in enumerate(zip(gains, repeats)):
+        for k in range(n):
+            d = 10.0 + 0.5 * ((r + k) % 3)  # drift, cancelled by pairing
+            up = 1 + gain * (static - 1)  # forced's speed-up over dense
+            dense.append(d)
+            stat.append(d / static)
+            forced.append(d / up * (1 + jitter * ((k % 5) - 2)))
+            rounds.append(r)
+    return _entry(dense, stat, forced, own=dense, all_run=dense, rounds=rounds)
+
+
+def test_by_process_resamples_draws_not_repeats():
+    # three draws, 30 repeats each, tight within a draw (+-0.2%) but far apart between draws (gains 0.5, 1.0,
+    # 1.5 of static's): repeats treated as independent give a narrow interval above the 0.9 target, draws as the
+    # unit give the spread of the draws, which spans it
+    out = serve_bench.by_process(_draws([0.5, 1.0, 1.5], [30, 30, 30], jitter=0.001))
+    gain = out["forced_vs_static_gain"]
+    assert out["processes"] == 3 and out["repeats"] == 90
+    assert [d["forced_vs_static_gain"] for d in out["per_process"]] == pytest.approx([0.5, 1.0, 1.5], abs=0.02)
+    assert gain["value"] == pytest.approx(1.0, abs=0.01)
+    # all three resampled draws equal to the lowest (or highest) has probability 1/27 > 2.5%: the interval's ends
+    # are the extreme draws
+    assert gain["ci"] == pytest.approx([0.5, 1.5], abs=0.02)
+    assert gain["verdict"].startswith("not shown")
+    rep_low, rep_high = out["repeat_level"]["ci"]
+    assert 0.9 < rep_low < rep_high < 1.1  # what the repeat-level pooling would have called "met"
+
+
+def test_by_process_weighs_draws_equally_and_decides_only_on_the_interval():
+    # a draw with 16 repeats (gain 0.5) and one with 2 (gain 1.5): each draw weighs the same
+    out = serve_bench.by_process(_draws([0.5, 1.5], [16, 2]))
+    assert out["forced_vs_static_gain"]["value"] == pytest.approx(1.0)
+    assert out["repeat_level"]["forced_vs_static_gain"] == pytest.approx((16 * 0.5 + 2 * 1.5) / 18)
+    # the ratio of the mean gains, not the mean of per-draw ratios: static's gain differs between draws
+    a, b = _draws([1.0], [3], static=1.2), _draws([0.5], [3], static=1.4)
+    out = serve_bench.by_process(serve_bench.pooled_entry([a, b]))
+    assert out["forced_vs_static_gain"]["value"] == pytest.approx((0.2 + 0.2) / (0.2 + 0.4))
+    met = serve_bench.by_process(_draws([0.95, 1.0, 1.05, 0.97], [3] * 4))["forced_vs_static_gain"]
+    assert met["ci"][0] >= 0.9 and met["verdict"] == "met"
+    missed = serve_bench.by_process(_draws([0.5, 0.6, 0.55], [3] * 3))["forced_vs_static_gain"]
+    assert missed["ci"][1] < 0.9 and missed["verdict"] == "NOT met"
+    one = serve_bench.by_process(_draws([1.0], [16]))
+    assert one["forced_vs_static_gain"]["ci"] == [None, None]
+    assert one["forced_vs_static_gain"]["verdict"].startswith("not shown: one engine draw")
+
+
+def test_pooling_keeps_every_draw_including_single_round_runs():
+    # two 2-round runs and a run without rounds (one draw of 16 repeats, as single_draw_16.json): 5 draws
+    a, b = _draws([1.0, 1.0], [3, 3]), _draws([1.0, 1.0], [3, 3])
+    single = _draws([0.5], [16])
+    del single["round_of_repeat"]
+    out = serve_bench.by_process(serve_bench.pooled_entry([a, b, single]))
+    assert out["processes"] == 5 and out["repeats"] == 28
+    assert out["per_process"][-1]["repeats"] == 16
+    assert out["forced_vs_static_gain"]["value"] == pytest.approx((4 * 1.0 + 0.5) / 5)
