@@ -48,7 +48,7 @@ def test_only_router_weights_change_and_trainable_count(family, granularity):
 
 
 def test_skipping_rows_still_get_gradient(family):
-    """METHOD.md §6.5: with every row skipping a layer, its router is still pushed back towards running."""
+    """docs/method.md#the-straight-through-gate: with every row skipping a layer, its router is still pushed back towards running."""
     base = build_tiny(family)
     routed = RoutedModel(base, RouterConfig(layers=[2, 3], layer_thresholds={3: 0.9}))
     routed.train()

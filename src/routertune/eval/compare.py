@@ -37,7 +37,7 @@ class CompareJob:
     tasks: list[str] | None = field(default=None, metadata={"help": f"harness tasks ({', '.join(task_configs.TASKS)}); default: {' '.join(DEFAULT_COMPARE_TASKS)}"})
     skip_ratios: list[float] | None = field(default=None, metadata={"help": "attention skip ratios, as fractions of ALL attention sublayers; default: 0.10 0.25"})
     limit: int | None = field(default=None, metadata={"help": "items per task (default: the full sets)"})
-    shots: str = field(default="zero", metadata={"help": "few-shot examples: zero, paper (METHOD.md §5) or a number"})
+    shots: str = field(default="zero", metadata={"help": "few-shot examples: zero, paper (docs/method.md#the-papers-evaluation-protocol) or a number"})
     seed: int = field(default=0, metadata={"help": "seed of the random drop and of the harness"})
     perplexity: list[str] | None = field(default=None, metadata={"help": f"held-out perplexity sources ({', '.join(PERPLEXITY_SOURCES)}); default: both; 'none' to skip"})
     ppl_texts: int = field(default=200, metadata={"help": "passages per perplexity source"})

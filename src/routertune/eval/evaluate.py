@@ -146,7 +146,7 @@ class EvalJob:
     routers: str | None = field(default=None, metadata={"help": "folder written by `routertune train`; omit for the dense model"})
     model: str | None = field(default=None, metadata={"help": "base model (default: embedded SmolLM2-135M-Instruct)"})
     cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
-    shots: str = field(default="zero", metadata={"help": "few-shot examples: zero, paper (METHOD.md §5) or a number"})
+    shots: str = field(default="zero", metadata={"help": "few-shot examples: zero, paper (docs/method.md#the-papers-evaluation-protocol) or a number"})
     limit: int | None = field(default=None, metadata={"help": "items per task, for quick runs (default: the full sets)"})
     threshold: float | None = field(default=None, metadata={"help": "override the routers' decision threshold in (0, 1)"})
     capacity: float | None = field(default=None, metadata={"help": "calibrate the routers to run this fraction of routed sublayers first (not saved; see `routertune calibrate`)"})

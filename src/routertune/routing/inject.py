@@ -35,7 +35,7 @@ class RoutedSublayer(nn.Module):
 
     Inference: gather the running rows, run, scatter back; skipped rows contribute nothing (attention/MLP
     output zero, block output = its input) and write no K/V. Training: run every row and multiply by the
-    straight-through binary gate, so skipping rows still get a gradient (METHOD.md §6.5).
+    straight-through binary gate, so skipping rows still get a gradient (docs/method.md#the-straight-through-gate).
     """
 
     def __init__(self, base_layer: nn.Module, layer_idx: int, granularity: str, hidden_size: int,

@@ -20,7 +20,7 @@ class Router(nn.Module):
     ordered by the biases.
 
     Kept in float32 whatever the base model's dtype: in bf16, tiny logits near zero fall into a dead zone
-    (METHOD.md §6.6), and the router costs nothing either way.
+    (docs/method.md#the-router), and the router costs nothing either way.
     """
 
     def __init__(self, hidden_size: int):

