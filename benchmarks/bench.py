@@ -3,7 +3,7 @@ attention drop, routers forced to static drop's skip set, routers with their own
 
     python benchmarks/bench.py                                   # -> benchmarks/results/speed/bench_default.json
     python benchmarks/bench.py --threads 1 --clock cpu           # what the README's table used (shared CPU)
-    python benchmarks/bench.py --quick --output /tmp/quick.json  # smoke test
+    python benchmarks/bench.py --quick --output quick.json      # smoke test
     routertune report --inputs benchmarks/results/speed --output benchmarks/results/speed/report
 
 Every flag is a field of routertune.bench.runner.BenchConfig (`--help`); this script only changes the default
