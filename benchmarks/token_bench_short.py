@@ -13,34 +13,13 @@ from dataclasses import asdict
 
 import torch
 
-from routertune.routing import state as routing
-from routertune.bench.runner import BenchConfig, Clock, FlopCounter, _ids, _prefill, _rotated, build_variants, environment, kv_bytes
 from routertune.base_model import load_model_and_tokenizer
-from routertune.bench.token_rows import _collect, _row, bench_token_decode, token_flops, token_variant
-
-
-def prefill_row(vs, token, length, cfg, flops, clock):
-    dense, sequence = vs.variants[0], next(v for v in vs.variants if v.name == "routed_static_set")
-    ids = _ids(flops.vocab_size, 1, length, cfg.seed, torch.device("cpu"))
-    with routing.record() as calls:
-        _, cache = _prefill(token, ids)  # warm-up of the token side; decisions and KV bytes
-    runs = _collect(calls)
-    token_kv = kv_bytes(cache)
-    _, dense_cache = _prefill(dense, ids)  # warm-up of dense; KV bytes
-    dense_kv = kv_bytes(dense_cache)
-    del cache, dense_cache
-    _prefill(sequence, ids)  # warm-up of the sequence side
-    times = {v.name: [] for v in (dense, sequence, token)}
-    for r in range(cfg.repeats):
-        for v in _rotated([dense, sequence, token], r):
-            _, seconds, _ = clock(lambda: _prefill(v, ids))
-            times[v.name].append(seconds)
-    n = flops.num_layers
-    seq_exec = [0 if layer in sequence.skip_layers else 1 for layer in range(n)]
-    zeros = {layer: torch.zeros(1, dtype=torch.long) for layer in runs}
-    return _row("prefill", length, 0, 1, times, runs, vs, flops.forward(0, length, [1] * n, 1, 1),
-                flops.forward(0, length, seq_exec, 1, 1), token_flops(flops, 0, length, 1, runs, zeros, 1),
-                token_kv, dense_kv, n)
+from routertune.bench.clocks import Clock
+from routertune.bench.config import BenchConfig
+from routertune.bench.flops import FlopCounter
+from routertune.bench.runner import environment
+from routertune.bench.token_rows import bench_token_decode, bench_token_prefill, token_variant
+from routertune.bench.variants import build_variants
 
 
 def main(out_path):
@@ -64,7 +43,9 @@ def main(out_path):
             with open(out_path, "w") as f:
                 json.dump(result, f, indent=1, default=str)
 
-        result["rows"].append(asdict(prefill_row(vs, token, 2048, cfg, flops, clock)))
+        # the runs that record decisions and KV bytes are the warm-up (lean, for a starved machine)
+        result["rows"].append(asdict(bench_token_prefill(vs, token, 2048, 1, cfg, flops, torch.device("cpu"), clock,
+                                                         cfg.seed, recorded_warm_up=True)))
         save()
         result["rows"].append(asdict(bench_token_decode(vs, token, 1, cfg, flops, torch.device("cpu"), clock,
                                                         cfg.seed + 401)))

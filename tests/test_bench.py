@@ -12,17 +12,11 @@ import torch
 from conftest import build_tiny, padded_batch
 from helpers import zero_sublayer_hooks
 from routertune import RoutedCache, RoutedModel, RouterConfig
-from routertune.bench.runner import (
-    SCHEMA,
-    VARIANTS,
-    BenchConfig,
-    DroppedAttention,
-    FlopCounter,
-    _sum_min,
-    bench_model,
-    shared_copy,
-    static_drop_model,
-)
+from routertune.bench.config import BenchConfig
+from routertune.bench.flops import FlopCounter, sum_min
+from routertune.bench.results import SCHEMA, VARIANTS
+from routertune.bench.runner import bench_model
+from routertune.bench.variants import DroppedAttention, shared_copy, static_drop_model
 
 
 # --- analytic FLOPs ------------------------------------------------------------------------------------------
@@ -50,13 +44,13 @@ def test_flops_respect_sliding_windows():
     flops = FlopCounter.from_config(build_tiny("mistral").config)  # window 6 on every layer
     assert flops.windows == (6,) * 6
     # positions 0..9 see 1, 2, 3, 4, 5, 6, 6, 6, 6, 6 keys (the window counts the token itself, as HF masks it)
-    assert _sum_min(1, 10, 6) == 45
+    assert sum_min(1, 10, 6) == 45
     assert flops.attention_scores(0, 0, 10) == 4 * 4 * 8 * 45
     gemma = FlopCounter.from_config(build_tiny("gemma3_text").config)
     assert gemma.windows == (5, 5, None, 5, 5, None)
     for first, last, cap in [(1, 4, 6), (3, 9, 5), (7, 9, 5), (1, 1, None), (2, 1, 3)]:
         expected = sum(min(n, cap) if cap else n for n in range(first, last + 1))
-        assert _sum_min(first, last, cap) == expected
+        assert sum_min(first, last, cap) == expected
 
 
 # --- the static-drop baseline ----------------------------------------------------------------------------

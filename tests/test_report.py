@@ -10,7 +10,8 @@ import pytest
 
 from conftest import build_tiny
 from routertune import cli
-from routertune.bench.runner import BenchConfig, bench_model
+from routertune.bench.config import BenchConfig
+from routertune.bench.runner import bench_model
 from routertune.files import write_json
 from routertune.report import ReportConfig, build_report, extract_eval
 

@@ -489,7 +489,7 @@ def test_custom_4d_mask_is_refused():
 
 # --- benchmark rows ----------------------------------------------------------------------------------------------
 def test_token_flops_count_what_ran_by_hand():
-    from routertune.bench.runner import FlopCounter
+    from routertune.bench.flops import FlopCounter
     from routertune.bench.token_rows import token_flops
 
     fc = FlopCounter(hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16, vocab_size=10,
@@ -506,7 +506,8 @@ def test_token_flops_count_what_ran_by_hand():
 
 
 def test_bench_token_rows_on_a_tiny_model():
-    from routertune.bench.runner import BenchConfig, bench_model
+    from routertune.bench.config import BenchConfig
+    from routertune.bench.runner import bench_model
 
     cfg = BenchConfig(quick=True, token_routing=True, memory=False, lengths=[24], batch_sizes=[1, 2],
                       overhead_repeats=1, overhead_steps=1)

@@ -194,14 +194,16 @@ def cmd_tradeoff(args) -> int:
 def cmd_bench(args) -> int:
     from routertune import report
     from routertune.bench import runner as bench
+    from routertune.bench.config import BenchConfig
+    from routertune.bench.results import jsonable
 
-    cfg = _build(bench.BenchConfig, args)
+    cfg = _build(BenchConfig, args)
     result = bench.run_bench(cfg, progress=lambda message: print(f"[bench] {message}", flush=True))
     print("\n".join(report.bench_tables(result.to_dict())))
     if result.token is not None:
         from routertune.bench.token_rows import token_table
 
-        print("\n".join(token_table(bench._jsonable(result.token))))
+        print("\n".join(token_table(jsonable(result.token))))
     for note in result.skipped:
         print(f"[not measured] {note}")
     print(f"\n`routed` decisions: {result.routers}")
@@ -273,7 +275,7 @@ COMMANDS = {
                  "on the same items, compared at matched skip with paired bootstrap intervals",
                  [("routertune.eval.tradeoff:TradeoffJob", ())]),
     "bench": (cmd_bench, "speed: dense vs static drop vs routers (prefill, decode, KV bytes, peak memory, FLOPs)",
-              [("routertune.bench.runner:BenchConfig", ())]),
+              [("routertune.bench.config:BenchConfig", ())]),
     "export": (cmd_export, "write a folder vLLM serves (routers, or --static K native static drop) with the plugin",
                [("routertune.serve.export:ExportJob", ())]),
     "serve": (cmd_serve, "serve an export with vLLM's OpenAI-compatible server: routertune serve EXPORT [vLLM "

@@ -22,23 +22,12 @@ from dataclasses import dataclass, field
 import torch
 
 from routertune.routing import state as routing
-from routertune.bench.runner import (
-    BenchConfig,
-    Clock,
-    FlopCounter,
-    Variant,
-    VariantSet,
-    _ids,
-    _median,
-    _prefill,
-    _rotated,
-    _step,
-    kv_bytes,
-    paired_ratio,
-    paired_ratio_ci,
-    shared_copy,
-    synthetic_routers,
-)
+from routertune.bench.clocks import Clock
+from routertune.bench.config import BenchConfig
+from routertune.bench.flops import FlopCounter
+from routertune.bench.measure import decode_step, kv_bytes, prefill, random_ids, rotated
+from routertune.bench.variants import Variant, VariantSet, shared_copy, synthetic_routers
+from routertune.stats import median, paired_ratio, paired_ratio_ci
 from routertune.config import RouterConfig
 from routertune.model import RoutedModel
 from routertune.routing.token_cache import TokenRoutedCache
@@ -143,24 +132,30 @@ def _collect(calls) -> dict[int, torch.Tensor]:
 
 
 def bench_token_prefill(vs: VariantSet, token: Variant, length: int, batch: int, cfg: BenchConfig,
-                        flops: FlopCounter, device, clock: Clock, seed: int) -> TokenRow:
+                        flops: FlopCounter, device, clock: Clock, seed: int,
+                        recorded_warm_up: bool = False) -> TokenRow:
+    """One prefill row: dense, sequence and token routing interleaved, `cfg.repeats` times.
+    `recorded_warm_up`: the untimed runs that record the token side's decisions and both KV byte counts are
+    those variants' warm-up, so with `cfg.warmup` 1 only the sequence side runs once more (a lean run for a
+    starved machine); otherwise every variant gets `cfg.warmup` (at least one) warm-up runs of its own."""
     dense, sequence = vs.variants[0], _by_name(vs, "routed_static_set")
-    ids = _ids(flops.vocab_size, batch, length, seed, device)
+    ids = random_ids(flops.vocab_size, batch, length, seed, device)
     pair = [dense, sequence, token]
     with routing.record() as calls:
-        _, cache = _prefill(token, ids)
+        _, cache = prefill(token, ids)
     runs = _collect(calls)
     token_kv = kv_bytes(cache)
-    _, dense_cache = _prefill(dense, ids)
+    _, dense_cache = prefill(dense, ids)
     dense_kv = kv_bytes(dense_cache)
     del cache, dense_cache
     for v in pair:
-        for _ in range(max(cfg.warmup, 1)):
-            _prefill(v, ids)
+        already = 1 if recorded_warm_up and v is not sequence else 0
+        for _ in range(max(cfg.warmup, 1) - already):
+            prefill(v, ids)
     times = {v.name: [] for v in pair}
     for r in range(cfg.repeats):
-        for v in _rotated(pair, r):
-            _, seconds, _ = clock(lambda: _prefill(v, ids))
+        for v in rotated(pair, r):
+            _, seconds, _ = clock(lambda: prefill(v, ids))
             times[v.name].append(seconds)
     n_layers = flops.num_layers
     seq_exec = [0 if layer in sequence.skip_layers else batch for layer in range(n_layers)]
@@ -176,29 +171,29 @@ def bench_token_decode(vs: VariantSet, token: Variant, batch: int, cfg: BenchCon
                        device, clock: Clock, seed: int) -> TokenRow:
     dense, sequence = vs.variants[0], _by_name(vs, "routed_static_set")
     prompt, steps = cfg.decode_prompt, cfg.decode_tokens
-    ids = _ids(flops.vocab_size, batch, prompt, seed, device)
+    ids = random_ids(flops.vocab_size, batch, prompt, seed, device)
     pair = [dense, sequence, token]
     state = {}
     prior = None
     for v in pair:
         with routing.record() as calls:
-            out, cache = _prefill(v, ids)
+            out, cache = prefill(v, ids)
         if v is token:
             prior = {layer: r.long().sum(1) for layer, r in _collect(calls).items()}
         next_ids = out.logits[:, -1:].argmax(-1)
         warm = copy.deepcopy(cache)
         warm_ids = next_ids
         for _ in range(max(cfg.warmup, 1) * 2):
-            warm_ids = _step(v, warm, warm_ids)
+            warm_ids = decode_step(v, warm, warm_ids)
         del warm
         state[v.name] = [cache, next_ids]
     times = {v.name: [] for v in pair}
     token_calls = []
     for i in range(steps):
-        for v in _rotated(pair, i):
+        for v in rotated(pair, i):
             cache, next_ids = state[v.name]
             with routing.record() as calls:
-                state[v.name][1], seconds, _ = clock(lambda: _step(v, cache, next_ids))
+                state[v.name][1], seconds, _ = clock(lambda: decode_step(v, cache, next_ids))
             if v is token:
                 token_calls.extend(calls)
             times[v.name].append(seconds)
@@ -237,7 +232,7 @@ def _row(phase, length, new_tokens, batch, times, runs, vs, dense_flops, seq_flo
         phase=phase, length=length, new_tokens=new_tokens, batch=batch,
         token_executed_fraction=executed / pairs if pairs else float("nan"),
         sequence_executed_fraction=1 - k / n_routed,
-        dense_s=_median(dense_t), sequence_s=_median(seq_t), token_s=_median(tok_t),
+        dense_s=median(dense_t), sequence_s=median(seq_t), token_s=median(tok_t),
         speedup_vs_dense=speed, speedup_vs_dense_ci=paired_ratio_ci(dense_t, tok_t),
         speedup_vs_sequence=paired_ratio(seq_t, tok_t), speedup_vs_sequence_ci=paired_ratio_ci(seq_t, tok_t),
         sequence_speedup_vs_dense=paired_ratio(dense_t, seq_t),

@@ -90,7 +90,7 @@ def export(job: ExportJob) -> ExportReport:
 
     if job.static is not None:
         from routertune.routing import static_drop as baselines
-        from routertune.bench.runner import calibration_batches
+        from routertune.bench.variants import calibration_batches
 
         with torch.no_grad():
             importance = baselines.attention_importance(model, calibration_batches(model, tokenizer))
