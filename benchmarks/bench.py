@@ -2,7 +2,7 @@
 attention drop, routers forced to static drop's skip set, routers with their own decisions. Writes JSON.
 
     python benchmarks/bench.py                                   # -> benchmarks/results/speed/bench_default.json
-    python benchmarks/bench.py --threads 1 --clock cpu           # what the README's table used (shared CPU)
+    python benchmarks/bench.py --threads 1 --clock cpu           # what docs/speed.md's table used (shared CPU)
     python benchmarks/bench.py --quick --output quick.json      # smoke test
     routertune report --inputs benchmarks/results/speed --output benchmarks/results/speed/report
 
