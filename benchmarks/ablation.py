@@ -74,7 +74,7 @@ def main() -> None:
             scores = {**baseline_scores[d], **tradeoff.score_texts(routed, batches[d], sweep, len(texts[d]))}
             entry["domains"][d] = {
                 "sweep": {v.name: scores[v].summary(num_layers) for v in sweep},
-                "matched": tradeoff._match_kl(scores, fixed + sweep, job, num_layers),
+                "matched": tradeoff.match_kl(scores, fixed + sweep, job, num_layers),
             }
         routed.unwrap()
         result["sets"][name] = entry

@@ -29,7 +29,7 @@ import torch
 
 from routertune.eval import tasks
 from routertune.eval.evaluate import Setting, prepared_lm
-from routertune.eval.harness import RoutedLM, SkipStats, _batches, _quiet_harness
+from routertune.eval.harness import RoutedLM, SkipStats, budget_batches, quiet_harness
 from routertune.base_model import load_model_and_tokenizer
 from routertune.train.prompts import chat_prompts
 
@@ -52,7 +52,7 @@ def plain_forward(model, rows, pad_id: int, batch_tokens: int, max_batch: int) -
     length-sorted, right-padded rows, logits only at the scored positions."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
     out = [0.0] * len(rows)
-    for batch in _batches(order, lambda i: len(rows[i].tokens) - 1, batch_tokens, max_batch):
+    for batch in budget_batches(order, lambda i: len(rows[i].tokens) - 1, batch_tokens, max_batch):
         width = max(len(rows[i].tokens) - 1 for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     model, tokenizer = load_model_and_tokenizer()
-    with _quiet_harness():
+    with quiet_harness():
         requests = harness_requests(args.tasks, args.limit)
     lm_kwargs = dict(batch_tokens=args.batch_tokens, max_batch=args.max_batch, progress=False)
     probe = RoutedLM(model, tokenizer, **lm_kwargs)

@@ -17,7 +17,7 @@ from routertune.routing import state as routing
 from routertune.eval import tasks
 from routertune.cli import main
 from routertune.eval.evaluate import Setting, prepared_lm
-from routertune.eval.harness import RoutedLM, _Row, run_harness
+from routertune.eval.harness import RoutedLM, ScoredRow, run_harness
 from routertune.eval.metrics import perplexity
 from tiny_lm import randomize_routers, tiny_llama, tiny_tokenizer
 
@@ -53,11 +53,11 @@ def _rows(lm):
     for n, ctx in enumerate(CONTEXTS):
         for cont in CONTINUATIONS:
             a, b = lm._encode(ctx, cont)
-            rows.append(_Row(a + b, len(b), len(a) if n < len(CONTEXTS) - 1 else len(a) - 3))
+            rows.append(ScoredRow(a + b, len(b), len(a) if n < len(CONTEXTS) - 1 else len(a) - 3))
     return rows
 
 
-def _direct(model, row: _Row) -> float:
+def _direct(model, row: ScoredRow) -> float:
     """Log-probability of the continuation: one forward over context + continuation, decisions pooled over
     the context only."""
     ids = torch.tensor([row.tokens[:-1]])
@@ -120,7 +120,7 @@ def test_shared_prefill_equals_a_direct_forward_in_every_family(tok, family, pac
     for n_ctx in (3, 9, 14):
         ctx = torch.randint(3, VOCAB, (n_ctx,), generator=gen).tolist()
         for n_cont in (1, 2, 6):
-            rows.append(_Row(ctx + torch.randint(3, VOCAB, (n_cont,), generator=gen).tolist(), n_cont, n_ctx))
+            rows.append(ScoredRow(ctx + torch.randint(3, VOCAB, (n_cont,), generator=gen).tolist(), n_cont, n_ctx))
     for row, (logprob, _) in zip(rows, lm.score(rows)):
         assert logprob == pytest.approx(_direct(model, row), abs=1e-4)
 
@@ -132,7 +132,8 @@ def test_greedy_flag_matches_argmax(tok):
     with torch.no_grad():
         nxt = int(model(input_ids=torch.tensor([ctx]), use_cache=False).logits[0, -1].argmax())
     other = (nxt + 1) % 200 + 3
-    (_, greedy), (_, not_greedy) = lm.score([_Row(ctx + [nxt], 1, len(ctx)), _Row(ctx + [other], 1, len(ctx))])
+    (_, greedy), (_, not_greedy) = lm.score([ScoredRow(ctx + [nxt], 1, len(ctx)),
+                                             ScoredRow(ctx + [other], 1, len(ctx))])
     assert greedy and not not_greedy
 
 
@@ -146,7 +147,7 @@ def test_decisions_depend_on_the_context_only(tok):
     assert 0 < sum(expected.values()) < len(expected)  # a mixed decision, so a leak would show
     for cont in CONTINUATIONS:
         with routed.recording() as calls:
-            lm.score([_Row(ctx + lm.tok_encode(cont), len(lm.tok_encode(cont)), len(ctx))])
+            lm.score([ScoredRow(ctx + lm.tok_encode(cont), len(lm.tok_encode(cont)), len(ctx))])
         prefill = calls[0]
         assert {k: bool(v[0]) for k, v in prefill.decisions.items()} == expected
 
@@ -165,7 +166,7 @@ def test_choices_of_one_item_share_depth_when_the_choice_is_in_the_context(tok):
     n_shared = len(lm.tok_encode(shared))
     for req, (logprob, _) in zip(requests, got):
         ctx, cont = lm._encode(*req.args)
-        assert logprob == pytest.approx(_direct(model, _Row(ctx + cont, len(cont), n_shared)), abs=1e-4)
+        assert logprob == pytest.approx(_direct(model, ScoredRow(ctx + cont, len(cont), n_shared)), abs=1e-4)
 
 
 def _builtin_arc_easy(lm, limit, monkeypatch):
@@ -237,7 +238,7 @@ def test_perplexity_routes_on_the_first_half(tok):
     half = len(ids) // 2
     result = perplexity(lm, [text], "demo")
     assert result.tokens == len(ids) - half
-    assert result.nll == pytest.approx(-_direct(model, _Row(ids, len(ids) - half, half)) / result.tokens, abs=1e-5)
+    assert result.nll == pytest.approx(-_direct(model, ScoredRow(ids, len(ids) - half, half)) / result.tokens, abs=1e-5)
 
 
 def test_greedy_equals_routed_generate(tok):

@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance
 
 from reference import SkipReference
 from routertune import RoutedModel, RouterConfig
-from routertune.eval.harness import RoutedLM, _Row
+from routertune.eval.harness import RoutedLM, ScoredRow
 from tiny_lm import randomize_routers, tiny_llama, tiny_tokenizer
 
 LAYERS = [1, 2, 3, 4]
@@ -47,7 +47,7 @@ def _decide(ref: SkipReference, tokens: list[int]) -> dict[int, torch.Tensor]:
     return dict(ref.decisions)
 
 
-def _reference_logprob(ref: SkipReference, row: _Row, decisions) -> float:
+def _reference_logprob(ref: SkipReference, row: ScoredRow, decisions) -> float:
     """Log-probability of the row's continuation under the plain model with `decisions` zeroing the skipped
     attention outputs."""
     ids = torch.tensor([row.tokens[:-1]])
@@ -102,7 +102,7 @@ def test_skip_statistics_count_every_row(tok, share_prefix):
     rows = []
     for ctx in contexts:
         a, b = lm._encode(ctx, " it was warm")
-        rows.append(_Row(a + b, len(b), len(a)))
+        rows.append(ScoredRow(a + b, len(b), len(a)))
     lm.score(rows)
     expected = {layer: 0 for layer in LAYERS}
     for row in rows:

@@ -402,7 +402,7 @@ def test_eager_attention_matches_sdpa():
 def test_harness_scores_with_shared_prefill_equal_one_forward(family):
     """The eval path (prefill the shared context once into the token cache, then score each continuation
     against it) gives the numbers of one uncached forward over context + continuation."""
-    from routertune.eval.harness import RoutedLM, _Row
+    from routertune.eval.harness import RoutedLM, ScoredRow
     from tiny_lm import tiny_tokenizer
 
     routed, _, _, _ = _routed(family, "attention")
@@ -412,7 +412,7 @@ def test_harness_scores_with_shared_prefill_equal_one_forward(family):
     for n_ctx in (3, 9, 14):
         ctx = torch.randint(3, 96, (n_ctx,), generator=gen).tolist()
         for n_cont in (1, 4):
-            rows.append(_Row(ctx + torch.randint(3, 96, (n_cont,), generator=gen).tolist(), n_cont, n_ctx))
+            rows.append(ScoredRow(ctx + torch.randint(3, 96, (n_cont,), generator=gen).tolist(), n_cont, n_ctx))
     for row, (logprob, _) in zip(rows, lm.score(rows)):
         ids = torch.tensor([row.tokens[:-1]])
         with torch.no_grad():

@@ -199,13 +199,13 @@ def test_default_mix_renders_an_even_share_as_plain_text():
     from routertune.train import tune as pipeline
 
     records = data.default_records("train", n=10)
-    mixed = pipeline._mix_forms(records, 0.5)
+    mixed = pipeline.mix_forms(records, 0.5)
     forms = ["text" in r for r in mixed]
     assert forms == [False, True] * 5
     user, answer = records[1]["messages"][0]["content"], records[1]["messages"][-1]["content"]
     assert user in mixed[1]["text"] and answer in mixed[1]["text"] and "<|im_start|>" not in mixed[1]["text"]
-    assert not any("text" in r for r in pipeline._mix_forms(records, 0.0))
-    assert all("text" in r for r in pipeline._mix_forms(records, 1.0))
+    assert not any("text" in r for r in pipeline.mix_forms(records, 0.0))
+    assert all("text" in r for r in pipeline.mix_forms(records, 1.0))
 
 
 def test_refined_sweep_brackets_each_target_tightly():

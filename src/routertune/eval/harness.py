@@ -124,7 +124,7 @@ class SkipStats:
 
 
 @dataclass
-class _Row:
+class ScoredRow:
     """One scored request: input tokens, how many of the last targets are scored, how many leading tokens the
     routing decision is pooled over, and the task it belongs to."""
 
@@ -247,7 +247,7 @@ class RoutedLM(TemplateLM):
         rows = self._rows(encoded, [None] * len(encoded), [""] * len(encoded))
         return self.score(rows, disable_tqdm=disable_tqdm)
 
-    def _rows(self, encoded, items, task_names) -> list[_Row]:
+    def _rows(self, encoded, items, task_names) -> list[ScoredRow]:
         """Rows routed on their context, or, for the requests of one item, all on the item's routing context:
         the context prefix they share before truncation (the first request's context when they share none).
         Rows are truncated one by one, as the harness's HFLM does; a row whose truncation cut into the routing
@@ -259,7 +259,7 @@ class RoutedLM(TemplateLM):
                 raise ValueError("a loglikelihood request has an empty continuation")
             tokens = (ctx + cont)[-limit:]
             n_cont = min(len(cont), len(tokens) - 1)
-            rows.append(_Row(tokens, n_cont, max(1, len(tokens) - n_cont), task))
+            rows.append(ScoredRow(tokens, n_cont, max(1, len(tokens) - n_cont), task))
         by_item: dict[tuple, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             if item is not None and item[1] is not None:
@@ -291,7 +291,7 @@ class RoutedLM(TemplateLM):
                 max_seq_len=self.max_length, context_len=1))
             for ctx, cont in windows:
                 tokens = ctx + cont
-                rows.append(_Row(tokens, len(cont), len(tokens) - 1, str(getattr(req, "task_name", "") or "")))
+                rows.append(ScoredRow(tokens, len(cont), len(tokens) - 1, str(getattr(req, "task_name", "") or "")))
                 owner.append(index)
         totals = [0.0] * len(requests)
         for index, (logprob, _) in zip(owner, self.score(rows, disable_tqdm=disable_tqdm)):
@@ -336,7 +336,7 @@ class RoutedLM(TemplateLM):
         return routing.forced("skip_set", self.skip_layers)
 
     @torch.inference_mode()
-    def score(self, rows: Sequence[_Row], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    def score(self, rows: Sequence[ScoredRow], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(sum of log-probabilities of the scored tokens, whether each was the argmax) for every row."""
         results: list[tuple[float, bool] | None] = [None] * len(rows)
         # a plain model takes no decisions, so a routing context kept apart changes nothing for it
@@ -362,7 +362,7 @@ class RoutedLM(TemplateLM):
         counted once per route, i.e. once per item."""
         keys = sorted({(rows[i].task, rows[i].route) for i in indices}, key=lambda k: -len(k[1]))
         decided = {}
-        for batch in _batches(keys, lambda k: len(k[1]), self.batch_tokens, self.max_batch):
+        for batch in budget_batches(keys, lambda k: len(k[1]), self.batch_tokens, self.max_batch):
             width = max(len(k[1]) for k in batch)
             ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -382,7 +382,7 @@ class RoutedLM(TemplateLM):
         or, with `decided` ({(task, route): {layer: decision}}), the decisions taken on each row's route: a
         fresh RoutedCache holding them before the forward is what the routed layers use."""
         order = sorted(indices, key=lambda i: -len(rows[i].tokens))
-        for batch in _batches(order, lambda i: len(rows[i].tokens) - 1, self.batch_tokens, self.max_batch):
+        for batch in budget_batches(order, lambda i: len(rows[i].tokens) - 1, self.batch_tokens, self.max_batch):
             width = max(len(rows[i].tokens) - 1 for i in batch)
             ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -432,7 +432,7 @@ class RoutedLM(TemplateLM):
         if packable:
             keys = sorted(packable, key=lambda k: -packed_length(k))
             # packed rows vary in length more than requests do; at most ~15% padding costs a few more forwards
-            for batch in _batches(keys, packed_length, self.batch_tokens, self.max_batch, min_fill=0.85):
+            for batch in budget_batches(keys, packed_length, self.batch_tokens, self.max_batch, min_fill=0.85):
                 self._run_packed(rows, [groups[k] for k in batch], [k[0] for k in batch], results, mask_kind)
                 bar.update(sum(len(groups[k]) for k in batch))
         chosen = set(packable)
@@ -508,7 +508,7 @@ class RoutedLM(TemplateLM):
             rest = max(len(rows[i].tokens) - 1 - rows[i].n_route for i in groups[key])
             return max(len(key[1]), len(groups[key]) * max(rest, 1))
 
-        for batch in _batches(keys, cost, self.batch_tokens, self.max_batch):
+        for batch in budget_batches(keys, cost, self.batch_tokens, self.max_batch):
             self._run_shared(rows, [groups[k] for k in batch], [k[0] for k in batch], results)
             bar.update(sum(len(groups[k]) for k in batch))
 
@@ -590,7 +590,7 @@ class RoutedLM(TemplateLM):
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         eos = self.tokenizer.eos_token_id
         with self._forcing():
-            for batch in _batches(order, lambda i: len(prompts[i]) + max_new_tokens, self.batch_tokens,
+            for batch in budget_batches(order, lambda i: len(prompts[i]) + max_new_tokens, self.batch_tokens,
                                   self.max_batch):
                 width = max(len(prompts[i]) for i in batch)
                 ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
@@ -635,7 +635,7 @@ def _score_positions(logits: torch.Tensor, targets: list[int]) -> tuple[float, b
     return total, greedy
 
 
-def _scored_positions(row: _Row, n_prefix: int, start: int, n_rest: int) -> list[int]:
+def _scored_positions(row: ScoredRow, n_prefix: int, start: int, n_rest: int) -> list[int]:
     """Columns of a packed row whose logits score `row`: the prefix's last column, then the columns of the
     row's rest (whose logits predict the next token of the rest, and finally the last token); the last
     n_cont of those."""
@@ -668,7 +668,7 @@ def _common_prefix(sequences: list[list[int]]) -> int:
     return n
 
 
-def _batches(items: list, cost, budget: int, max_batch: int, min_fill: float = 0.0) -> list[list]:
+def budget_batches(items: list, cost, budget: int, max_batch: int, min_fill: float = 0.0) -> list[list]:
     """Consecutive batches whose padded cost (largest item cost x batch size) stays within budget; items are
     expected sorted by decreasing cost, so the first item of a batch is its largest. With `min_fill`, an item
     costing less than that fraction of the batch's largest starts a new batch (bounds the padding)."""
@@ -728,7 +728,7 @@ def run_harness(lm: RoutedLM, task_names: Sequence[str], *, shots: str | int = "
 
     lm.stats.clear()
     started = time.perf_counter()
-    with _quiet_harness():
+    with quiet_harness():
         built = tasks.build_tasks(names, shots)
         out = lm_eval.simple_evaluate(
             # an empty TaskManager: the tasks come built, and indexing every harness YAML takes ~25 s
@@ -777,7 +777,7 @@ def _number(value) -> float:
 
 
 @contextlib.contextmanager
-def _quiet_harness():
+def quiet_harness():
     """The harness logs a warning per task about custom datasets and default aggregations; keep them out of
     the way unless asked for (routertune -v)."""
     logger = logging.getLogger("lm_eval")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from routertune.eval import tasks
-from routertune.eval.harness import RoutedLM, _Row
+from routertune.eval.harness import RoutedLM, ScoredRow
 
 
 PERPLEXITY_SOURCES = ("lambada", "boolq")
@@ -51,7 +51,7 @@ def perplexity(lm: RoutedLM, texts: Sequence[str], source: str = "", max_tokens:
         if len(ids) < 2:
             continue
         half = max(1, len(ids) // 2)
-        rows.append(_Row(ids, len(ids) - half, half, f"perplexity:{source}"))
+        rows.append(ScoredRow(ids, len(ids) - half, half, f"perplexity:{source}"))
     if not rows:
         raise ValueError("no text long enough to score (need at least 2 tokens)")
     lm.stats.pop(f"perplexity:{source}", None)

@@ -254,13 +254,13 @@ class TaskItems:
 
 def task_items(names: Sequence[str], limit: int | None) -> list[TaskItems]:
     from routertune.eval import tasks
-    from routertune.eval.harness import _quiet_harness
+    from routertune.eval.harness import quiet_harness
 
     out = []
-    with _quiet_harness():
+    with quiet_harness():
         built = tasks.build_tasks(list(names), "zero")
     for name, task in zip(names, built):
-        with _quiet_harness():
+        with quiet_harness():
             task.build_all_requests(limit=limit, rank=0, world_size=1)
         instances = sorted(task.instances, key=lambda inst: (inst.doc_id, inst.idx))
         docs = {}
@@ -532,7 +532,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                                                 "per_text_tokens": s.tokens.tolist()}
                          for v, s in scores.items()},
         }
-        result["matched"][domain] = _match_kl(scores, list(scores), job, num_layers)
+        result["matched"][domain] = match_kl(scores, list(scores), job, num_layers)
         save()
 
     # 2. greedy agreement with dense on held-out chat prompts
@@ -684,7 +684,7 @@ def _curves_kl(scores: dict[Variant, TextScores], variants, num_layers) -> dict[
     return curves
 
 
-def _match_kl(scores, variants, job: TradeoffJob, num_layers: int) -> dict:
+def match_kl(scores, variants, job: TradeoffJob, num_layers: int) -> dict:
     curves = _curves_kl(scores, variants, num_layers)
     tokens = next(iter(scores.values())).tokens
     # per-text KL sums weighted back into a per-token mean: value_i = kl_i / tokens_i, weight tokens_i

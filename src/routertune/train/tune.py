@@ -203,8 +203,8 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 def _records(job: TuneJob) -> tuple[list[dict], list[dict]]:
     if job.data is None:
         return (
-            _mix_forms(data.default_records("train", n=job.samples), job.plain_text),
-            _mix_forms(data.default_records("heldout", n=job.heldout_samples), job.plain_text)
+            mix_forms(data.default_records("train", n=job.samples), job.plain_text),
+            mix_forms(data.default_records("heldout", n=job.heldout_samples), job.plain_text)
             if job.heldout_samples else [],
         )
     records = data.load_any(job.data)
@@ -214,7 +214,7 @@ def _records(job: TuneJob) -> tuple[list[dict], list[dict]]:
     return records[:cut][: job.samples], records[cut:]
 
 
-def _mix_forms(records: list[dict], plain_share: float) -> list[dict]:
+def mix_forms(records: list[dict], plain_share: float) -> list[dict]:
     """Render a deterministic, evenly spread `plain_share` of the records as plain text (the rest stay chat)."""
     out, owed = [], 0.0
     for record in records:
