@@ -154,6 +154,11 @@ MUTANTS = [
            "if runs is None or stored == runs.shape[0]:", "if runs is None:",
            ("test_generate_modes.py", "test_reference.py"),
            "MLP routing stores every row's K/V, but a reshuffle selects them as if only the running rows were stored"),
+    Mutant("top_k_cutoff_counts_sinks", "routing/token_routing.py",
+           "        cutoff = _decode_cutoff(scores, ranked, sinks, k)\n",
+           "        cutoff = top.values.gather(1, (k - 1).clamp_min(0)[:, None]).squeeze(1)\n",
+           ("test_token_routing.py::test_top_k_decode_cutoff_is_the_lowest_non_sink_score_that_ran",),
+           "the k-th score counting the sinks' +inf: when they fill every place no generated token runs again"),
 ]
 
 

@@ -202,6 +202,51 @@ def test_top_k_runs_a_fixed_fraction_of_each_prompt_and_decodes_consistently(fam
         assert torch.equal(cached[row, -(n + 5):], alone[0])
 
 
+def _expected_cutoff(scores: list[float], k: int, sink: int) -> float:
+    """The decode cut-off of one prompt, by the documented rule, from its tokens' router scores in order: the
+    lowest score of a non-sink token that ran (the k places go to the sinks first, then to the highest
+    non-sink scores); when the sinks fill every place, the k-th highest non-sink score (the lowest, if fewer
+    are left); when the prompt is sinks only, the lowest of their own scores."""
+    free = sorted(scores[sink:], reverse=True)
+    if not free:
+        return min(scores)
+    places = k - min(sink, len(scores))
+    return free[min(places if places > 0 else k, len(free)) - 1]
+
+
+@pytest.mark.parametrize("top_k,sink", [(0.1, 1), (0.3, 2), (0.5, 1)])
+def test_top_k_decode_cutoff_is_the_lowest_non_sink_score_that_ran(top_k, sink):
+    """The cut-off a generated token must reach, checked against the scores of each prompt: finite also when
+    the sinks fill all k places (a 5-token prompt at top_k 0.1 gave +inf, and no generated token ever ran a
+    routed layer again), and each decode step runs exactly the tokens that reach it."""
+    routed, _, _, _ = _routed("llama", "attention", token_top_k=top_k, token_sink=sink)
+    lengths = [5, 12, 3, 1]
+    ids, mask, _ = padded_batch(lengths, "left")
+    width = ids.shape[1]
+    scores: dict[int, list[torch.Tensor]] = {layer: [] for layer in routed.routers}
+    hooks = [router.register_forward_hook(lambda m, a, out, layer=layer: scores[layer].append(out.detach()))
+             for layer, router in routed.routers.items()]
+    cache = routed.new_cache()
+    try:
+        with torch.no_grad(), routed.recording() as calls:
+            routed.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=4, min_new_tokens=4,
+                            do_sample=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer, cutoff in cache.cutoffs.items():
+        prefill = scores[layer][0]  # (B, T) every token's score, sinks included
+        for row, n in enumerate(lengths):
+            k = max(1, math.ceil(n * top_k))
+            expected = _expected_cutoff(prefill[row, width - n:].tolist(), k, sink)
+            assert math.isfinite(float(cutoff[row])), f"layer {layer} row {row}: cut-off {float(cutoff[row])}"
+            assert float(cutoff[row]) == pytest.approx(expected, abs=1e-6), f"layer {layer} row {row}"
+        for step, call in enumerate(calls[1:], start=1):
+            is_sink = torch.tensor([[n + step <= sink] for n in lengths])  # a short prompt's first new tokens
+            expected_runs = (scores[layer][step] >= cache.cutoffs[layer][:, None]) | is_sink  # (B, 1)
+            assert torch.equal(call.token_runs[layer], expected_runs), f"layer {layer} step {step}"
+
+
 # --- training ------------------------------------------------------------------------------------------------
 def test_training_forward_equals_inference_and_capacity_counts_token_pairs(family, granularity):
     routed, _, _, _ = _routed(family, granularity)

@@ -2,8 +2,12 @@
 
 Semantics (exact, and what the tests check against a plain model with a per-layer mask):
 - the router scores each token's own normed input (no pooling); a token runs if score >= threshold, or, in
-  top-k mode, if it is among the top `token_top_k` fraction of its sequence's prompt tokens (tokens after the
-  prompt, i.e. generated ones, run if they reach the lowest score that ran in the prompt);
+  top-k mode, if it is among the top `token_top_k` fraction of its sequence's prompt tokens, k = ceil(fraction *
+  prompt tokens), the sinks below taking their places among the k first. Tokens after the prompt (generated
+  ones) run if their score reaches the prompt's cut-off: the lowest score of a non-sink prompt token that ran;
+  when the sinks fill all k places (a short prompt), the k-th highest non-sink prompt score instead (as if the
+  sinks had taken no place); when the prompt is sinks only, the lowest of the sinks' own scores. The cut-off is
+  finite whenever the prompt has a token;
 - the first `token_sink` real tokens of each sequence (default 1) run every routed layer whatever their router
   says: later tokens put much of their attention on them (attention sinks), and a router that skips them there
   costs far more than it saves (README, "Token-level routing");
@@ -148,9 +152,7 @@ class TokenRoutedSublayer(RoutedSublayer):
         runs = torch.zeros_like(ranked)
         runs.scatter_(1, top.indices, chosen)
         runs &= ranked
-        # the lowest score that ran in each row's prompt; rows without prompt tokens run nothing afterwards
-        cutoff = top.values.gather(1, (k - 1).clamp_min(0)[:, None]).squeeze(1)
-        cutoff = torch.where(k > 0, cutoff, torch.full_like(cutoff, float("inf")))
+        cutoff = _decode_cutoff(scores, ranked, sinks, k)
         later = real & ~_columns(call.pool_mask, scores.shape[0], scores.shape[1], scores.device)
         runs |= later & (scores >= cutoff[:, None])
         if isinstance(cache, TokenRoutedCache):
@@ -319,6 +321,27 @@ class TokenRoutedSublayer(RoutedSublayer):
         else:
             gated = gate * main
         return (gated, *out[1:]) if isinstance(out, tuple) else gated
+
+
+def _decode_cutoff(scores: torch.Tensor, ranked: torch.Tensor, sinks: torch.Tensor | None,
+                   k: torch.Tensor) -> torch.Tensor:
+    """(B,) the score a generated token must reach (see the module docstring): the lowest score of a non-sink
+    prompt token that ran; when the sinks fill all k places, the k-th highest non-sink prompt score (as if the
+    sinks had taken none); when the prompt is sinks only, the lowest of their own scores. The sinks' scores
+    are left out otherwise: they run whatever the router says (their +inf stand-in for the top-k made this
+    +inf, so no generated token ever ran again). Rows without prompt tokens keep +inf (nothing to compare to;
+    RoutedModel refuses empty prompts)."""
+    free = ranked if sinks is None else ranked & ~sinks  # (B, T) prompt tokens the router decided
+    n_sinks = (ranked & ~free).sum(1)  # (B,)
+    n_free = free.sum(1)
+    places = torch.where(k > n_sinks, k - n_sinks, k)  # non-sink places that ran, else the k of the rule
+    places = torch.minimum(places, n_free).clamp_min(1)
+    width = min(max(int(places.max()), 1), scores.shape[1])
+    top = scores.masked_fill(~free, float("-inf")).topk(width, dim=1).values  # (B, width)
+    cutoff = top.gather(1, (places - 1)[:, None]).squeeze(1)
+    lowest_sink = scores.masked_fill(~ranked, float("inf")).amin(1)
+    cutoff = torch.where(n_free > 0, cutoff, lowest_sink)
+    return torch.where(k > 0, cutoff, torch.full_like(cutoff, float("inf")))
 
 
 def _config_of(module):
