@@ -1,12 +1,6 @@
-"""The trade-off on a mixed workload: one router threshold for texts of every domain at once.
-
-`routertune tradeoff` compares routers and static drop domain by domain, each at the same measured skip *on
-that domain*: to skip 30% of code the routers' threshold is raised beyond where they would put it, because at
-one threshold they skip less of code than of prose. A server sees one threshold for all its traffic. This takes
-the per-text results of a tradeoff.json, pools the texts of all its domains, and compares the curves at the
-same *pooled* measured skip: the router thresholds measured on every domain, static drop's k (one pattern for
-every text), interpolated per text, with a paired bootstrap over the pooled texts (weighted by scored tokens).
-No model runs; the numbers are those of the file.
+"""The trade-off on a mixed workload (one router threshold for texts of every domain at once), from the per-text
+results of a tradeoff.json: routertune.eval.mixed_workload compares, this writes mixed_workload.json/.md. No model
+runs; the numbers are those of the file.
 
     python benchmarks/mixed_workload.py benchmarks/results/tradeoff/tradeoff.json   # -> mixed_workload.json/.md beside it
 """
@@ -17,53 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
+from routertune.eval.mixed_workload import markdown, mixed_workload
 from routertune.files import write_json
-from routertune.stats import interpolate, paired_bootstrap
-
-
-def mixed_workload(result: dict) -> dict:
-    domains = list(result["domains"])
-    settings = [result["domains"][d]["settings"] for d in domains]
-    shared = set(settings[0]).intersection(*settings[1:])
-    tokens = np.concatenate([np.array(s["dense"]["per_text_tokens"]) for s in settings])
-
-    def pooled(name: str) -> tuple[float, np.ndarray]:
-        # skip: mean over all texts (each domain's mean weighted by its text count); KL per text per token
-        skip = sum(s[name]["skip"] * len(s[name]["per_text_kl"]) for s in settings) / len(tokens)
-        kl = np.concatenate([np.array(s[name]["per_text_kl"]) for s in settings]) / tokens
-        return skip, kl
-
-    curves = {kind: [pooled(n) for n in sorted(shared) if n == "dense" or n.startswith(kind)]
-              for kind in ("static", "routers")}
-    out = {"domains": domains, "texts": int(len(tokens)), "points": {k: [round(x, 4) for x, _ in sorted(v, key=lambda p: p[0])]
-                                                                    for k, v in curves.items()}, "matched": {}}
-    for target in result["job"]["skip_targets"]:
-        static, routers = interpolate(curves["static"], target), interpolate(curves["routers"], target)
-        if static is None or routers is None:
-            out["matched"][f"{target:.2f}"] = {"reached": False}
-            continue
-        diff, low, high = paired_bootstrap(routers[0], static[0], weights=tokens, iterations=result["job"]["bootstrap"])
-        out["matched"][f"{target:.2f}"] = {
-            "reached": True, "static": float((static[0] * tokens).sum() / tokens.sum()),
-            "routers": float((routers[0] * tokens).sum() / tokens.sum()), "minus_static": diff,
-            "interval": [low, high], "static_between": list(static[1]), "routers_between": list(routers[1])}
-    return out
-
-
-def markdown(out: dict) -> str:
-    lines = [f"Mixed workload ({', '.join(out['domains'])}; {out['texts']} texts, one threshold): KL(dense || setting) per token",
-             "", "| pooled measured skip | static | routers | routers - static [95% CI] | router points used |",
-             "|---|---|---|---|---|"]
-    for target, m in out["matched"].items():
-        if not m["reached"]:
-            lines.append(f"| {float(target):.0%} | not reached | | | |")
-            continue
-        lo, hi = m["interval"]
-        lines.append(f"| {float(target):.0%} | {m['static']:.4f} | {m['routers']:.4f} | {m['minus_static']:+.4f} "
-                     f"[{lo:+.4f}, {hi:+.4f}] | {m['routers_between'][0]:.3f}-{m['routers_between'][1]:.3f} |")
-    return "\n".join(lines) + "\n"
 
 
 def main(path: str) -> None:

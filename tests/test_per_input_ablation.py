@@ -1,22 +1,15 @@
-"""benchmarks/per_input_ablation.py's parts: the transforms of the routers' per-input part, the wrapped routers,
-and the threshold bracket. References: the transforms' definitions computed by hand, the plain router module,
+"""routertune.eval.per_input_ablation (benchmarks/per_input_ablation.py drives it): the transforms of the
+routers' per-input part, the wrapped routers, and the threshold bracket. References: the transforms' definitions computed by hand, the plain router module,
 and a constructed step function for the search. The measuring run itself takes the default model and minutes."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from routertune import RoutedModel, RouterConfig
+from routertune.eval import per_input_ablation as ablation
 from tiny_lm import tiny_llama
-
-_SPEC = importlib.util.spec_from_file_location(
-    "per_input_ablation", Path(__file__).parent.parent / "benchmarks" / "per_input_ablation.py")
-ablation = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(ablation)
 
 STATS = {"sd": 2.0, "low": -1.0, "high": 3.0}
 

@@ -279,15 +279,10 @@ def test_relative_fit_skips_a_steadier_number_of_layers_per_input():
 
 
 def test_mixed_workload_pools_texts_and_interpolates_at_the_pooled_skip():
-    """benchmarks/mixed_workload.py against a hand computation: two domains, static drop (k=0, 3 of 30) and two
+    """routertune.eval.mixed_workload against a hand computation: two domains, static drop (k=0, 3 of 30) and two
     router thresholds whose skips differ by domain; at pooled skip 0.1 the routers' per-text KL is the
     per-text linear interpolation between the two router points (pooled skips 0.05 and 0.25)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("mixed_workload", Path(__file__).parent.parent / "benchmarks" / "mixed_workload.py")
-    mixed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mixed)
+    from routertune.eval import mixed_workload as mixed
 
     def setting(skip, kl):
         return {"skip": skip, "per_text_kl": kl, "per_text_tokens": [10.0, 20.0]}

@@ -2,7 +2,7 @@
 
 Inputs are read tolerantly; whatever is missing is said on the page and its plots are skipped:
 
-* bench results (``"schema": "routertune.bench/1"``, written by `routertune bench` / benchmarks/bench.py):
+* bench results (``"schema": "routertune.bench/1"``, written by `routertune bench`):
   speed-up against context length next to the ideal speed-up, decode throughput, KV-cache bytes and peak
   memory, and the tables and target checks;
 * evaluation results: `routertune compare` (compare.json: settings with kind, skip_ratio, scores per task,

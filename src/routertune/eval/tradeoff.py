@@ -685,6 +685,8 @@ def _curves_kl(scores: dict[Variant, TextScores], variants, num_layers) -> dict[
 
 
 def match_kl(scores, variants, job: TradeoffJob, num_layers: int) -> dict:
+    """Per skip target of `job`: the KL curves of `variants` (one per family) interpolated at that measured skip and
+    compared per token (texts weighted by their scored tokens, paired bootstrap), as `compare_curves` does."""
     curves = _curves_kl(scores, variants, num_layers)
     tokens = next(iter(scores.values())).tokens
     # per-text KL sums weighted back into a per-token mean: value_i = kl_i / tokens_i, weight tokens_i
