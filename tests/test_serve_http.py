@@ -84,9 +84,21 @@ def test_malformed_settings_are_refused_naming_the_key(extra, key, says):
 
 
 def test_a_model_without_routers_takes_no_routing_settings():
+    from routertune.serve.requests import routed_layers_of
+
     check_request_args(SimpleNamespace(extra_args={"other": 1}), None)
     with pytest.raises(ValueError, match="no routers"):
         check_request_args(SimpleNamespace(extra_args={"routertune_force": "run"}), None)
+
+    def layers(section):
+        config = SimpleNamespace(num_hidden_layers=4, get_text_config=lambda: SimpleNamespace(num_hidden_layers=4))
+        if section is not None:
+            config.routertune = section
+        return routed_layers_of(SimpleNamespace(hf_config=config))
+
+    assert layers(None) is None
+    assert layers({"static_skip": [1, 2], "router_config": RouterConfig(layers=[1, 2]).to_dict()}) is None
+    assert layers({"router_config": RouterConfig(layers=LAYERS).to_dict()}) == LAYERS
 
 
 # --- a tiny routed export ---------------------------------------------------------------------------------
@@ -197,9 +209,14 @@ def _serve_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600, env=dict(os.environ, **SERVER_ENV))
 
 
+@pytest.mark.slow
+@pytest.mark.serve
 def test_serve_adds_what_routed_serving_needs_and_refuses_what_cannot_work(tiny_export, tmp_path):
     _needs_vllm()
+    from routertune.serve.engine import ServeJob, server_command
+
     export = str(tiny_export["export"])
+    # the command as printed (routertune's own flags may follow EXPORT; the rest go to vLLM untouched)
     done = _serve_cli(export, "--port", "8123", "--routing-log", str(tmp_path / "log.jsonl"), "--dry-run")
     assert done.returncode == 0, done.stderr[-3000:]
     line = done.stdout.strip().splitlines()[-1]
@@ -208,19 +225,41 @@ def test_serve_adds_what_routed_serving_needs_and_refuses_what_cannot_work(tiny_
            "--max-num-batched-tokens 2048" in line, line
     assert f"ROUTERTUNE_SERVE_LOG={tmp_path / 'log.jsonl'}" in line
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in line
-    done = _serve_cli(export, "--max-model-len=512", "--dry-run")
-    assert done.returncode == 0 and "--max-model-len=512 --enforce-eager --no-enable-prefix-caching " \
-        "--no-enable-chunked-prefill --max-num-batched-tokens 512" in done.stdout, done.stdout + done.stderr[-2000:]
-    done = _serve_cli(export, "--enable-prefix-caching", "--enable_chunked_prefill", "--no-enforce-eager",
-                      "--max-model-len", "1024", "--max-num-batched-tokens", "256", "--dry-run")
-    assert done.returncode == 2, done.stdout
+
+    def command(*flags, **job):
+        return server_command(ServeJob(export=job.pop("export", export), **job), list(flags))
+
+    assert command("--max-model-len=512").argv[-6:] == [
+        "--max-model-len=512", "--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
+        "--max-num-batched-tokens", "512"]
+    kept = command("--enforce-eager", "--max-num-batched-tokens", "4096", "--max_model_len", "1024")
+    assert kept.added == ["--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
+    with pytest.raises(ValueError) as refused:
+        command("--enable-prefix-caching", "--enable_chunked_prefill", "--no-enforce-eager", "--max-model-len", "1k",
+                "--max-num-batched-tokens", "256", "--speculative-config", '{"method": "ngram"}')
     for flag in ("--enable-prefix-caching", "--enable-chunked-prefill", "--no-enforce-eager",
-                 "--max-num-batched-tokens 256 below --max-model-len 1024"):
-        assert flag in done.stderr, (flag, done.stderr[-2000:])
-    done = _serve_cli(export, "--model", export, "--dry-run")
-    assert done.returncode == 2 and "drop --model" in done.stderr, done.stderr[-2000:]
-    done = _serve_cli(str(tmp_path / "missing"), "--dry-run")
-    assert done.returncode == 2 and "no config.json" in done.stderr, done.stderr[-2000:]
+                 "--max-num-batched-tokens 256 below --max-model-len 1000", "--speculative-config"):
+        assert flag in str(refused.value), (flag, str(refused.value))
+    with pytest.raises(ValueError, match="drop --model"):
+        command("--model", export)
+    with pytest.raises(ValueError, match="does not accept"):
+        command("--no-such-vllm-flag")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        command(export=str(tmp_path / "missing"))
+    # a folder without routers (the static export's case) is served as given, and takes no routing log
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"architectures": ["DeciLMForCausalLM"]}))
+    assert command("--enable-prefix-caching", export=str(plain)).added == []
+    with pytest.raises(ValueError, match="not a routed export"):
+        command(export=str(plain), routing_log=str(tmp_path / "log.jsonl"))
+    # a static drop served by the routed classes (families other than llama): eager mode, nothing else forced
+    (plain / "config.json").write_text(json.dumps({"architectures": ["RoutertuneQwen2ForCausalLM"],
+                                                   "routertune": {"static_skip": [1, 2]}}))
+    static = command("--enable-prefix-caching", export=str(plain))
+    assert static.added == ["--enforce-eager"] and not static.routed
+    with pytest.raises(ValueError, match="drop --no-enforce-eager"):
+        command("--no-enforce-eager", export=str(plain))
 
 
 # --- the HTTP server --------------------------------------------------------------------------------------
@@ -294,6 +333,8 @@ def _decided(server, response_id: str) -> dict:
     return mine[0]
 
 
+@pytest.mark.slow
+@pytest.mark.serve
 def test_http_per_request_routing_settings(server, tiny_export):
     expected = tiny_export["expected"]
     cases = [
@@ -336,6 +377,8 @@ def test_http_per_request_routing_settings(server, tiny_export):
 
 
 # --- LLM.generate -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.serve
 def test_llm_generate_raises_value_error_and_keeps_serving(tiny_export, tmp_path):
     _needs_vllm()
     request = {"model": str(tiny_export["export"]), "engine": {"max_model_len": 512}, "max_tokens": NEW_TOKENS,

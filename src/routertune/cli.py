@@ -249,7 +249,7 @@ def cmd_serve(args) -> int:
     mine, vllm_args = own.parse_known_args(args.vllm_args)
     job = _build(engine.ServeJob, argparse.Namespace(**{**vars(args), **vars(mine)}))
     command = engine.server_command(job, vllm_args)
-    kind = "routed export" if command.routed else "export without routers (static drop): served as given"
+    kind = "routed export" if command.routed else "export without routers (static drop)"
     print(f"routertune serve: {kind}; " + (f"added {' '.join(command.added)}; " if command.added else "")
           + " ".join(f"{k}={v}" for k, v in command.env.items()) + (" " if command.env else "")
           + shlex.join(command.argv), flush=True)

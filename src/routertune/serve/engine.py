@@ -57,25 +57,32 @@ class ServerCommand:
 _UNSET = object()
 
 
-def _export_kind(export: str) -> bool:
-    """True for a routed export, False for a static (or other plain) one; refuses a folder without config.json."""
+def _export_kind(export: str) -> str:
+    """"routed" (routers decide), "static_skip" (a static drop served by the routed classes: fixed skips, no
+    routers) or "plain" (vLLM's native DeciLM static drop, or any folder without a routing section); refuses a
+    folder without config.json."""
     from .config import CONFIG_KEY
 
     config = Path(export) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{export} has no config.json; serve a folder written by `routertune export "
                                 "--routers DIR --output EXPORT` (or --static K)")
-    return CONFIG_KEY in json.loads(config.read_text())
+    section = json.loads(config.read_text()).get(CONFIG_KEY)
+    if section is None:
+        return "plain"
+    return "static_skip" if isinstance(section, dict) and section.get("static_skip") is not None else "routed"
 
 
 def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
     """vLLM's OpenAI server command for `job.export`. The user's flags are read with vLLM's own parser (the
     forms vLLM accepts: --flag=value, --config FILE.yaml, ...); for a routed export, flags under which a
     decision would not see its whole prompt or the routed layers could not branch per request are refused,
-    and the required ones added where absent. A static export is served as given."""
+    and the required ones added where absent. A static export is served as given (eager mode added when it
+    is served by the routed classes: families other than llama)."""
     if not job.export:
         raise ValueError("routertune serve needs the export folder: routertune serve EXPORT [vLLM server flags]")
-    routed = _export_kind(job.export)
+    kind = _export_kind(job.export)
+    routed = kind == "routed"
     env = {}
     if job.routing_log:
         if not routed:
@@ -100,6 +107,13 @@ def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
     if given.model is not _UNSET or getattr(given, "model_tag", None):
         raise ValueError(f"the model is EXPORT ({job.export}); drop --model / the positional model from the vLLM flags")
     added: list[str] = []
+    if kind == "static_skip":
+        # the routed classes' layers branch in Python (no graph capture), even when every request skips alike
+        if given.enforce_eager is False:
+            raise ValueError(f"{job.export} is a static drop served by routertune's routed classes, which run in "
+                             "eager mode only: drop --no-enforce-eager")
+        if given.enforce_eager is _UNSET:
+            added.append("--enforce-eager")
     if routed:
         problems = []
         if given.enable_prefix_caching is True:

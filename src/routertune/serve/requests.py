@@ -309,8 +309,8 @@ def routed_layers_of(model_config) -> list[int] | None:
 
     hf_config = model_config.hf_config
     section = getattr(hf_config, CONFIG_KEY, None)
-    if section is None:
-        return None
+    if section is None or isinstance(section, dict) and section.get("static_skip") is not None:
+        return None  # no routers: a plain model, or a static-drop export served by the routed classes
     text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
     return ServeRouting.from_dict(section).router_config.resolved_layers(int(text_config.num_hidden_layers))
 
