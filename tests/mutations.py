@@ -35,6 +35,7 @@ class Mutant:
     new: str
     tests: tuple[str, ...]  # test files (relative to tests/) that should catch it
     why: str = ""
+    slow: bool = False  # its tests are marked slow (vLLM engines): run them instead of deselecting them
 
 
 GENERATE = ("test_generate_modes.py", "test_reference.py", "test_routing.py")
@@ -159,12 +160,27 @@ MUTANTS = [
            "        cutoff = top.values.gather(1, (k - 1).clamp_min(0)[:, None]).squeeze(1)\n",
            ("test_token_routing.py::test_top_k_decode_cutoff_is_the_lowest_non_sink_score_that_ran",),
            "the k-th score counting the sinks' +inf: when they fill every place no generated token runs again"),
+    # --- serving: per-request routing settings checked at admission, flat vllm_xargs keys (routertune serve) ----
+    # slow: they start vLLM's OpenAI server / an engine (tests/test_serve_http.py), minutes each
+    Mutant("serve_admission_check_removed", "serve/plugin.py",
+           "    requests.install_admission_check()", "    pass",
+           ("test_serve_http.py::test_http_per_request_routing_settings",),
+           "a malformed routing setting reaches the engine: no HTTP 400 (the engine died of it before the fix)",
+           slow=True),
+    Mutant("serve_flat_threshold_ignored", "serve/requests.py",
+           "thresholds.append(settings.threshold if settings is not None else None)", "thresholds.append(None)",
+           ("test_serve_http.py::test_http_per_request_routing_settings",),
+           "routertune_threshold accepted but the export's thresholds decide", slow=True),
+    Mutant("serve_flat_keys_not_read", "serve/requests.py",
+           "if isinstance(k, str) and k.startswith(FLAT_PREFIX)}", "if False}",
+           ("test_serve_http.py",), "only the nested extra_args form is read; vllm_xargs keys are ignored"),
 ]
 
 
-def _run_pytest(src: Path, tests: list[str], timeout: int) -> tuple[int, float, str]:
+def _run_pytest(src: Path, tests: list[str], timeout: int, slow: bool = False) -> tuple[int, float, str]:
     env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
+    markers = [] if slow else ["-m", "not slow"]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", *markers, "-p", "no:cacheprovider", *tests]
     started = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="routertune-mutants-") as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        code, seconds, detail = _run_pytest(src, tests_for(None), args.timeout)
+        code, seconds, detail = _run_pytest(src, tests_for(None), args.timeout, any(m.slow for m in chosen))
         verdict = "passes" if code == 0 else "TIMED OUT (raise --timeout)" if code == -1 else "FAILS"
         print(f"baseline (no mutation): {verdict} in {seconds:.0f}s")
         if code != 0:
@@ -212,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             path.write_text(original.replace(mutant.old, mutant.new))
             try:
-                code, seconds, detail = _run_pytest(src, tests_for(mutant), args.timeout)
+                code, seconds, detail = _run_pytest(src, tests_for(mutant), args.timeout, mutant.slow)
             finally:
                 path.write_text(original)
             caught = code not in (0, 5, -1)  # 5: no tests collected; -1: timed out, so unknown
