@@ -174,6 +174,19 @@ MUTANTS = [
     Mutant("serve_flat_keys_not_read", "serve/requests.py",
            "if isinstance(k, str) and k.startswith(FLAT_PREFIX)}", "if False}",
            ("test_serve_http.py",), "only the nested extra_args form is read; vllm_xargs keys are ignored"),
+    # --- issue 25: a demo that never goes silent (routertune.progress events; tests/test_demo.py listens) -----------
+    Mutant("accuracy_items_progress_silent", "eval/tradeoff.py",
+           "                if progress:\n                    progress(len(chunk))\n",
+           "                pass\n",
+           ("test_demo.py",), "a setting of the accuracy runs takes minutes at full size with no count moving"),
+    Mutant("agreement_progress_silent", "eval/tradeoff.py",
+           "        bar.update(1)\n    bar.close()\n    return out\n",
+           "    bar.close()\n    return out\n",
+           ("test_demo.py",), "greedy agreement runs every setting with no count moving"),
+    Mutant("importance_fit_progress_silent", "train/importance.py",
+           "                    progress(int(batch[\"input_ids\"].shape[0]))\n",
+           "                    pass\n",
+           ("test_demo.py",), "the training stage's dense pass (minutes at 1,000 records) shows nothing"),
 ]
 
 

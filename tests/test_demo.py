@@ -25,10 +25,49 @@ def test_demo_job_validation(field, value, message):
         DemoJob(**{field: value})
 
 
+# Every part of the demo that can run for minutes at full size, by stage: each must report a count as it goes
+# (routertune.progress events; the terminal shows the same counts as bars). Accuracy parts only when tasks run.
+def expected_parts(tasks=()) -> dict[str, set[str]]:
+    return {"train": {"importance fit"}, "generate": {"generate"},
+            "tradeoff": {"KL lambada", "KL wikipedia", "KL code", "agreement"}
+            | {f"{kind} {task}" for task in tasks for kind in ("placement", "accuracy")},
+            "bench": {"bench"}, "report": {"report"}}
+
+
+def assert_every_part_reports(events, tasks=()) -> None:
+    """Each expected part of each stage sent at least one event with a count of finished units (done >= 1),
+    and the counts of a part never run backwards nor past a known total."""
+    counted: dict[str, set[str]] = {}
+    by_part: dict[tuple[str, str], list] = {}
+    for e in events:
+        by_part.setdefault((e.stage, e.part), []).append(e)
+        if e.done >= 1:
+            counted.setdefault(e.stage, set()).add(e.part)
+    for stage, parts in expected_parts(tasks).items():
+        silent = parts - counted.get(stage, set())
+        assert not silent, f"stage {stage}: no progress count from {sorted(silent)} (got {sorted(counted.get(stage, ()))})"
+    for (stage, part), seq in by_part.items():
+        done = [e.done for e in seq]
+        assert done == sorted(done), (stage, part, done)
+        assert all(e.total is None or e.done <= e.total for e in seq), (stage, part, [(e.done, e.total) for e in seq])
+
+
+def test_demo_defaults_fit_a_coffee_break_and_full_restores_the_full_settings():
+    from routertune.demo import FULL, QUICK
+
+    quick, full = DemoJob(), DemoJob(full=True)
+    assert quick.tasks == [] and quick.samples == QUICK["samples"] and quick.bench_lengths == [512]
+    assert full.tasks == ["arc_easy", "piqa"] and full.samples == 1000 and full.bench_lengths == [128, 512, 2048]
+    assert {name: getattr(full, name) for name in FULL} == FULL
+    assert DemoJob(full=True, samples=50).samples == 50  # an explicit flag wins over either size
+
+
 def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys):
-    """The main job's plumbing end to end in seconds (the real model runs it in test_real_model.py)."""
+    """The main job's plumbing end to end in seconds (the real model runs it in test_real_model.py), and every
+    stage and every part of the trade-off reports its progress with a count."""
     import json
 
+    from routertune import progress
     from routertune.cli import main
     from tiny_lm import tiny_llama, tiny_tokenizer
 
@@ -36,15 +75,21 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys):
     tiny_llama(layers=6).save_pretrained(model)
     tiny_tokenizer().save_pretrained(model)
     out = tmp_path / "demo"
-    code = main(["demo", "--model", str(model), "--output", str(out), "--samples", "24", "--limit", "6",
-                 "--texts", "3", "--fidelity-prompts", "2", "--calibration-samples", "4", "--bench-repeats", "2",
-                 "--bench-lengths", "16", "--decode-prompt", "8", "--decode-tokens", "2"])
+    events = []
+    with progress.listening(events.append):
+        code = main(["demo", "--model", str(model), "--output", str(out), "--samples", "24", "--tasks", "arc_easy",
+                     "--limit", "6", "--texts", "3", "--fidelity-prompts", "2", "--calibration-samples", "4",
+                     "--bench-repeats", "2", "--bench-lengths", "16", "--decode-prompt", "8", "--decode-tokens", "2"])
     assert code == 0
+    assert_every_part_reports(events, tasks=["arc_easy"])
     printed = capsys.readouterr().out
     for stage in ("[1/5] train", "[2/5] generate", "[3/5] tradeoff", "[4/5] bench", "[5/5] report"):
         assert stage in printed
     summary = (out / "summary.md").read_text()
     assert "| lambada (KL/token) | 10% |" in summary and "distinct skip patterns" in summary
+    assert "| arc_easy (acc, %) | 10%" in summary
+    assert "docs/evaluation.md and docs/demo.md" in summary and "routertune demo --full" in summary
+    assert "about 15 minutes" in printed.splitlines()[0]  # the banner states the expected time
     assert "prefill 16 tokens" in summary
     assert json.loads((out / "train_metrics.json").read_text())["train"]["objective"] == "importance"
     assert (out / "report" / "tradeoff.png").exists()

@@ -69,13 +69,21 @@ def test_real_model_mixed_batch_cache_and_kv(trained):
 
 
 def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
-    """The README's main job, shrunk: every stage runs on the real model and the summary reads its results."""
+    """The README's main job, shrunk: every stage runs on the real model, reports its progress with counts (every
+    part of the trade-off too), and the summary reads its results."""
+    from test_demo import assert_every_part_reports
+
+    from routertune import progress
+
     out = tmp_path / "demo"
-    code = main(["demo", "--output", str(out), "--samples", "24", "--heldout-samples", "4", "--limit", "6",
-                 "--texts", "2", "--fidelity-prompts", "1", "--calibration-samples", "8", "--sweep-points", "4",
-                 "--random-seeds", "1", "--skip-targets", "0.1", "--bench-repeats", "2", "--bench-lengths", "16",
-                 "--decode-prompt", "16", "--decode-tokens", "2"])
+    events = []
+    with progress.listening(events.append):
+        code = main(["demo", "--output", str(out), "--samples", "24", "--heldout-samples", "4", "--tasks", "arc_easy",
+                     "--limit", "6", "--texts", "2", "--fidelity-prompts", "1", "--calibration-samples", "8",
+                     "--sweep-points", "4", "--random-seeds", "1", "--skip-targets", "0.1", "--bench-repeats", "2",
+                     "--bench-lengths", "16", "--decode-prompt", "16", "--decode-tokens", "2"])
     assert code == 0
+    assert_every_part_reports(events, tasks=["arc_easy"])
     printed = capsys.readouterr().out
     for stage in ("[1/5] train", "[2/5] generate", "[3/5] tradeoff", "[4/5] bench", "[5/5] report"):
         assert stage in printed

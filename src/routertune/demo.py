@@ -4,7 +4,9 @@ trade-off against static and random drop on the same items, benchmark speed, wri
 it all: the routers beside static drop at matched measured skip, with intervals.
 
 Each stage is an existing job (TuneJob, GenerateJob, TradeoffJob, BenchConfig, ReportConfig); this module
-only chooses settings that fit about 40 minutes on one CPU thread and reads the results back.
+only chooses settings (a coffee-break size by default, the full one with --full) and reads the results back.
+Every stage reports progress (routertune.progress): a bar with a count on the terminal, and events that the
+tests listen to, so that no part runs silently for minutes.
 """
 
 from __future__ import annotations
@@ -23,40 +25,74 @@ DEMO_PROMPTS = [
 STAGES = ("train", "generate", "tradeoff", "bench", "report")
 
 
+# The two sizes of the job. QUICK (the default) shows every stage working in a coffee break: KL to the dense
+# model resolves routers against static drop with a dozen texts a domain, while accuracy on a few hundred items
+# cannot (intervals several points wide), so it is left to --full, which restores the earlier full settings.
+QUICK = dict(samples=256, tasks=[], limit=200, texts=12, fidelity_prompts=8, bench_lengths=[512], bench_repeats=5,
+             decode_tokens=16)
+FULL = dict(samples=1000, tasks=["arc_easy", "piqa"], limit=200, texts=16, fidelity_prompts=16,
+            bench_lengths=[128, 512, 2048], bench_repeats=7, decode_tokens=32)
+# measured (see the README's demo section): wall minutes on one CPU thread, set-up excluded
+QUICK_MINUTES = "15"
+FULL_MINUTES = "40"
+FULL_COMMAND = "routertune demo --full"
+FULL_DOCS = "docs/evaluation.md and docs/demo.md"  # where the measurements that decide are written up
+HELP = (f"main job: train, generate, trade-off vs static and random drop, benchmark, report, summary; about "
+        f"{QUICK_MINUTES} minutes on one CPU thread (`{FULL_COMMAND}`: the full settings, about {FULL_MINUTES} "
+        "minutes)")
+
+
+def _size_help(name: str, what: str) -> dict:
+    def shown(value) -> str:
+        return (" ".join(map(str, value)) or "none") if isinstance(value, list) else str(value)
+
+    return {"help": f"{what} (default: {shown(QUICK[name])}; with --full: {shown(FULL[name])})",
+            "default_in_help": True}
+
+
 @dataclass
 class DemoJob:
-    """What `routertune demo` does; every field is a flag. The defaults take ~40 minutes on one CPU thread."""
+    """What `routertune demo` does; every field is a flag. Fields left at None take the demo's size (QUICK), or
+    the full size with --full (FULL); a flag given explicitly wins over either."""
 
     output: str = field(default="runs/demo", metadata={"help": "folder for everything the job writes (replaced on each run)"})
     model: str | None = field(default=None, metadata={"help": "base model (default: embedded SmolLM2-135M-Instruct)"})
     cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
-    samples: int = field(default=1000, metadata={"help": "training records (the paper's ~1,000)"})
+    full: bool = field(default=False, metadata={"help": f"the full measurement (about {FULL_MINUTES} minutes): "
+                                                        "1,000 training samples, ARC-Easy and PIQA accuracy, 16 "
+                                                        "texts a domain, the bench at 128/512/2048 tokens"})
+    samples: int | None = field(default=None, metadata=_size_help("samples", "training records (the paper's ~1,000)"))
     heldout_samples: int = field(default=32, metadata={"help": "held-out records for the training stage's loss report"})
     capacity: float = field(default=0.75, metadata={"help": "fraction of routed attention layers the routers run at the default threshold"})
-    tasks: list[str] | None = field(default=None, metadata={"help": "multiple-choice tasks of the trade-off (default: arc_easy piqa)"})
-    limit: int = field(default=200, metadata={"help": "items per task in the trade-off"})
-    texts: int = field(default=16, metadata={"help": "held-out texts per domain (LAMBADA, Wikipedia, code) for KL and perplexity"})
-    skip_targets: list[float] | None = field(default=None, metadata={"help": "measured skip ratios where routers and static drop are compared (default: 0.1 0.2)"})
-    fidelity_prompts: int = field(default=16, metadata={"help": "held-out prompts for greedy agreement with the dense model"})
+    tasks: list[str] | None = field(default=None, metadata={**_size_help("tasks", "multiple-choice tasks of the trade-off; the flag with no names runs none"), "may_be_empty": True})
+    limit: int | None = field(default=None, metadata=_size_help("limit", "items per task in the trade-off"))
+    texts: int | None = field(default=None, metadata=_size_help("texts", "held-out texts per domain (LAMBADA, Wikipedia, code) for KL and perplexity"))
+    skip_targets: list[float] | None = field(default=None, metadata={"help": "measured skip ratios where routers and static drop are compared (default: 0.1 0.2)", "default_in_help": True})
+    fidelity_prompts: int | None = field(default=None, metadata=_size_help("fidelity_prompts", "held-out prompts for greedy agreement with the dense model"))
     sweep_points: int = field(default=8, metadata={"help": "router thresholds in the trade-off's sweep"})
     random_seeds: int = field(default=2, metadata={"help": "random-drop seeds in the trade-off"})
     calibration_samples: int = field(default=32, metadata={"help": "chat prompts for static-drop importance and the sweep's placement"})
-    bench_lengths: list[int] | None = field(default=None, metadata={"help": "prefill lengths benchmarked (default: 128 512 2048)"})
-    bench_repeats: int = field(default=7, metadata={"help": "paired repeats per prefill setting (the summary gives the interval)"})
+    bench_lengths: list[int] | None = field(default=None, metadata=_size_help("bench_lengths", "prefill lengths benchmarked"))
+    bench_repeats: int | None = field(default=None, metadata=_size_help("bench_repeats", "paired repeats per prefill setting (the summary gives the interval)"))
     decode_prompt: int = field(default=512, metadata={"help": "prompt tokens before decoding in the benchmark"})
-    decode_tokens: int = field(default=32, metadata={"help": "tokens decoded per sequence in the benchmark"})
+    decode_tokens: int | None = field(default=None, metadata=_size_help("decode_tokens", "tokens decoded per sequence in the benchmark"))
     bench: bool = field(default=True, metadata={"help": "run the speed benchmark stage"})
 
     def __post_init__(self) -> None:
         from routertune.eval import tasks
         from .calibrate import check_capacity
 
-        self.tasks = ["arc_easy", "piqa"] if self.tasks is None else list(self.tasks)
-        self.bench_lengths = [128, 512, 2048] if self.bench_lengths is None else list(self.bench_lengths)
+        size = FULL if self.full else QUICK
+        for name, value in size.items():
+            if getattr(self, name) is None:
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+        self.tasks = list(self.tasks)
+        self.bench_lengths = list(self.bench_lengths)
         self.skip_targets = [0.1, 0.2] if self.skip_targets is None else list(self.skip_targets)
         problems = []
-        try:  # an unknown task fails here, not after the training stage
-            tasks.check_task_names(self.tasks)
+        try:  # an unknown task fails here, not after the training stage (no tasks: KL alone, the default)
+            if self.tasks:
+                tasks.check_task_names(self.tasks)
         except ValueError as error:
             problems.append(str(error))
         try:
@@ -76,6 +112,15 @@ class DemoJob:
             raise ValueError("Invalid demo job: " + "; ".join(dict.fromkeys(problems)))
 
 
+def banner(job: DemoJob) -> str:
+    """The first line the demo prints: what it runs, how long that takes, where it writes."""
+    size = (f"the full measurement, about {FULL_MINUTES} minutes" if job.full else
+            f"demo size, about {QUICK_MINUTES} minutes; `{FULL_COMMAND}` for the full measurement, about "
+            f"{FULL_MINUTES} minutes")
+    return (f"routertune demo on {job.model or 'the embedded SmolLM2-135M-Instruct'}: {len(STAGES)} stages "
+            f"({', '.join(STAGES)}), {size}, on one CPU thread -> {job.output}")
+
+
 @dataclass
 class DemoResult:
     output: str
@@ -91,6 +136,15 @@ class DemoResult:
 def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
              finished: Callable[[str, object], None] = lambda stage, outcome: None) -> DemoResult:
     """Run every stage in order; `announce` gets a line as each stage starts, `finished` each stage's outcome."""
+    from routertune import progress
+
+    try:
+        return _run_demo(job, announce, finished)
+    finally:
+        progress.set_stage("")  # events after the demo (or after a stage that failed) carry no stage
+
+
+def _run_demo(job: DemoJob, announce, finished) -> DemoResult:
     from routertune import report
     from routertune.bench import runner as bench
     from routertune import generate
@@ -98,6 +152,7 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
     from routertune.eval import tradeoff
     from .files import atomic_write
     from routertune.train.loop import TrainConfig
+    from routertune import progress
 
     out = Path(job.output)
     _claim(out, job)
@@ -105,10 +160,13 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
     running = {"name": None, "since": time.perf_counter()}
 
     def stage(name: str | None, what: str = "") -> None:
-        """Close the running stage's clock; announce and start the next one (None: the end)."""
+        """Close the running stage's clock; announce and start the next one (None: the end). Progress events
+        of the stage's code carry its name."""
         now = time.perf_counter()
         if running["name"]:
             seconds[running["name"]] = now - running["since"]
+            announce(f"[{running['name']}: {seconds[running['name']]:.0f} s]")
+        progress.set_stage(name or "")
         running.update(name=name, since=now)
         if name:
             announce(f"\n[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what}")
@@ -123,16 +181,20 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
     finished("train", tune)
 
     stage("generate", "greedy completions of the demo prompts, with run/SKIP per routed layer")
-    generations = generate.generate(generate.GenerateJob(
-        prompts=DEMO_PROMPTS, routers=str(out), model=job.model, cache_dir=job.cache_dir, max_new_tokens=48))
+    with progress.bar("generate", len(DEMO_PROMPTS), unit="prompt") as bar:  # seconds: one count at the end
+        generations = generate.generate(generate.GenerateJob(
+            prompts=DEMO_PROMPTS, routers=str(out), model=job.model, cache_dir=job.cache_dir, max_new_tokens=48))
+        bar.update(len(generations))
     finished("generate", generations)
 
     from .config import RouterConfig
 
     num_layers = RouterConfig.load(str(out)).base_model.num_hidden_layers  # static drop's k per target
     targets = ", ".join(f"{t:.0%}" for t in job.skip_targets)
-    stage("tradeoff", f"KL to dense on {job.texts} texts x 3 held-out domains, {', '.join(job.tasks)} "
-                      f"({job.limit} items each), greedy agreement: a threshold sweep against static and random "
+    accuracy = (f"{', '.join(job.tasks)} accuracy ({job.limit} items each)" if job.tasks else
+                "no accuracy tasks (they do not resolve at demo size: --full or --tasks)")
+    stage("tradeoff", f"KL to dense on {job.texts} texts x 3 held-out domains, greedy agreement on "
+                      f"{job.fidelity_prompts} prompts, {accuracy}: a threshold sweep against static and random "
                       f"drop, compared at {targets} measured skip")
     curve = tradeoff.run_tradeoff(tradeoff.TradeoffJob(
         routers=str(out), output=str(out / "tradeoff"), model=job.model, cache_dir=job.cache_dir,
@@ -155,13 +217,15 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
             overhead_steps=min(256, 8 * job.decode_tokens),
             # one thread on the process CPU clock: time spent waiting for a core (a shared machine) is not counted
             threads=1, clock="cpu", output=str(out / "bench.json"))
-        bench_json = bench.run_bench(cfg, progress=bench.progress_bar(cfg)).to_dict()
+        bench_json = bench.run_bench(cfg, progress=_bench_progress(bench.progress_bar(cfg))).to_dict()
         finished("bench", bench_json)
 
     stage("report", f"tables and plots -> {out / 'report'}")
     inputs = [str(out / "tradeoff" / tradeoff.RESULT_NAME)] + ([str(out / "bench.json")] if bench_json else [])
-    page = report.build_report(report.ReportConfig(inputs=inputs, output=str(out / "report"),
-                                                   title="routertune demo"))
+    with progress.bar("report", 1, unit="page") as bar:
+        page = report.build_report(report.ReportConfig(inputs=inputs, output=str(out / "report"),
+                                                       title="routertune demo"))
+        bar.update(1)
     stage(None)
 
     result = DemoResult(output=str(out), seconds=seconds, tune=tune, generations=generations, tradeoff=curve,
@@ -169,6 +233,23 @@ def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
     result.summary = summary_table(result)
     atomic_write(out / "summary.md", lambda p: Path(p).write_text("\n".join(result.summary) + "\n"))
     return result
+
+
+def _bench_progress(draw: Callable[[str], None]) -> Callable[[str], None]:
+    """The bench's own progress callback (each message names the measurement starting, so the one before it
+    is done; "done" ends it) also counted as progress events."""
+    from routertune.progress import bar
+
+    counted = bar("bench", None, unit="setting", show=False)  # the bench draws its own bar
+    begun = []
+
+    def note(message: str) -> None:
+        draw(message)
+        if begun:
+            counted.update(1)
+        begun.append(message)
+
+    return note
 
 
 JOB_NAME = "demo_job.json"
@@ -212,6 +293,12 @@ def summary_table(result: DemoResult) -> list[str]:
     if result.bench:
         lines += [""] + _speed_lines(result.bench)
     lines.append("")
+    if not result.tradeoff.get("tasks"):
+        lines.append("Accuracy was not measured: on a few hundred items a task its intervals are several points "
+                     "wide and settle nothing, so the demo leaves it to the full run.")
+    lines.append(f"This is the demo's size. The full measurements (more texts and tasks, all items, the bench at "
+                 f"every length) are in {FULL_DOCS}; `{FULL_COMMAND}` reruns this job at its full size (about "
+                 f"{FULL_MINUTES} minutes).")
     lines.append("Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
                  + f" (total {sum(result.seconds.values()) / 60:.1f} min).")
     return lines

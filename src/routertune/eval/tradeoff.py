@@ -30,8 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
+from routertune.progress import bar as progress_bar
 from routertune.routing import arch
 from routertune.routing import static_drop as baselines
 from routertune.routing import state as routing
@@ -277,8 +276,13 @@ class TaskScores:
     skip: float  # measured fraction of all attention sublayers skipped over the task's contexts
 
 
+TASK_CHUNK = 25  # items scored per call, so that a setting that takes minutes reports its progress as it goes
+
+
 def score_tasks(routed, tokenizer, items: Sequence[TaskItems], variant: Variant, num_layers: int,
-                batch_tokens: int = 4096) -> dict[str, TaskScores]:
+                batch_tokens: int = 4096, progress: Callable[[int], None] | None = None) -> dict[str, TaskScores]:
+    """Accuracy of `variant` on every item; `progress` gets the number of items finished, chunk by chunk (an
+    item's choices stay in one chunk, so their shared context is still scored once)."""
     from routertune.eval.harness import RoutedLM
 
     out = {}
@@ -286,10 +290,15 @@ def score_tasks(routed, tokenizer, items: Sequence[TaskItems], variant: Variant,
         lm = RoutedLM(routed, tokenizer, batch_tokens=batch_tokens, progress=False)
         for task in items:
             lm.stats.clear()
-            results = lm.loglikelihood(task.instances, disable_tqdm=True)
             by_doc: dict[int, list] = {}
-            for inst, result in zip(task.instances, results):
-                by_doc.setdefault(inst.doc_id, []).append(result)
+            doc_ids = [doc_id for doc_id, _ in task.docs]
+            for start in range(0, len(doc_ids), TASK_CHUNK):
+                chunk = set(doc_ids[start: start + TASK_CHUNK])
+                instances = [inst for inst in task.instances if inst.doc_id in chunk]
+                for inst, result in zip(instances, lm.loglikelihood(instances, disable_tqdm=True)):
+                    by_doc.setdefault(inst.doc_id, []).append(result)
+                if progress:
+                    progress(len(chunk))
             correct = np.array([float(task.task.process_results(doc, by_doc[doc_id])[task.metric])
                                 for doc_id, doc in task.docs])
             if variant.kind == "routers":
@@ -438,6 +447,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     from routertune.base_model import load_model_and_tokenizer
 
     started = time.perf_counter()
+    progress_bars = progress  # the name `progress` is the per-part callback below
     output = Path(job.output)
     RouterConfig.load(job.routers)  # a wrong folder fails before the model loads
     previous = previous_result(job)  # so does --resume of a different job
@@ -514,17 +524,18 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             continue
         batches = text_batches(token_lists, pad)
         log(f"tradeoff: {domain}: {len(token_lists)} texts x {len(variants)} settings")
-        bar = tqdm(total=len(token_lists) * len(variants), desc=f"KL {domain}", disable=not progress)
+        bar = progress_bar(f"KL {domain}", len(token_lists) * len(variants), unit="text", show=progress_bars)
         scores = score_texts(routed, batches, variants, len(token_lists), progress=bar.update)
-        bar.close()
 
         def domain_skip(threshold: float) -> float:  # one more sweep point on this domain's texts
             extra = Variant("routers", threshold=threshold)
-            scores.update(score_texts(routed, batches, [extra], len(token_lists)))
+            bar.grow(len(token_lists))
+            scores.update(score_texts(routed, batches, [extra], len(token_lists), progress=bar.update))
             return float(scores[extra].skipped.mean() / num_layers)
 
         known = {v.threshold: float(scores[v].skipped.mean() / num_layers) for v in variants if v.kind == "routers"}
         refine_sweep(domain_skip, known, job.skip_targets, job.max_gap)
+        bar.close()
         _add_variants(result, scores)
         result["domains"][domain] = {
             "texts": len(token_lists),
@@ -539,7 +550,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     if job.fidelity_prompts and previous is not None and previous["fidelity"]:
         result["fidelity"], kept["fidelity"] = previous["fidelity"], True
     elif job.fidelity_prompts:
-        result["fidelity"] = _fidelity(routed, tokenizer, variants, job, num_layers)
+        result["fidelity"] = _fidelity(routed, tokenizer, variants, job, num_layers, show=progress_bars)
         save()
 
     # 3. accuracy (the costly part): per task, dense, static drop around the targets and the router thresholds
@@ -551,13 +562,25 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             if job.accuracy_settings == "all":
                 chosen = variants
             else:
-                known = task_context_skips(routed, tokenizer, task, thresholds, num_layers, pad)
-                refine_sweep(lambda t: task_context_skips(routed, tokenizer, task, [t], num_layers, pad)[t], known,
-                             job.skip_targets, 0.02)
+                placing = progress_bar(f"placement {task.name}", len(thresholds), unit="threshold",
+                                       show=progress_bars)
+
+                def context_skip(t: float, extra: bool = False) -> float:  # the routers on the first contexts
+                    if extra:
+                        placing.grow(1)
+                    skip = task_context_skips(routed, tokenizer, task, [t], num_layers, pad)[t]
+                    placing.update(1)
+                    return skip
+
+                known = {t: context_skip(t) for t in thresholds}
+                refine_sweep(lambda t: context_skip(t, extra=True), known, job.skip_targets, 0.02)
+                placing.close()
                 chosen = _accuracy_settings(variants, known, job, num_layers)
                 _add_variants(result, {v: None for v in chosen})
             per_task[task.name] = {}
-            bar = tqdm(total=len(chosen), desc=f"accuracy {task.name}", disable=not progress)
+            # counted in items (settings x items), so that a setting that takes minutes still moves the bar
+            bar = progress_bar(f"accuracy {task.name}", len(chosen) * len(task.docs), unit="item",
+                               show=progress_bars)
 
             stored_task = (previous or {}).get("tasks", {}).get(task.name, {})
             stored = stored_task.get("settings", {})
@@ -572,11 +595,12 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                     kept["task_settings"].setdefault(task.name, []).append(variant.name)
                     per_task[task.name][variant] = TaskScores(np.asarray(stored[variant.name]["per_item"], float),
                                                               stored[variant.name]["skip"])
+                    bar.update(len(task.docs))
                 else:
                     log(f"tradeoff: {task.name}, {variant.name}")
+                    bar.note(variant.name)
                     per_task[task.name][variant] = score_tasks(routed, tokenizer, [task], variant, num_layers,
-                                                               job.batch_tokens)[task.name]
-                bar.update(1)
+                                                               job.batch_tokens, progress=bar.update)[task.name]
                 result["tasks"][task.name] = _task_result(per_task[task.name], task)
                 save()
 
@@ -591,7 +615,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                                                                        num_layers)
                        if k <= len(candidates) and job.max_drop > 0]  # --max-drop 0: no static drop here
             _add_variants(result, {v: None for v in missing})
-            bar.total += len(missing)
+            bar.grow(len(missing) * len(task.docs))
             for variant in missing:
                 score(variant)
             bar.close()
@@ -776,12 +800,13 @@ def _accuracy_curves(scores: dict) -> dict[str, list]:
     return curves
 
 
-def _fidelity(routed, tokenizer, variants, job: TradeoffJob, num_layers: int) -> dict:
+def _fidelity(routed, tokenizer, variants, job: TradeoffJob, num_layers: int, show: bool = True) -> dict:
     from routertune.eval.harness import RoutedLM
     from routertune.train.prompts import chat_prompts
 
     prompts = chat_prompts(tokenizer, split="heldout", n=job.fidelity_prompts, max_tokens=256)
     out, reference = {}, None
+    bar = progress_bar("agreement", len(variants), unit="setting", show=show)
     for variant in variants:
         with applied(variant, routed):
             lm = RoutedLM(routed, tokenizer, batch_tokens=job.batch_tokens, progress=False)
@@ -792,6 +817,8 @@ def _fidelity(routed, tokenizer, variants, job: TradeoffJob, num_layers: int) ->
         agree = [sum(a == b for a, b in zip(r, c)) / max(len(r), len(c), 1) for r, c in zip(reference, completions)]
         skip = stats.skip_ratio if (variant.kind == "routers" and stats is not None) else len(variant.drop) / num_layers
         out[variant.name] = {"token_agreement": float(np.mean(agree)), "skip": float(skip)}
+        bar.update(1)
+    bar.close()
     return out
 
 

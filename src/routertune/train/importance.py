@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -62,7 +62,8 @@ class ImportanceFit:
 
 
 @torch.no_grad()
-def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[dict, dict]:
+def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]],
+            progress: Callable[[int], None] | None = None) -> tuple[dict, dict]:
     """Dense forward over `batches` (input_ids, attention_mask, optional prompt_mask). Returns, per routed
     layer, the pooled router inputs (N, H) float64 and the log importance per sequence (N,) float64:
     log of the mean over the sequence's real tokens of 1 - cos(h, h + attention(norm(h)))."""
@@ -121,6 +122,8 @@ def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]]) -> 
                     current["pick"] = _sample_tokens(decided, TOKENS_PER_RECORD, generator)
                 routed(input_ids=batch["input_ids"], attention_mask=mask, routing_mask=current["pool"],
                        use_cache=False, logits_to_keep=1)
+                if progress:  # records done: the pass takes minutes at ~1,000 records
+                    progress(int(batch["input_ids"].shape[0]))
     finally:
         for handle in handles:
             handle.remove()
@@ -180,8 +183,10 @@ def relative_to_input(y: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
 
 def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capacity: float,
                 shrink: float = 1.0, target: str = "absolute",
-                trust: tuple[float | None, float | None] = (None, None)) -> ImportanceFit:
+                trust: tuple[float | None, float | None] = (None, None),
+                progress: Callable[[int], None] | None = None) -> ImportanceFit:
     """Fit every router of `routed` in place (weights, bias, trust region) and return what was chosen.
+    `progress` gets the records of each batch of the dense pass (training, then held-out) as it finishes.
 
     `shrink` scales the per-input part around the training mean (logit = prior + shrink * w.(x - mean)):
     1 keeps the ridge fit, 0 leaves the static prior alone. Held-out R^2 on the tuning mix cannot choose it:
@@ -201,13 +206,13 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
     trust = tuple(None if k is None or math.isinf(k) else float(k) for k in trust)  # None: unbounded
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is not one of {', '.join(TARGETS)}")
-    x_train, y_train = collect(routed, train_batches)
+    x_train, y_train = collect(routed, train_batches, progress)
     layers = sorted(x_train)
     n = int(next(iter(x_train.values())).shape[0])
     if n < 2:
         raise ValueError(f"the importance fit needs at least 2 training records, got {n}")
     notes = []
-    x_held, y_held = collect(routed, heldout_batches) if heldout_batches else ({}, {})
+    x_held, y_held = collect(routed, heldout_batches, progress) if heldout_batches else ({}, {})
     if target == "relative":
         y_train = relative_to_input(y_train)
         y_held = relative_to_input(y_held) if y_held else y_held
