@@ -1,16 +1,13 @@
-"""The served benchmark's statistics (benchmarks/serve_bench.py), on constructed runs with known answers. The
-script's measuring part needs vLLM and minutes; these parts are plain arithmetic."""
+"""The served benchmark's statistics (routertune.serve.bench and routertune.stats; benchmarks/serve_bench.py
+measures), on constructed runs with known answers. The measuring part needs vLLM and minutes; these parts are
+plain arithmetic."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location("serve_bench", Path(__file__).parent.parent / "benchmarks" / "serve_bench.py")
-serve_bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(serve_bench)
+from routertune import stats
+from routertune.serve import bench as serve_bench
 
 
 def _entry(dense, static, forced, own, all_run, rounds, ideal=1.1):
@@ -49,9 +46,9 @@ def test_pooled_runs_keep_every_repeat_and_their_rounds_apart():
 
 def test_median_interval_brackets_the_median():
     values = [1.0, 1.1, 0.9, 1.05, 0.95, 1.2, 0.8]
-    low, high = serve_bench.median_interval(values)
+    low, high = stats.median_interval(values)
     assert min(values) <= low <= sorted(values)[3] <= high <= max(values)
-    assert serve_bench.median_interval([2.0] * 5) == [2.0, 2.0]
+    assert stats.median_interval([2.0] * 5) == [2.0, 2.0]
 
 
 def _draws(gains, repeats, static=1.25, jitter=0.0):

@@ -5,6 +5,7 @@ speed measurements whose variants ran interleaved. Imports only numpy and the st
 from __future__ import annotations
 
 import math
+import random
 import statistics
 
 import numpy as np
@@ -71,3 +72,10 @@ def paired_ratio_ci(numerator: list[float], denominator: list[float], level: flo
     while k + 1 <= (n + 1) // 2 and outside(k + 1) <= 1 - level:
         k += 1
     return [ratios[k - 1], ratios[n - k], 1 - outside(k)]
+
+
+def median_interval(values: list[float], resamples: int = 4000, seed: int = 0) -> list[float]:
+    """Percentile bootstrap 95% interval of the median of `values` (e.g. repeats), resampled with replacement."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
