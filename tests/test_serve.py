@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_tiny
+from tiny_lm import tiny_family_folder
 from routertune import RoutedModel, RouterConfig
 from routertune.routing.state import Forcing
 from routertune.serve.attention import PartialPromptError, RoutedAttention
@@ -94,6 +95,55 @@ def test_static_export_is_native_no_op_attention_without_those_weights(routers, 
     cfg = config_class()(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
     assert [cfg.block_configs[i].attention.no_op for i in range(len(blocks))] == [b["attention"]["no_op"] for b in blocks]
     assert not hasattr(cfg.block_configs[0].ffn, "ffn_mult")
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_static_export_of_other_families_is_the_routed_class_forced_to_the_static_set(family, tmp_path):
+    # vLLM's DeciLM is Llama-shaped: Qwen3's q/k norms fail its load, Qwen2's q/k/v biases are dropped by it
+    # silently, Gemma 3's RoPE and norms and Mistral's sliding window are not its own. These families serve
+    # static drop through their routed class, every request skipping the static set (tests/test_serve_static_vllm.py
+    # serves each in vLLM against the plain model with those layers zeroed)
+    folder = tiny_family_folder(tmp_path / family, family)
+    out = tmp_path / "static"
+    report = export(ExportJob(output=str(out), model=str(folder), static=2))
+    config = json.loads((out / "config.json").read_text())
+    arch = {"mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3_text": "Gemma3"}[family]
+    assert config["architectures"] == [f"Routertune{arch}ForCausalLM"] == [report.architecture]
+    assert config["model_type"] == family and "block_configs" not in config
+    serving = ServeRouting.from_dict(config[CONFIG_KEY])
+    assert serving.static_skip == sorted(report.dropped_layers) and len(report.dropped_layers) == 2
+    assert serving.router_config.layers == serving.static_skip
+    # every weight of the base model, unchanged (q/k norms, biases, the dropped layers' attention included);
+    # no router weights
+    base, served = load_file(str(folder / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert served.keys() == base.keys() and all(torch.equal(served[k], base[k]) for k in base)
+    assert not (out / ROUTERS_FILE).exists()
+
+
+def test_static_export_dropping_layer_0_is_served_by_the_routed_class(tmp_path):
+    # vLLM's DeciLM cannot run a no-op attention in the first layer (its MLP norm expects a residual that only
+    # an attention layer starts), so even llama takes the routed form there
+    folder = _tiny_folder(tmp_path)
+    from routertune.base_model import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(str(folder))
+    RoutedModel(model, RouterConfig(layers=[0, 1])).save_pretrained(tmp_path / "first")
+    report = export(ExportJob(output=str(tmp_path / "out"), model=str(folder), routers=str(tmp_path / "first"),
+                              static=2))
+    assert report.dropped_layers == [0, 1] and report.architecture == "RoutertuneLlamaForCausalLM"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert ServeRouting.from_dict(config[CONFIG_KEY]).static_skip == [0, 1]
+
+
+def test_static_skip_section_is_checked():
+    good = ServeRouting.static([4, 2]).to_dict()
+    assert good["static_skip"] == [2, 4] and good["format_version"] == 2
+    for bad in ([], [2], [2, "4"], "2,4"):
+        with pytest.raises(ValueError, match="static_skip"):
+            ServeRouting.from_dict(dict(good, static_skip=bad))
+    # routed exports keep format 1 (readable by older routertune) and carry no static set
+    routed = ServeRouting(RouterConfig(layers=[2, 4])).to_dict()
+    assert routed["format_version"] == 1 and "static_skip" not in routed
 
 
 def test_export_refusals(routers, tmp_path):
@@ -202,3 +252,16 @@ def test_forced_requests_take_the_forced_decision():
     attn = _attention(threshold=1e-9)  # the routers would run everything
     batch = _batch([2, 2], forcing=[Forcing("skip_set", frozenset({5})), None])
     assert attn._decide(batch, [0, 2, 4], [2, 2], torch.randn(4, H)) == [False, True]
+
+
+def test_a_static_drop_skips_its_layers_for_every_request_whatever_the_cache_or_request_asks():
+    attn = _attention(threshold=1e-9)  # the router would run everything; a static drop has none
+    attn.router = None
+    attn.static = Forcing("skip_set", frozenset({5}))
+    # a prompt's second chunk after cached tokens (chunked prefill / prefix caching: fine for a fixed set), a
+    # decode step, and a request that asks to run everything
+    batch = _batch([10, 3, 2], decisions=[None, True, None], forcing=[None, None, Forcing("run")])
+    assert attn._decide(batch, [0, 4, 5, 7], [10, 4, 2], torch.randn(7, H)) == [False, False, False]
+    kept = RoutedAttention(module=None, original_forward=None, layer_idx=6, router=None, threshold=0.5,
+                           dtype=torch.float32, static=Forcing("skip_set", frozenset({5})))
+    assert kept._decide(_batch([2]), [0, 2], [2], torch.randn(2, H)) == [True]  # a layer outside the set runs

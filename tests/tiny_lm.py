@@ -48,3 +48,36 @@ def randomize_routers(routed, seed: int = 0, scale: float = 1.0) -> None:
     with torch.no_grad():
         for router in routed.routers.values():
             router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * scale)
+
+
+def tiny_family_folder(folder, family: str, layers: int = 6):
+    """A tiny model of `family` (a served family: llama, mistral, qwen2, qwen3, gemma3_text) with the byte-level
+    tokenizer, saved as a Hugging Face folder: head size 32 (vLLM's CPU attention runs no smaller head), random
+    biases (init leaves them 0, which would hide a server that drops them), offline."""
+    import transformers as tf
+
+    tokenizer = tiny_tokenizer()
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common),
+        "mistral": lambda: tf.MistralConfig(**common, sliding_window=16),
+        "qwen2": lambda: tf.Qwen2Config(**common),  # q/k/v biases
+        "qwen3": lambda: tf.Qwen3Config(**common),  # q/k norms in every attention sublayer
+        "gemma3_text": lambda: tf.Gemma3TextConfig(
+            **common, query_pre_attn_scalar=32, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2)),
+    }
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(configs[family]())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -65,6 +65,9 @@ class RoutedAttention:
     router: torch.nn.Module  # routertune.routing.router.Router (fp32)
     threshold: float
     dtype: torch.dtype  # the model's dtype, as vLLM's CPU metadata builder uses
+    # a static-drop export's fixed decision for every request (models.py): no router, no per-request setting,
+    # whatever the prompt or the cached context (so chunked prefill and prefix caching are fine)
+    static: Forcing | None = None
 
     def __call__(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if not _PROFILING:
@@ -159,6 +162,8 @@ class RoutedAttention:
         """Per request the decision known without this layer's input (stored, or forced at its prefill; None
         where the router must decide), and the rows that must decide. Idempotent within a step (the layer
         path and the attention path may both ask); memoised per step and layer."""
+        if self.static is not None:
+            return [self.static.runs(self.layer_idx)] * len(batch.requests), []
         memo = batch.known.get(self.layer_idx)
         if memo is not None:
             return list(memo[0]), memo[1]

@@ -11,7 +11,7 @@ from ..config import RouterConfig
 CONFIG_KEY = "routertune"
 ROUTERS_DIR = "routertune"  # a sub-folder: vLLM loads every top-level *.safetensors as model weights
 ROUTERS_FILE = f"{ROUTERS_DIR}/routers.safetensors"
-SERVE_FORMAT = 1
+SERVE_FORMAT = 2  # the newest section this routertune reads; 2 added static_skip (static-drop exports)
 ARCH_PREFIX = "Routertune"
 
 # model_type of the arch table -> vLLM architecture served with routers; the exported folder names
@@ -27,15 +27,26 @@ VLLM_ARCHITECTURES = {
 
 @dataclass
 class ServeRouting:
-    """What the served model needs: the routers' config and where their weights lie."""
+    """What the served model needs: the routers' config and where their weights lie; or, for a static-drop
+    export (``static_skip``), the attention layers every request skips (no routers, no router weights)."""
 
     router_config: RouterConfig
     routers_file: str = ROUTERS_FILE
-    format_version: int = SERVE_FORMAT
+    format_version: int = 1  # routed exports stay readable by routertune versions that know format 1 only
+    static_skip: list[int] | None = None
+
+    @classmethod
+    def static(cls, layers: list[int]) -> "ServeRouting":
+        """Static drop served by the routed classes: `layers` skip for every request."""
+        return cls(RouterConfig(layers=sorted(layers)), routers_file="", format_version=2,
+                   static_skip=sorted(layers))
 
     def to_dict(self) -> dict:
-        return {"format_version": self.format_version, "routers_file": self.routers_file,
-                "router_config": self.router_config.to_dict()}
+        out = {"format_version": self.format_version, "routers_file": self.routers_file,
+               "router_config": self.router_config.to_dict()}
+        if self.static_skip is not None:
+            out["static_skip"] = list(self.static_skip)
+        return out
 
     @classmethod
     def from_dict(cls, data) -> "ServeRouting":
@@ -52,7 +63,16 @@ class ServeRouting:
         if config.unit != "sequence":
             raise ValueError(f"vLLM serving takes one decision per request (unit='sequence'); these routers are "
                              f"{config.unit}-level: serve them through RoutedModel.generate")
-        return cls(config, data.get("routers_file", ROUTERS_FILE), version)
+        static_skip = data.get("static_skip")
+        if static_skip is not None:
+            if (not isinstance(static_skip, list) or not static_skip
+                    or not all(isinstance(i, int) and not isinstance(i, bool) for i in static_skip)
+                    or sorted(static_skip) != sorted(config.layers or [])):
+                raise ValueError(f"config.json's {CONFIG_KEY!r} section: static_skip={static_skip!r} must be a "
+                                 f"non-empty list of layer indices equal to router_config.layers "
+                                 f"({config.layers}); re-export the folder with `routertune export --static K`")
+            static_skip = sorted(static_skip)
+        return cls(config, data.get("routers_file", ROUTERS_FILE), version, static_skip)
 
     def routers_path(self, model_dir: str | Path) -> Path:
         return Path(model_dir) / self.routers_file

@@ -4,10 +4,14 @@
   config.json naming the routed architecture (``RoutertuneLlamaForCausalLM``, ...) and carrying the router
   config under ``routertune``; router weights in ``routertune/routers.safetensors``, a sub-folder, because
   vLLM loads every top-level ``*.safetensors`` as model weights.
-* static (``--static K``): vLLM's native static attention drop: a Nemotron-NAS (DeciLM) config whose K least
-  important attention layers (1 - cos on calibration text, as ``routertune eval --static-drop``; among the
-  routers' routed layers when ``--routers`` is given, so "routed forced to static's set" is comparable) are
-  no-ops, and weights without those layers' attention.
+* static (``--static K``): the K least important attention layers (1 - cos on calibration text, as
+  ``routertune eval --static-drop``; among the routers' routed layers when ``--routers`` is given, so "routed
+  forced to static's set" is comparable) dropped for every request. For llama (``NATIVE_STATIC_FAMILIES``):
+  vLLM's native form, a Nemotron-NAS (DeciLM) config whose dropped layers are no-op attention, and weights
+  without those layers' attention. For the other served families, whose layers DeciLM (Llama's attention)
+  would load wrongly or not at all, and for a drop of layer 0 (DeciLM's no-op first layer has no residual yet
+  and fails): the routed export's form, the base model's files unchanged and a routing section with
+  ``static_skip``, so the routed class skips those layers for every request (no routers).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from .config import ARCH_PREFIX, CONFIG_KEY, ROUTERS_DIR, ROUTERS_FILE, VLLM_ARC
 from . import static as static_drop
 
 _MARKER = "routertune_export.json"
+# families whose static drop vLLM's DeciLM serves exactly: it is Llama's attention and MLP. Not the others:
+# vLLM's Llama loader skips Qwen2's q/k/v biases without a word, refuses Qwen3's q/k norms, misreads Gemma 3's
+# per-layer-type RoPE (and lacks its extra norms), and ignores Mistral's sliding window
+NATIVE_STATIC_FAMILIES = ("llama",)
 _SKIP = {"config.json", _MARKER}
 
 
@@ -99,8 +107,19 @@ def export(job: ExportJob) -> ExportReport:
         if job.static > len(candidates):
             raise ValueError(f"--static {job.static}: only {len(candidates)} candidate layers ({candidates})")
         dropped = importance.least_important(job.static, candidates)
-        _write_static(source, out, config, model.config, dropped, importance.scores)
-        return ExportReport(str(out), static_drop.ARCHITECTURE, dropped_layers=dropped,
+        if model_type in NATIVE_STATIC_FAMILIES and 0 not in dropped:
+            _write_static(source, out, config, model.config, dropped, importance.scores)
+            architecture = static_drop.ARCHITECTURE
+        else:
+            architecture = ARCH_PREFIX + VLLM_ARCHITECTURES[model_type][0]
+            _link_files(source, out)
+            config["architectures"] = [architecture]
+            config[CONFIG_KEY] = ServeRouting.static(dropped).to_dict()
+            config["routertune_static"] = {"dropped_layers": dropped,
+                                           "importance": {str(k): v for k, v in sorted(importance.scores.items())}}
+            _finish(out, config, {"kind": "static", "served_as": "routed", "dropped_layers": dropped,
+                                  "base_model": str(source)})
+        return ExportReport(str(out), architecture, dropped_layers=dropped,
                             importance={i: importance.scores[i] for i in candidates})
 
     arch = VLLM_ARCHITECTURES[model_type][0]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from routertune.routing.router import Router, load_router
+from routertune.routing.state import Forcing
 from .attention import RoutedAttention, RoutedLayer, has_llama_layer_forward
 from .config import ARCH_PREFIX, CONFIG_KEY, VLLM_ARCHITECTURES, ServeRouting
 
@@ -42,7 +43,6 @@ class RoutedServingMixin:
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        check_engine_config(vllm_config)
         hf_config = vllm_config.model_config.hf_config
         section = getattr(hf_config, CONFIG_KEY, None)
         if section is None:
@@ -50,22 +50,31 @@ class RoutedServingMixin:
                              "make the folder with `routertune export --routers DIR --output SERVE_DIR`")
         self._routertune = ServeRouting.from_dict(section)
         self._routertune_dir = vllm_config.model_config.model
+        static = self._routertune.static_skip
+        if static is None:
+            check_engine_config(vllm_config)  # a static drop decides nothing from the prompt: any settings do
         router_config = self._routertune.router_config
         layers = self.model.layers
         routed = router_config.resolved_layers(len(layers))
-        routers = nn.ModuleDict({str(i): Router(hf_config.hidden_size) for i in routed})
+        # a static-drop export (`routertune export --static K` of a family vLLM's DeciLM cannot serve exactly):
+        # no routers, every request skips the static set
+        routers = nn.ModuleDict({} if static is not None else {str(i): Router(hf_config.hidden_size) for i in routed})
         setattr(self, _ROUTERS_ATTR, routers)
         for i in routed:
             attention = layers[i].self_attn
             attention.forward = RoutedAttention(
-                module=attention, original_forward=attention.forward, layer_idx=i, router=routers[str(i)],
-                threshold=router_config.threshold_for(i), dtype=vllm_config.model_config.dtype)
+                module=attention, original_forward=attention.forward, layer_idx=i,
+                router=routers[str(i)] if static is None else None, threshold=router_config.threshold_for(i),
+                dtype=vllm_config.model_config.dtype,
+                static=Forcing("skip_set", frozenset(static)) if static is not None else None)
             if has_llama_layer_forward(layers[i]):  # whole-step skips also skip the input norm
                 layers[i].forward = RoutedLayer(layer=layers[i], original_forward=layers[i].forward,
                                                 attention=attention.forward)
 
     def load_weights(self, weights):
         loaded = set(super().load_weights(weights))
+        if self._routertune.static_skip is not None:
+            return loaded  # a static drop has no router weights
         path = self._routertune.routers_path(self._routertune_dir)
         if not path.is_file():
             raise FileNotFoundError(f"router weights {path} not found; re-export the folder with `routertune export`")
