@@ -131,6 +131,7 @@ class DemoResult:
     bench: dict | None  # bench JSON (None with --no-bench)
     report: object  # report.Report
     summary: list[str] = field(default_factory=list)  # markdown lines
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # stage -> CPU seconds of this process
 
 
 def run_demo(job: DemoJob, announce: Callable[[str], None] = print,
@@ -157,17 +158,21 @@ def _run_demo(job: DemoJob, announce, finished) -> DemoResult:
     out = Path(job.output)
     _claim(out, job)
     seconds: dict[str, float] = {}
-    running = {"name": None, "since": time.perf_counter()}
+    # CPU seconds beside wall seconds: with one thread on a shared machine, wall time counts the waits for a
+    # core and CPU time does not, so the pair shows how much of a slow run was the machine's load
+    cpu_seconds: dict[str, float] = {}
+    running = {"name": None, "since": time.perf_counter(), "cpu": time.process_time()}
 
     def stage(name: str | None, what: str = "") -> None:
         """Close the running stage's clock; announce and start the next one (None: the end). Progress events
         of the stage's code carry its name."""
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         if running["name"]:
             seconds[running["name"]] = now - running["since"]
-            announce(f"[{running['name']}: {seconds[running['name']]:.0f} s]")
+            cpu_seconds[running["name"]] = cpu - running["cpu"]
+            announce(f"[{running['name']}: {seconds[running['name']]:.0f} s, CPU {cpu_seconds[running['name']]:.0f} s]")
         progress.set_stage(name or "")
-        running.update(name=name, since=now)
+        running.update(name=name, since=now, cpu=cpu)
         if name:
             announce(f"\n[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what}")
 
@@ -228,7 +233,7 @@ def _run_demo(job: DemoJob, announce, finished) -> DemoResult:
         bar.update(1)
     stage(None)
 
-    result = DemoResult(output=str(out), seconds=seconds, tune=tune, generations=generations, tradeoff=curve,
+    result = DemoResult(output=str(out), seconds=seconds, cpu_seconds=cpu_seconds, tune=tune, generations=generations, tradeoff=curve,
                         bench=bench_json, report=page)
     result.summary = summary_table(result)
     atomic_write(out / "summary.md", lambda p: Path(p).write_text("\n".join(result.summary) + "\n"))
@@ -299,8 +304,11 @@ def summary_table(result: DemoResult) -> list[str]:
     lines.append(f"This is the demo's size. The full measurements (more texts and tasks, all items, the bench at "
                  f"every length) are in {FULL_DOCS}; `{FULL_COMMAND}` reruns this job at its full size (about "
                  f"{FULL_MINUTES} minutes).")
-    lines.append("Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
-                 + f" (total {sum(result.seconds.values()) / 60:.1f} min).")
+    cpu = result.cpu_seconds
+    lines.append("Stage times, wall (CPU of this process): " + ", ".join(
+        f"{k} {v:.0f} s" + (f" ({cpu[k]:.0f} s)" if k in cpu else "") for k, v in result.seconds.items())
+        + f"; total {sum(result.seconds.values()) / 60:.1f} min" + (f" ({sum(cpu.values()) / 60:.1f} min)" if cpu else "")
+        + ". Wall well above CPU means the machine was busy with other work.")
     return lines
 
 

@@ -144,19 +144,26 @@ def _fit_importance(routed, examples, cfg: TrainConfig, pad, heldout, device, sh
     began = time.perf_counter()
     batches = [_to(data.collate(b, pad), device) for b in data.length_batches(examples, cfg.batch_size, cfg.seed)]
     result = TrainResult(steps=0, seconds=0.0)
-    if heldout:
-        result.dense = evaluate_loss(routed, heldout, dense=True)
-    # the dense pass over every record is the fit's cost (minutes at ~1,000 records): counted in records
-    records = sum(int(b["input_ids"].shape[0]) for b in batches + list(heldout or []))
+    # counted in records: the dense pass over every record is the fit's cost (minutes at ~1,000 records); the
+    # held-out records are passed four times (dense loss, the fit's held-out features, the fitted loss)
+    held = sum(int(b["input_ids"].shape[0]) for b in heldout or [])
+    records = sum(int(b["input_ids"].shape[0]) for b in batches) + 3 * held
     with progress_bar("importance fit", records, unit="record", show=show) as bar:
+        if heldout:
+            bar.note("held-out loss, dense")
+            result.dense = evaluate_loss(routed, heldout, dense=True)
+            bar.update(held)
+        bar.note("dense pass")
         fit = importance.fit_routers(routed, batches, heldout, cfg.target_capacity, shrink=cfg.shrink,
                                        target=cfg.importance_target,
                                        trust=trust_bounds(cfg, routed.router_config.unit), progress=bar.update)
-    result.fit = asdict(fit)
-    result.seconds = time.perf_counter() - began
-    if heldout:
-        result.after = evaluate_loss(routed, heldout)
-        result.evals.append({"step": 0, **asdict(result.after)})
+        result.fit = asdict(fit)
+        result.seconds = time.perf_counter() - began
+        if heldout:
+            bar.note("held-out loss, routed")
+            result.after = evaluate_loss(routed, heldout)
+            result.evals.append({"step": 0, **asdict(result.after)})
+            bar.update(held)
     return result
 
 
