@@ -28,8 +28,9 @@ from . import static as static_drop
 
 _MARKER = "routertune_export.json"
 # families whose static drop vLLM's DeciLM serves exactly: it is Llama's attention and MLP. Not the others:
-# vLLM's Llama loader skips Qwen2's q/k/v biases without a word, refuses Qwen3's q/k norms, misreads Gemma 3's
-# per-layer-type RoPE (and lacks its extra norms), and ignores Mistral's sliding window
+# vLLM's Llama loader skips Qwen2's q/k/v biases without a word (wrong tokens), refuses Qwen3's q/k norms,
+# fails on Gemma 3's per-layer-type RoPE (and lacks its extra norms); Mistral has its own vLLM class (a tiny
+# Mistral came out exact through DeciLM too, but nothing keeps the two classes alike), so it keeps it
 NATIVE_STATIC_FAMILIES = ("llama",)
 _SKIP = {"config.json", _MARKER}
 
