@@ -41,7 +41,8 @@ class ExportJob:
 
     output: str = field(default="", metadata={"help": "folder to write (vllm.LLM(OUTPUT) / vllm serve OUTPUT load it)"})
     routers: str | None = field(default=None, metadata={"help": "trained routers (a folder from `routertune train` or `calibrate`); needed unless --static"})
-    static: int | None = field(default=None, metadata={"help": "export vLLM's native static attention drop of this many layers instead of the routers"})
+    static: int | None = field(default=None, metadata={"help": "export a static drop of this many attention layers instead of the routers (vLLM's native "
+                                                          "DeciLM form for llama, the routed class forced to the set otherwise)"})
     model: str | None = field(default=None, metadata={"help": "base model: local HF folder or hub id; default: embedded SmolLM2-135M-Instruct"})
     cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing export in OUTPUT"})
