@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, vllm, routertune.serve; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
+# `make demo` is the coffee-break size; `make demo DEMO_FLAGS=--full` the full measurement (routertune demo --help)
+DEMO_FLAGS ?=
 demo: $(STAMP)
-	$(BIN)/routertune demo
+	$(BIN)/routertune demo $(DEMO_FLAGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -29,7 +29,7 @@ def test_demo_job_validation(field, value, message):
 # (routertune.progress events; the terminal shows the same counts as bars). Accuracy parts only when tasks run.
 def expected_parts(tasks=()) -> dict[str, set[str]]:
     return {"train": {"importance fit"}, "generate": {"generate"},
-            "tradeoff": {"KL lambada", "KL wikipedia", "KL code", "agreement"}
+            "tradeoff": {"static order search", "importance and sweep", "KL lambada", "KL wikipedia", "KL code", "agreement"}
             | {f"{kind} {task}" for task in tasks for kind in ("placement", "accuracy")},
             "bench": {"bench"}, "report": {"report"}}
 
@@ -88,6 +88,15 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys):
     summary = (out / "summary.md").read_text()
     assert "| lambada (KL/token) | 10% |" in summary and "distinct skip patterns" in summary
     assert "| arc_easy (acc, %) | 10%" in summary
+    # the searched static order is a third baseline: its curve, and routers minus it with an interval per row
+    assert "routers - searched static [95% CI]" in summary and "searched static order" in summary
+    curve = json.loads((out / "tradeoff" / "tradeoff.json").read_text())
+    assert {"static", "searched", "random", "routers"} <= {v["kind"] for v in curve["variants"]}
+    for where in ("lambada", "arc_easy"):
+        routers = curve["matched"][where]["0.10"]["routers"]
+        assert routers["reached"] and len(routers["interval_searched"]) == 2
+        low, high = routers["interval_searched"]
+        assert low <= routers["minus_searched"] <= high
     assert "docs/evaluation.md and docs/demo.md" in summary and "routertune demo --full" in summary
     assert "about 15 minutes" in printed.splitlines()[0]  # the banner states the expected time
     assert "prefill 16 tokens" in summary

@@ -92,7 +92,7 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
     assert "| lambada (KL/token) | 10% |" in summary and "| arc_easy (acc, %) | 10%" in summary
     assert "distinct skip patterns" in summary and "prefill 16 tokens" in summary
     curve = json.loads((out / "tradeoff" / "tradeoff.json").read_text())
-    assert {v["kind"] for v in curve["variants"]} == {"dense", "static", "random", "routers"}
+    assert {v["kind"] for v in curve["variants"]} == {"dense", "static", "searched", "random", "routers"}
     bench = json.loads((out / "bench.json").read_text())
     assert bench["checks"]["kv_equal_all"] is True
     assert (out / "report" / "report.md").exists() and (out / "report" / "tradeoff.png").exists()

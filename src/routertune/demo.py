@@ -29,9 +29,9 @@ STAGES = ("train", "generate", "tradeoff", "bench", "report")
 # model resolves routers against static drop with a dozen texts a domain, while accuracy on a few hundred items
 # cannot (intervals several points wide), so it is left to --full, which restores the earlier full settings.
 QUICK = dict(samples=256, tasks=[], limit=200, texts=12, fidelity_prompts=8, bench_lengths=[512], bench_repeats=5,
-             decode_tokens=16)
+             decode_tokens=16, searched_records=16)
 FULL = dict(samples=1000, tasks=["arc_easy", "piqa"], limit=200, texts=16, fidelity_prompts=16,
-            bench_lengths=[128, 512, 2048], bench_repeats=7, decode_tokens=32)
+            bench_lengths=[128, 512, 2048], bench_repeats=7, decode_tokens=32, searched_records=32)
 # measured (see the README's demo section): wall minutes on one CPU thread, set-up excluded
 QUICK_MINUTES = "15"
 FULL_MINUTES = "40"
@@ -77,6 +77,8 @@ class DemoJob:
     decode_prompt: int = field(default=512, metadata={"help": "prompt tokens before decoding in the benchmark"})
     decode_tokens: int | None = field(default=None, metadata=_size_help("decode_tokens", "tokens decoded per sequence in the benchmark"))
     bench: bool = field(default=True, metadata={"help": "run the speed benchmark stage"})
+    searched_static: bool = field(default=True, metadata={"help": "compare the routers with the searched static order too (searched once per model and data, then read from the routertune cache)"})
+    searched_records: int | None = field(default=None, metadata=_size_help("searched_records", "tuning records the static order is searched on"))
 
     def __post_init__(self) -> None:
         from routertune.eval import tasks
@@ -102,7 +104,7 @@ class DemoJob:
         if not 0.0 < self.capacity < 1.0:
             problems.append(f"capacity={self.capacity} must lie strictly between 0 and 1 for the demo "
                             "(1 is the dense model, 0 skips every routed layer)")
-        for name in ("samples", "heldout_samples", "limit", "texts", "fidelity_prompts", "calibration_samples",
+        for name in ("samples", "heldout_samples", "limit", "texts", "fidelity_prompts", "calibration_samples", "searched_records",
                      "decode_prompt", "decode_tokens", "bench_repeats", "sweep_points", "random_seeds"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
@@ -205,7 +207,8 @@ def _run_demo(job: DemoJob, announce, finished) -> DemoResult:
         routers=str(out), output=str(out / "tradeoff"), model=job.model, cache_dir=job.cache_dir,
         texts=job.texts, max_tokens=192, tasks=job.tasks, limit=job.limit, skip_targets=job.skip_targets,
         max_drop=int(round(max(job.skip_targets) * num_layers)) + 1, random_seeds=job.random_seeds,
-        sweep_points=job.sweep_points,
+        sweep_points=job.sweep_points, searched_static=job.searched_static,
+        searched_records=job.searched_records,
         fidelity_prompts=job.fidelity_prompts, fidelity_tokens=24, calibration_samples=job.calibration_samples,
         bootstrap=1000))
     finished("tradeoff", curve)
@@ -280,9 +283,12 @@ def summary_table(result: DemoResult) -> list[str]:
     what the routers did per prompt, and speed with its interval."""
     from routertune.eval.tradeoff import markdown_table
 
+    searched = any(v["kind"] == "searched" for v in result.tradeoff.get("variants", []))
     lines = ["Quality at matched measured skip (routers interpolated along their threshold sweep, static drop "
-             "along k; same items; KL per token to the dense model, lower is better; accuracy in %):", "",
-             markdown_table(result.tradeoff), ""]
+             "along k" + (", the searched static order (the layers whose removal cost the least KL on the tuning "
+                          "data, added one at a time: the best static order found) along k" if searched else "")
+             + "; same items; KL per token to the dense model, lower is better; accuracy in %; every difference "
+             "with its paired 95% interval):", "", markdown_table(result.tradeoff), ""]
     patterns = {tuple(layer for layer, ran in g.runs.items() if not ran) for g in result.generations}
     lines.append(f"Demo prompts: {len(patterns)} distinct skip patterns over {len(result.generations)} prompts "
                  "(`routertune generate` prints them).")

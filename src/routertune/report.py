@@ -37,7 +37,8 @@ VARIANT_STYLE = {  # name -> (label, colour)
     "routed_static_set": ("routers forced to static set", "#ff7f0e"),
     "routed": ("routers, own decisions", "#2ca02c"),
 }
-METHOD_STYLE = {"routers": ("#2ca02c", "o"), "static": ("#1f77b4", "s"), "random": ("#d62728", "^"),
+METHOD_STYLE = {"routers": ("#2ca02c", "o"), "static": ("#1f77b4", "s"), "searched": ("#17becf", "v"),
+                "random": ("#d62728", "^"),
                 "dense": ("#444444", "*"), "other": ("#9467bd", "D")}
 
 
@@ -571,9 +572,11 @@ def is_tradeoff(data) -> bool:
     return isinstance(data, dict) and {"matched", "domains", "variants"} <= set(data)
 
 
-def tradeoff_difference_curves(data: dict, task: str, iterations: int = 1000) -> list[tuple[float, float, float, float]]:
-    """For a task of a tradeoff.json: at every router point's measured skip, routers minus static drop
-    (interpolated there, per item) with its paired bootstrap interval: (skip, diff, low, high)."""
+def tradeoff_difference_curves(data: dict, task: str, iterations: int = 1000, baseline: str = "static"
+                               ) -> list[tuple[float, float, float, float]]:
+    """For a task of a tradeoff.json: at every router point's measured skip, routers minus the baseline (static
+    drop, or "searched": the searched static order; interpolated there, per item) with its paired bootstrap
+    interval: (skip, diff, low, high)."""
     import numpy as np
 
     from routertune.stats import interpolate, paired_bootstrap
@@ -581,8 +584,10 @@ def tradeoff_difference_curves(data: dict, task: str, iterations: int = 1000) ->
     settings = data["tasks"][task]["settings"]
     kinds = {v["name"]: v["kind"] for v in data["variants"]}
     static = [(s["skip"], np.array(s["per_item"], dtype=float)) for name, s in settings.items()
-              if kinds.get(name) in ("dense", "static")]
+              if kinds.get(name) in ("dense", baseline)]
     out = []
+    if not any(kinds.get(name) == baseline for name in settings):  # the baseline was not run on this task
+        return out
     for name, s in sorted(settings.items(), key=lambda kv: kv[1]["skip"]):
         if kinds.get(name) != "routers":
             continue
@@ -611,9 +616,11 @@ def plot_tradeoff(data: dict, path: Path) -> Path | None:
         if panel in domains:
             settings = data["domains"][panel]["settings"]
             dense = settings.get("dense", {"skip": 0.0, "kl": 0.0})
-            for family in ("static", "random", "routers"):
+            for family in ("static", "searched", "random", "routers"):
                 colour, marker = METHOD_STYLE[family]
                 pts = [(s["skip"], s["kl"]) for name, s in settings.items() if kinds.get(name, {}).get("kind") == family]
+                if not pts:  # e.g. no searched static order in this run
+                    continue
                 if family == "random":
                     by_k: dict[float, list[float]] = {}
                     for x, y in pts:
@@ -621,18 +628,19 @@ def plot_tradeoff(data: dict, path: Path) -> Path | None:
                     ax.scatter([x for x, _ in pts], [y for _, y in pts], color=colour, marker=marker, s=10, alpha=0.35)
                     pts = [(x, sum(v) / len(v)) for x, v in by_k.items()]
                 pts = sorted([(dense["skip"], dense["kl"])] + pts)
-                label = "random (mean of seeds)" if family == "random" else family
+                label = {"random": "random (mean of seeds)", "searched": "searched static order"}.get(family, family)
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, color=colour, label=label, markersize=4)
             ax.set_ylabel("KL(dense || setting) per token")
             ax.set_title(f"{panel}: {data['domains'][panel]['texts']} held-out texts", fontsize=9)
         else:
-            curve = tradeoff_difference_curves(data, panel)
-            colour, marker = METHOD_STYLE["routers"]
-            if curve:
-                xs = [c[0] for c in curve]
-                ax.errorbar(xs, [100 * c[1] for c in curve],
-                            yerr=[[100 * (c[1] - c[2]) for c in curve], [100 * (c[3] - c[1]) for c in curve]],
-                            color=colour, marker=marker, capsize=3, label="routers - static")
+            for baseline, colour, label in (("static", METHOD_STYLE["routers"][0], "routers - static"),
+                                            ("searched", METHOD_STYLE["searched"][0], "routers - searched static")):
+                curve = tradeoff_difference_curves(data, panel, baseline=baseline)
+                if curve:
+                    xs = [c[0] for c in curve]
+                    ax.errorbar(xs, [100 * c[1] for c in curve],
+                                yerr=[[100 * (c[1] - c[2]) for c in curve], [100 * (c[3] - c[1]) for c in curve]],
+                                color=colour, marker=METHOD_STYLE["routers"][1], capsize=3, label=label)
             ax.axhline(0.0, color=METHOD_STYLE["static"][0], linewidth=1)
             info = data["tasks"][panel]
             ax.set_ylabel(f"{info['metric']} difference (points)")

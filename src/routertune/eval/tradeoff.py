@@ -40,15 +40,16 @@ from routertune.stats import interpolate, paired_bootstrap
 
 DOMAINS = ("lambada", "wikipedia", "code")
 TASKS = ("arc_easy", "piqa", "hellaswag")
-KINDS = ("dense", "static", "random", "routers")
+KINDS = ("dense", "static", "searched", "random", "routers")
 RESULT_NAME = "tradeoff.json"
 
 
 # --- settings --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
-    """One way of running the model: dense, a fixed attention drop (static / random), or the routers at a
-    threshold."""
+    """One way of running the model: dense, a fixed attention drop (static: the k least important by 1 - cos;
+    searched: the first k of the KL-searched order of routertune.train.static_order; random), or the routers
+    at a threshold."""
 
     kind: str
     drop: tuple[int, ...] = ()  # static / random: attention sublayers skipped for every input
@@ -60,6 +61,8 @@ class Variant:
     def name(self) -> str:
         if self.kind == "static":
             return f"static {self.k}"
+        if self.kind == "searched":
+            return f"searched static {self.k}"
         if self.kind == "random":
             return f"random {self.k} (seed {self.seed})"
         if self.kind == "routers":
@@ -334,6 +337,9 @@ class TradeoffJob:
     fidelity_prompts: int = field(default=32, metadata={"help": "held-out chat prompts for greedy agreement (0 = off)"})
     fidelity_tokens: int = field(default=32, metadata={"help": "greedy tokens per fidelity prompt"})
     calibration_samples: int = field(default=64, metadata={"help": "chat prompts of the tuning mix's train split: static-drop importance and the sweep's thresholds"})
+    searched_static: bool = field(default=True, metadata={"help": "also trace the searched static order (the first k layers of an order searched greedily for the least KL to dense on the tuning data, routertune.train.static_order) as a baseline: 'the best static order'"})
+    searched_order: str | None = field(default=None, metadata={"help": "static_order.json (or its folder) of a finished search to use; default: search, cached in the routertune cache per model and data"})
+    searched_records: int = field(default=32, metadata={"help": "tuning records the static order is searched on"})
     accuracy_settings: str = field(default="matched", metadata={"help": "which settings the (costly) accuracy runs on: 'matched' (static drop at the targets and, per target, the router point nearest it on the task's contexts; dense is not run) or 'all' (every setting, dense included)"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward for the accuracy tasks"})
@@ -346,7 +352,7 @@ class TradeoffJob:
         bad = [d for d in self.domains if d not in DOMAINS]
         if bad:
             problems.append(f"unknown domains {bad}; available: {', '.join(DOMAINS)}")
-        for name in ("texts", "max_tokens", "sweep_points", "bootstrap"):
+        for name in ("texts", "max_tokens", "sweep_points", "bootstrap", "searched_records"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_tokens < 8:
@@ -452,6 +458,10 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     RouterConfig.load(job.routers)  # a wrong folder fails before the model loads
     previous = previous_result(job)  # so does --resume of a different job
     model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)
+    max_static = min(job.max_drop, len(baselines.droppable_layers(int(model.config.num_hidden_layers))))
+    # on the plain model, before the routers are attached: the search runs the base model's own layers
+    order = searched_static_order(model, tokenizer, job, max_static, progress_bars, log) \
+        if job.searched_static and max_static > 0 else None
     routed = RoutedModel.from_pretrained(model, job.routers)
     top_k = routed.router_config.token_top_k
     if top_k is not None:
@@ -465,16 +475,24 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     # baselines: static drop by importance on the calibration prompts, random drop with seeds
     calibration = chat_prompts(tokenizer, split="train", n=job.calibration_samples, max_tokens=256)
     calibration_batches = prompt_batches(calibration, pad)
+    # two passes before the first curve (seconds each at the defaults): counted, so that nothing runs unseen
+    setup = progress_bar("importance and sweep", 2, unit="pass", show=progress_bars)
     with routing.forced("run"):
         importance = baselines.attention_importance(model, calibration_batches)
+    setup.update(1)
     candidates = baselines.droppable_layers(num_layers)
 
     def static_variant(k: int) -> Variant:
         return Variant("static", tuple(importance.least_important(k, candidates)), k) if k else Variant("dense")
 
+    def searched_variant(k: int) -> Variant:
+        return Variant("searched", tuple(order.first(k)), k) if k else Variant("dense")
+
     variants = [Variant("dense")]
     for k in range(1, min(job.max_drop, len(candidates)) + 1):
         variants.append(static_variant(k))
+    if order is not None:
+        variants += [searched_variant(k) for k in range(1, min(max_static, len(order.order)) + 1)]
     random_ks = job.random_drops or sorted({int(round(t * num_layers)) for t in job.skip_targets})
     for k in random_ks:
         for seed in range(job.random_seeds):
@@ -491,6 +509,8 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
         for lists in domain_tokens.values() for b in text_batches(lists, pad)]
     thresholds = job.thresholds or sweep_thresholds(routed, placement, job.skip_targets, job.sweep_points,
                                                     num_layers)
+    setup.update(1)
+    setup.close()
     variants += [Variant("routers", threshold=t) for t in thresholds]
     result: dict = {"job": asdict(job), "routers_sha256": routers_fingerprint(job.routers),
                     "num_layers": num_layers, "routed_layers": routed.routed_layers,
@@ -614,6 +634,11 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             missing = [static_variant(k) for k in static_counts_to_add(measured, have, job.skip_targets,
                                                                        num_layers)
                        if k <= len(candidates) and job.max_drop > 0]  # --max-drop 0: no static drop here
+            if order is not None:  # the searched order too, at the same counts (dense is shared)
+                have = {v.k for v in per_task[task.name] if v.kind in ("searched", "dense")}
+                missing += [searched_variant(k) for k in static_counts_to_add(measured, have, job.skip_targets,
+                                                                              num_layers)
+                            if 0 < k <= min(max_static, len(order.order))]
             _add_variants(result, {v: None for v in missing})
             bar.grow(len(missing) * len(task.docs))
             for variant in missing:
@@ -626,6 +651,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                 # accuracy runs hold one router point per target); static drop is interpolated there
                 at = min(measured, key=lambda x: abs(x - t), default=t)  # router points only, never dense's 0
                 entry = compare_curves(curves, at, iterations=job.bootstrap)
+                against_searched(entry, curves, at, iterations=job.bootstrap)
                 entry["at"] = at
                 result["matched"][task.name][f"{t:.2f}"] = entry
             save()
@@ -633,6 +659,43 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     (output / "tradeoff.md").write_text(markdown_table(result) + "\n")
     routed.unwrap()
     return result
+
+
+def searched_static_order(model, tokenizer, job: TradeoffJob, count: int, show: bool = True,
+                          log: Callable[[str], None] = lambda s: None):
+    """The searched static order (routertune.train.static_order) of the plain `model`, `count` layers long: read
+    from --searched-order, else searched on the tuning data and cached per model weights and data in the
+    routertune cache (a later run, e.g. the next demo, reads it back; a longer order extends the stored one)."""
+    from routertune.base_model import default_cache_dir
+    from routertune.train import static_order
+
+    settings = static_order.OrderSettings(max_count=count, n_records=job.searched_records)
+    if job.searched_order:
+        path = Path(job.searched_order)
+        path = path if path.suffix == ".json" else path / static_order.RESULT_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"--searched-order {job.searched_order}: no {path}; pass the folder or file "
+                                    "a static order search wrote, or drop the flag to search here")
+        mismatch = "refuse"
+    else:
+        digest = static_order.model_identity(model)["sha256"][:16]
+        root = Path(job.cache_dir) if job.cache_dir else default_cache_dir()
+        path, mismatch = root / "static_order" / f"{digest}-{job.searched_records}.json", "recompute"
+    bar = progress_bar("static order search", count, unit="layer", show=show)
+
+    def note(message: str) -> None:  # the search logs each layer it adds: "static order: N layers ..."
+        log(f"tradeoff: {message}")
+        words = message.split()
+        if len(words) > 3 and words[:2] == ["static", "order:"] and words[2].isdigit() and words[3] == "layers":
+            bar.update(max(0, min(int(words[2]), count) - bar.done))
+
+    try:
+        found = static_order.searched_order(model, tokenizer, settings, path, on_mismatch=mismatch, log=note)
+        if bar.done < min(len(found.order), count):  # read back whole from the cache: no step was logged
+            bar.update(min(len(found.order), count) - bar.done)
+    finally:
+        bar.close()
+    return found
 
 
 def previous_result(job: TradeoffJob) -> dict | None:
@@ -643,6 +706,9 @@ def previous_result(job: TradeoffJob) -> dict | None:
         return None
     previous = json.loads(path.read_text())
     ours, theirs = asdict(job), dict(previous.get("job", {}))
+    # runs stored before the searched static order existed traced none: resumable with --no-searched-static
+    for key, before in (("searched_static", False), ("searched_order", None), ("searched_records", ours["searched_records"])):
+        theirs.setdefault(key, before)
     # the folders may have moved or be named another way; every flag that shapes the numbers must match
     differ = sorted(k for k in ours if k not in ("resume", "output", "cache_dir") and ours[k] != theirs.get(k))
     if differ:
@@ -691,14 +757,16 @@ def _describe(v: Variant) -> dict:
 def _curves_kl(scores: dict[Variant, TextScores], variants, num_layers) -> dict[str, list]:
     """Per family, (measured skip, per-text summed KL) points; random averages its seeds at each k."""
     curves: dict[str, list] = {"static": [], "random": [], "routers": []}
+    if any(v.kind == "searched" for v in variants):
+        curves["searched"] = []
     dense = next(v for v in variants if v.kind == "dense")
     for family in curves:
         curves[family].append((0.0, scores[dense].kl))
     by_k: dict[int, list] = {}
     for v in variants:
         s = scores[v]
-        if v.kind == "static":
-            curves["static"].append((v.k / num_layers, s.kl))
+        if v.kind in ("static", "searched"):
+            curves[v.kind].append((v.k / num_layers, s.kl))
         elif v.kind == "routers":
             curves["routers"].append((float(s.skipped.mean() / num_layers), s.kl))
         elif v.kind == "random":
@@ -715,8 +783,24 @@ def match_kl(scores, variants, job: TradeoffJob, num_layers: int) -> dict:
     tokens = next(iter(scores.values())).tokens
     # per-text KL sums weighted back into a per-token mean: value_i = kl_i / tokens_i, weight tokens_i
     per_token = {f: [(x, v / tokens) for x, v in pts] for f, pts in curves.items()}
-    return {f"{t:.2f}": compare_curves(per_token, t, weights=tokens, iterations=job.bootstrap)
-            for t in job.skip_targets}
+    out = {}
+    for t in job.skip_targets:
+        out[f"{t:.2f}"] = compare_curves(per_token, t, weights=tokens, iterations=job.bootstrap)
+        against_searched(out[f"{t:.2f}"], per_token, t, tokens, job.bootstrap)
+    return out
+
+
+def against_searched(entry: dict, curves: dict, at: float, weights=None, iterations: int = 2000) -> None:
+    """Add routers minus the searched static order (paired, at the same measured skip) to a compare_curves
+    entry, as routers' minus_searched and interval_searched; nothing when there is no searched curve or it
+    does not reach `at`."""
+    if "searched" not in curves or not entry.get("routers", {}).get("reached"):
+        return
+    routers = compare_curves({"searched": curves["searched"], "routers": curves["routers"]}, at, weights,
+                             iterations, baseline="searched")["routers"]
+    if routers.get("reached"):
+        entry["routers"]["minus_searched"] = routers["minus_searched"]
+        entry["routers"]["interval_searched"] = routers["interval"]
 
 
 @torch.inference_mode()
@@ -756,8 +840,9 @@ def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, nu
     chosen = []
     low, high = min(job.skip_targets), max(job.skip_targets)
     for t in job.skip_targets:  # target by target, so that a run cut short still holds whole comparisons
-        for v in variants:
-            if v.kind == "static" and v.k in (math.floor(t * num_layers + 1e-9), math.ceil(t * num_layers - 1e-9)):
+        for v in variants:  # static drop and the searched order at the layer counts around the target
+            if v.kind in ("static", "searched") and v.k in (math.floor(t * num_layers + 1e-9),
+                                                            math.ceil(t * num_layers - 1e-9)):
                 chosen.append(v)
         candidates = [th for th, s in skips.items()
                       if (s >= t or t > low) and (s <= t or t < high) and low <= s <= high]
@@ -767,7 +852,7 @@ def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, nu
         # static drop is interpolated at the router point's skip: when no point lies inside the targets' span
         # (the fallback above), also run the static k on either side of it, or the comparison is not reached
         around = {math.floor(skips[best] * num_layers + 1e-9), math.ceil(skips[best] * num_layers - 1e-9)}
-        chosen += [v for v in variants if v.kind == "static" and v.k in around and not candidates]
+        chosen += [v for v in variants if v.kind in ("static", "searched") and v.k in around and not candidates]
     return list(dict.fromkeys(chosen))
 
 
@@ -790,11 +875,13 @@ def _task_result(scores: dict, task: TaskItems) -> dict:
 
 def _accuracy_curves(scores: dict) -> dict[str, list]:
     curves: dict[str, list] = {"static": [], "routers": []}
+    if any(v.kind == "searched" for v in scores):
+        curves["searched"] = []
     for v, s in scores.items():
         point = (s.skip, s.correct)
         if v.kind == "dense":
-            curves["static"].append(point)
-            curves["routers"].append(point)
+            for family in curves:
+                curves[family].append(point)
         elif v.kind in curves:
             curves[v.kind].append(point)
     return curves
@@ -824,9 +911,14 @@ def _fidelity(routed, tokenizer, variants, job: TradeoffJob, num_layers: int, sh
 
 def markdown_table(result: dict) -> str:
     """The matched comparison: per domain (KL per token, lower is better) and task (accuracy, higher is
-    better), at each target skip: each curve's interpolated value and routers minus static with its interval."""
-    lines = ["| where | measured skip | static | random | routers | routers - static [95% CI] | router points used |",
-             "|---|---|---|---|---|---|---|"]
+    better), at each target skip: each curve's interpolated value and routers minus static with its interval
+    (and, when the run traced the searched static order, its value and routers minus it with its interval)."""
+    searched = any("searched" in row for rows in result.get("matched", {}).values() for row in rows.values())
+    extra = " searched static |" if searched else ""
+    extra_diff = " routers - searched static [95% CI] |" if searched else ""
+    lines = [f"| where | measured skip | static |{extra} random | routers | routers - static [95% CI] |{extra_diff}"
+             " router points used |",
+             "|---|---|---|" + ("---|" if searched else "") + "---|---|---|" + ("---|" if searched else "") + "---|"]
     for where, rows in result.get("matched", {}).items():
         is_task = where in result.get("tasks", {})
         scale, unit = (100.0, " pts") if is_task else (1.0, "")
@@ -839,16 +931,20 @@ def markdown_table(result: dict) -> str:
                     return "not reached"
                 return f"{entry['value'] * scale:.2f}" if is_task else f"{entry['value']:.4f}"
 
+            def difference(key: str, interval: str) -> str:
+                if not (routers.get("reached") and key in routers):
+                    return "-"
+                low, high = routers[interval]
+                return (f"{routers[key] * scale:+.2f}{unit} [{low * scale:+.2f}, {high * scale:+.2f}]" if is_task
+                        else f"{routers[key]:+.4f} [{low:+.4f}, {high:+.4f}]")
+
             routers = row.get("routers", {})
-            if routers.get("reached") and "minus_static" in routers:
-                low, high = routers["interval"]
-                diff = (f"{routers['minus_static'] * scale:+.2f}{unit} [{low * scale:+.2f}, {high * scale:+.2f}]" if is_task
-                        else f"{routers['minus_static']:+.4f} [{low:+.4f}, {high:+.4f}]")
-                between = "-".join(f"{x:.3f}" for x in routers["between"])
-            else:
-                diff, between = "-", "-"
+            diff = difference("minus_static", "interval")
+            between = "-".join(f"{x:.3f}" for x in routers["between"]) if diff != "-" else "-"
             kind = f"{where} (acc, %)" if is_task else f"{where} (KL/token)"
             skip = f"{float(target):.0%}" + (f" (at {row['at']:.1%})" if "at" in row else "")
-            lines.append(f"| {kind} | {skip} | {value('static')} | {value('random')} | {value('routers')} "
-                         f"| {diff} | {between} |")
+            cells = [kind, skip, value("static")] + ([value("searched")] if searched else []) \
+                + [value("random"), value("routers"), diff] \
+                + ([difference("minus_searched", "interval_searched")] if searched else []) + [between]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
