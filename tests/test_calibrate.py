@@ -72,6 +72,86 @@ def test_quantile_threshold_edges():
     assert 0 < quantile_threshold(torch.tensor([1.0, 1.0]), 0.0) < 1  # stays a valid threshold
 
 
+def _nearest_share_by_brute_force(values: torch.Tensor, target: float) -> float:
+    """The distance to `target` of the nearest share any threshold gives: every cut between two distinct
+    values, above all of them and below all of them, tried one by one."""
+    distinct = sorted(set(values.double().tolist()))
+    cuts = [distinct[0] - 1] + [(a + b) / 2 for a, b in zip(distinct, distinct[1:])] + [distinct[-1] + 1]
+    return min(abs(float((values.double() >= c).double().mean()) - target) for c in cuts)
+
+
+def _tied_cases():
+    yield torch.tensor([0.9] + [0.6] * 8 + [0.1]), 0.2  # the review's case: 0.1 is reachable, not only 0.9
+    gen = torch.Generator().manual_seed(0)
+    for n in (7, 40, 200):  # few distinct values, so most thresholds land on a pile
+        values = (torch.randint(1, 8, (n,), generator=gen).double() / 10).float()
+        for target in torch.linspace(0, 1, 21).tolist():
+            yield values, target
+
+
+def test_quantile_threshold_takes_the_reachable_share_nearest_the_target_with_ties():
+    for values, target in _tied_cases():
+        t = quantile_threshold(values, target)
+        assert 0 < t < 1
+        share = float((values >= t).double().mean())
+        assert abs(share - target) == pytest.approx(_nearest_share_by_brute_force(values, target), abs=1e-12), (
+            values.tolist(), target, share)
+        assert t not in values.tolist()  # no score sits on the boundary
+
+
+def test_importance_offset_follows_the_same_rule():
+    """The importance fit's capacity offset (logits, unbounded) picks its share by the same rule."""
+    from routertune.train import importance
+
+    for values, target in _tied_cases():
+        logits = values.double() * 10 - 5
+        offset = importance._capacity_offset(logits, target)
+        share = float((logits >= offset).double().mean())
+        assert abs(share - target) == pytest.approx(_nearest_share_by_brute_force(logits, target), abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def piled_routers(tmp_path_factory):
+    """A tiny model folder and routers whose every score is 0.5 (zero weights and bias): one pile per layer,
+    so only capacities 0 and 1 are reachable."""
+    from tiny_lm import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_llama(0)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    routers = tmp_path_factory.mktemp("piled-routers")
+    from routertune.base_model import load_model_and_tokenizer
+
+    routed = RoutedModel(load_model_and_tokenizer(str(folder))[0], RouterConfig(layers=[1, 2, 3, 4]))
+    with torch.no_grad():
+        for router in routed.routers.values():
+            router.weight.zero_()
+            router.bias.zero_()
+    routed.save_pretrained(routers)
+    return str(folder), routers
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_calibrate_refuses_to_save_an_unreachable_target(piled_routers, tmp_path, capsys, per_layer):
+    """Capacity 0.3 among piles that allow only 0 or 1: the nearest (0) is far outside the tolerance, so
+    nothing is saved unless the user accepts it explicitly."""
+    model, routers = piled_routers
+    before = (routers / "router_config.json").read_text()
+    out = tmp_path / "calibrated"
+    args = ["calibrate", "--model", model, "--routers", str(routers), "--output", str(out), "--capacity", "0.3",
+            "--samples", "8", "--heldout-samples", "0"] + (["--per-layer"] if per_layer else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "capacity 0.3 is not reachable" in err and "realised 0.0000" in err and "--accept-off-target" in err
+    assert not out.exists() and (routers / "router_config.json").read_text() == before
+    assert main(args + ["--accept-off-target"]) == 0
+    capsys.readouterr()
+    reloaded = RoutedModel.from_pretrained(tiny_llama(0), out)
+    prompts = prompt_batches(_prompts(8, 3), 0, batch_tokens=256)
+    assert measure_capacity(reloaded, prompts)[0] == 0.0  # the nearest reachable capacity, not the pile (1.0)
+
+
 def test_calibrated_thresholds_are_saved_in_the_router_config(tmp_path):
     routed = _routed()
     calibrate(routed, CAL, 0.4, per_layer=True)

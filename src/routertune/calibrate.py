@@ -8,6 +8,11 @@ calibration therefore iterates: run the prompts under the current thresholds, re
 scores, set each threshold to the quantile of those scores that gives the target, and repeat until the
 realised capacity is within `tolerance` of the target (usually 2-4 passes). The thresholds with the
 realised capacity closest to the target are kept.
+
+Tied scores (a trust region piles a layer's scores onto its bound) run whole or not at all, so some targets
+cannot be met: each threshold then takes the reachable share nearest its target (nearest_share_cut), and
+`routertune calibrate` refuses to save a result further than --tolerance from the target unless the user
+accepts it with --accept-off-target.
 """
 
 from __future__ import annotations
@@ -99,18 +104,37 @@ def measure_capacity(routed: RoutedModel, batches) -> tuple[float, dict[int, flo
     return sum(per_layer.values()) / len(per_layer), per_layer
 
 
+def nearest_share_cut(values: torch.Tensor, target: float) -> tuple[float | None, float | None, float]:
+    """The cut through `values` whose share of values at or above it is nearest `target`, among the shares a
+    threshold can give: a pile of equal values (a trust-region bound piles up a layer's scores) runs whole
+    or not at all, so the share jumps over it; the nearer side is taken (the larger share on an exact tie).
+
+    Returns (the lowest value that runs or None when none does, the highest value that does not or None when
+    all run, the share). One rule for calibration, the trade-off sweep and the importance fit's offset."""
+    flat = values.detach().double().reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        raise ValueError("no scores to place a threshold among")
+    distinct, counts = torch.unique_consecutive(flat.sort(descending=True).values, return_counts=True)
+    shares = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(counts, 0).double() / n])  # j run
+    errors = (shares - float(target)).abs()
+    j = int(torch.nonzero(errors == errors.min()).max())  # the most distinct values run on a tie
+    runs_low = float(distinct[j - 1]) if j > 0 else None
+    skips_high = float(distinct[j]) if j < distinct.numel() else None
+    return runs_low, skips_high, float(shares[j])
+
+
 def quantile_threshold(scores: torch.Tensor, capacity: float) -> float:
-    """A threshold t with mean(scores >= t) as close to `capacity` as the scores allow: halfway between the
-    k-th and (k+1)-th highest scores, k = round(capacity * N)."""
-    values = scores.double().sort(descending=True).values
-    n = values.numel()
-    k = int(round(capacity * n))
-    if k >= n:
-        t = float(values[-1]) * 0.5 if float(values[-1]) > 2 * _EPS else _EPS
-    elif k <= 0:
-        t = (float(values[0]) + 1.0) / 2
+    """A threshold t in (0, 1) with mean(scores >= t) as close to `capacity` as the scores allow (see
+    nearest_share_cut: piles of tied scores run whole or not at all), halfway between the lowest score that
+    runs and the highest that does not, so no score sits on it."""
+    runs_low, skips_high, _ = nearest_share_cut(scores, capacity)
+    if runs_low is None:  # none runs
+        t = (skips_high + 1.0) / 2
+    elif skips_high is None:  # every score runs
+        t = runs_low * 0.5 if runs_low > 2 * _EPS else _EPS
     else:
-        t = (float(values[k - 1]) + float(values[k])) / 2
+        t = (runs_low + skips_high) / 2
     return min(max(t, _EPS), 1 - _EPS)
 
 
@@ -237,9 +261,13 @@ class CalibrateJob:
     heldout_samples: int = field(default=64, metadata={"help": "held-out prompts the realised capacity is reported on (0 = skip)"})
     max_prompt_tokens: int = field(default=256, metadata={"help": "longer prompts keep their last tokens"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward"})
+    tolerance: float = field(default=0.01, metadata={"help": "largest |realised - target| capacity on the calibration prompts that is saved; further off is refused (per-layer thresholds move in steps of 1/--samples of a layer)"})
+    accept_off_target: bool = field(default=False, metadata={"help": "save the thresholds nearest the target even when they miss it by more than --tolerance (tied scores, e.g. piled on a trust-region bound, move whole)"})
 
     def __post_init__(self) -> None:
         problems = []
+        if not isinstance(self.tolerance, (int, float)) or not 0.0 <= float(self.tolerance) < 1.0:
+            problems.append(f"tolerance={self.tolerance!r} must lie in [0, 1): a capacity difference")
         if not self.routers:
             problems.append("routers is required: pass --routers FOLDER (written by `routertune train`)")
         try:
@@ -262,6 +290,22 @@ class CalibrateReport:
     heldout_capacity: float | None
     heldout_layer_capacity: dict[int, float] | None
     heldout_prompts: int
+
+
+def _piles(routed: RoutedModel, batches, share: float = 0.05) -> str:
+    """Where the scores pile up (the usual reason a target is out of reach), for the error message: the routed
+    layers under the kept thresholds whose most common score holds at least `share` of the prompts."""
+    scores, _ = prompt_scores(routed, batches)
+    piled = {}
+    for layer, s in scores.items():
+        _, counts = torch.unique(s, return_counts=True)
+        if s.numel() and int(counts.max()) / s.numel() >= share:
+            piled[layer] = int(counts.max()) / s.numel()
+    if not piled:
+        return "no layer's scores pile up: too few prompts for this target"
+    worst = max(piled, key=piled.get)
+    return (f"in {len(piled)} of {len(scores)} routed layers tied scores pile up, which run whole or not at all; "
+            f"the largest pile: {piled[worst]:.0%} of the prompts at layer {worst}")
 
 
 def calibration_prompts(tokenizer, job_data: str | None, split: str, n: int, max_tokens: int) -> list[list[int]]:
@@ -289,6 +333,17 @@ def calibrate_job(job: CalibrateJob) -> CalibrateReport:
     batches = prompt_batches(calibration_prompts(tokenizer, job.data, "train", job.samples, job.max_prompt_tokens),
                              pad, job.batch_tokens)
     result = calibrate(routed, batches, job.capacity, per_layer=job.per_layer, progress=True)
+    off = abs(result.capacity - result.target)
+    if off > job.tolerance:
+        message = (f"capacity {job.capacity:g} is not reachable within --tolerance {job.tolerance:g} on these "
+                   f"{result.prompts} calibration prompts: the nearest thresholds give realised "
+                   f"{result.capacity:.4f} ({_piles(routed, batches)})")
+        if not job.accept_off_target:
+            raise ValueError(
+                message + ". Nothing was saved. Save them anyway with --accept-off-target, or ask for a capacity "
+                "the scores allow" + ("" if not job.per_layer else ", or use one global threshold (drop "
+                "--per-layer)") + ", or calibrate on more prompts (--samples)")
+        log.warning("%s; saved anyway (--accept-off-target)", message)
     heldout_cap, heldout_layers, n_heldout = None, None, 0
     if job.heldout_samples:
         prompts = calibration_prompts(tokenizer, job.data, "heldout", job.heldout_samples, job.max_prompt_tokens)

@@ -36,6 +36,7 @@ import torch
 
 from routertune.routing import arch
 from routertune.routing import inject
+from routertune.calibrate import nearest_share_cut
 from routertune.model import RoutedModel
 from routertune.routing.router import bounded_logit, masked_mean
 
@@ -144,12 +145,13 @@ def _capacity_offset(flat: torch.Tensor, target: float) -> float:
     """An offset c whose share of values >= c is nearest `target`, placed halfway between two distinct values
     so that no training record sits on the decision boundary. A quantile would do for distinct values, but a
     trust region piles many inputs of a layer onto one bound, and a quantile landing on such a pile counts all
-    of it."""
-    values, counts = torch.unique_consecutive(flat.sort().values, return_counts=True)
-    share = (flat.numel() - (torch.cumsum(counts, 0) - counts)).double() / flat.numel()  # of values >= each
-    j = int((share - target).abs().argmin())
-    below = float(values[j - 1]) if j > 0 else float(values[0]) - 1.0
-    return (float(values[j]) + below) / 2
+    of it: the share is chosen as calibration chooses it (calibrate.nearest_share_cut)."""
+    runs_low, skips_high, _ = nearest_share_cut(flat, target)
+    if runs_low is None:  # none runs
+        return skips_high + 0.5
+    if skips_high is None:  # every value runs
+        return runs_low - 0.5
+    return (runs_low + skips_high) / 2
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor, penalty: float) -> tuple[torch.Tensor, float]:
