@@ -2,6 +2,8 @@
 
     # 1. the per-text oracles (need no static order; the costly part)
     OMP_NUM_THREADS=1 python benchmarks/headroom.py oracles --texts 4 --max-tokens 128 --max-count 9
+    # the best-static claim alone on more texts (searched order vs 1 - cos), cheap
+    OMP_NUM_THREADS=1 python benchmarks/headroom.py statics --texts 16 --max-tokens 192
     # 2. everything else, once the searched order exists (routertune.train.static_order)
     OMP_NUM_THREADS=1 python benchmarks/headroom.py final --order benchmarks/results/static-order/static_order.json
 
@@ -162,6 +164,63 @@ def final(args, model, tokenizer) -> dict:
     return out
 
 
+def statics(args, model, tokenizer) -> dict:
+    """The best-static-baseline claim alone (cheap: a few passes per text, so more texts): searched order's first
+    k vs 1 - cos static drop's k on the held-out texts' second halves, paired intervals over texts."""
+    from routertune.train.static_order import StaticOrder
+
+    order = StaticOrder.from_json(json.loads(Path(args.order).read_text()))
+    ks = [k for k in args.ks if k <= len(order.order)]
+    if not ks:
+        sys.exit(f"{args.order} holds {len(order.order)} layers: none of --ks {args.ks} is reached yet")
+    candidates = static_drop.droppable_layers(model.config.num_hidden_layers)
+    importance = cos_importance(args, model, tokenizer)
+    out = {"settings": {"texts": args.texts, "max_tokens": args.max_tokens, "ks": ks, "domains": args.domains,
+                        "bootstrap": args.bootstrap, "calibration_samples": args.calibration_samples},
+           "searched_order": order.order, "searched_order_tuning_kl": order.kl,
+           "searched_order_settings": order.settings,
+           "cos_sets": {str(k): importance.least_important(k, candidates) for k in ks}, "domains": {}}
+    pooled: dict = {"searched": {k: [] for k in ks}, "cos": {k: [] for k in ks}, "tokens": []}
+    for domain in args.domains:
+        lists = token_lists(tokenizer, domain, args.texts, args.max_tokens)
+        texts = hr.Texts(model, hr.full_rows(lists), tokenizer.pad_token_id)
+        tokens = texts.tokens("score")
+        entry = {"texts": len(lists), "score_tokens": tokens.tolist(), "per_text_kl_sum": {}, "summary": {}}
+        for k in ks:
+            searched = texts.evaluate([order.first(k)] * len(lists))["score"]
+            cos = texts.evaluate([importance.least_important(k, candidates)] * len(lists))["score"]
+            entry["per_text_kl_sum"][str(k)] = {"searched": searched.tolist(), "cos": cos.tolist()}
+            entry["summary"][str(k)] = static_row(searched, cos, tokens, args.bootstrap)
+            pooled["searched"][k].append(searched)
+            pooled["cos"][k].append(cos)
+            log(f"statics: {domain} k={k}: {entry['summary'][str(k)]}")
+        pooled["tokens"].append(tokens)
+        out["domains"][domain] = entry
+    tokens = np.concatenate(pooled["tokens"])
+    out["pooled"] = {"texts": int(len(tokens)), "summary": {
+        str(k): static_row(np.concatenate(pooled["searched"][k]), np.concatenate(pooled["cos"][k]), tokens,
+                           args.bootstrap) for k in ks}}
+    write_json(Path(args.output) / "statics.json", out)
+    lines = ["Searched order (tuning data) vs 1 - cos static drop, mean KL per scored token on held-out second "
+             "halves; searched minus 1-cos with a 95% paired bootstrap interval over texts.", "",
+             "| where | k | searched | 1-cos | searched - 1-cos | relative |", "|---|---|---|---|---|---|"]
+    for where, block in [*out["domains"].items(), ("pooled", out["pooled"])]:
+        for k, row in block["summary"].items():
+            low, high = row["interval"]
+            rl, rh = row["relative_interval"]
+            lines.append(f"| {where} ({block['texts']} texts) | {k} | {row['searched']:.4f} | {row['cos']:.4f} | "
+                         f"{row['minus']:+.4f} [{low:+.4f}, {high:+.4f}] | {row['relative']:+.0%} [{rl:+.0%}, {rh:+.0%}] |")
+    (Path(args.output) / "statics.md").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def static_row(searched, cos, tokens, iterations) -> dict:
+    gap = hr.gap_entry(searched / tokens, cos / tokens, tokens, iterations)
+    return {"searched": float(searched.sum() / tokens.sum()), "cos": float(cos.sum() / tokens.sum()),
+            "minus": gap["minus_baseline"], "interval": gap["interval"], "relative": gap["relative"],
+            "relative_interval": gap["relative_interval"]}
+
+
 METHODS = ("best_static", "cos_static", "reachable", "in_sample", "budget", "budget_in_sample")
 
 
@@ -202,7 +261,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("oracles", "final"))
+    parser.add_argument("stage", choices=("oracles", "final", "statics"))
     parser.add_argument("--texts", type=int, default=4, help="texts per domain")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-count", type=int, default=9, help="greedy depth of the per-text oracles")
@@ -222,6 +281,8 @@ def main(argv=None) -> int:
     Path(args.output).mkdir(parents=True, exist_ok=True)
     if args.stage == "oracles":
         oracles(args, model, tokenizer)
+    elif args.stage == "statics":
+        statics(args, model, tokenizer)
     else:
         final(args, model, tokenizer)
     log("done")
