@@ -168,6 +168,11 @@ MUTANTS = [
     Mutant("off_target_thresholds_saved", "calibrate.py", "        if not job.accept_off_target:\n",
            "        if False:\n", ("test_calibrate.py",),
            "calibration saves thresholds far from the target without a word"),
+    Mutant("caller_config_stamped", "model.py",
+           "config = copy.deepcopy(config) if config is not None else RouterConfig()",
+           "config = config if config is not None else RouterConfig()",
+           ("test_model.py::test_one_config_for_two_models_leaves_each_its_own_identity",),
+           "a config reused for a second model carries the first one's identity and layers there"),
     # --- serving: per-request routing settings checked at admission, flat vllm_xargs keys (routertune serve) ----
     # slow: they start vLLM's OpenAI server / an engine (tests/test_serve_http.py), minutes each
     Mutant("serve_admission_check_removed", "serve/plugin.py",

@@ -102,6 +102,34 @@ def test_load_onto_other_base_is_refused(tmp_path):
         RoutedModel.from_pretrained(build_tiny("qwen2", seed=0), tmp_path)
 
 
+@pytest.mark.parametrize("second_depth", [6, 4], ids=["same-depth", "shallower"])
+def test_one_config_for_two_models_leaves_each_its_own_identity(tmp_path, second_depth):
+    """One RouterConfig object wrapping two different models (other weights; the same or another depth): each
+    keeps its own identity and layers, the caller's config is left as given, and routers saved from the
+    second load on the second and are refused on the first."""
+    from routertune.model import model_identity
+
+    first, second = build_tiny("llama"), build_tiny("llama", seed=1)
+    with torch.no_grad():
+        second.model.layers = second.model.layers[:second_depth]
+        second.config.num_hidden_layers = second_depth
+        if getattr(second.config, "layer_types", None) is not None:
+            second.config.layer_types = second.config.layer_types[:second_depth]
+    identities = model_identity(first), model_identity(second)
+    layers = {6: [2, 3, 4], 4: [1, 2]}  # half the depth, before the final layer
+    config = RouterConfig()
+    a = RoutedModel(first, config)
+    b = RoutedModel(second, config)
+    assert config.base_model is None and config.layers is None  # the caller's object is untouched
+    assert (a.router_config.base_model, b.router_config.base_model) == identities
+    assert a.routed_layers == layers[6] and b.routed_layers == layers[second_depth]
+    b.save_pretrained(tmp_path)
+    reloaded = RoutedModel.from_pretrained(copy.deepcopy(b).unwrap(), tmp_path)
+    assert reloaded.routed_layers == layers[second_depth]
+    with pytest.raises(ValueError, match="belong to another base model"):
+        RoutedModel.from_pretrained(build_tiny("llama"), tmp_path)
+
+
 def test_unwrap_restores_original_modules(family, granularity):
     base = build_tiny(family)
     original_modules = dict(base.named_modules())

@@ -4,6 +4,7 @@ router-only checkpoints (router_config.json + routers.safetensors)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import os
@@ -36,7 +37,9 @@ class RoutedModel(nn.Module):
 
     def __init__(self, base_model: nn.Module, config: RouterConfig | None = None):
         super().__init__()
-        config = config if config is not None else RouterConfig()
+        # our own copy: the identity and resolved layers written below belong to this model, and a config object
+        # reused for another model must not carry them there (its routers would then load onto this one)
+        config = copy.deepcopy(config) if config is not None else RouterConfig()
         self.base_model = base_model
         identity = model_identity(base_model)
         if config.base_model is None:
