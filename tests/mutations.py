@@ -173,6 +173,15 @@ MUTANTS = [
            "config = config if config is not None else RouterConfig()",
            ("test_model.py::test_one_config_for_two_models_leaves_each_its_own_identity",),
            "a config reused for a second model carries the first one's identity and layers there"),
+    Mutant("empty_prompt_reads_as_right_padding", "model.py",
+           "    _refuse_empty_prompts(prompt, attention_mask, pad_token_id, eos_token_id)\n", "",
+           ("test_generate_modes.py::test_empty_prompts_are_refused_by_index_with_the_fix",), "an empty prompt in a left-padded batch is called right padding"),
+    Mutant("forward_takes_empty_prompts", "model.py",
+           'if cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0:', "if False:",
+           ("test_generate_modes.py::test_empty_prompts_are_refused_by_index_with_the_fix",), "a forward pools an empty row over nothing (and a lone one crashes)"),
+    Mutant("cli_empty_prompt_without_the_chat_hint", "generate.py", "    if empty:  # without a token",
+           "    if False:  # without a token", ("test_generate_modes.py::test_cli_generate_refuses_an_empty_prompt",),
+           "`routertune generate --no-chat \"\"` is refused without saying that chat mode works"),
     # --- serving: per-request routing settings checked at admission, flat vllm_xargs keys (routertune serve) ----
     # slow: they start vLLM's OpenAI server / an engine (tests/test_serve_http.py), minutes each
     Mutant("serve_admission_check_removed", "serve/plugin.py",

@@ -181,6 +181,44 @@ def test_right_padded_generation_is_refused_with_the_fix():
         routed.generate(input_ids=left, attention_mask=left_mask, max_new_tokens=2)
 
 
+def test_empty_prompts_are_refused_by_index_with_the_fix():
+    """An empty prompt in a left-padded batch is not right padding, and a lone empty prompt has nothing to pool
+    or continue from: both name the row and the fix, in generate (with or without a mask) and in forward."""
+    routed = RoutedModel(build_tiny("llama"))
+    ids, mask, _ = padded_batch([6, 0, 4], "left")
+    with torch.no_grad():
+        for kwargs in (dict(attention_mask=mask), {}):  # without a mask, generate infers it from the pad token
+            with pytest.raises(ValueError, match=r"prompt 1 is empty.*at least one token") as error:
+                routed.generate(input_ids=ids, max_new_tokens=2, **kwargs)
+            assert "right-padded" not in str(error.value)
+        with pytest.raises(ValueError, match=r"prompt 1 is empty"):
+            routed(input_ids=ids, attention_mask=mask)
+        lone = torch.zeros((1, 0), dtype=torch.long)
+        with pytest.raises(ValueError, match=r"prompt 0 is empty"):
+            routed.generate(input_ids=lone, max_new_tokens=2)
+        with pytest.raises(ValueError, match=r"prompt 0 is empty"):
+            routed(input_ids=lone)
+
+
+def test_cli_generate_refuses_an_empty_prompt(tmp_path, capsys):
+    """`routertune generate --no-chat ""` printed an IndexError traceback: now exit 2 and what to do."""
+    from routertune.cli import main
+    from tiny_lm import tiny_llama, tiny_tokenizer
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    RoutedModel(tiny_llama()).save_pretrained(tmp_path / "routers")
+    common = ["generate", "--model", str(tmp_path / "model"), "--routers", str(tmp_path / "routers"),
+              "--max-new-tokens", "2"]
+    assert main(common + ["--no-chat", "hello", ""]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 1 is empty" in err and "chat mode" in err and "Traceback" not in err
+    assert main(common + ["--no-chat", ""]) == 2  # a lone empty prompt (was an IndexError)
+    assert "prompt 0 is empty" in capsys.readouterr().err
+    assert main(common + ["hello", ""]) == 0  # the chat template gives the empty message tokens
+
+
 @pytest.mark.parametrize("granularity,flag", [("attention", "output_attentions"), ("block", "output_attentions"),
                                               ("block", "output_hidden_states")])
 def test_misaligned_output_flags_are_refused(granularity, flag):

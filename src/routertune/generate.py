@@ -51,6 +51,11 @@ def generate(job: GenerateJob) -> list[Generation]:
     ]
     tokenizer.padding_side = "left"  # batched generation continues every row from its last real token
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not job.chat)
+    empty = [i for i, n in enumerate(inputs["attention_mask"].sum(1).tolist()) if n == 0]
+    if empty:  # without a token there is nothing to route on or continue from (the tokenizer adds no BOS)
+        which = f"prompt {empty[0]} is" if len(empty) == 1 else f"prompts {', '.join(map(str, empty))} are"
+        raise ValueError(f"{which} empty: it tokenizes to no token. Pass non-empty text, or use chat mode (drop "
+                         "--no-chat), whose template adds its own tokens around an empty message.")
     cache = routed.new_cache()
     with torch.no_grad(), (routed.forced(job.force) if job.force else contextlib.nullcontext()), \
             routed.recording() as calls:

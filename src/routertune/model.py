@@ -84,7 +84,13 @@ class RoutedModel(nn.Module):
     # -- running -------------------------------------------------------------------------------------------
     def forward(self, *args, routing_mask: torch.Tensor | None = None, **kwargs):
         """The base model's forward. `routing_mask` (B, T) chooses the tokens decisions are pooled over
-        (default: the attention mask); training passes the prompt tokens, as generation decides from them."""
+        (default: the attention mask); training passes the prompt tokens, as generation decides from them.
+        A row without a real token is refused (outside decode steps, whose rows the prefill checked)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0:
+            prompt = kwargs.get("input_ids", args[0] if args else None)
+            _refuse_empty_prompts(prompt if prompt is not None else kwargs.get("inputs_embeds"),
+                                  kwargs.get("attention_mask"))
         with routing.pool_over(routing_mask):
             return self.base_model(*args, **kwargs)
 
@@ -229,7 +235,9 @@ def _unit_classes(config: RouterConfig):
 def _refuse_right_padding(prompt, attention_mask, pad_token_id, eos_token_id) -> None:
     """Generation continues each row after its last column, so a padded row must end with its last real token.
     Plain transformers only warns and continues after the padding; here that is refused. Without a mask the
-    padding is read from the pad token, as generate infers its mask."""
+    padding is read from the pad token, as generate infers its mask. An empty prompt is named as such first
+    (its row is all padding, which would read as right padding)."""
+    _refuse_empty_prompts(prompt, attention_mask, pad_token_id, eos_token_id)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         padded_end = not bool(attention_mask[:, -1].all())
     elif isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and pad_token_id is not None:
@@ -241,6 +249,32 @@ def _refuse_right_padding(prompt, attention_mask, pad_token_id, eos_token_id) ->
         raise ValueError(
             "right-padded prompts cannot be generated from: every row must end with its last real token. "
             "Pad on the left (tokenizer.padding_side = 'left') before calling generate."
+        )
+
+
+def _refuse_empty_prompts(prompt, attention_mask, pad_token_id=None, eos_token_id=None) -> None:
+    """A prompt without a real token has nothing to pool a decision over or to continue from: refused, naming
+    the rows. Read from the 2-D attention mask, else (generate's inference) from rows of pad tokens only."""
+    rows = None
+    if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 and prompt.shape[1] == 0:
+        rows = list(range(prompt.shape[0]))
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        real = attention_mask.bool().any(1) if attention_mask.shape[1] else attention_mask.new_zeros(
+            attention_mask.shape[0], dtype=torch.bool)
+        if not bool(real.all()):  # one host sync per prompt batch
+            rows = (~real).nonzero().flatten().tolist()
+    elif isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and pad_token_id is not None:
+        eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+        if pad_token_id not in eos:
+            padding = (prompt == pad_token_id).all(1)
+            if bool(padding.any()):
+                rows = padding.nonzero().flatten().tolist()
+    if rows:
+        which = f"prompt {rows[0]} is" if len(rows) == 1 else f"prompts {', '.join(map(str, rows))} are"
+        raise ValueError(
+            f"{which} empty (no real token, only padding): routing decides from the prompt's tokens and "
+            "generation continues from its last one. Give every prompt at least one token (non-empty text, or "
+            "a chat template, which adds its own), or leave the empty ones out of the batch."
         )
 
 
