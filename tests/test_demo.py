@@ -27,14 +27,15 @@ def test_demo_job_validation(field, value, message):
 
 # Every part of the demo that can run for minutes at full size, by stage: each must report a count as it goes
 # (routertune.progress events; the terminal shows the same counts as bars). Accuracy parts only when tasks run.
-def expected_parts(tasks=()) -> dict[str, set[str]]:
+def expected_parts(tasks=(), searched: bool = False) -> dict[str, set[str]]:
     return {"train": {"importance fit"}, "generate": {"generate"},
-            "tradeoff": {"static order search", "importance and sweep", "KL lambada", "KL wikipedia", "KL code", "agreement"}
-            | {f"{kind} {task}" for task in tasks for kind in ("placement", "accuracy")},
+            "tradeoff": {"importance and sweep", "KL lambada", "KL wikipedia", "KL code", "agreement"}
+            | {f"{kind} {task}" for task in tasks for kind in ("placement", "accuracy")}
+            | ({"static order search"} if searched else set()),
             "bench": {"bench"}, "report": {"report"}}
 
 
-def assert_every_part_reports(events, tasks=()) -> None:
+def assert_every_part_reports(events, tasks=(), searched: bool = False) -> None:
     """Each expected part of each stage sent at least one event with a count of finished units (done >= 1),
     and the counts of a part never run backwards nor past a known total."""
     counted: dict[str, set[str]] = {}
@@ -43,7 +44,7 @@ def assert_every_part_reports(events, tasks=()) -> None:
         by_part.setdefault((e.stage, e.part), []).append(e)
         if e.done >= 1:
             counted.setdefault(e.stage, set()).add(e.part)
-    for stage, parts in expected_parts(tasks).items():
+    for stage, parts in expected_parts(tasks, searched).items():
         silent = parts - counted.get(stage, set())
         assert not silent, f"stage {stage}: no progress count from {sorted(silent)} (got {sorted(counted.get(stage, ()))})"
     for (stage, part), seq in by_part.items():
@@ -57,6 +58,7 @@ def test_demo_defaults_fit_a_coffee_break_and_full_restores_the_full_settings():
 
     quick, full = DemoJob(), DemoJob(full=True)
     assert quick.tasks == [] and quick.samples == QUICK["samples"] and quick.bench_lengths == [512]
+    assert quick.searched_static is False and full.searched_static is True  # the search takes minutes
     assert full.tasks == ["arc_easy", "piqa"] and full.samples == 1000 and full.bench_lengths == [128, 512, 2048]
     assert {name: getattr(full, name) for name in FULL} == FULL
     assert DemoJob(full=True, samples=50).samples == 50  # an explicit flag wins over either size
@@ -79,9 +81,10 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys):
     with progress.listening(events.append):
         code = main(["demo", "--model", str(model), "--output", str(out), "--samples", "24", "--tasks", "arc_easy",
                      "--limit", "6", "--texts", "3", "--fidelity-prompts", "2", "--calibration-samples", "4",
-                     "--bench-repeats", "2", "--bench-lengths", "16", "--decode-prompt", "8", "--decode-tokens", "2"])
+                     "--bench-repeats", "2", "--bench-lengths", "16", "--decode-prompt", "8", "--decode-tokens", "2",
+                     "--searched-static", "--searched-records", "8"])
     assert code == 0
-    assert_every_part_reports(events, tasks=["arc_easy"])
+    assert_every_part_reports(events, tasks=["arc_easy"], searched=True)
     printed = capsys.readouterr().out
     for stage in ("[1/5] train", "[2/5] generate", "[3/5] tradeoff", "[4/5] bench", "[5/5] report"):
         assert stage in printed

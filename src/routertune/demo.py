@@ -29,9 +29,10 @@ STAGES = ("train", "generate", "tradeoff", "bench", "report")
 # model resolves routers against static drop with a dozen texts a domain, while accuracy on a few hundred items
 # cannot (intervals several points wide), so it is left to --full, which restores the earlier full settings.
 QUICK = dict(samples=256, tasks=[], limit=200, texts=12, fidelity_prompts=8, bench_lengths=[512], bench_repeats=5,
-             decode_tokens=16, searched_records=16)
+             decode_tokens=16, searched_static=False, searched_records=16)
 FULL = dict(samples=1000, tasks=["arc_easy", "piqa"], limit=200, texts=16, fidelity_prompts=16,
-            bench_lengths=[128, 512, 2048], bench_repeats=7, decode_tokens=32, searched_records=32)
+            bench_lengths=[128, 512, 2048], bench_repeats=7, decode_tokens=32, searched_static=True,
+            searched_records=32)
 # measured (see the README's demo section): wall minutes on one CPU thread, set-up excluded
 QUICK_MINUTES = "15"
 FULL_MINUTES = "40"
@@ -77,7 +78,8 @@ class DemoJob:
     decode_prompt: int = field(default=512, metadata={"help": "prompt tokens before decoding in the benchmark"})
     decode_tokens: int | None = field(default=None, metadata=_size_help("decode_tokens", "tokens decoded per sequence in the benchmark"))
     bench: bool = field(default=True, metadata={"help": "run the speed benchmark stage"})
-    searched_static: bool = field(default=True, metadata={"help": "compare the routers with the searched static order too (searched once per model and data, then read from the routertune cache)"})
+    searched_static: bool | None = field(default=None, metadata={"help": "compare the routers with the searched static order too (routertune.train.static_order: minutes of search on one thread at the first run, then read from the routertune cache; default: off at demo size, on with --full)"})
+    searched_order: str | None = field(default=None, metadata={"help": "a search of this model to read as it is, e.g. benchmarks/results/static-order (no search; the comparison then costs seconds at demo size too)"})
     searched_records: int | None = field(default=None, metadata=_size_help("searched_records", "tuning records the static order is searched on"))
 
     def __post_init__(self) -> None:
@@ -207,7 +209,7 @@ def _run_demo(job: DemoJob, announce, finished) -> DemoResult:
         routers=str(out), output=str(out / "tradeoff"), model=job.model, cache_dir=job.cache_dir,
         texts=job.texts, max_tokens=192, tasks=job.tasks, limit=job.limit, skip_targets=job.skip_targets,
         max_drop=int(round(max(job.skip_targets) * num_layers)) + 1, random_seeds=job.random_seeds,
-        sweep_points=job.sweep_points, searched_static=job.searched_static,
+        sweep_points=job.sweep_points, searched_static=job.searched_static, searched_order=job.searched_order,
         searched_records=job.searched_records,
         fidelity_prompts=job.fidelity_prompts, fidelity_tokens=24, calibration_samples=job.calibration_samples,
         bootstrap=1000))
@@ -304,6 +306,10 @@ def summary_table(result: DemoResult) -> list[str]:
     if result.bench:
         lines += [""] + _speed_lines(result.bench)
     lines.append("")
+    if not searched:
+        lines.append("The searched static order (the best static order found by KL search on the tuning data) was "
+                     "not traced: its search takes minutes on one thread. `--searched-static` searches it (cached "
+                     "afterwards), `--searched-order FOLDER` reads a finished search; `--full` includes it.")
     if not result.tradeoff.get("tasks"):
         lines.append("Accuracy was not measured: on a few hundred items a task its intervals are several points "
                      "wide and settle nothing, so the demo leaves it to the full run.")

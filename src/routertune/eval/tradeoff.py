@@ -338,7 +338,7 @@ class TradeoffJob:
     fidelity_tokens: int = field(default=32, metadata={"help": "greedy tokens per fidelity prompt"})
     calibration_samples: int = field(default=64, metadata={"help": "chat prompts of the tuning mix's train split: static-drop importance and the sweep's thresholds"})
     searched_static: bool = field(default=True, metadata={"help": "also trace the searched static order (the first k layers of an order searched greedily for the least KL to dense on the tuning data, routertune.train.static_order) as a baseline: 'the best static order'"})
-    searched_order: str | None = field(default=None, metadata={"help": "static_order.json (or its folder) of a finished search to use; default: search, cached in the routertune cache per model and data"})
+    searched_order: str | None = field(default=None, metadata={"help": "static_order.json (or its folder) of a search of this model to read as it is (e.g. benchmarks/results/static-order; no search here); default: search, cached in the routertune cache per model and data"})
     searched_records: int = field(default=32, metadata={"help": "tuning records the static order is searched on"})
     accuracy_settings: str = field(default="matched", metadata={"help": "which settings the (costly) accuracy runs on: 'matched' (static drop at the targets and, per target, the router point nearest it on the task's contexts; dense is not run) or 'all' (every setting, dense included)"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
@@ -461,7 +461,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     max_static = min(job.max_drop, len(baselines.droppable_layers(int(model.config.num_hidden_layers))))
     # on the plain model, before the routers are attached: the search runs the base model's own layers
     order = searched_static_order(model, tokenizer, job, max_static, progress_bars, log) \
-        if job.searched_static and max_static > 0 else None
+        if (job.searched_static or job.searched_order) and max_static > 0 else None
     routed = RoutedModel.from_pretrained(model, job.routers)
     top_k = routed.router_config.token_top_k
     if top_k is not None:
@@ -663,36 +663,46 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
 
 def searched_static_order(model, tokenizer, job: TradeoffJob, count: int, show: bool = True,
                           log: Callable[[str], None] = lambda s: None):
-    """The searched static order (routertune.train.static_order) of the plain `model`, `count` layers long: read
-    from --searched-order, else searched on the tuning data and cached per model weights and data in the
-    routertune cache (a later run, e.g. the next demo, reads it back; a longer order extends the stored one)."""
+    """The searched static order (routertune.train.static_order) of the plain `model`, up to `count` layers:
+    read as it is from --searched-order (a finished or partial search of this model; no search here), else
+    searched on the tuning data and cached per model weights and data in the routertune cache (a later run,
+    e.g. the next demo, reads it back; a longer order extends the stored one)."""
     from routertune.base_model import default_cache_dir
     from routertune.train import static_order
 
-    settings = static_order.OrderSettings(max_count=count, n_records=job.searched_records)
-    if job.searched_order:
-        path = Path(job.searched_order)
-        path = path if path.suffix == ".json" else path / static_order.RESULT_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"--searched-order {job.searched_order}: no {path}; pass the folder or file "
-                                    "a static order search wrote, or drop the flag to search here")
-        mismatch = "refuse"
-    else:
-        digest = static_order.model_identity(model)["sha256"][:16]
-        root = Path(job.cache_dir) if job.cache_dir else default_cache_dir()
-        path, mismatch = root / "static_order" / f"{digest}-{job.searched_records}.json", "recompute"
     bar = progress_bar("static order search", count, unit="layer", show=show)
-
-    def note(message: str) -> None:  # the search logs each layer it adds: "static order: N layers ..."
-        log(f"tradeoff: {message}")
-        words = message.split()
-        if len(words) > 3 and words[:2] == ["static", "order:"] and words[2].isdigit() and words[3] == "layers":
-            bar.update(max(0, min(int(words[2]), count) - bar.done))
-
     try:
-        found = static_order.searched_order(model, tokenizer, settings, path, on_mismatch=mismatch, log=note)
-        if bar.done < min(len(found.order), count):  # read back whole from the cache: no step was logged
-            bar.update(min(len(found.order), count) - bar.done)
+        identity = static_order.model_identity(model)
+        if job.searched_order:
+            path = Path(job.searched_order)
+            path = path if path.suffix == ".json" else path / static_order.RESULT_NAME
+            if not path.exists():
+                raise FileNotFoundError(f"--searched-order {job.searched_order}: no {path}; pass the folder or file "
+                                        "a static order search wrote, or drop the flag to search here")
+            found = static_order.StaticOrder.from_json(json.loads(path.read_text()))
+            if found.model.get("sha256") != identity["sha256"]:
+                raise ValueError(f"--searched-order {path} was searched on another model ({found.model.get('name')!r}, "
+                                 f"sha256 {found.model.get('sha256', '')[:12]}), not this one (sha256 "
+                                 f"{identity['sha256'][:12]}); pass that model's search or drop the flag")
+            if not found.order:
+                raise ValueError(f"--searched-order {path} holds no layer yet; wait for the search or drop the flag")
+            log(f"tradeoff: searched static order read from {path}: {found.order} "
+                f"({'finished' if found.finished else 'unfinished'} search)")
+        else:
+            settings = static_order.OrderSettings(max_count=count, n_records=job.searched_records)
+            root = Path(job.cache_dir) if job.cache_dir else default_cache_dir()
+            path = root / "static_order" / f"{identity['sha256'][:16]}-{job.searched_records}.json"
+
+            def note(message: str) -> None:  # the search logs each layer it adds: "static order: N layers ..."
+                log(f"tradeoff: {message}")
+                words = message.split()
+                if len(words) > 3 and words[:2] == ["static", "order:"] and words[2].isdigit() and words[3] == "layers":
+                    bar.update(max(0, min(int(words[2]), count) - bar.done))
+
+            found = static_order.searched_order(model, tokenizer, settings, path, on_mismatch="recompute", log=note)
+        done = min(len(found.order), count)
+        if bar.done < done:  # read whole (from a file or the cache): no step was logged
+            bar.update(done - bar.done)
     finally:
         bar.close()
     return found
