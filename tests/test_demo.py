@@ -107,3 +107,31 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys):
     assert (out / "report" / "tradeoff.png").exists()
     # static drop is traced one layer past the largest target (20%) of this model's own 6 layers, not of 30
     assert json.loads((out / "tradeoff" / "tradeoff.json").read_text())["job"]["max_drop"] == round(0.2 * 6) + 1
+
+
+def test_tradeoff_refuses_a_searched_order_of_another_model(tmp_path):
+    """--searched-order is read as it is, so it must belong to this model's weights: another model's order
+    would be a baseline of layers chosen for other weights."""
+    import json
+
+    from routertune.eval.tradeoff import TradeoffJob, run_tradeoff
+    from routertune.train import static_order
+    from tiny_lm import tiny_llama, tiny_tokenizer
+
+    model = tmp_path / "byte-llama"
+    tiny_llama(layers=6).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    from routertune import RouterConfig
+    from routertune.base_model import load_model_and_tokenizer
+    from routertune.model import RoutedModel
+
+    loaded, _ = load_model_and_tokenizer(str(model))
+    RoutedModel(loaded, RouterConfig(layers=[1, 2, 3, 4])).save_pretrained(tmp_path / "routers")
+    stored = static_order.StaticOrder(order=[2, 3], kl=[0.1, 0.2],
+                                      model={"name": "other", "sha256": "0" * 64})
+    (tmp_path / "order").mkdir()
+    (tmp_path / "order" / static_order.RESULT_NAME).write_text(json.dumps(stored.to_json()))
+    job = TradeoffJob(routers=str(tmp_path / "routers"), output=str(tmp_path / "out"), model=str(model),
+                      texts=2, tasks=[], fidelity_prompts=0, searched_order=str(tmp_path / "order"))
+    with pytest.raises(ValueError, match="searched on another model"):
+        run_tradeoff(job, progress=False)
