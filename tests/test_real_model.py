@@ -81,7 +81,7 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
         code = main(["demo", "--output", str(out), "--samples", "24", "--heldout-samples", "4", "--tasks", "arc_easy",
                      "--limit", "6", "--texts", "2", "--fidelity-prompts", "1", "--calibration-samples", "8",
                      "--sweep-points", "4", "--random-seeds", "1", "--skip-targets", "0.1", "--bench-repeats", "2",
-                     "--bench-lengths", "16", "--decode-prompt", "16", "--decode-tokens", "2"])
+                     "--bench-lengths", "16", "--decode-prompt", "16", "--decode-tokens", "2", "--no-searched-static"])
     assert code == 0
     assert_every_part_reports(events, tasks=["arc_easy"])
     printed = capsys.readouterr().out

@@ -29,15 +29,15 @@ STAGES = ("train", "generate", "tradeoff", "bench", "report")
 # model resolves routers against static drop with a dozen texts a domain, while accuracy on a few hundred items
 # cannot (intervals several points wide), so it is left to --full, which restores the earlier full settings.
 QUICK = dict(samples=256, tasks=[], limit=200, texts=12, fidelity_prompts=8, bench_lengths=[512], bench_repeats=5,
-             decode_tokens=16, searched_static=False, searched_records=16)
+             decode_tokens=16, searched_records=16)
 FULL = dict(samples=1000, tasks=["arc_easy", "piqa"], limit=200, texts=16, fidelity_prompts=16,
-            bench_lengths=[128, 512, 2048], bench_repeats=7, decode_tokens=32, searched_static=True,
-            searched_records=32)
+            bench_lengths=[128, 512, 2048], bench_repeats=7, decode_tokens=32, searched_records=32)
 # measured (see the README's demo section): wall minutes on one CPU thread, set-up excluded
 QUICK_MINUTES = "15"
 FULL_MINUTES = "40"
 FULL_COMMAND = "routertune demo --full"
-FULL_DOCS = "docs/evaluation.md and docs/demo.md"  # where the measurements that decide are written up
+FULL_DOCS = "docs/evaluation.md and docs/demo.md"
+REPO_ORDER = "benchmarks/results/static-order/static_order.json"  # the searched static order, committed  # where the measurements that decide are written up
 HELP = (f"main job: train, generate, trade-off vs static and random drop, benchmark, report, summary; about "
         f"{QUICK_MINUTES} minutes on one CPU thread (`{FULL_COMMAND}`: the full settings, about {FULL_MINUTES} "
         "minutes)")
@@ -78,7 +78,7 @@ class DemoJob:
     decode_prompt: int = field(default=512, metadata={"help": "prompt tokens before decoding in the benchmark"})
     decode_tokens: int | None = field(default=None, metadata=_size_help("decode_tokens", "tokens decoded per sequence in the benchmark"))
     bench: bool = field(default=True, metadata={"help": "run the speed benchmark stage"})
-    searched_static: bool | None = field(default=None, metadata={"help": "compare the routers with the searched static order too (routertune.train.static_order: minutes of search on one thread at the first run, then read from the routertune cache; default: off at demo size, on with --full)"})
+    searched_static: bool | None = field(default=None, metadata={"help": "search the static order here and compare the routers with it (routertune.train.static_order: minutes of one thread per layer at the first run, then read from the routertune cache); default: read the repository's search (" + REPO_ORDER + ") when it exists and the model is the default one, else none; --no-searched-static: none"})
     searched_order: str | None = field(default=None, metadata={"help": "a search of this model to read as it is, e.g. benchmarks/results/static-order (no search; the comparison then costs seconds at demo size too)"})
     searched_records: int | None = field(default=None, metadata=_size_help("searched_records", "tuning records the static order is searched on"))
 
@@ -91,6 +91,10 @@ class DemoJob:
             if getattr(self, name) is None:
                 setattr(self, name, list(value) if isinstance(value, list) else value)
         self.tasks = list(self.tasks)
+        if self.searched_static is None and self.searched_order is None and self.model is None \
+                and Path(REPO_ORDER).exists():
+            self.searched_order = REPO_ORDER  # a checkout's committed search of the default model: read, no search
+        self.searched_static = bool(self.searched_static)
         self.bench_lengths = list(self.bench_lengths)
         self.skip_targets = [0.1, 0.2] if self.skip_targets is None else list(self.skip_targets)
         problems = []
@@ -308,8 +312,8 @@ def summary_table(result: DemoResult) -> list[str]:
     lines.append("")
     if not searched:
         lines.append("The searched static order (the best static order found by KL search on the tuning data) was "
-                     "not traced: its search takes minutes on one thread. `--searched-static` searches it (cached "
-                     "afterwards), `--searched-order FOLDER` reads a finished search; `--full` includes it.")
+                     "not traced: its search takes minutes of one thread per layer. `--searched-static` searches it "
+                     "(cached afterwards), `--searched-order FOLDER` reads a search of this model.")
     if not result.tradeoff.get("tasks"):
         lines.append("Accuracy was not measured: on a few hundred items a task its intervals are several points "
                      "wide and settle nothing, so the demo leaves it to the full run.")
