@@ -398,3 +398,76 @@ def test_llm_generate_raises_value_error_and_keeps_serving(tiny_export, tmp_path
     assert "[9] are not routed" in refused[2]["message"]
     # the nested form still works, and the engine served after the refusals
     assert result["tokens"][0] == tiny_export["expected"]["skip_set"]["tokens"]
+
+
+# --- under load (issue 24, part 5) -------------------------------------------------------------------------
+LOAD_TEXTS = [
+    "Routers decide per request which attention sublayers run; the rest of the model stays frozen.",
+    "A server under load batches many requests into one step, and each must keep its own decisions.",
+    "Streams that the client closes early are aborted by the engine, which frees their slots for others.",
+    "Malformed settings are refused before the engine sees them, and the server keeps serving the rest.",
+    "Memory should come back to where it was once the requests are done and the engine is idle again.",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.serve
+def test_http_under_load(server, tiny_export):
+    """routertune.serve.load on the module's server (the same run benchmarks/serve_load.py does on the default
+    model, smaller): 70 requests, 8 in flight, mixed prompt lengths and settings, streams, cancelled streams,
+    malformed ones; every response equals the request served alone and every decision that request's alone.
+    Independently of the load's own comparison, the reference prompt's five settings, sent inside the load, give
+    the Hugging Face reference's tokens and decisions."""
+    from routertune.serve.load import build_mix, completion, decided_lines, passed, run_load_test, text_prompts
+
+    model, tokenizer, expected = str(tiny_export["export"]), tiny_tokenizer(), tiny_export["expected"]
+    prompts = text_prompts(tokenizer, LOAD_TEXTS * 2, [6, 12, 24, 48, 96, 160, 240, 300])
+    settings = {"routers": None, "run": {"routertune_force": "run"}, "skip": {"routertune_force": "skip"},
+                "skip_set": {"routertune_force": "skip_set", "routertune_skip_layers": [2, 3]},
+                "threshold": {"routertune_threshold": tiny_export["threshold"]}}
+    pinned = [completion(name, model, tiny_export["prompt"], NEW_TOKENS, xargs, min_tokens=NEW_TOKENS,
+                         stream=name in ("skip", "threshold")) for name, xargs in settings.items()]
+    mix = build_mix(model, prompts, LAYERS, distinct=52, repeats=7, pinned=pinned, max_tokens=(8, 16),
+                    cancel_max_tokens=96)
+    warmup = build_mix(model, prompts[::-1], LAYERS, distinct=8, repeats=0, seed=1, max_tokens=(8, 16),
+                       cancel_max_tokens=96)
+    result = run_load_test(f"http://127.0.0.1:{server.port}", model, mix, log=server.log,
+                           server_pid=server.proc.pid, concurrency=8, warmup=warmup, prefix="load")
+    assert passed(result) == [], (passed(result), {k: v for k, v in result.items() if k != "detail"})
+    assert server.proc.poll() is None
+    # the load was the load asked for
+    assert result["requests"] == 72 and result["refused_400"] == 8 and result["refused_400_in_stream"] == 3
+    assert result["errors"] == 0
+    assert result["completed"] + result["cancelled"] + result["refused_400"] == result["requests"]
+    assert result["cancelled"] >= 3 and result["mix"]["streamed"] >= 15 and result["mix"]["repeated_requests"] >= 7
+    assert set(result["mix"]["settings"]) == {"routers", "run", "skip", "skip_set", "threshold", "malformed"}
+    assert result["mix"]["prompt_tokens"]["max"] == 300 and result["engine"]["cancelled_streams_left_unread"] >= 100
+    # the reference's prompt inside the load: its tokens and decisions are the reference's
+    seen = set()
+    for entry in result["detail"]["requests"]:
+        if entry["prompt_tokens"] == len(tiny_export["prompt"]) and entry["max_tokens"] == NEW_TOKENS \
+                and entry["kind"] in expected and not entry["cancel_after"]:
+            assert entry["tokens"] == expected[entry["kind"]]["tokens"], entry
+            decided, = decided_lines(server.log, entry["request_id"])
+            assert {int(k): v for k, v in decided["decisions"].items()} == expected[entry["kind"]]["decisions"]
+            seen.add(entry["kind"])
+    assert seen == set(expected), seen
+
+
+def test_load_checks_tell_a_difference(tmp_path):
+    """The load test's own comparisons, on constructed outcomes: a changed token, a cancelled stream that is
+    not a prefix, another request's log line (an id that only starts alike) are all told apart."""
+    from routertune.serve.load import Outcome, compare, completion, decided_lines
+
+    request = completion("routers", "m", [5, 6, 7], 4)
+    alone = Outcome("a", 200, [1, 2, 3, 4], [{"token_id:1": -0.1, "token_id:9": -2.0}] * 4, "length")
+    assert compare(request, Outcome("x", 200, [1, 2, 3, 4], finish_reason="length"), alone) is None
+    differs = compare(request, Outcome("x", 200, [1, 2, 9, 4], finish_reason="length"), alone)
+    assert differs["first_difference"] == 2 and differs["alone_margin_there"] == pytest.approx(1.9)
+    assert compare(request, Outcome("x", 200, [1, 2, 3], finish_reason="stop"), alone) is not None
+    assert compare(request, Outcome("x", 200, [1, 2], cancelled=True), alone) is None
+    assert compare(request, Outcome("x", 200, [1, 3], cancelled=True), alone) is not None
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"event": "decided", "req_id": f"cmpl-{rid}-0-abcd1234", "decisions": {}})
+                           + "\n" for rid in ("load-10", "load-1", "load-1-alone")))
+    assert [line["req_id"] for line in decided_lines(log, "load-1")] == ["cmpl-load-1-0-abcd1234"]
