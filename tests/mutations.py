@@ -196,6 +196,14 @@ MUTANTS = [
     Mutant("serve_flat_keys_not_read", "serve/requests.py",
            "if isinstance(k, str) and k.startswith(FLAT_PREFIX)}", "if False}",
            ("test_serve_http.py",), "only the nested extra_args form is read; vllm_xargs keys are ignored"),
+    # --- serving under load: the load test's own comparisons (serve/load.py) ----------------------------------
+    Mutant("load_compares_lengths_only", "serve/load.py",
+           "agree = loaded.tokens == alone.tokens and",
+           "agree = len(loaded.tokens) == len(alone.tokens) and",
+           ("test_serve_http.py",), "a loaded response with other tokens of the same length counted as equal"),
+    Mutant("load_log_prefix_too_loose", "serve/load.py",
+           'prefix = f"cmpl-{request_id}-0-"', 'prefix = f"cmpl-{request_id}"',
+           ("test_serve_http.py",), "request abc reads the decisions of request abc1"),
     # --- serving: export --static for every family (DeciLM for llama only; the routed classes forced to the set) -----
     # (tests/test_serve_static_vllm.py, slow, serves each family's export in vLLM against the zeroed plain model)
     Mutant("static_every_family_as_decilm", "serve/export.py",
