@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.routertune-installed
 
-.PHONY: setup demo test mutants clean
+.PHONY: setup demo test lint mutants clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (configured in pyproject.toml): lint, and the formatter's check; `ruff format src tests benchmarks` fixes the latter
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 # break the code on purpose (tests/mutations.py) and report any mutant no test notices
 mutants: $(STAMP)

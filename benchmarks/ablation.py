@@ -11,19 +11,18 @@ bootstrap over texts). Writes JSON and a markdown table next to it.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from routertune.routing import static_drop as baselines
-from routertune.routing import state as routing
-from routertune.eval import tradeoff
+from routertune.base_model import load_model_and_tokenizer
 from routertune.calibrate import prompt_batches
+from routertune.eval import tradeoff
 from routertune.files import write_json
 from routertune.model import RoutedModel
-from routertune.base_model import load_model_and_tokenizer
+from routertune.routing import state as routing
+from routertune.routing import static_drop as baselines
 from routertune.train.prompts import chat_prompts
 
 
@@ -41,8 +40,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     sets = dict(item.split("=", 1) for item in args.routers)
-    job = tradeoff.TradeoffJob(routers=next(iter(sets.values())), texts=args.texts, max_tokens=args.max_tokens,
-                               tasks=[], random_seeds=args.random_seeds)
+    job = tradeoff.TradeoffJob(
+        routers=next(iter(sets.values())),
+        texts=args.texts,
+        max_tokens=args.max_tokens,
+        tasks=[],
+        random_seeds=args.random_seeds,
+    )
     model, tokenizer = load_model_and_tokenizer()
     pad = tokenizer.pad_token_id
     num_layers = int(model.config.num_hidden_layers)
@@ -52,21 +56,32 @@ def main() -> None:
     candidates = baselines.droppable_layers(num_layers)
     fixed = [tradeoff.Variant("dense")]
     fixed += [tradeoff.Variant("static", tuple(importance.least_important(k, candidates)), k) for k in range(1, 11)]
-    fixed += [tradeoff.Variant("random", tuple(baselines.random_drop(k, candidates, s)), k, s)
-              for k in (3, 6, 9) for s in range(args.random_seeds)]
-    texts = {d: [ids for ids in (tokenizer(t)["input_ids"][: args.max_tokens] for t in tradeoff.domain_texts(d, args.texts))
-                 if len(ids) >= 8] for d in args.domains}
+    fixed += [
+        tradeoff.Variant("random", tuple(baselines.random_drop(k, candidates, s)), k, s)
+        for k in (3, 6, 9)
+        for s in range(args.random_seeds)
+    ]
+    texts = {
+        d: [
+            ids
+            for ids in (tokenizer(t)["input_ids"][: args.max_tokens] for t in tradeoff.domain_texts(d, args.texts))
+            if len(ids) >= 8
+        ]
+        for d in args.domains
+    }
     batches = {d: tradeoff.text_batches(lists, pad) for d, lists in texts.items()}
-    placement = calibration + [{"input_ids": b.input_ids, "attention_mask": b.route_mask}
-                               for bs in batches.values() for b in bs]
+    placement = calibration + [
+        {"input_ids": b.input_ids, "attention_mask": b.route_mask} for bs in batches.values() for b in bs
+    ]
     result = {"texts": {d: len(v) for d, v in texts.items()}, "sets": {}, "static": {}}
     baseline_scores = None
     for name, folder in sets.items():
         routed = RoutedModel.from_pretrained(model, folder)
         if baseline_scores is None:
             baseline_scores = {d: tradeoff.score_texts(routed, batches[d], fixed, len(texts[d])) for d in texts}
-            result["static"] = {d: {v.name: s.summary(num_layers) for v, s in scores.items()}
-                                for d, scores in baseline_scores.items()}
+            result["static"] = {
+                d: {v.name: s.summary(num_layers) for v, s in scores.items()} for d, scores in baseline_scores.items()
+            }
         thresholds = tradeoff.sweep_thresholds(routed, placement, job.skip_targets, args.sweep_points, num_layers)
         sweep = [tradeoff.Variant("routers", threshold=t) for t in thresholds]
         entry = {"folder": folder, "layers": routed.routed_layers, "domains": {}}
@@ -87,8 +102,10 @@ def main() -> None:
 
 def markdown(result: dict) -> str:
     domains = list(result["texts"])
-    lines = ["| routers | " + " | ".join(f"{d} KL at {t}" for d in domains for t in ("10%", "20%", "30%")) + " |",
-             "|---|" + "---|" * (3 * len(domains))]
+    lines = [
+        "| routers | " + " | ".join(f"{d} KL at {t}" for d in domains for t in ("10%", "20%", "30%")) + " |",
+        "|---|" + "---|" * (3 * len(domains)),
+    ]
     first = next(iter(result["sets"].values()))
     static = []
     for d in domains:

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 from routertune import RoutedModel
+from routertune.base_model import load_model_and_tokenizer
 from routertune.calibrate import prompt_batches, prompt_scores, quantile_threshold
 from routertune.files import write_json
-from routertune.base_model import load_model_and_tokenizer
 from routertune.train.prompts import chat_prompts
 
 
-def patterns(routed: RoutedModel, prompts: list[list[int]], pad: int, num_layers: int,
-             targets: list[float]) -> list[dict]:
+def patterns(
+    routed: RoutedModel, prompts: list[list[int]], pad: int, num_layers: int, targets: list[float]
+) -> list[dict]:
     batches = prompt_batches(prompts, pad)
     routed_n = len(routed.routed_layers)
     routed.set_threshold(1e-9)  # every layer runs: the scores the thresholds are placed on
@@ -39,15 +40,23 @@ def patterns(routed: RoutedModel, prompts: list[list[int]], pad: int, num_layers
         routed.set_threshold(threshold)
         _, decisions = prompt_scores(routed, batches)  # layer -> (N,) run decisions, prompts in batch order
         layers = sorted(decisions)
-        per_prompt = [tuple(layer for layer in layers if not bool(decisions[layer][i]))
-                      for i in range(len(decisions[layers[0]]))]
+        per_prompt = [
+            tuple(layer for layer in layers if not bool(decisions[layer][i])) for i in range(len(decisions[layers[0]]))
+        ]
         counts = Counter(per_prompt)
         common, n_common = counts.most_common(1)[0]
-        rows.append({"target": target, "threshold": threshold,
-                     "measured_skip": sum(map(len, per_prompt)) / (len(per_prompt) * num_layers),
-                     "prompts": len(per_prompt), "distinct_patterns": len(counts),
-                     "most_common_share": n_common / len(per_prompt), "most_common_pattern": list(common),
-                     "layers_skipped_min_max": [min(map(len, per_prompt)), max(map(len, per_prompt))]})
+        rows.append(
+            {
+                "target": target,
+                "threshold": threshold,
+                "measured_skip": sum(map(len, per_prompt)) / (len(per_prompt) * num_layers),
+                "prompts": len(per_prompt),
+                "distinct_patterns": len(counts),
+                "most_common_share": n_common / len(per_prompt),
+                "most_common_pattern": list(common),
+                "layers_skipped_min_max": [min(map(len, per_prompt)), max(map(len, per_prompt))],
+            }
+        )
     return rows
 
 
@@ -63,22 +72,26 @@ def main(argv: list[str] | None = None) -> int:
     num_layers = int(model.config.num_hidden_layers)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = chat_prompts(tokenizer, split="heldout", n=args.prompts, max_tokens=256)
-    result = {"prompts": len(prompts), "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
-              "routers": {}}
+    result = {"prompts": len(prompts), "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))], "routers": {}}
     for folder in args.routers:
         routed = RoutedModel.from_pretrained(model, folder)
         if routed.router_config.unit != "sequence":
             raise SystemExit(f"{folder}: token routers have no per-prompt pattern; pass sequence routers")
         result["routers"][folder] = patterns(routed, prompts, pad, num_layers, args.targets)
         routed.unwrap()
-    lines = [f"{len(prompts)} held-out chat prompts ({result['prompt_tokens'][0]}-{result['prompt_tokens'][1]} "
-             "tokens, chat template included)", "",
-             "| routers | target | measured skip | distinct patterns | prompts on the most common | its skipped layers |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"{len(prompts)} held-out chat prompts ({result['prompt_tokens'][0]}-{result['prompt_tokens'][1]} "
+        "tokens, chat template included)",
+        "",
+        "| routers | target | measured skip | distinct patterns | prompts on the most common | its skipped layers |",
+        "|---|---|---|---|---|---|",
+    ]
     for folder, rows in result["routers"].items():
         for r in rows:
-            lines.append(f"| {folder} | {r['target']:.0%} | {r['measured_skip']:.1%} | {r['distinct_patterns']} | "
-                         f"{r['most_common_share']:.0%} | {r['most_common_pattern']} |")
+            lines.append(
+                f"| {folder} | {r['target']:.0%} | {r['measured_skip']:.1%} | {r['distinct_patterns']} | "
+                f"{r['most_common_share']:.0%} | {r['most_common_pattern']} |"
+            )
     write_json(Path(args.output + ".json"), result)
     Path(args.output + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

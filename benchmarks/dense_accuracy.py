@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from routertune import stats
-from routertune import RoutedModel
+from routertune import RoutedModel, stats
+from routertune.base_model import load_model_and_tokenizer
 from routertune.eval import tradeoff
 from routertune.files import atomic_write, write_json
-from routertune.base_model import load_model_and_tokenizer
 
 
 def main() -> None:
@@ -44,19 +43,24 @@ def main() -> None:
     if cache is not None and cache.is_file():
         stored = json.loads(cache.read_text())
         if (stored["limit"], stored["model"]) != (job["limit"], job["model"]) or not set(names) <= set(stored["tasks"]):
-            raise SystemExit(f"{cache} holds tasks {sorted(stored['tasks'])} at limit {stored['limit']} of model "
-                             f"{stored['model']}, not {names} at limit {job['limit']} of {job['model']}: pass "
-                             "another --dense-cache")
+            raise SystemExit(
+                f"{cache} holds tasks {sorted(stored['tasks'])} at limit {stored['limit']} of model "
+                f"{stored['model']}, not {names} at limit {job['limit']} of {job['model']}: pass "
+                "another --dense-cache"
+            )
         dense = {name: tradeoff.TaskScores(np.asarray(stored["tasks"][name], dtype=float), 0.0) for name in names}
     else:
         model, tokenizer = load_model_and_tokenizer(job["model"], cache_dir=job["cache_dir"])
         routed = RoutedModel.from_pretrained(model, job["routers"])
         items = tradeoff.task_items(names, job["limit"] or None)
-        dense = tradeoff.score_tasks(routed, tokenizer, items, tradeoff.Variant("dense"), result["num_layers"],
-                                     batch_tokens=job["batch_tokens"])
+        dense = tradeoff.score_tasks(
+            routed, tokenizer, items, tradeoff.Variant("dense"), result["num_layers"], batch_tokens=job["batch_tokens"]
+        )
         if cache is not None:
-            write_json(cache, {"model": job["model"], "limit": job["limit"],
-                               "tasks": {n: dense[n].correct.tolist() for n in names}})
+            write_json(
+                cache,
+                {"model": job["model"], "limit": job["limit"], "tasks": {n: dense[n].correct.tolist() for n in names}},
+            )
     out = {"tradeoff": args.tradeoff_json, "tasks": {}, "average": {}}
     rows = []
     by_setting: dict[str, list[tuple[float, float]]] = {}
@@ -70,9 +74,13 @@ def main() -> None:
             per_item = np.asarray(setting["per_item"], dtype=float)
             accuracy = float(per_item.mean())
             diff, low, high = stats.paired_bootstrap(per_item, correct)
-            task["settings"][label] = {"accuracy": accuracy, "skip": setting["skip"],
-                                       "of_dense": accuracy / float(correct.mean()),
-                                       "minus_dense": diff, "interval": [low, high]}
+            task["settings"][label] = {
+                "accuracy": accuracy,
+                "skip": setting["skip"],
+                "of_dense": accuracy / float(correct.mean()),
+                "minus_dense": diff,
+                "interval": [low, high],
+            }
             rows.append((name, label, setting["skip"], accuracy, float(correct.mean()), diff, low, high))
         out["tasks"][name] = task
         # averaged over tasks: static drop of the same k everywhere; the routers' point nearest each target
@@ -81,12 +89,14 @@ def main() -> None:
             k = round(target * result["num_layers"])
             if f"static {k}" in settings:
                 by_setting.setdefault(f"static near {round(100 * target)}%", []).append(
-                    (float(np.mean(settings[f"static {k}"]["per_item"])), float(correct.mean())))
+                    (float(np.mean(settings[f"static {k}"]["per_item"])), float(correct.mean()))
+                )
             routers = [s for label, s in settings.items() if label.startswith("routers")]
             near = min(routers, key=lambda s: abs(s["skip"] - target), default=None)
             if near is not None and abs(near["skip"] - target) <= 0.05:
                 by_setting.setdefault(f"routers near {round(100 * target)}%", []).append(
-                    (float(np.mean(near["per_item"])), float(correct.mean())))
+                    (float(np.mean(near["per_item"])), float(correct.mean()))
+                )
     for label, pairs in sorted(by_setting.items()):
         if len(pairs) == len(names):  # one per task
             mean_acc = float(np.mean([a for a, _ in pairs]))
@@ -95,11 +105,15 @@ def main() -> None:
     out["seconds"] = time.perf_counter() - started
     prefix = Path(args.output)
     write_json(prefix.with_suffix(".json"), out)
-    lines = ["| task | setting | measured skip | accuracy | dense | minus dense (pts) [95% CI] |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| task | setting | measured skip | accuracy | dense | minus dense (pts) [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, label, skip, acc, dense_acc, diff, low, high in rows:
-        lines.append(f"| {name} | {label} | {skip:.3f} | {acc:.3f} | {dense_acc:.3f} | "
-                     f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |")
+        lines.append(
+            f"| {name} | {label} | {skip:.3f} | {acc:.3f} | {dense_acc:.3f} | "
+            f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |"
+        )
     lines += ["", "| average over tasks | accuracy | dense | share of dense |", "|---|---|---|---|"]
     for label, avg in out["average"].items():
         lines.append(f"| {label} | {avg['accuracy']:.4f} | {avg['dense']:.4f} | {avg['of_dense']:.4f} |")

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
+from routertune.base_model import load_model_and_tokenizer
 from routertune.eval import tasks
 from routertune.eval.evaluate import Setting, prepared_lm
 from routertune.eval.harness import RoutedLM, SkipStats, budget_batches, quiet_harness
-from routertune.base_model import load_model_and_tokenizer
 from routertune.train.prompts import chat_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,14 +62,14 @@ def plain_forward(model, rows, pad_id: int, batch_tokens: int, max_batch: int) -
             n_in = len(rows[i].tokens) - 1
             ids[b, :n_in] = torch.tensor(rows[i].tokens[:-1])
             mask[b, :n_in] = 1
-            keep[b, n_in - rows[i].n_cont: n_in] = True
-            targets += rows[i].tokens[-rows[i].n_cont:]
+            keep[b, n_in - rows[i].n_cont : n_in] = True
+            targets += rows[i].tokens[-rows[i].n_cont :]
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
         logprobs = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), -1)
         picked = logprobs.gather(-1, torch.tensor(targets)[:, None])[:, 0].tolist()
         start = 0
         for i in batch:  # kept positions come back row by row, in order
-            out[i] = sum(picked[start: start + rows[i].n_cont])
+            out[i] = sum(picked[start : start + rows[i].n_cont])
             start += rows[i].n_cont
     return out
 
@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=["arc_easy", "piqa", "hellaswag"])
     parser.add_argument("--limit", type=int, default=100, help="items per task")
     parser.add_argument("--routers", default=str(DEFAULT_ROUTERS), help="routers folder ('none' to leave out)")
-    parser.add_argument("--static-drop", type=int, default=8, help="static drop of K attention sublayers (0: leave out)")
+    parser.add_argument(
+        "--static-drop", type=int, default=8, help="static drop of K attention sublayers (0: leave out)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds (the best of each is kept)")
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--max-batch", type=int, default=64)
@@ -100,11 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     probe = RoutedLM(model, tokenizer, **lm_kwargs)
     # the harness LM's own encoding and grouping (private helpers), so both paths get the same sequences
     encoded = [probe._encode(*req.args) for req in requests]
-    rows = probe._rows(encoded, [(req.task_name, req.doc_id) for req in requests],
-                       [req.task_name for req in requests])  # exactly the sequences the harness path scores
+    rows = probe._rows(
+        encoded, [(req.task_name, req.doc_id) for req in requests], [req.task_name for req in requests]
+    )  # exactly the sequences the harness path scores
     tokens = sum(len(r.tokens) for r in rows)
-    print(f"{len(requests)} requests, {len(rows)} rows, {tokens} tokens ({', '.join(args.tasks)}, "
-          f"{args.limit} items each)", flush=True)
+    print(
+        f"{len(requests)} requests, {len(rows)} rows, {tokens} tokens ({', '.join(args.tasks)}, "
+        f"{args.limit} items each)",
+        flush=True,
+    )
 
     settings = [Setting("dense")]
     if args.static_drop:
@@ -121,8 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         entries = runs[name]
         cpu = min(e["cpu_s"] for e in entries)
         wall = min(e["wall_s"] for e in entries)
-        return {"cpu_s": cpu, "wall_s": wall, "tokens_per_s_cpu": tokens / cpu, "tokens_per_s_wall": tokens / wall,
-                "runs": entries, **details.get(name, {})}
+        return {
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "tokens_per_s_cpu": tokens / cpu,
+            "tokens_per_s_wall": tokens / wall,
+            "runs": entries,
+            **details.get(name, {}),
+        }
 
     def write(complete: bool) -> dict:
         """The JSON so far (rewritten after every measurement, so an interrupted run keeps what it measured)."""
@@ -133,22 +145,33 @@ def main(argv: list[str] | None = None) -> int:
         summary = {"plain_tokens_per_s": results["plain forward"]["tokens_per_s_cpu"]}
         dense = results.get("harness: dense")
         if dense is not None:
-            summary.update({
-                "harness_dense_tokens_per_s": dense["tokens_per_s_cpu"],
-                "ratio_harness_over_plain_time": dense["time_ratio_vs_plain"],
-                "target_ratio": 1.5,
-                "met": dense["time_ratio_vs_plain"] <= 1.5,
-                "same_scores": dense["max_abs_logprob_diff_vs_plain"] < 1e-3,
-            })
+            summary.update(
+                {
+                    "harness_dense_tokens_per_s": dense["tokens_per_s_cpu"],
+                    "ratio_harness_over_plain_time": dense["time_ratio_vs_plain"],
+                    "target_ratio": 1.5,
+                    "met": dense["time_ratio_vs_plain"] <= 1.5,
+                    "same_scores": dense["max_abs_logprob_diff_vs_plain"] < 1e-3,
+                }
+            )
         out = {
             "what": "harness loglikelihood path vs a plain batched forward over the same token sequences, 1 thread",
-            "command": command, "complete": complete,
+            "command": command,
+            "complete": complete,
             "model": str(getattr(model.config, "name_or_path", "")) or "SmolLM2-135M-Instruct",
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-            "tasks": args.tasks, "limit": args.limit, "requests": len(requests), "tokens": tokens,
-            "batch_tokens": args.batch_tokens, "max_batch": args.max_batch, "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "tasks": args.tasks,
+            "limit": args.limit,
+            "requests": len(requests),
+            "tokens": tokens,
+            "batch_tokens": args.batch_tokens,
+            "max_batch": args.max_batch,
+            "repeats": args.repeats,
             "clock": "process CPU time (best of the rounds); wall time alongside",
-            "summary": summary, "results": results,
+            "summary": summary,
+            "results": results,
         }
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
@@ -157,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     plain_forward(model, rows[:8], probe._pad_id, args.batch_tokens, args.max_batch)  # warm-up, untimed
     for round_ in range(args.repeats):
         # each round: the plain forward, then every harness setting right after it
-        reference, cpu, wall = timed(lambda: plain_forward(model, rows, probe._pad_id, args.batch_tokens,
-                                                           args.max_batch))
+        reference, cpu, wall = timed(
+            lambda: plain_forward(model, rows, probe._pad_id, args.batch_tokens, args.max_batch)
+        )
         runs["plain forward"].append({"cpu_s": cpu, "wall_s": wall})
         print(f"[{round_}] plain forward: {cpu:.1f} s CPU ({tokens / cpu:.0f} tokens/s)", flush=True)
         write(False)
@@ -172,10 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                     total.merge(stats)
                 # the same model as the plain forward only when dense: then the scores must agree
                 diff = max(abs(a - b[0]) for a, b in zip(reference, got)) if setting.kind == "dense" else None
-                details[name] = {"skip_ratio": total.skip_ratio, "dropped": info.dropped,
-                                 "max_abs_logprob_diff_vs_plain": diff}
-            print(f"[{round_}] {name}: {cpu:.1f} s CPU ({tokens / cpu:.0f} tokens/s), "
-                  f"skip {total.skip_ratio:.3f}", flush=True)
+                details[name] = {
+                    "skip_ratio": total.skip_ratio,
+                    "dropped": info.dropped,
+                    "max_abs_logprob_diff_vs_plain": diff,
+                }
+            print(
+                f"[{round_}] {name}: {cpu:.1f} s CPU ({tokens / cpu:.0f} tokens/s), skip {total.skip_ratio:.3f}",
+                flush=True,
+            )
             write(False)
     summary = write(True)
     print(json.dumps(summary, indent=2))

@@ -19,11 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from routertune import RoutedModel
-from routertune.train import data
-from routertune.files import atomic_write, write_json
 from routertune.base_model import load_model_and_tokenizer
-from routertune.train.tune import TuneJob, tune
+from routertune.files import atomic_write, write_json
+from routertune.train import data
 from routertune.train.loop import TrainConfig, evaluate_loss
+from routertune.train.tune import TuneJob, tune
 
 CONFIGS = [("lm", 0.75), ("lm", 0.5), ("distill", 0.75), ("distill", 0.5)]
 
@@ -40,8 +40,13 @@ def main() -> None:
     parser.add_argument("--lambada", type=int, default=128, help="LAMBADA passages for perplexity")
     parser.add_argument("--capacity-weight", type=float, default=TrainConfig.capacity_weight)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/objectives/objectives.json"))
-    parser.add_argument("--reuse", action="append", default=[], metavar="OBJECTIVE:TARGET=DIR",
-                        help="use routers already trained with the same settings (e.g. by train_default.py --keep)")
+    parser.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="OBJECTIVE:TARGET=DIR",
+        help="use routers already trained with the same settings (e.g. by train_default.py --keep)",
+    )
     args = parser.parse_args()
     reuse = {}
     for item in args.reuse:
@@ -63,26 +68,47 @@ def main() -> None:
                 seconds = res["seconds"]
             else:
                 folder = tmp
-                res = asdict(tune(TuneJob(output=tmp, samples=args.samples,
-                                          heldout_samples=args.heldout_samples), cfg).result)
+                res = asdict(
+                    tune(TuneJob(output=tmp, samples=args.samples, heldout_samples=args.heldout_samples), cfg).result
+                )
                 seconds = time.perf_counter() - started
             routed = RoutedModel.from_pretrained(model, folder)
             lam = evaluate_loss(routed, lambada)
             if dense_row is None:
                 lam_dense = evaluate_loss(routed, lambada, dense=True)
-                dense_row = {"setting": "dense", "capacity": 1.0,
-                             "heldout_ppl": res["dense"]["perplexity"], "lambada_ppl": lam_dense.perplexity}
+                dense_row = {
+                    "setting": "dense",
+                    "capacity": 1.0,
+                    "heldout_ppl": res["dense"]["perplexity"],
+                    "lambada_ppl": lam_dense.perplexity,
+                }
             routed.unwrap()
-        rows.append({"setting": f"{objective}, target {target}", "objective": objective, "target": target,
-                     "capacity": res["after"]["capacity"], "heldout_ppl": res["after"]["perplexity"],
-                     "lambada_ppl": lam.perplexity, "lambada_capacity": lam.capacity, "seconds": seconds,
-                     "steps": res["steps"], "train": asdict(cfg), "reused": str(reuse.get((objective, target), ""))})
+        rows.append(
+            {
+                "setting": f"{objective}, target {target}",
+                "objective": objective,
+                "target": target,
+                "capacity": res["after"]["capacity"],
+                "heldout_ppl": res["after"]["perplexity"],
+                "lambada_ppl": lam.perplexity,
+                "lambada_capacity": lam.capacity,
+                "seconds": seconds,
+                "steps": res["steps"],
+                "train": asdict(cfg),
+                "reused": str(reuse.get((objective, target), "")),
+            }
+        )
         print(rows[-1])
-    table = ["| setting | held-out capacity | held-out response ppl | LAMBADA ppl (capacity) |",
-             "|---|---|---|---|",
-             f"| dense | 1.00 | {dense_row['heldout_ppl']:.2f} | {dense_row['lambada_ppl']:.2f} (1.00) |"]
-    table += [f"| {r['setting']} | {r['capacity']:.2f} | {r['heldout_ppl']:.2f} | "
-              f"{r['lambada_ppl']:.2f} ({r['lambada_capacity']:.2f}) |" for r in rows]
+    table = [
+        "| setting | held-out capacity | held-out response ppl | LAMBADA ppl (capacity) |",
+        "|---|---|---|---|",
+        f"| dense | 1.00 | {dense_row['heldout_ppl']:.2f} | {dense_row['lambada_ppl']:.2f} (1.00) |",
+    ]
+    table += [
+        f"| {r['setting']} | {r['capacity']:.2f} | {r['heldout_ppl']:.2f} | "
+        f"{r['lambada_ppl']:.2f} ({r['lambada_capacity']:.2f}) |"
+        for r in rows
+    ]
     write_json(args.out, {"samples": args.samples, "dense": dense_row, "rows": rows})
     atomic_write(args.out.with_suffix(".md"), lambda p: Path(p).write_text("\n".join(table) + "\n"))
     print("\n".join(table))

@@ -47,35 +47,49 @@ def main() -> None:
     routed = RoutedModel.from_pretrained(model, job["routers"])
     routed.eval()
     if any(torch.isfinite(r.trust_region[1:]).any() for r in routed.routers.values()):
-        raise SystemExit(f"{job['routers']} were fitted with a trust region, which the transforms here would "
-                         "replace, not stack on: measure routers fitted with --trust-up inf")
+        raise SystemExit(
+            f"{job['routers']} were fitted with a trust region, which the transforms here would "
+            "replace, not stack on: measure routers fitted with --trust-up inf"
+        )
     num_layers = int(reference["num_layers"])
     texts = tradeoff.domain_texts(args.domain, job["texts"])
     lists = [ids for ids in (tokenizer(t)["input_ids"][: job["max_tokens"]] for t in texts) if len(ids) >= 8]
     batches = tradeoff.text_batches(lists, tokenizer.pad_token_id)
     tokens = np.array(settings["dense"]["per_text_tokens"], dtype=np.float64)
-    static = [(0.0, np.zeros(len(lists)))] + [(s["skip"], np.array(s["per_text_kl"])) for n, s in settings.items()
-                                              if n.startswith("static ")]
+    static = [(0.0, np.zeros(len(lists)))] + [
+        (s["skip"], np.array(s["per_text_kl"])) for n, s in settings.items() if n.startswith("static ")
+    ]
     stats = part_statistics(routed, tokenizer, args.records, args.statistics_cache)
-    out = {"reference": args.reference, "domain": args.domain, "texts": len(lists), "routers": job["routers"],
-           "records_for_statistics": args.records, "transforms": {}}
+    out = {
+        "reference": args.reference,
+        "domain": args.domain,
+        "texts": len(lists),
+        "routers": job["routers"],
+        "records_for_statistics": args.records,
+        "transforms": {},
+    }
     for transform in args.transforms:
         started = time.perf_counter()
         with transformed(routed, stats, transform):
+
             def skip_of(threshold: float) -> float:
                 return measured_skip(routed, batches, threshold, num_layers)
 
-            thresholds = bracketing_thresholds(skip_of, args.targets, args.bracket,
-                                               args.iterations * len(args.targets))
+            thresholds = bracketing_thresholds(skip_of, args.targets, args.bracket, args.iterations * len(args.targets))
             variants = [tradeoff.Variant("routers", threshold=t) for t in thresholds]
             scores = tradeoff.score_texts(routed, batches, variants, len(lists))
         routed.set_threshold(0.5)
         if not np.allclose(scores[variants[0]].tokens, tokens):
             raise ValueError(f"the texts differ from those of {args.reference}: compare it with the same texts")
         points = [(float(scores[v].skipped.mean() / num_layers), scores[v].kl) for v in variants]
-        entry = {"points": [{"threshold": t, "skip": x, "kl": float(k.sum() / tokens.sum())}
-                            for t, (x, k) in zip(thresholds, points)], "matched": {},
-                 "seconds": time.perf_counter() - started}
+        entry = {
+            "points": [
+                {"threshold": t, "skip": x, "kl": float(k.sum() / tokens.sum())}
+                for t, (x, k) in zip(thresholds, points)
+            ],
+            "matched": {},
+            "seconds": time.perf_counter() - started,
+        }
         for target in args.targets:
             routers, static_at = interpolate(points, target), interpolate(static, target)
             if routers is None or static_at is None:
@@ -83,14 +97,26 @@ def main() -> None:
                 continue
             diff, low, high = paired_bootstrap(routers[0] / tokens, static_at[0] / tokens, weights=tokens)
             entry["matched"][f"{target:.2f}"] = {
-                "reached": True, "routers": float(routers[0].sum() / tokens.sum()),
-                "static": float(static_at[0].sum() / tokens.sum()), "minus_static": diff, "interval": [low, high],
-                "routers_between": list(routers[1])}
+                "reached": True,
+                "routers": float(routers[0].sum() / tokens.sum()),
+                "static": float(static_at[0].sum() / tokens.sum()),
+                "minus_static": diff,
+                "interval": [low, high],
+                "routers_between": list(routers[1]),
+            }
         out["transforms"][transform] = entry
         out["seconds"] = time.perf_counter() - began
         write_json(Path(args.output), out)
-        print(transform, {t: (round(m["minus_static"], 4), [round(v, 4) for v in m["interval"]], m["routers_between"])
-                          if m["reached"] else None for t, m in entry["matched"].items()}, flush=True)
+        print(
+            transform,
+            {
+                t: (round(m["minus_static"], 4), [round(v, 4) for v in m["interval"]], m["routers_between"])
+                if m["reached"]
+                else None
+                for t, m in entry["matched"].items()
+            },
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -60,9 +60,8 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from routertune.serve.engine import engine_kwargs
-
     from routertune.serve import attention
+    from routertune.serve.engine import engine_kwargs
 
     llm = LLM(model, **engine_kwargs(**engine))
     counter = [0]
@@ -71,8 +70,9 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
         message = conn.recv()
         if message is None:
             break
-        params = SamplingParams(temperature=0.0, max_tokens=message["max_tokens"], ignore_eos=True,
-                                extra_args=message.get("extra_args"))
+        params = SamplingParams(
+            temperature=0.0, max_tokens=message["max_tokens"], ignore_eos=True, extra_args=message.get("extra_args")
+        )
         engine = llm.llm_engine
         ids = []
         for prompt in message["prompts"]:
@@ -93,10 +93,23 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
                     first[out.request_id] = (cpu, wall)
                 last[out.request_id], tokens[out.request_id] = (cpu, wall), n
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        conn.send({"cpu_s": cpu, "wall_s": wall, "routed_layers_profile": attention.reset_profile(), "requests": [
-            {"new_tokens": tokens[r], "ttft_cpu_s": first[r][0], "ttft_wall_s": first[r][1],
-             "tpot_cpu_s": (last[r][0] - first[r][0]) / max(1, tokens[r] - 1),
-             "tpot_wall_s": (last[r][1] - first[r][1]) / max(1, tokens[r] - 1)} for r in ids]})
+        conn.send(
+            {
+                "cpu_s": cpu,
+                "wall_s": wall,
+                "routed_layers_profile": attention.reset_profile(),
+                "requests": [
+                    {
+                        "new_tokens": tokens[r],
+                        "ttft_cpu_s": first[r][0],
+                        "ttft_wall_s": first[r][1],
+                        "tpot_cpu_s": (last[r][0] - first[r][0]) / max(1, tokens[r] - 1),
+                        "tpot_wall_s": (last[r][1] - first[r][1]) / max(1, tokens[r] - 1),
+                    }
+                    for r in ids
+                ],
+            }
+        )
 
 
 class Engine:
@@ -129,8 +142,9 @@ def chat_prompts(tokenizer, length: int, count: int, offset: int) -> list[list[i
     from routertune.train.data import default_records
 
     sentinel = "\u2063"
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=True,
-                                             tokenize=False)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": sentinel}], add_generation_prompt=True, tokenize=False
+    )
     head, tail = rendered.split(sentinel)
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
@@ -158,19 +172,31 @@ def flops_of(counter, prompt_len: int, new_tokens: int, executed: list[int]) -> 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--routers", default=str(ROOT / "benchmarks/results/routers/lm-0.5"))
-    parser.add_argument("--static", type=int, default=None, help="layers static drop removes (default: half the routed layers)")
-    parser.add_argument("--settings", default="2048x1,512x1,512x8,128x1,128x8,128x32",
-                        help="comma-separated PROMPT_TOKENSxCONCURRENT")
+    parser.add_argument(
+        "--static", type=int, default=None, help="layers static drop removes (default: half the routed layers)"
+    )
+    parser.add_argument(
+        "--settings", default="2048x1,512x1,512x8,128x1,128x8,128x32", help="comma-separated PROMPT_TOKENSxCONCURRENT"
+    )
     parser.add_argument("--repeats", default="2048x1=3", help="extra repeats per setting, e.g. 2048x1=3 (default 1)")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="start fresh engine processes this many times; every setting's repeats run in each")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="start fresh engine processes this many times; every setting's repeats run in each",
+    )
     parser.add_argument("--kv-space-gib", type=int, default=1)
     parser.add_argument("--work-dir", default=None, help="where the exports go (default: a temporary folder)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/serve_bench.json"))
-    parser.add_argument("--summarise", nargs="+", default=None, metavar="PARTIAL_JSON",
-                        help="no measuring: merge the per-setting results of (interrupted) runs, *.partial.json, "
-                             "and write the output JSON with the targets")
+    parser.add_argument(
+        "--summarise",
+        nargs="+",
+        default=None,
+        metavar="PARTIAL_JSON",
+        help="no measuring: merge the per-setting results of (interrupted) runs, *.partial.json, "
+        "and write the output JSON with the targets",
+    )
     args = parser.parse_args(argv)
     if args.summarise:
         results, runs = [], {}
@@ -181,28 +207,40 @@ def main(argv=None) -> int:
                 runs[path] = {k: v for k, v in data.items() if k not in ("settings", "targets", "not_measured")}
             else:
                 results += data
-        out = {"schema": "routertune.serve_bench/1", "merged_from": args.summarise, "runs": runs,
-               "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "settings": results, "targets": targets_of(results),
-               "not_measured": [f"{p}x{c}" for p in ISSUE_PROMPTS for c in ISSUE_CONCURRENCY
-                                if not any(e["prompt_tokens"] == p and e["concurrent"] == c for e in results)]}
+        out = {
+            "schema": "routertune.serve_bench/1",
+            "merged_from": args.summarise,
+            "runs": runs,
+            "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "settings": results,
+            "targets": targets_of(results),
+            "not_measured": [
+                f"{p}x{c}"
+                for p in ISSUE_PROMPTS
+                for c in ISSUE_CONCURRENCY
+                if not any(e["prompt_tokens"] == p and e["concurrent"] == c for e in results)
+            ],
+        }
         Path(args.output).write_text(json.dumps(out, indent=2))
         print(json.dumps(out["targets"], indent=2))
         return 0
 
+    from transformers import AutoConfig
+
+    from routertune.base_model import load_tokenizer, resolve_model_path
     from routertune.bench.flops import FlopCounter
     from routertune.config import RouterConfig
-    from routertune.base_model import load_tokenizer, resolve_model_path
     from routertune.serve.attention import PROFILE_ENV
     from routertune.serve.export import ExportJob, export
     from routertune.serve.requests import LOG_ENV, prompt_sha1
-    from transformers import AutoConfig
 
     started_all = time.perf_counter()
     load_start = os.getloadavg()
     settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
-    repeats = {tuple(int(x) for x in k.split("x")): int(v) for k, v in
-               (item.split("=") for item in args.repeats.split(",") if item)}
+    repeats = {
+        tuple(int(x) for x in k.split("x")): int(v)
+        for k, v in (item.split("=") for item in args.repeats.split(",") if item)
+    }
     router_config = RouterConfig.load(args.routers)
     k = args.static or max(1, math.floor(0.5 * len(router_config.layers) + 0.5))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="routertune-serve-bench-"))
@@ -220,8 +258,13 @@ def main(argv=None) -> int:
     max_len = max(p for p, _ in settings) + args.new_tokens + 8
     log_path = work / "routing.jsonl"
     log_path.unlink(missing_ok=True)
-    env = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib), PROFILE_ENV: "1"}
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib),
+        PROFILE_ENV: "1",
+    }
     engine = {"max_model_len": max_len, "disable_log_stats": False}
     variants = {
         "dense": ("dense", None),
@@ -230,10 +273,13 @@ def main(argv=None) -> int:
         "routed": ("routed", None),
         "routed_all_run": ("routed", {"routertune": {"force": "run"}}),
     }
-    prompts_of = {setting: chat_prompts(tokenizer, setting[0], setting[1], offset=i * 97)
-                  for i, setting in enumerate(settings)}
-    names_of = {setting: list(variants) if setting == settings[0] else [v for v in variants if v != "routed_all_run"]
-                for setting in settings}
+    prompts_of = {
+        setting: chat_prompts(tokenizer, setting[0], setting[1], offset=i * 97) for i, setting in enumerate(settings)
+    }
+    names_of = {
+        setting: list(variants) if setting == settings[0] else [v for v in variants if v != "routed_all_run"]
+        for setting in settings
+    }
     runs_of = {setting: {name: [] for name in names_of[setting]} for setting in settings}
     rounds_of = {setting: [] for setting in settings}  # the round of each repeat
     engine_load_s = []
@@ -251,24 +297,30 @@ def main(argv=None) -> int:
         engine_load_s.append({n: e.load_s for n, e in engines.items()})
         # warm-up: every engine and routed mode once, untimed
         warm = chat_prompts(tokenizer, 256, 2, offset=10_000)
-        for name, (eng, extra) in variants.items():
+        for eng, extra in variants.values():
             engines[eng].run(warm, 4, extra)
         for setting in settings:
             names, runs = names_of[setting], runs_of[setting]
             for _ in range(repeats.get(setting, 1)):
                 rep = len(rounds_of[setting])
-                order = names[rep % len(names):] + names[: rep % len(names)]  # rotate between repeats
+                order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate between repeats
                 for name in order:
                     eng, extra = variants[name]
                     runs[name].append(engines[eng].run(prompts_of[setting], args.new_tokens, extra))
                 rounds_of[setting].append(round_index)
-            print(f"[serve-bench] round {round_index + 1}/{args.rounds}: {setting[0]}x{setting[1]} measured", flush=True)
+            print(
+                f"[serve-bench] round {round_index + 1}/{args.rounds}: {setting[0]}x{setting[1]} measured", flush=True
+            )
         for e in engines.values():
             e.close()
 
     results = []
-    for (length, concurrent) in settings:
-        prompts, names, runs = prompts_of[(length, concurrent)], names_of[(length, concurrent)], runs_of[(length, concurrent)]
+    for length, concurrent in settings:
+        prompts, names, runs = (
+            prompts_of[(length, concurrent)],
+            names_of[(length, concurrent)],
+            runs_of[(length, concurrent)],
+        )
         n_rep = len(rounds_of[(length, concurrent)])
         # served decisions of the routers' own mode, per prompt (from the routing log)
         own = {}
@@ -289,8 +341,14 @@ def main(argv=None) -> int:
                 a, b = flops_of(counter, len(p), args.new_tokens, executed_by[name](p))
                 pre, dec = pre + a, dec + b
             flops[name] = (pre, dec)
-        entry = {"prompt_tokens": length, "concurrent": concurrent, "new_tokens": args.new_tokens,
-                 "repeats": n_rep, "round_of_repeat": rounds_of[(length, concurrent)], "variants": {}}
+        entry = {
+            "prompt_tokens": length,
+            "concurrent": concurrent,
+            "new_tokens": args.new_tokens,
+            "repeats": n_rep,
+            "round_of_repeat": rounds_of[(length, concurrent)],
+            "variants": {},
+        }
         n_new = args.new_tokens
         for name in names:
             r = runs[name]
@@ -303,17 +361,21 @@ def main(argv=None) -> int:
                 "tpot_s": statistics.median(q["tpot_cpu_s"] for x in r for q in x["requests"]),
                 "cpu_s_all": [x["cpu_s"] for x in r],
                 # wall clock, for reference only on a shared machine
-                "wall": {"throughput_tok_s": concurrent * n_new / wall,
-                         "ttft_s": statistics.median(q["ttft_wall_s"] for x in r for q in x["requests"]),
-                         "tpot_s": statistics.median(q["tpot_wall_s"] for x in r for q in x["requests"]),
-                         "wall_s_all": [x["wall_s"] for x in r]},
-                "flops_prefill": flops[name][0], "flops_decode": flops[name][1],
+                "wall": {
+                    "throughput_tok_s": concurrent * n_new / wall,
+                    "ttft_s": statistics.median(q["ttft_wall_s"] for x in r for q in x["requests"]),
+                    "tpot_s": statistics.median(q["tpot_wall_s"] for x in r for q in x["requests"]),
+                    "wall_s_all": [x["wall_s"] for x in r],
+                },
+                "flops_prefill": flops[name][0],
+                "flops_decode": flops[name][1],
             }
             if variants[name][0] == "routed":
                 # wall seconds inside the routed attention sublayers, summed over repeats: routing code vs
                 # vLLM's attention, and how many layer calls ran dense / on a subset / not at all
                 entry["variants"][name]["routed_layers_profile"] = {
-                    key: sum(x["routed_layers_profile"][key] for x in r) for key in r[0]["routed_layers_profile"]}
+                    key: sum(x["routed_layers_profile"][key] for x in r) for key in r[0]["routed_layers_profile"]
+                }
         dense = entry["variants"]["dense"]
         for name in names:
             v = entry["variants"][name]
@@ -327,18 +389,27 @@ def main(argv=None) -> int:
             for metric in ("throughput", "ttft", "tpot"):
                 v[f"achieved_over_ideal_{metric}"] = v[f"speedup_{metric}"] / v[f"ideal_{metric}"]
         if "routed" in names:
-            entry["routed_skip_ratio"] = 1 - sum(sum(executed_by["routed"](p)) for p in prompts) / (num_layers * len(prompts))
+            entry["routed_skip_ratio"] = 1 - sum(sum(executed_by["routed"](p)) for p in prompts) / (
+                num_layers * len(prompts)
+            )
         # where the time goes: the analytic FLOP shares of dense, per phase
         full, no_attention = (counter.forward(0, length, [e] * num_layers, 1, 1) for e in (1, 0))
         entry["dense_attention_flop_share_prefill"] = 1 - no_attention / full
-        full, no_attention = (counter.forward(length + n_new // 2, length + n_new // 2 + 1, [e] * num_layers, 1, 1)
-                              for e in (1, 0))
+        full, no_attention = (
+            counter.forward(length + n_new // 2, length + n_new // 2 + 1, [e] * num_layers, 1, 1) for e in (1, 0)
+        )
         entry["dense_attention_flop_share_decode"] = 1 - no_attention / full
         results.append(entry)
         Path(args.output).with_suffix(".partial.json").write_text(json.dumps(results, indent=2))
-        print(f"[serve-bench] {length}x{concurrent}: " + "  ".join(
-            f"{n} {entry['variants'][n]['throughput_tok_s']:.1f} tok/s (x{entry['variants'][n]['speedup_throughput']:.3f}, "
-            f"ideal x{entry['variants'][n]['ideal_throughput']:.3f})" for n in names), flush=True)
+        print(
+            f"[serve-bench] {length}x{concurrent}: "
+            + "  ".join(
+                f"{n} {entry['variants'][n]['throughput_tok_s']:.1f} tok/s (x{entry['variants'][n]['speedup_throughput']:.3f}, "
+                f"ideal x{entry['variants'][n]['ideal_throughput']:.3f})"
+                for n in names
+            ),
+            flush=True,
+        )
 
     targets = targets_of(results)
     import vllm
@@ -346,18 +417,31 @@ def main(argv=None) -> int:
     out = {
         "schema": "routertune.serve_bench/1",
         "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "engine": {"vllm": vllm.__version__, "mode": "eager, fp32, 1 OMP thread per engine, in-process engine core",
-                   "clock": "process CPU time of the engine process (the 2-core machine is shared: wall time there "
-                            "mostly measures waiting for a core); wall figures kept under 'wall'",
-                   "prefix_caching": False, "chunked_prefill": False, "max_model_len": max_len,
-                   "kv_cache_gib_per_engine": args.kv_space_gib},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "load_avg_start_end": [load_start, os.getloadavg()]},
-        "routers": args.routers, "routed_layers": router_config.layers, "threshold": router_config.threshold,
-        "static_layers": static_layers, "static_importance": static_report.importance,
+        "engine": {
+            "vllm": vllm.__version__,
+            "mode": "eager, fp32, 1 OMP thread per engine, in-process engine core",
+            "clock": "process CPU time of the engine process (the 2-core machine is shared: wall time there "
+            "mostly measures waiting for a core); wall figures kept under 'wall'",
+            "prefix_caching": False,
+            "chunked_prefill": False,
+            "max_model_len": max_len,
+            "kv_cache_gib_per_engine": args.kv_space_gib,
+        },
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "load_avg_start_end": [load_start, os.getloadavg()],
+        },
+        "routers": args.routers,
+        "routed_layers": router_config.layers,
+        "threshold": router_config.threshold,
+        "static_layers": static_layers,
+        "static_importance": static_report.importance,
         "engine_load_s": engine_load_s,
         "not_measured": [f"{p}x{c}" for p in ISSUE_PROMPTS for c in ISSUE_CONCURRENCY if (p, c) not in settings],
-        "settings": results, "targets": targets, "seconds": time.perf_counter() - started_all,
+        "settings": results,
+        "targets": targets,
+        "seconds": time.perf_counter() - started_all,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2))

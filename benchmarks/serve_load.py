@@ -42,13 +42,38 @@ def _free_port() -> int:
 
 def start_server(export: str, log: Path, server_log: Path, max_model_len: int, kv_gib: int):
     port = _free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_gib), VLLM_CPU_OMP_THREADS_BIND="nobind",
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(
+        os.environ,
+        VLLM_CPU_KVCACHE_SPACE=str(kv_gib),
+        VLLM_CPU_OMP_THREADS_BIND="nobind",
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+    )
     output = open(server_log, "w")  # noqa: SIM115 - the server writes it until stop; main closes it
-    proc = subprocess.Popen([sys.executable, "-m", "routertune.cli", "serve", export, "--routing-log", str(log),
-                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                             "--max-model-len", str(max_model_len), "--seed", "0"],
-                            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "routertune.cli",
+            "serve",
+            export,
+            "--routing-log",
+            str(log),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            str(max_model_len),
+            "--seed",
+            "0",
+        ],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 1200
     while True:
         if proc.poll() is not None:
@@ -79,8 +104,9 @@ def _portable(argv: list[str]) -> list[str]:
     out = []
     for arg in argv:
         path = Path(arg)
-        out.append(arg if not path.is_absolute() else (str(path.relative_to(ROOT)) if path.is_relative_to(ROOT)
-                                                        else path.name))
+        out.append(
+            arg if not path.is_absolute() else (str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name)
+        )
     return out
 
 
@@ -108,14 +134,14 @@ def main(argv=None) -> int:
     if CONFIG_KEY not in config or config[CONFIG_KEY].get("static_skip") is not None:
         raise SystemExit(f"{args.export} is not a routed export; write one with routertune export --routers DIR")
     routed_layers = ServeRouting.from_dict(config[CONFIG_KEY]).router_config.resolved_layers(
-        int(config["num_hidden_layers"]))
+        int(config["num_hidden_layers"])
+    )
     tokenizer = AutoTokenizer.from_pretrained(export)
     texts = [r["messages"][0]["content"] for r in default_records("heldout")[:200]]
     prompts = text_prompts(tokenizer, texts, LENGTHS)
     mix = build_mix(export, prompts, routed_layers, distinct=args.distinct, repeats=args.repeats, seed=args.seed)
     warm_prompts = text_prompts(tokenizer, texts[::-1], LENGTHS)
-    warmup = build_mix(export, warm_prompts, routed_layers, distinct=args.concurrency, repeats=0,
-                       seed=args.seed + 1)
+    warmup = build_mix(export, warm_prompts, routed_layers, distinct=args.concurrency, repeats=0, seed=args.seed + 1)
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="serve-load-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -125,8 +151,15 @@ def main(argv=None) -> int:
     proc, port, output = start_server(export, log, server_log, args.max_model_len, args.kv_space_gib)
     start_s = time.perf_counter() - started
     try:
-        result = run_load_test(f"http://127.0.0.1:{port}", export, mix, log=log, server_pid=proc.pid,
-                               concurrency=args.concurrency, warmup=warmup)
+        result = run_load_test(
+            f"http://127.0.0.1:{port}",
+            export,
+            mix,
+            log=log,
+            server_pid=proc.pid,
+            concurrency=args.concurrency,
+            warmup=warmup,
+        )
         result["still_serving"]["server_alive"] = proc.poll() is None
     finally:
         stop_server(proc)
@@ -134,25 +167,49 @@ def main(argv=None) -> int:
     made = Path(export) / "routertune_export.json"  # what routertune export wrote: its routers and base model
     made = json.loads(made.read_text()) if made.is_file() else {}
     model = made.get("base_model") or config.get("_name_or_path") or "the export's base model"
-    out = {"schema": "routertune.serve_load/1",
-           "command": "python benchmarks/serve_load.py " + " ".join(_portable(sys.argv[1:] if argv is None else argv)),
-           "export": {"architectures": config.get("architectures"), "routed_layers": routed_layers,
-                      "num_hidden_layers": config["num_hidden_layers"], "base_model": Path(str(model)).name,
-                      "routers": made.get("routers"), "fingerprint": config[CONFIG_KEY]["router_config"]
-                      .get("base_model", {}).get("fingerprint")},
-           "server": {"flags": f"--dtype float32 --max-model-len {args.max_model_len} --seed 0 (+ what "
-                               "routertune serve adds)", "kv_cache_gib": args.kv_space_gib, "start_s": start_s,
-                      "omp_threads": os.environ.get("OMP_NUM_THREADS", "1")},
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-           **result}
+    out = {
+        "schema": "routertune.serve_load/1",
+        "command": "python benchmarks/serve_load.py " + " ".join(_portable(sys.argv[1:] if argv is None else argv)),
+        "export": {
+            "architectures": config.get("architectures"),
+            "routed_layers": routed_layers,
+            "num_hidden_layers": config["num_hidden_layers"],
+            "base_model": Path(str(model)).name,
+            "routers": made.get("routers"),
+            "fingerprint": config[CONFIG_KEY]["router_config"].get("base_model", {}).get("fingerprint"),
+        },
+        "server": {
+            "flags": f"--dtype float32 --max-model-len {args.max_model_len} --seed 0 (+ what routertune serve adds)",
+            "kv_cache_gib": args.kv_space_gib,
+            "start_s": start_s,
+            "omp_threads": os.environ.get("OMP_NUM_THREADS", "1"),
+        },
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        **result,
+    }
     out["problems"] = passed(out)
     if not out["still_serving"]["server_alive"]:
         out["problems"].append("the server process exited during the load test")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
-    summary = {k: out[k] for k in ("requests", "completed", "cancelled", "errors", "refused_400",
-                                   "mismatches_vs_alone", "decision_mismatches", "settings_mismatches",
-                                   "concurrency", "memory", "wall_s", "engine", "problems")}
+    summary = {
+        k: out[k]
+        for k in (
+            "requests",
+            "completed",
+            "cancelled",
+            "errors",
+            "refused_400",
+            "mismatches_vs_alone",
+            "decision_mismatches",
+            "settings_mismatches",
+            "concurrency",
+            "memory",
+            "wall_s",
+            "engine",
+            "problems",
+        )
+    }
     print(json.dumps(summary, indent=2))
     return 1 if out["problems"] else 0
 

@@ -25,8 +25,16 @@ from routertune.bench.variants import build_variants
 def main(out_path):
     torch.set_num_threads(1)
     started = time.perf_counter()
-    cfg = BenchConfig(lengths=[2048], batch_sizes=[1], repeats=3, warmup=1, decode_prompt=512, decode_tokens=16,
-                      clock="cpu", memory=False)
+    cfg = BenchConfig(
+        lengths=[2048],
+        batch_sizes=[1],
+        repeats=3,
+        warmup=1,
+        decode_prompt=512,
+        decode_tokens=16,
+        clock="cpu",
+        memory=False,
+    )
     model, tokenizer = load_model_and_tokenizer(None)
     model.eval()
     with torch.inference_mode():
@@ -34,9 +42,16 @@ def main(out_path):
         token, fraction, source = token_variant(model, vs, cfg)
         flops = FlopCounter.from_config(model.config)
         clock = Clock(torch.device("cpu"), "cpu")
-        result = {"command": " ".join(sys.argv), "environment": environment(torch.device("cpu")),
-                  "config": asdict(cfg), "routed_layers": vs.routed_layers, "sequence_skip_set": vs.static_layers,
-                  "token_side": token.description, "fraction": fraction, "rows": []}
+        result = {
+            "command": " ".join(sys.argv),
+            "environment": environment(torch.device("cpu")),
+            "config": asdict(cfg),
+            "routed_layers": vs.routed_layers,
+            "sequence_skip_set": vs.static_layers,
+            "token_side": token.description,
+            "fraction": fraction,
+            "rows": [],
+        }
 
         def save():
             result["seconds"] = time.perf_counter() - started
@@ -44,11 +59,17 @@ def main(out_path):
                 json.dump(result, f, indent=1, default=str)
 
         # the runs that record decisions and KV bytes are the warm-up (lean, for a starved machine)
-        result["rows"].append(asdict(bench_token_prefill(vs, token, 2048, 1, cfg, flops, torch.device("cpu"), clock,
-                                                         cfg.seed, recorded_warm_up=True)))
+        result["rows"].append(
+            asdict(
+                bench_token_prefill(
+                    vs, token, 2048, 1, cfg, flops, torch.device("cpu"), clock, cfg.seed, recorded_warm_up=True
+                )
+            )
+        )
         save()
-        result["rows"].append(asdict(bench_token_decode(vs, token, 1, cfg, flops, torch.device("cpu"), clock,
-                                                        cfg.seed + 401)))
+        result["rows"].append(
+            asdict(bench_token_decode(vs, token, 1, cfg, flops, torch.device("cpu"), clock, cfg.seed + 401))
+        )
         save()
 
 

@@ -28,10 +28,12 @@ def _curves(domain: dict, num_layers: int) -> tuple[dict[str, list], np.ndarray]
     settings = domain["settings"]
     tokens = np.asarray(settings["dense"]["per_text_tokens"], dtype=float)
     per_token = {name: np.asarray(s["per_text_kl"], dtype=float) / tokens for name, s in settings.items()}
-    static = [(0.0, per_token["dense"])] + [(s["skip"], per_token[name]) for name, s in settings.items()
-                                           if name.startswith("static ")]
-    routers = [(0.0, per_token["dense"])] + [(s["skip"], per_token[name]) for name, s in settings.items()
-                                            if name.startswith("routers")]
+    static = [(0.0, per_token["dense"])] + [
+        (s["skip"], per_token[name]) for name, s in settings.items() if name.startswith("static ")
+    ]
+    routers = [(0.0, per_token["dense"])] + [
+        (s["skip"], per_token[name]) for name, s in settings.items() if name.startswith("routers")
+    ]
     return {"static": static, "routers": routers}, tokens
 
 
@@ -52,11 +54,20 @@ def summarise(token: dict, sequence: dict | None, targets, iterations: int = 200
         if sequence is not None and domain in sequence.get("domains", {}):
             seq_curves, seq_tokens = _curves(sequence["domains"][domain], num_layers)
             if not np.array_equal(seq_tokens, tokens):
-                raise ValueError(f"{domain}: the sequence run scored other texts (tokens per text differ); "
-                                 "run both with the same --texts and --max-tokens")
-            static_gap = None if len(curves["static"]) == 1 else max(abs(float(np.max(np.abs(a[1] - b[1])))) for a, b in
-                             zip(sorted(curves["static"], key=lambda p: p[0]),
-                                 sorted(seq_curves["static"], key=lambda p: p[0])))
+                raise ValueError(
+                    f"{domain}: the sequence run scored other texts (tokens per text differ); "
+                    "run both with the same --texts and --max-tokens"
+                )
+            static_gap = (
+                None
+                if len(curves["static"]) == 1
+                else max(
+                    abs(float(np.max(np.abs(a[1] - b[1]))))
+                    for a, b in zip(
+                        sorted(curves["static"], key=lambda p: p[0]), sorted(seq_curves["static"], key=lambda p: p[0])
+                    )
+                )
+            )
         static_source = "token run"
         if len(curves["static"]) == 1:  # the token run traced no static drop (--max-drop 0): take the sequence
             # run's; static drop and dense do not depend on the routers, and the texts are the same (checked)
@@ -70,22 +81,34 @@ def summarise(token: dict, sequence: dict | None, targets, iterations: int = 200
             tok = _at(curves["routers"], t, tokens)
             seq = _at(seq_curves["routers"], t, tokens) if seq_curves else None
             row["static"] = static[1] if static else None
-            row["token"] = ({"value": tok[1], "between": tok[2]} if tok else
-                            {"reached": False, "range": [min(p[0] for p in curves["routers"]),
-                                                         max(p[0] for p in curves["routers"])]})
+            row["token"] = (
+                {"value": tok[1], "between": tok[2]}
+                if tok
+                else {
+                    "reached": False,
+                    "range": [min(p[0] for p in curves["routers"]), max(p[0] for p in curves["routers"])],
+                }
+            )
             if seq_curves is not None:
-                row["sequence"] = ({"value": seq[1], "between": seq[2]} if seq else
-                                   {"reached": False, "range": [min(p[0] for p in seq_curves["routers"]),
-                                                                max(p[0] for p in seq_curves["routers"])]})
-            pairs = [("token_minus_static", tok, static), ("sequence_minus_static", seq, static),
-                     ("token_minus_sequence", tok, seq)]
+                row["sequence"] = (
+                    {"value": seq[1], "between": seq[2]}
+                    if seq
+                    else {
+                        "reached": False,
+                        "range": [min(p[0] for p in seq_curves["routers"]), max(p[0] for p in seq_curves["routers"])],
+                    }
+                )
+            pairs = [
+                ("token_minus_static", tok, static),
+                ("sequence_minus_static", seq, static),
+                ("token_minus_sequence", tok, seq),
+            ]
             for name, a, b in pairs:
                 if a is not None and b is not None:
                     diff, low, high = stats.paired_bootstrap(a[0], b[0], tokens, iterations)
                     row[name] = {"diff": diff, "interval": [low, high]}
             rows[f"{t:.2f}"] = row
-        out[domain] = {"texts": data["texts"], "tokens": int(tokens.sum()), "static_from": static_source,
-                       "at": rows}
+        out[domain] = {"texts": data["texts"], "tokens": int(tokens.sum()), "static_from": static_source, "at": rows}
         if seq_curves is not None and static_source == "token run":
             out[domain]["static_max_abs_difference_between_runs"] = static_gap
     return out
@@ -98,11 +121,14 @@ def _cell(entry):
 
 
 def markdown(summary: dict, sequence_source: str | None) -> str:
-    lines = ["| domain | measured skip | static | token routers | sequence routers | token - static [95% CI] | "
-             "sequence - static [95% CI] | token - sequence [95% CI] | token points used |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| domain | measured skip | static | token routers | sequence routers | token - static [95% CI] | "
+        "sequence - static [95% CI] | token - sequence [95% CI] | token points used |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for domain, data in summary.items():
         for target, row in data["at"].items():
+
             def value(entry):
                 if entry is None:
                     return "-"
@@ -112,10 +138,12 @@ def markdown(summary: dict, sequence_source: str | None) -> str:
 
             between = "-".join(f"{x:.3f}" for x in row["token"].get("between", [])) or "-"
             static = "-" if row["static"] is None else f"{row['static']:.4f}"
-            lines.append(f"| {domain} | {float(target):.0%} | {static} | {value(row['token'])} | "
-                         f"{value(row.get('sequence'))} | {_cell(row.get('token_minus_static'))} | "
-                         f"{_cell(row.get('sequence_minus_static'))} | {_cell(row.get('token_minus_sequence'))} | "
-                         f"{between} |")
+            lines.append(
+                f"| {domain} | {float(target):.0%} | {static} | {value(row['token'])} | "
+                f"{value(row.get('sequence'))} | {_cell(row.get('token_minus_static'))} | "
+                f"{_cell(row.get('sequence_minus_static'))} | {_cell(row.get('token_minus_sequence'))} | "
+                f"{between} |"
+            )
     if sequence_source:
         lines.append(f"\nSequence routers: {sequence_source}.")
     return "\n".join(lines)

@@ -61,7 +61,7 @@ def build_tiny(family: str, seed: int = 0) -> torch.nn.Module:
         raise ValueError(family)
     # random init is tiny; scale weights up so sublayers matter and decisions change outputs visibly
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)
     model.config._attn_implementation = "sdpa"

@@ -39,11 +39,13 @@ def zero_sublayer_hooks(model, granularity: str, layers):
     for idx in layers:
         block = model.model.layers[idx]
         if granularity == "attention":
-            handles.append(block.self_attn.register_forward_hook(
-                lambda m, a, out: (torch.zeros_like(out[0]), *out[1:])))
+            handles.append(
+                block.self_attn.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]), *out[1:]))
+            )
         elif granularity == "mlp":
             handles.append(block.mlp.register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
         else:
-            handles.append(block.register_forward_hook(
-                lambda m, a, kw, out: a[0] if a else kw["hidden_states"], with_kwargs=True))
+            handles.append(
+                block.register_forward_hook(lambda m, a, kw, out: a[0] if a else kw["hidden_states"], with_kwargs=True)
+            )
     return handles

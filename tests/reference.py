@@ -43,8 +43,9 @@ class SkipReference:
             target.register_forward_hook(self._post_hook(idx), with_kwargs=True)
 
     @contextlib.contextmanager
-    def request(self, prompt_mask: torch.Tensor, skip: set[int] | None = None,
-                decisions: dict[int, torch.Tensor] | None = None):
+    def request(
+        self, prompt_mask: torch.Tensor, skip: set[int] | None = None, decisions: dict[int, torch.Tensor] | None = None
+    ):
         """One request: decisions are taken at its prefill from `prompt_mask` (B, T0), one row per row the
         model will see (already expanded for beams / returned sequences), and reused until the block ends.
         `skip` forces those routed layers to skip and the others to run; `decisions` ({layer: (B,) bool},
@@ -75,8 +76,9 @@ class SkipReference:
             logit = (pooled @ self.weights[idx].T + self.biases[idx])[:, 0]  # (B,)
             prior, low, high = self.regions[idx]
             if (logit - prior < low).any() or (logit - prior > high).any():
-                logit = torch.where((logit - prior < low) | (logit - prior > high),
-                                    prior + (logit - prior).clamp(low, high), logit)
+                logit = torch.where(
+                    (logit - prior < low) | (logit - prior > high), prior + (logit - prior).clamp(low, high), logit
+                )
             score = torch.sigmoid(logit)
             self.scores[idx] = score
             self.decisions[idx] = score >= self.thresholds[idx]
@@ -99,8 +101,14 @@ class SkipReference:
         return hook
 
     # -- running ---------------------------------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, skip: set[int] | None = None,
-                decisions: dict[int, torch.Tensor] | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        skip: set[int] | None = None,
+        decisions: dict[int, torch.Tensor] | None = None,
+        **kwargs,
+    ):
         with self.request(attention_mask, skip, decisions):
             return self.plain(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

@@ -170,7 +170,9 @@ def test_quick_bench_schema_and_exact_kv_accounting(quick):
     checks = data["checks"]
     assert checks["kv_equal_all"] is True and checks["met"]["kv_equal"] is True
     assert set(checks["forced_vs_static"]) == {f"prefill L={p['length']} B={p['batch']}" for p in data["prefill"]} | {
-        "decode B=1", "decode B=2"}
+        "decode B=1",
+        "decode B=2",
+    }
     assert checks["prefill_ideal_length"] == 32
     assert set(checks["prefill_ideal"]) == {"static_drop", "routed_static_set", "routed"}
 
@@ -190,8 +192,12 @@ def test_trained_routers_take_their_own_decisions(tmp_path):
         for router in saved.routers.values():
             router.weight.normal_(0, 1)
     saved.save_pretrained(tmp_path / "routers")
-    result = bench_model(base, BenchConfig(quick=True, threads=1, lengths=[8], batch_sizes=[2], memory=False,
-                                           routers=str(tmp_path / "routers")))
+    result = bench_model(
+        base,
+        BenchConfig(
+            quick=True, threads=1, lengths=[8], batch_sizes=[2], memory=False, routers=str(tmp_path / "routers")
+        ),
+    )
     assert result.routed_layers == [1, 2, 3, 4] and result.routers.startswith("trained routers from")
     assert set(result.static_drop_layers) <= {1, 2, 3, 4} and len(result.static_drop_layers) == 2
     routed = result.prefill[0].variants["routed"]
@@ -199,8 +205,10 @@ def test_trained_routers_take_their_own_decisions(tmp_path):
 
 
 def test_token_cap_skips_and_lists_settings():
-    result = bench_model(build_tiny("llama"), BenchConfig(quick=True, threads=1, lengths=[8, 64], batch_sizes=[1],
-                                                          max_prefill_tokens=32, memory=False))
+    result = bench_model(
+        build_tiny("llama"),
+        BenchConfig(quick=True, threads=1, lengths=[8, 64], batch_sizes=[1], max_prefill_tokens=32, memory=False),
+    )
     assert [p.length for p in result.prefill] == [8]
     assert len(result.skipped) == 1 and "L=64 B=1" in result.skipped[0]
     assert all(v.peak_memory_bytes is None for p in result.prefill for v in p.variants.values())

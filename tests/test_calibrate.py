@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from routertune import RoutedModel, RouterConfig
-from routertune.calibrate import (CalibrateJob, calibrate, measure_capacity, next_threshold, prompt_batches,
-                                  quantile_threshold)
+from routertune.calibrate import (
+    CalibrateJob,
+    calibrate,
+    measure_capacity,
+    next_threshold,
+    prompt_batches,
+    quantile_threshold,
+)
 from routertune.cli import main
 from tiny_lm import randomize_routers, tiny_llama
 
@@ -95,7 +101,10 @@ def test_quantile_threshold_takes_the_reachable_share_nearest_the_target_with_ti
         assert 0 < t < 1
         share = float((values >= t).double().mean())
         assert abs(share - target) == pytest.approx(_nearest_share_by_brute_force(values, target), abs=1e-12), (
-            values.tolist(), target, share)
+            values.tolist(),
+            target,
+            share,
+        )
         assert t not in values.tolist()  # no score sits on the boundary
 
 
@@ -139,8 +148,21 @@ def test_calibrate_refuses_to_save_an_unreachable_target(piled_routers, tmp_path
     model, routers = piled_routers
     before = (routers / "router_config.json").read_text()
     out = tmp_path / "calibrated"
-    args = ["calibrate", "--model", model, "--routers", str(routers), "--output", str(out), "--capacity", "0.3",
-            "--samples", "8", "--heldout-samples", "0"] + (["--per-layer"] if per_layer else [])
+    args = [
+        "calibrate",
+        "--model",
+        model,
+        "--routers",
+        str(routers),
+        "--output",
+        str(out),
+        "--capacity",
+        "0.3",
+        "--samples",
+        "8",
+        "--heldout-samples",
+        "0",
+    ] + (["--per-layer"] if per_layer else [])
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "capacity 0.3 is not reachable" in err and "realised 0.0000" in err and "--accept-off-target" in err

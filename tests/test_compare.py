@@ -38,17 +38,30 @@ def test_plan_matches_skip_ratios_of_all_attention_sublayers():
     settings = plan(job, num_layers=30, routed_layers=15)
     assert [(r, s.kind, s.drop, s.capacity) for r, s in settings] == [
         (0.0, "dense", 0, None),
-        (0.1, "static", 3, None), (0.1, "random", 3, None), (0.1, "routers", 0, 0.8),
-        (0.25, "static", 8, None), (0.25, "random", 8, None), (0.25, "routers", 0, 0.5),
+        (0.1, "static", 3, None),
+        (0.1, "random", 3, None),
+        (0.1, "routers", 0, 0.8),
+        (0.25, "static", 8, None),
+        (0.25, "random", 8, None),
+        (0.25, "routers", 0, 0.5),
     ]
     with pytest.raises(ValueError, match="largest reachable is 0.500"):
         plan(CompareJob(routers="r", skip_ratios=[0.6]), num_layers=30, routed_layers=15)
 
 
 def test_compare_end_to_end(saved, tmp_path):
-    job = CompareJob(routers=str(saved / "routers"), model=str(saved / "model"), tasks=["arc_easy", "winogrande"],
-                     skip_ratios=[1 / 3], limit=6, ppl_texts=3, fidelity_prompts=3, fidelity_tokens=4,
-                     calibration_samples=12, output=str(tmp_path / "out"))
+    job = CompareJob(
+        routers=str(saved / "routers"),
+        model=str(saved / "model"),
+        tasks=["arc_easy", "winogrande"],
+        skip_ratios=[1 / 3],
+        limit=6,
+        ppl_texts=3,
+        fidelity_prompts=3,
+        fidelity_tokens=4,
+        calibration_samples=12,
+        output=str(tmp_path / "out"),
+    )
     report = compare(job, progress=False)
     by_kind = {s.kind: s for s in report.settings}
     assert [s.kind for s in report.settings] == ["dense", "static", "random", "routers"]
@@ -64,16 +77,30 @@ def test_compare_end_to_end(saved, tmp_path):
     per_task = written["settings"][3]["task_layer_skip_rate"]  # the routers' rates, one row per task
     assert set(per_task) == {"arc_easy", "winogrande"} and all(len(r) == 3 for r in per_task.values())
     table = (tmp_path / "out" / "compare.md").read_text()
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 5 and "ppl lambada" in table and "ARC-E (acc)" in table
+    assert (
+        sum(line.startswith("| ") for line in table.splitlines()) == 5
+        and "ppl lambada" in table
+        and "ARC-E (acc)" in table
+    )
 
 
 def test_eval_job_with_routers_capacity_perplexity_and_fidelity(saved, tmp_path):
     from routertune.eval.evaluate import EvalJob, evaluate_job
 
     out = tmp_path / "eval.json"
-    job = EvalJob(tasks=["openbookqa"], routers=str(saved / "routers"), model=str(saved / "model"), limit=4,
-                  capacity=0.5, perplexity=["boolq"], ppl_texts=2, fidelity_prompts=2, fidelity_tokens=3,
-                  calibration_samples=8, output=str(out))
+    job = EvalJob(
+        tasks=["openbookqa"],
+        routers=str(saved / "routers"),
+        model=str(saved / "model"),
+        limit=4,
+        capacity=0.5,
+        perplexity=["boolq"],
+        ppl_texts=2,
+        fidelity_prompts=2,
+        fidelity_tokens=3,
+        calibration_samples=8,
+        output=str(out),
+    )
     report = evaluate_job(job, progress=False)
     assert report.calibration["target"] == 0.5 and report.harness.tasks["openbookqa"].samples == 4
     assert report.perplexity["boolq"].texts == 2 and report.fidelity.prompts == 2
@@ -86,8 +113,21 @@ def test_routers_of_another_base_model_are_refused(saved, tmp_path, capsys):
     other = tiny_llama(4)
     other.save_pretrained(tmp_path / "other")
     tiny_tokenizer().save_pretrained(tmp_path / "other")
-    code = main(["compare", "--routers", str(saved / "routers"), "--model", str(tmp_path / "other"),
-                 "--tasks", "arc_easy", "--limit", "2", "--output", str(tmp_path / "out")])
+    code = main(
+        [
+            "compare",
+            "--routers",
+            str(saved / "routers"),
+            "--model",
+            str(tmp_path / "other"),
+            "--tasks",
+            "arc_easy",
+            "--limit",
+            "2",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     assert "belong to another base model" in capsys.readouterr().err
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from routertune.base_model import load_tokenizer
 from routertune.train import data
 from routertune.train.data import (
     DEFAULT_TASKS,
@@ -27,7 +28,6 @@ from routertune.train.data import (
     length_batches,
     load_records,
 )
-from routertune.base_model import load_tokenizer
 
 MULTIPLE_CHOICE_TASKS = ("arc", "hellaswag", "piqa", "winogrande", "openbookqa", "boolq", "mmlu")
 
@@ -155,6 +155,7 @@ def test_default_splits_are_nonempty_deterministic_and_disjoint():
     assert default_records("train") == train
     assert default_records("heldout", seed=0) == heldout
     assert not {conversation_key(r) for r in train} & {conversation_key(r) for r in heldout}
+
     # Passages are split as a whole: no held-out question is about a training passage.
     def passages(records):
         reading = [r for r in records if r["task"] in ("squad", "drop", "coqa")]

@@ -14,12 +14,15 @@ def test_demo_refuses_a_folder_holding_another_run(tmp_path):
     assert (tmp_path / "router_config.json").read_text() == "{}"
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("capacity", 1.0, "strictly between 0 and 1"),
-    ("capacity", -0.1, "capacity"),
-    ("limit", 0, "limit=0 must be >= 1"),
-    ("tasks", ["arc_easy", "nosuchtask"], "nosuchtask"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("capacity", 1.0, "strictly between 0 and 1"),
+        ("capacity", -0.1, "capacity"),
+        ("limit", 0, "limit=0 must be >= 1"),
+        ("tasks", ["arc_easy", "nosuchtask"], "nosuchtask"),
+    ],
+)
 def test_demo_job_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
         DemoJob(**{field: value})
@@ -28,11 +31,15 @@ def test_demo_job_validation(field, value, message):
 # Every part of the demo that can run for minutes at full size, by stage: each must report a count as it goes
 # (routertune.progress events; the terminal shows the same counts as bars). Accuracy parts only when tasks run.
 def expected_parts(tasks=(), searched: bool = False) -> dict[str, set[str]]:
-    return {"train": {"importance fit"}, "generate": {"generate"},
-            "tradeoff": {"importance and sweep", "KL lambada", "KL wikipedia", "KL code", "agreement"}
-            | {f"{kind} {task}" for task in tasks for kind in ("placement", "accuracy")}
-            | ({"static order search"} if searched else set()),
-            "bench": {"bench"}, "report": {"report"}}
+    return {
+        "train": {"importance fit"},
+        "generate": {"generate"},
+        "tradeoff": {"importance and sweep", "KL lambada", "KL wikipedia", "KL code", "agreement"}
+        | {f"{kind} {task}" for task in tasks for kind in ("placement", "accuracy")}
+        | ({"static order search"} if searched else set()),
+        "bench": {"bench"},
+        "report": {"report"},
+    }
 
 
 def assert_every_part_reports(events, tasks=(), searched: bool = False) -> None:
@@ -46,7 +53,9 @@ def assert_every_part_reports(events, tasks=(), searched: bool = False) -> None:
             counted.setdefault(e.stage, set()).add(e.part)
     for stage, parts in expected_parts(tasks, searched).items():
         silent = parts - counted.get(stage, set())
-        assert not silent, f"stage {stage}: no progress count from {sorted(silent)} (got {sorted(counted.get(stage, ()))})"
+        assert not silent, (
+            f"stage {stage}: no progress count from {sorted(silent)} (got {sorted(counted.get(stage, ()))})"
+        )
     for (stage, part), seq in by_part.items():
         done = [e.done for e in seq]
         assert done == sorted(done), (stage, part, done)
@@ -83,10 +92,38 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "demo"
     events = []
     with progress.listening(events.append):
-        code = main(["demo", "--model", str(model), "--output", str(out), "--samples", "24", "--tasks", "arc_easy",
-                     "--limit", "6", "--texts", "3", "--fidelity-prompts", "2", "--calibration-samples", "4",
-                     "--bench-repeats", "2", "--bench-lengths", "16", "--decode-prompt", "8", "--decode-tokens", "2",
-                     "--searched-static", "--searched-records", "8"])
+        code = main(
+            [
+                "demo",
+                "--model",
+                str(model),
+                "--output",
+                str(out),
+                "--samples",
+                "24",
+                "--tasks",
+                "arc_easy",
+                "--limit",
+                "6",
+                "--texts",
+                "3",
+                "--fidelity-prompts",
+                "2",
+                "--calibration-samples",
+                "4",
+                "--bench-repeats",
+                "2",
+                "--bench-lengths",
+                "16",
+                "--decode-prompt",
+                "8",
+                "--decode-tokens",
+                "2",
+                "--searched-static",
+                "--searched-records",
+                "8",
+            ]
+        )
     assert code == 0
     assert_every_part_reports(events, tasks=["arc_easy"], searched=True)
     printed = capsys.readouterr().out
@@ -131,11 +168,17 @@ def test_tradeoff_refuses_a_searched_order_of_another_model(tmp_path):
 
     loaded, _ = load_model_and_tokenizer(str(model))
     RoutedModel(loaded, RouterConfig(layers=[1, 2, 3, 4])).save_pretrained(tmp_path / "routers")
-    stored = static_order.StaticOrder(order=[2, 3], kl=[0.1, 0.2],
-                                      model={"name": "other", "sha256": "0" * 64})
+    stored = static_order.StaticOrder(order=[2, 3], kl=[0.1, 0.2], model={"name": "other", "sha256": "0" * 64})
     (tmp_path / "order").mkdir()
     (tmp_path / "order" / static_order.RESULT_NAME).write_text(json.dumps(stored.to_json()))
-    job = TradeoffJob(routers=str(tmp_path / "routers"), output=str(tmp_path / "out"), model=str(model),
-                      texts=2, tasks=[], fidelity_prompts=0, searched_order=str(tmp_path / "order"))
+    job = TradeoffJob(
+        routers=str(tmp_path / "routers"),
+        output=str(tmp_path / "out"),
+        model=str(model),
+        texts=2,
+        tasks=[],
+        fidelity_prompts=0,
+        searched_order=str(tmp_path / "order"),
+    )
     with pytest.raises(ValueError, match="searched on another model"):
         run_tradeoff(job, progress=False)

@@ -13,12 +13,12 @@ from lm_eval.tasks import TaskManager
 
 from conftest import VOCAB, build_tiny
 from routertune import RoutedModel, RouterConfig
-from routertune.routing import state as routing
-from routertune.eval import tasks
 from routertune.cli import main
+from routertune.eval import tasks
 from routertune.eval.evaluate import Setting, prepared_lm
 from routertune.eval.harness import RoutedLM, ScoredRow, run_harness
 from routertune.eval.metrics import perplexity
+from routertune.routing import state as routing
 from tiny_lm import randomize_routers, tiny_llama, tiny_tokenizer
 
 CONTEXTS = ["Question: what is up?\nAnswer:", "Another one", "Short", "The cat sat on the mat because"]
@@ -66,15 +66,16 @@ def _direct(model, row: ScoredRow) -> float:
     with torch.no_grad(), routing.pool_over(route):
         logprobs = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
     n = len(row.tokens) - 1
-    target = torch.tensor(row.tokens[-row.n_cont:])
-    return float(logprobs[n - row.n_cont: n].gather(-1, target[:, None]).sum())
+    target = torch.tensor(row.tokens[-row.n_cont :])
+    return float(logprobs[n - row.n_cont : n].gather(-1, target[:, None]).sum())
 
 
 PATHS = {"packed": {}, "cached": {"packed": False}, "full": {"share_prefix": False}}
 
 
-@pytest.mark.parametrize("path,granularity", [(path, "attention") for path in sorted(PATHS)]
-                         + [("cached", "mlp"), ("cached", "block")])
+@pytest.mark.parametrize(
+    "path,granularity", [(path, "attention") for path in sorted(PATHS)] + [("cached", "mlp"), ("cached", "block")]
+)
 def test_scores_equal_a_direct_forward(tok, path, granularity):
     """The cached path re-maps the prefix cache's rows to the requests: under MLP routing every row's K/V is
     stored, under attention and block routing only the running rows'."""
@@ -132,8 +133,9 @@ def test_greedy_flag_matches_argmax(tok):
     with torch.no_grad():
         nxt = int(model(input_ids=torch.tensor([ctx]), use_cache=False).logits[0, -1].argmax())
     other = (nxt + 1) % 200 + 3
-    (_, greedy), (_, not_greedy) = lm.score([ScoredRow(ctx + [nxt], 1, len(ctx)),
-                                             ScoredRow(ctx + [other], 1, len(ctx))])
+    (_, greedy), (_, not_greedy) = lm.score(
+        [ScoredRow(ctx + [nxt], 1, len(ctx)), ScoredRow(ctx + [other], 1, len(ctx))]
+    )
     assert greedy and not not_greedy
 
 
@@ -157,8 +159,16 @@ def test_choices_of_one_item_share_depth_when_the_choice_is_in_the_context(tok):
     model, routed = _routed()
     lm = RoutedLM(routed, tok, progress=False)
     shared = "Sarah was a much better surgeon than Maria so"
-    requests = [Instance("loglikelihood", {}, (f"{shared} {name}", " always got the easier cases."), idx,
-                         metadata=("winogrande", 7, 1)) for idx, name in enumerate(["Sarah", "Maria"])]
+    requests = [
+        Instance(
+            "loglikelihood",
+            {},
+            (f"{shared} {name}", " always got the easier cases."),
+            idx,
+            metadata=("winogrande", 7, 1),
+        )
+        for idx, name in enumerate(["Sarah", "Maria"])
+    ]
     with routed.recording() as calls:
         got = lm.loglikelihood(requests)
     prefills = [c for c in calls if c.past_length == 0]
@@ -178,9 +188,14 @@ def _builtin_arc_easy(lm, limit, monkeypatch):
         return datasets.DatasetDict({"train": local, "validation": local, "test": local})
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    out = lm_eval.simple_evaluate(model=lm, tasks=[str(tasks.harness_yaml("arc_easy"))], limit=limit,
-                                  task_manager=TaskManager(include_defaults=False), log_samples=False,
-                                  bootstrap_iters=1000)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[str(tasks.harness_yaml("arc_easy"))],
+        limit=limit,
+        task_manager=TaskManager(include_defaults=False),
+        log_samples=False,
+        bootstrap_iters=1000,
+    )
     return out["results"]["arc_easy"]
 
 
@@ -211,11 +226,11 @@ def test_every_task_config_builds_on_the_shipped_data():
     for name in tasks.TASKS:
         cfg = tasks.task_config(name, tasks.shots_for(name, "paper"))
         assert cfg.get("custom_dataset") or all(m["custom_dataset"] for m in cfg["task"])
-    arc, = tasks.build_tasks(["arc_challenge"], "paper")
+    (arc,) = tasks.build_tasks(["arc_challenge"], "paper")
     doc = arc.eval_docs[0]
     prompt = arc.fewshot_context(doc, 25)
     assert prompt.count("Question:") == 26 and prompt.endswith(f"Question: {doc['question']}\nAnswer:")
-    mmlu, = tasks.build_tasks(["mmlu"], "paper")
+    (mmlu,) = tasks.build_tasks(["mmlu"], "paper")
     assert len(mmlu.get_all_tasks()) == 57
 
 
@@ -250,7 +265,7 @@ def test_greedy_equals_routed_generate(tok):
     for prompt, out in zip(prompts, got):
         with torch.no_grad():
             alone = routed.generate(input_ids=torch.tensor([prompt]), max_new_tokens=5, do_sample=False)
-        expected = alone[0, len(prompt):].tolist()
+        expected = alone[0, len(prompt) :].tolist()
         expected = expected[: expected.index(eos) + 1] if eos in expected else expected  # up to and with EOS
         assert len(expected) >= 1 and out == expected
 

@@ -63,8 +63,12 @@ def test_chunked_prefill_is_refused():
         with pytest.raises(ValueError, match="prefill_chunk_size.*whole prompt"):
             routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, prefill_chunk_size=4)
         with pytest.raises(ValueError, match="prefill_chunk_size"):
-            routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2,
-                            generation_config=GenerationConfig(prefill_chunk_size=4, max_new_tokens=2))
+            routed.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=2,
+                generation_config=GenerationConfig(prefill_chunk_size=4, max_new_tokens=2),
+            )
         routed.base_model.generation_config.prefill_chunk_size = 4
         with pytest.raises(ValueError, match="prefill_chunk_size"):
             routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
@@ -129,8 +133,9 @@ def test_batch_repeat_interleave_expands_decisions_and_rows(granularity):
         nxt = first.argmax(-1, keepdim=True)  # (B, 1)
         cache.batch_repeat_interleave(2)
         mask2 = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        got = routed(input_ids=nxt.repeat_interleave(2, 0), attention_mask=mask2.repeat_interleave(2, 0),
-                     cache=cache).logits[:, -1]
+        got = routed(
+            input_ids=nxt.repeat_interleave(2, 0), attention_mask=mask2.repeat_interleave(2, 0), cache=cache
+        ).logits[:, -1]
         full = torch.cat([ids, nxt], dim=1).repeat_interleave(2, 0)
         with ref.request(mask.repeat_interleave(2, 0)):
             expected = ref.plain(input_ids=full, attention_mask=mask2.repeat_interleave(2, 0)).logits[:, -1]
@@ -162,8 +167,13 @@ def test_generation_config_use_cache_false_is_honoured():
     assert len(calls) == 6 and all(c.cache is None for c in calls)
     routed.base_model.generation_config.use_cache = True
     with torch.no_grad(), routed.recording() as calls:
-        got = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                              generation_config=GenerationConfig(use_cache=False, max_new_tokens=6, pad_token_id=0))
+        got = routed.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            generation_config=GenerationConfig(use_cache=False, max_new_tokens=6, pad_token_id=0),
+        )
     assert got.tolist() == expected.tolist()
     assert all(c.cache is None for c in calls)
 
@@ -209,8 +219,15 @@ def test_cli_generate_refuses_an_empty_prompt(tmp_path, capsys):
     model.save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     RoutedModel(tiny_llama()).save_pretrained(tmp_path / "routers")
-    common = ["generate", "--model", str(tmp_path / "model"), "--routers", str(tmp_path / "routers"),
-              "--max-new-tokens", "2"]
+    common = [
+        "generate",
+        "--model",
+        str(tmp_path / "model"),
+        "--routers",
+        str(tmp_path / "routers"),
+        "--max-new-tokens",
+        "2",
+    ]
     assert main(common + ["--no-chat", "hello", ""]) == 2
     err = capsys.readouterr().err
     assert "prompt 1 is empty" in err and "chat mode" in err and "Traceback" not in err
@@ -219,16 +236,19 @@ def test_cli_generate_refuses_an_empty_prompt(tmp_path, capsys):
     assert main(common + ["hello", ""]) == 0  # the chat template gives the empty message tokens
 
 
-@pytest.mark.parametrize("granularity,flag", [("attention", "output_attentions"), ("block", "output_attentions"),
-                                              ("block", "output_hidden_states")])
+@pytest.mark.parametrize(
+    "granularity,flag",
+    [("attention", "output_attentions"), ("block", "output_attentions"), ("block", "output_hidden_states")],
+)
 def test_misaligned_output_flags_are_refused(granularity, flag):
     """Attention weights exist only for executed rows and a skipped block records no hidden state: refused."""
     routed, _, ids, mask = _mixed(granularity=granularity)
     with torch.no_grad(), pytest.raises(ValueError, match=f"{flag}.*{granularity}"):
         routed(input_ids=ids, attention_mask=mask, **{flag: True})
     with torch.no_grad(), pytest.raises(ValueError, match=flag):
-        routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, return_dict_in_generate=True,
-                        **{flag: True})
+        routed.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=2, return_dict_in_generate=True, **{flag: True}
+        )
 
 
 @pytest.mark.parametrize("granularity", ["attention", "mlp"])

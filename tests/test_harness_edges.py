@@ -55,14 +55,17 @@ def _reference_logprob(ref: SkipReference, row: ScoredRow, decisions) -> float:
         logits = ref.forward(ids, torch.ones_like(ids), decisions=decisions).logits[0]
     logprobs = torch.log_softmax(logits.float(), -1)
     n = len(row.tokens) - 1
-    target = torch.tensor(row.tokens[-row.n_cont:])
-    return float(logprobs[n - row.n_cont: n].gather(-1, target[:, None]).sum())
+    target = torch.tensor(row.tokens[-row.n_cont :])
+    return float(logprobs[n - row.n_cont : n].gather(-1, target[:, None]).sum())
 
 
 # --- bug 6: the choices of one item run at one depth, also after truncation ------------------------------------
 SHARED = "Sarah was a much better surgeon than Maria so"
-CHOICES = [(" Sarah", " always got the harder cases."), (" Maria", " got the easy ones."),
-           (" Sarah", " did it, obviously and without any doubt.")]
+CHOICES = [
+    (" Sarah", " always got the harder cases."),
+    (" Maria", " got the easy ones."),
+    (" Sarah", " did it, obviously and without any doubt."),
+]
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
@@ -73,8 +76,10 @@ def test_choices_of_a_truncated_item_share_one_depth(tok, share_prefix, max_leng
     tokens when it is longer), for every choice."""
     routed, ref = _routed(seed=3)
     lm = RoutedLM(routed, tok, max_length=max_length, share_prefix=share_prefix, progress=False)
-    requests = [Instance("loglikelihood", {}, (SHARED + name, cont), idx, metadata=("item", 7, 1))
-                for idx, (name, cont) in enumerate(CHOICES)]
+    requests = [
+        Instance("loglikelihood", {}, (SHARED + name, cont), idx, metadata=("item", 7, 1))
+        for idx, (name, cont) in enumerate(CHOICES)
+    ]
     got = lm.loglikelihood(requests)
     contexts = [lm._encode(*r.args)[0] for r in requests]
     shared = os.path.commonprefix(contexts)  # SHARED and the space before the name: 46 tokens
@@ -97,8 +102,14 @@ def test_skip_statistics_count_every_row(tok, share_prefix):
     """Counts per layer equal the decisions of each routed prefix taken alone (the reference)."""
     routed, ref = _routed(seed=1)
     lm = RoutedLM(routed, tok, batch_tokens=4096, share_prefix=share_prefix, progress=False)
-    contexts = ["The cat sat on the mat because", "Another one", "Short", "Question: what is up?\nAnswer:",
-                "Zebras are", "1 2 3 4"]
+    contexts = [
+        "The cat sat on the mat because",
+        "Another one",
+        "Short",
+        "Question: what is up?\nAnswer:",
+        "Zebras are",
+        "1 2 3 4",
+    ]
     rows = []
     for ctx in contexts:
         a, b = lm._encode(ctx, " it was warm")
@@ -117,24 +128,30 @@ def test_skip_statistics_count_every_row(tok, share_prefix):
 def _alone(routed, tokens: list[int], max_new: int, eos: int) -> list[int]:
     with torch.no_grad():
         out = routed.generate(input_ids=torch.tensor([tokens]), max_new_tokens=max_new, do_sample=False)
-    new = out[0, len(tokens):].tolist()
+    new = out[0, len(tokens) :].tolist()
     return new[: new.index(eos) + 1] if eos in new else new
 
 
 def test_generate_until_is_batched_truncated_and_cut_at_stops(tok, monkeypatch):
     routed, _ = _routed()
     lm = RoutedLM(routed, tok, max_length=24, progress=False)
-    contexts = ["The cat sat on the mat because it was", "Another one", "Short",
-                "Question: what is up today and tomorrow?\nAnswer:", "Zebras"]
+    contexts = [
+        "The cat sat on the mat because it was",
+        "Another one",
+        "Short",
+        "Question: what is up today and tomorrow?\nAnswer:",
+        "Zebras",
+    ]
     calls = []
     generate = routed.base_model.generate
     monkeypatch.setattr(routed.base_model, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
-    requests = [Instance("generate_until", {}, (c, {"until": ["\n\n"], "max_gen_toks": 8}), i)
-                for i, c in enumerate(contexts)]
+    requests = [
+        Instance("generate_until", {}, (c, {"until": ["\n\n"], "max_gen_toks": 8}), i) for i, c in enumerate(contexts)
+    ]
     got = lm.generate_until(requests)
     assert len(calls) == 1, "one batched generate, not one per request"
     for ctx, text in zip(contexts, got):
-        prompt = lm.tok_encode(ctx)[-(24 - 8):]  # room for the 8 new tokens within max_length
+        prompt = lm.tok_encode(ctx)[-(24 - 8) :]  # room for the 8 new tokens within max_length
         expected = lm.tok_decode(_alone(routed, prompt, 8, tok.eos_token_id)).split("\n\n")[0]
         assert text == expected
     with pytest.raises(ValueError, match="max_gen_toks=24.*max_length 24"):

@@ -15,7 +15,6 @@ import ast
 import functools
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 PACKAGE = "routertune"
@@ -25,8 +24,17 @@ PACKAGE = "routertune"
 # __init__ alone. A module named nowhere (a new one) fails test_every_module_has_a_layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # what every stage reads: configuration, file writing, statistics, architecture facts, the base model
-    ("foundation", ("routertune.config", "routertune.files", "routertune.stats", "routertune.progress",
-                    "routertune.routing.arch", "routertune.base_model")),
+    (
+        "foundation",
+        (
+            "routertune.config",
+            "routertune.files",
+            "routertune.stats",
+            "routertune.progress",
+            "routertune.routing.arch",
+            "routertune.base_model",
+        ),
+    ),
     # the routing mechanism itself: routers, per-call state, caches, injection, static drop; and the LoRA
     # adapters' saving and loading (train/lora.py: RoutedModel saves and loads them with its routers)
     ("routing", ("routertune.routing", "routertune.train.lora")),
@@ -73,7 +81,7 @@ def _absolute(module: str | None, level: int, importer: str, is_package: bool) -
     return ".".join(base + ([module] if module else []))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def syntax_tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), str(path))
 
@@ -120,8 +128,10 @@ def module_aliases(path: Path, importer: str, modules: dict[str, Path]) -> dict[
 
 def graph() -> dict[str, set[str]]:
     modules = package_modules()
-    return {name: {m for m, _, _ in imports_of(path, name, modules) if _ours(m, modules) and m != name}
-            for name, path in modules.items()}
+    return {
+        name: {m for m, _, _ in imports_of(path, name, modules) if _ours(m, modules) and m != name}
+        for name, path in modules.items()
+    }
 
 
 def layer_of(module: str) -> int:
@@ -169,7 +179,8 @@ def find_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_circle():
     cycles = find_cycles(graph())
     assert not cycles, "import circles (modules that import each other, directly or around a loop): " + "; ".join(
-        " <-> ".join(c) for c in cycles)
+        " <-> ".join(c) for c in cycles
+    )
 
 
 def test_the_cycle_finder_sees_a_circle():
@@ -192,17 +203,24 @@ def private_uses() -> list[str]:
                 found.append(f"{where}:{line}: imports the private module {module}")
         aliases = module_aliases(path, name, modules)
         for node in ast.walk(syntax_tree(path)):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and node.attr.startswith("_") and not node.attr.startswith("__")
-                    and aliases[node.value.id] != name):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and aliases[node.value.id] != name
+            ):
                 found.append(f"{where}:{node.lineno}: {aliases[node.value.id]}.{node.attr}")
     return found
 
 
 def test_no_private_name_used_outside_its_module():
     found = private_uses()
-    assert not found, ("private names (leading underscore) used outside their module: make the shared ones "
-                       "public (a good name, a docstring) or stop sharing them:\n  " + "\n  ".join(found))
+    assert not found, (
+        "private names (leading underscore) used outside their module: make the shared ones "
+        "public (a good name, a docstring) or stop sharing them:\n  " + "\n  ".join(found)
+    )
 
 
 # --- (c) ---------------------------------------------------------------------------------------------------------
@@ -216,6 +234,7 @@ def test_no_lower_layer_imports_a_higher_one():
     for module, imported in graph().items():
         for other in sorted(imported):
             if layer_of(other) is not None and layer_of(module) is not None and layer_of(other) > layer_of(module):
-                offences.append(f"{module} ({LAYERS[layer_of(module)][0]}) imports {other} "
-                                f"({LAYERS[layer_of(other)][0]})")
+                offences.append(
+                    f"{module} ({LAYERS[layer_of(module)][0]}) imports {other} ({LAYERS[layer_of(other)][0]})"
+                )
     assert not offences, "imports upward through the layers:\n  " + "\n  ".join(offences)

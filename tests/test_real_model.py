@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from routertune import RoutedModel, RouterConfig
-from routertune.cli import main
+from routertune import RoutedModel
 from routertune.base_model import load_model_and_tokenizer
+from routertune.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +20,26 @@ LOSS_BOUND = 1.25
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("routers")
-    code = main(["train", "--output", str(out), "--objective", "lm", "--samples", "64", "--heldout-samples", "32",
-                 "--max-length", "256", "--batch-size", "4", "--target-capacity", "0.5", "--no-calibrate"])
+    code = main(
+        [
+            "train",
+            "--output",
+            str(out),
+            "--objective",
+            "lm",
+            "--samples",
+            "64",
+            "--heldout-samples",
+            "32",
+            "--max-length",
+            "256",
+            "--batch-size",
+            "4",
+            "--target-capacity",
+            "0.5",
+            "--no-calibrate",
+        ]
+    )
     assert code == 0
     return out
 
@@ -45,8 +63,11 @@ def test_real_model_mixed_batch_cache_and_kv(trained):
     model, tokenizer = load_model_and_tokenizer()
     routed = RoutedModel.from_pretrained(model, trained)
     tokenizer.padding_side = "left"
-    prompts = ["What is the capital of France?", "List three prime numbers.",
-               "Summarise the plot of Hamlet in one sentence, please, for a child."]
+    prompts = [
+        "What is the capital of France?",
+        "List three prime numbers.",
+        "Summarise the plot of Hamlet in one sentence, please, for a child.",
+    ]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         cache = routed.new_cache()
@@ -56,32 +77,64 @@ def test_real_model_mixed_batch_cache_and_kv(trained):
             routed.generate(**inputs, max_new_tokens=8, do_sample=False, cache=dense_cache)
         for row, prompt in enumerate(prompts):
             single = tokenizer([prompt], return_tensors="pt")
-            alone = routed.generate(**single, max_new_tokens=8, do_sample=False)[0, single["input_ids"].shape[1]:]
-            new = batched[row, inputs["input_ids"].shape[1]:].tolist()
+            alone = routed.generate(**single, max_new_tokens=8, do_sample=False)[0, single["input_ids"].shape[1] :]
+            new = batched[row, inputs["input_ids"].shape[1] :].tolist()
             # generation may stop early at EOS; the batch then pads that row
             assert new[: len(alone)] == alone.tolist()
-            assert set(new[len(alone):]) <= {tokenizer.pad_token_id}
+            assert set(new[len(alone) :]) <= {tokenizer.pad_token_id}
     n_layers = model.config.num_hidden_layers
-    executed = sum(
-        float(cache.decisions[i].float().mean()) if i in cache.decisions else 1.0 for i in range(n_layers)
-    ) / n_layers
+    executed = (
+        sum(float(cache.decisions[i].float().mean()) if i in cache.decisions else 1.0 for i in range(n_layers))
+        / n_layers
+    )
     assert cache.kv_elements() == pytest.approx(dense_cache.kv_elements() * executed, rel=0, abs=0.5)
 
 
 def test_demo_runs_every_stage_and_summarises(tmp_path, capsys):
     """The README's main job, shrunk: every stage runs on the real model, reports its progress with counts (every
     part of the trade-off too), and the summary reads its results."""
-    from test_demo import assert_every_part_reports
-
     from routertune import progress
+    from test_demo import assert_every_part_reports
 
     out = tmp_path / "demo"
     events = []
     with progress.listening(events.append):
-        code = main(["demo", "--output", str(out), "--samples", "24", "--heldout-samples", "4", "--tasks", "arc_easy",
-                     "--limit", "6", "--texts", "2", "--fidelity-prompts", "1", "--calibration-samples", "8",
-                     "--sweep-points", "4", "--random-seeds", "1", "--skip-targets", "0.1", "--bench-repeats", "2",
-                     "--bench-lengths", "16", "--decode-prompt", "16", "--decode-tokens", "2", "--no-searched-static"])
+        code = main(
+            [
+                "demo",
+                "--output",
+                str(out),
+                "--samples",
+                "24",
+                "--heldout-samples",
+                "4",
+                "--tasks",
+                "arc_easy",
+                "--limit",
+                "6",
+                "--texts",
+                "2",
+                "--fidelity-prompts",
+                "1",
+                "--calibration-samples",
+                "8",
+                "--sweep-points",
+                "4",
+                "--random-seeds",
+                "1",
+                "--skip-targets",
+                "0.1",
+                "--bench-repeats",
+                "2",
+                "--bench-lengths",
+                "16",
+                "--decode-prompt",
+                "16",
+                "--decode-tokens",
+                "2",
+                "--no-searched-static",
+            ]
+        )
     assert code == 0
     assert_every_part_reports(events, tasks=["arc_easy"])
     printed = capsys.readouterr().out

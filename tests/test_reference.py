@@ -87,7 +87,7 @@ def test_prefill_logits_and_kv_contents_equal_reference(family, granularity):
         for name in ("keys", "values"):
             a, b = getattr(mine, name), getattr(theirs, name)[rows]
             assert a.shape == b.shape, f"layer {idx} {name}: {tuple(a.shape)} vs {tuple(b.shape)}"
-            keep = mask[rows][:, None, -a.shape[2]:, None].bool().expand_as(a)
+            keep = mask[rows][:, None, -a.shape[2] :, None].bool().expand_as(a)
             torch.testing.assert_close(a[keep], b[keep], atol=ATOL, rtol=0, msg=lambda m: f"layer {idx} {name}: {m}")
 
 
@@ -97,13 +97,18 @@ def test_prefill_logits_and_kv_contents_equal_reference(family, granularity):
 # one family keeps the suite's time down.
 GENERATE_CASES = [
     (family, granularity, use_cache)
-    for family in FAMILIES for granularity in GRANULARITIES for use_cache in (True, False)
+    for family in FAMILIES
+    for granularity in GRANULARITIES
+    for use_cache in (True, False)
     if granularity == "attention" or use_cache or family == "llama"
 ]
 
 
-@pytest.mark.parametrize("family,granularity,use_cache", GENERATE_CASES,
-                         ids=[f"{f}-{g}-{'cached' if c else 'uncached'}" for f, g, c in GENERATE_CASES])
+@pytest.mark.parametrize(
+    "family,granularity,use_cache",
+    GENERATE_CASES,
+    ids=[f"{f}-{g}-{'cached' if c else 'uncached'}" for f, g, c in GENERATE_CASES],
+)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_generate_equals_reference(family, granularity, mode, use_cache):
     routed, ref, ids, mask = _setup(family, granularity)
@@ -112,8 +117,13 @@ def test_generate_equals_reference(family, granularity, mode, use_cache):
     cache = routed.new_cache() if use_cache else None
     torch.manual_seed(1234)
     with torch.no_grad(), routed.recording() as calls:
-        got = routed.generate(input_ids=ids, attention_mask=mask, use_cache=use_cache,
-                              **({"cache": cache} if cache is not None else {}), **common)
+        got = routed.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            use_cache=use_cache,
+            **({"cache": cache} if cache is not None else {}),
+            **common,
+        )
     torch.manual_seed(1234)
     with torch.no_grad():
         expected = ref.generate(ids, mask, expand=expand, **common)
@@ -146,7 +156,7 @@ def _early_eos(sequences: torch.Tensor, width: int) -> tuple[int, int]:
     for step in range(1, new.shape[1] - 1):
         for row in range(new.shape[0]):
             token = int(new[row, step])
-            others = torch.cat([new[:row], new[row + 1:]])
+            others = torch.cat([new[:row], new[row + 1 :]])
             if token not in new[row, :step].tolist() and not (others == token).any():
                 return token, row
     raise AssertionError("no token ends exactly one row early; change the seed")
@@ -159,15 +169,16 @@ def test_early_eos_in_a_mixed_batch_equals_reference(family, use_cache):
     with torch.no_grad():
         free = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
         eos, row = _early_eos(free, width)
-        common = dict(max_new_tokens=NEW, do_sample=False, eos_token_id=eos, output_logits=True,
-                      return_dict_in_generate=True)
+        common = dict(
+            max_new_tokens=NEW, do_sample=False, eos_token_id=eos, output_logits=True, return_dict_in_generate=True
+        )
         got = routed.generate(input_ids=ids, attention_mask=mask, use_cache=use_cache, **common)
         expected = ref.generate(ids, mask, **common)
     assert got.sequences.tolist() == expected.sequences.tolist()
     _assert_logits_close(got.logits, expected.logits)
     new = got.sequences[:, width:]
     stop = new[row].tolist().index(eos)
-    assert stop < NEW - 1 and (new[row, stop + 1:] == 0).all(), "the row stops early and is padded"
+    assert stop < NEW - 1 and (new[row, stop + 1 :] == 0).all(), "the row stops early and is padded"
     assert all(eos not in new[r].tolist() for r in range(len(new)) if r != row), "the others run on"
 
 

@@ -42,8 +42,16 @@ def test_report_from_bench_json(bench_json, tmp_path):
     for name in names:
         _assert_png(out / name)
     text = (out / "report.md").read_text()
-    for expected in ("### Prefill", "### Decode", "### Routing overhead", "### Targets", "![speedup](speedup.png)",
-                     "![memory](memory.png)", "| 48 | 1 | routed_static_set |", "No accuracy data"):
+    for expected in (
+        "### Prefill",
+        "### Decode",
+        "### Routing overhead",
+        "### Targets",
+        "![speedup](speedup.png)",
+        "![memory](memory.png)",
+        "| 48 | 1 | routed_static_set |",
+        "No accuracy data",
+    ):
         assert expected in text
     assert any("accuracy" in note for note in report.notes)
     assert any("heatmap" in note for note in report.notes)
@@ -63,12 +71,16 @@ def test_target_verdicts_say_when_an_interval_spans_the_limit(bench_json):
         bench["checks"]["overhead_max"], bench["checks"]["met"]["overhead"] = ratio, ratio < 1.02
         return next(line for line in bench_tables(bench) if line.startswith("| routing overhead"))
 
-    assert overhead_row(1.026, [1.006, 1.059, 0.95]).endswith("| NOT met on the median; not resolved: no interval lies wholly past the limit |")
+    assert overhead_row(1.026, [1.006, 1.059, 0.95]).endswith(
+        "| NOT met on the median; not resolved: no interval lies wholly past the limit |"
+    )
     # settled by the worst pair even though another pair's interval spans the limit
     assert overhead_row(1.05, [1.03, 1.07, 0.95], (1.01, [0.99, 1.03, 0.95])).endswith("| NOT met |")
     assert overhead_row(1.026, [1.021, 1.059, 0.95]).endswith("| NOT met |")
     assert overhead_row(1.010, [0.990, 1.019, 0.95]).endswith("| met |")
-    assert overhead_row(1.010, [0.990, 1.030, 0.95]).endswith("| met on the median; not resolved: an interval spans the limit |")
+    assert overhead_row(1.010, [0.990, 1.030, 0.95]).endswith(
+        "| met on the median; not resolved: an interval spans the limit |"
+    )
     assert overhead_row(1.010, [None, None, False]).endswith("| met |")  # no interval from too few pairs
     bench["checks"]["forced_vs_static_ci"] = {k: [0.95, 1.05, 0.95] for k in bench["checks"]["forced_vs_static"]}
     met = bench["checks"]["met"]["forced_vs_static"]
@@ -83,17 +95,40 @@ def test_target_verdicts_say_when_an_interval_spans_the_limit(bench_json):
 def _compare_json(bench: dict) -> dict:
     """compare.json's shape (routertune compare), with the quick bench's routed layers."""
     layers = bench["routed_layers"]
-    settings = [{"name": "dense", "kind": "dense", "skip_ratio": 0.0, "scores": {"arc_easy": 0.6, "piqa": 0.7},
-                 "average": 0.65, "layer_skip_rate": {}}]
+    settings = [
+        {
+            "name": "dense",
+            "kind": "dense",
+            "skip_ratio": 0.0,
+            "scores": {"arc_easy": 0.6, "piqa": 0.7},
+            "average": 0.65,
+            "layer_skip_rate": {},
+        }
+    ]
     for i, ratio in enumerate((0.2, 0.4)):
         settings += [
-            {"name": "static", "kind": "static", "skip_ratio": ratio, "scores": {"arc_easy": 0.5, "piqa": 0.6},
-             "average": 0.55},
-            {"name": "random", "kind": "random", "skip_ratio": ratio, "scores": {"arc_easy": 0.4, "piqa": 0.5},
-             "average": 0.45},
-            {"name": f"routers @ capacity {1 - ratio:.3f}", "kind": "routers", "skip_ratio": ratio,
-             "scores": {"arc_easy": 0.58, "piqa": 0.66}, "average": 0.62,
-             "layer_skip_rate": {str(layer): (i + layer) % 3 / 2 for layer in layers}},
+            {
+                "name": "static",
+                "kind": "static",
+                "skip_ratio": ratio,
+                "scores": {"arc_easy": 0.5, "piqa": 0.6},
+                "average": 0.55,
+            },
+            {
+                "name": "random",
+                "kind": "random",
+                "skip_ratio": ratio,
+                "scores": {"arc_easy": 0.4, "piqa": 0.5},
+                "average": 0.45,
+            },
+            {
+                "name": f"routers @ capacity {1 - ratio:.3f}",
+                "kind": "routers",
+                "skip_ratio": ratio,
+                "scores": {"arc_easy": 0.58, "piqa": 0.66},
+                "average": 0.62,
+                "layer_skip_rate": {str(layer): (i + layer) % 3 / 2 for layer in layers},
+            },
         ]
     return {"job": {"tasks": ["arc_easy", "piqa"]}, "settings": settings, "headline": {}, "seconds": 1.0}
 
@@ -101,12 +136,26 @@ def _compare_json(bench: dict) -> dict:
 def _eval_json(bench: dict) -> dict:
     """`routertune eval --output` shape: one setting, per-task skip statistics."""
     layers = bench["routed_layers"]
-    return {"job": {}, "setting": {"name": "routers", "kind": "routers"},
-            "harness": {"skip_ratio": 0.3, "layer_skip_rate": {str(layer): 0.3 for layer in layers}, "tasks": {
-                task: {"metrics": {"acc": 0.5, "acc_norm": 0.6}, "headline": "acc_norm", "samples": 10,
-                       "skip": {"skip_ratio": 0.25 + 0.1 * i,
-                                "layer_skip_rate": {str(layer): (layer + i) % 4 / 3 for layer in layers}}}
-                for i, task in enumerate(["arc_easy", "piqa", "boolq"])}}}
+    return {
+        "job": {},
+        "setting": {"name": "routers", "kind": "routers"},
+        "harness": {
+            "skip_ratio": 0.3,
+            "layer_skip_rate": {str(layer): 0.3 for layer in layers},
+            "tasks": {
+                task: {
+                    "metrics": {"acc": 0.5, "acc_norm": 0.6},
+                    "headline": "acc_norm",
+                    "samples": 10,
+                    "skip": {
+                        "skip_ratio": 0.25 + 0.1 * i,
+                        "layer_skip_rate": {str(layer): (layer + i) % 4 / 3 for layer in layers},
+                    },
+                }
+                for i, task in enumerate(["arc_easy", "piqa", "boolq"])
+            },
+        },
+    }
 
 
 def test_extract_eval_reads_compare_eval_and_free_shapes(bench_json):
@@ -119,17 +168,24 @@ def test_extract_eval_reads_compare_eval_and_free_shapes(bench_json):
     routers = with_tasks["settings"][3]
     routers["task_layer_skip_rate"] = {"arc_easy": {"14": 0.25}, "piqa": {"14": 0.5}}
     _, rows = extract_eval(with_tasks)
-    assert [(r["task"], r["rates"]) for r in rows][:3] == [("arc_easy", {14: 0.25}), ("piqa", {14: 0.5}),
-                                                           ("all tasks", rows[2]["rates"])]
+    assert [(r["task"], r["rates"]) for r in rows][:3] == [
+        ("arc_easy", {14: 0.25}),
+        ("piqa", {14: 0.5}),
+        ("all tasks", rows[2]["rates"]),
+    ]
 
     points, rows = extract_eval(_eval_json(bench))
     assert {p["task"] for p in points} == {"arc_easy", "piqa", "boolq", "average"}
     assert [p["accuracy"] for p in points if p["task"] == "piqa"] == [0.6]  # the headline metric
     assert [r["task"] for r in rows] == ["arc_easy", "piqa", "boolq"]
 
-    free = {"results": [{"method": "MindSkip routers", "task": "hellaswag", "attention_skip_ratio": 0.3, "acc": 0.4},
-                        {"variant": "static drop", "skip_ratio": 0.3, "accuracy": 0.35}],
-            "per_task": {"hellaswag": {"layer_run_rates": {"5": 0.25, "6": 1.0}}}}
+    free = {
+        "results": [
+            {"method": "MindSkip routers", "task": "hellaswag", "attention_skip_ratio": 0.3, "acc": 0.4},
+            {"variant": "static drop", "skip_ratio": 0.3, "accuracy": 0.35},
+        ],
+        "per_task": {"hellaswag": {"layer_run_rates": {"5": 0.25, "6": 1.0}}},
+    }
     points, rows = extract_eval(free)
     assert [(p["family"], p["task"]) for p in points] == [("routers", "hellaswag"), ("static", "all")]
     assert rows == [{"task": "hellaswag", "method": "routers", "rates": {5: 0.75, 6: 0.0}}]

@@ -91,8 +91,10 @@ def resolve(reference: str, base: Path) -> str | None:
 def test_slug_matches_github_anchors():
     assert slug("The evaluation harness (`routertune eval`)") == "the-evaluation-harness-routertune-eval"
     assert slug("What the 10% wins are evidence for") == "what-the-10-wins-are-evidence-for"
-    assert slug("Measured at the targets' setting: 2048-token prompts, 1 request") == \
-        "measured-at-the-targets-setting-2048-token-prompts-1-request"
+    assert (
+        slug("Measured at the targets' setting: 2048-token prompts, 1 request")
+        == "measured-at-the-targets-setting-2048-token-prompts-1-request"
+    )
 
 
 def test_manifest_entries_are_well_formed():
@@ -108,8 +110,9 @@ def test_manifest_entries_are_well_formed():
         if e["kind"] == "run":  # superseded runs live under archive/, current ones outside it
             assert ("/archive/" in e["path"]) == (e["status"] == "archived"), e["path"]
         if e["status"] == "archived":
-            assert all(c.startswith("docs/history.md#") for c in e["cited_by"]), \
+            assert all(c.startswith("docs/history.md#") for c in e["cited_by"]), (
                 f"{e['path']} is archived: only docs/history.md may cite it"
+            )
 
 
 def test_every_listed_path_exists_and_every_result_is_listed():
@@ -117,8 +120,12 @@ def test_every_listed_path_exists_and_every_result_is_listed():
     for path in listed:
         assert (ROOT / path).exists(), f"MANIFEST.json lists {path}, which does not exist"
         assert path.startswith("benchmarks/results/"), path
-    unlisted = [f for f in tracked("benchmarks/results") if f != "benchmarks/results/MANIFEST.json"
-                and not any(f == p or (p.endswith("/") and f.startswith(p)) for p in listed)]
+    unlisted = [
+        f
+        for f in tracked("benchmarks/results")
+        if f != "benchmarks/results/MANIFEST.json"
+        and not any(f == p or (p.endswith("/") and f.startswith(p)) for p in listed)
+    ]
     assert not unlisted, f"results not in benchmarks/results/MANIFEST.json: {unlisted}"
 
 
@@ -141,8 +148,12 @@ def test_every_citation_names_an_existing_section():
 
 
 def test_every_link_in_readme_and_docs_resolves():
-    broken = [f"{page.relative_to(ROOT)}: ({target}) {problem}" for page in pages() for target in links(page)
-              if (problem := resolve(target, page))]
+    broken = [
+        f"{page.relative_to(ROOT)}: ({target}) {problem}"
+        for page in pages()
+        for target in links(page)
+        if (problem := resolve(target, page))
+    ]
     assert not broken, "\n".join(broken)
 
 
@@ -163,8 +174,9 @@ def test_link_checker_catches_broken_links(tmp_path):
     """The checker itself: a missing file and a missing anchor are reported, good ones are not."""
     (tmp_path / "a.md").write_text("# Title\n\n## A section\n\n```\n# not a heading\n```\n")
     page = tmp_path / "b.md"
-    page.write_text("[ok](a.md#a-section) [gone](missing.md) [bad](a.md#not-a-heading) [web](https://x.y/z)\n"
-                    "`[code](nowhere.md)`\n")
+    page.write_text(
+        "[ok](a.md#a-section) [gone](missing.md) [bad](a.md#not-a-heading) [web](https://x.y/z)\n`[code](nowhere.md)`\n"
+    )
     problems = [resolve(t, page) for t in links(page)]
     assert problems[0] is None and "does not exist" in problems[1] and "no heading" in problems[2]
     assert len(problems) == 3

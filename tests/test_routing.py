@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from helpers import mix_decisions, zero_sublayer_hooks
 from conftest import build_tiny, padded_batch
+from helpers import mix_decisions, zero_sublayer_hooks
 from routertune import RoutedModel, RouterConfig
 
 
@@ -52,7 +52,7 @@ def test_mixed_batch_equals_each_sequence_alone(family, granularity, side):
     decisions = mix_decisions(routed, ids, mask)
     with torch.no_grad(), routed.recording() as calls:
         batched = routed(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        for row, n in enumerate(lengths):
+        for row, _n in enumerate(lengths):
             real = mask[row].bool()
             alone = routed(input_ids=ids[row, real][None], use_cache=False).logits[0]
             torch.testing.assert_close(batched[row, real], alone, atol=1e-5, rtol=0)
@@ -72,7 +72,7 @@ def test_mixed_batch_greedy_generation_equals_alone(family):
         for row in range(len(lengths)):
             real = mask[row].bool()
             alone = routed.generate(input_ids=ids[row, real][None], max_new_tokens=6, do_sample=False)
-            assert batched[row, ids.shape[1]:].tolist() == alone[0, real.sum():].tolist()
+            assert batched[row, ids.shape[1] :].tolist() == alone[0, real.sum() :].tolist()
 
 
 def test_cached_greedy_equals_uncached(family, granularity):
@@ -95,8 +95,15 @@ def test_beam_search_equals_each_prompt_alone_and_decisions_follow_the_beams(fam
     decisions = mix_decisions(routed, ids, mask)
     with torch.no_grad():
         cache = routed.new_cache()
-        beams = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3,
-                                num_return_sequences=2, do_sample=False, cache=cache)
+        beams = routed.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            num_beams=3,
+            num_return_sequences=2,
+            do_sample=False,
+            cache=cache,
+        )
     assert beams.shape == (6, ids.shape[1] + 6)
     # after every beam reshuffle, each of a prompt's 3 beams still carries that prompt's decisions
     for layer, runs in decisions.items():
@@ -105,9 +112,10 @@ def test_beam_search_equals_each_prompt_alone_and_decisions_follow_the_beams(fam
     with torch.no_grad():
         for row in range(3):
             real = mask[row].bool()
-            alone = routed.generate(input_ids=ids[row, real][None], max_new_tokens=6, num_beams=3,
-                                    num_return_sequences=2, do_sample=False)
-            assert beams[2 * row: 2 * row + 2, ids.shape[1]:].tolist() == alone[:, real.sum():].tolist()
+            alone = routed.generate(
+                input_ids=ids[row, real][None], max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False
+            )
+            assert beams[2 * row : 2 * row + 2, ids.shape[1] :].tolist() == alone[:, real.sum() :].tolist()
 
 
 def test_kv_cache_holds_only_executed_rows(family, granularity):
@@ -131,8 +139,10 @@ def test_kv_cache_holds_only_executed_rows(family, granularity):
         runs = decisions.get(layer) if stores_kv else None
         executed = batch if runs is None else int(runs.sum())
         assert g * batch == d * executed, f"layer {layer}: {g} elements, dense {d}, {executed}/{batch} run"
-    expected_total = sum(d * (int(decisions[i].sum()) if stores_kv and i in decisions else batch)
-                         for i, d in enumerate(dense)) // batch
+    expected_total = (
+        sum(d * (int(decisions[i].sum()) if stores_kv and i in decisions else batch) for i, d in enumerate(dense))
+        // batch
+    )
     assert routed_cache.kv_elements() == expected_total
     if stores_kv:
         assert routed_cache.kv_elements() < dense_cache.kv_elements()

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_tiny
-from tiny_lm import tiny_family_folder
 from routertune import RoutedModel, RouterConfig
 from routertune.routing.state import Forcing
 from routertune.serve.attention import PartialPromptError, RoutedAttention
 from routertune.serve.config import CONFIG_KEY, ROUTERS_FILE, ServeRouting
 from routertune.serve.export import ExportJob, export
 from routertune.serve.requests import RequestRouting, ServeBatch, forcing_of
+from tiny_lm import tiny_family_folder
 
 LAYERS = [2, 3, 4]
 
@@ -93,7 +93,9 @@ def test_static_export_is_native_no_op_attention_without_those_weights(routers, 
     from routertune.serve.static import config_class
 
     cfg = config_class()(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-    assert [cfg.block_configs[i].attention.no_op for i in range(len(blocks))] == [b["attention"]["no_op"] for b in blocks]
+    assert [cfg.block_configs[i].attention.no_op for i in range(len(blocks))] == [
+        b["attention"]["no_op"] for b in blocks
+    ]
     assert not hasattr(cfg.block_configs[0].ffn, "ffn_mult")
 
 
@@ -128,8 +130,9 @@ def test_static_export_dropping_layer_0_is_served_by_the_routed_class(tmp_path):
 
     model, _ = load_model_and_tokenizer(str(folder))
     RoutedModel(model, RouterConfig(layers=[0, 1])).save_pretrained(tmp_path / "first")
-    report = export(ExportJob(output=str(tmp_path / "out"), model=str(folder), routers=str(tmp_path / "first"),
-                              static=2))
+    report = export(
+        ExportJob(output=str(tmp_path / "out"), model=str(folder), routers=str(tmp_path / "first"), static=2)
+    )
     assert report.dropped_layers == [0, 1] and report.architecture == "RoutertuneLlamaForCausalLM"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert ServeRouting.from_dict(config[CONFIG_KEY]).static_skip == [0, 1]
@@ -175,8 +178,11 @@ def test_engine_settings_that_split_a_prompt_are_refused():
     from routertune.serve.models import check_engine_config
 
     def config(prefix, chunked, spec=None):
-        return SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=prefix),
-                               scheduler_config=SimpleNamespace(enable_chunked_prefill=chunked), speculative_config=spec)
+        return SimpleNamespace(
+            cache_config=SimpleNamespace(enable_prefix_caching=prefix),
+            scheduler_config=SimpleNamespace(enable_chunked_prefill=chunked),
+            speculative_config=spec,
+        )
 
     check_engine_config(config(False, False))
     with pytest.raises(ValueError, match="enable_prefix_caching=False"):
@@ -205,8 +211,9 @@ def _attention(threshold=0.5, seed=0):
     with torch.no_grad():
         router.weight.normal_()
         router.bias.fill_(0.3)
-    return RoutedAttention(module=None, original_forward=None, layer_idx=5, router=router, threshold=threshold,
-                           dtype=torch.float32)
+    return RoutedAttention(
+        module=None, original_forward=None, layer_idx=5, router=router, threshold=threshold, dtype=torch.float32
+    )
 
 
 def _batch(prompt_lens, decisions=None, forcing=None):
@@ -262,6 +269,13 @@ def test_a_static_drop_skips_its_layers_for_every_request_whatever_the_cache_or_
     # decode step, and a request that asks to run everything
     batch = _batch([10, 3, 2], decisions=[None, True, None], forcing=[None, None, Forcing("run")])
     assert attn._decide(batch, [0, 4, 5, 7], [10, 4, 2], torch.randn(7, H)) == [False, False, False]
-    kept = RoutedAttention(module=None, original_forward=None, layer_idx=6, router=None, threshold=0.5,
-                           dtype=torch.float32, static=Forcing("skip_set", frozenset({5})))
+    kept = RoutedAttention(
+        module=None,
+        original_forward=None,
+        layer_idx=6,
+        router=None,
+        threshold=0.5,
+        dtype=torch.float32,
+        static=Forcing("skip_set", frozenset({5})),
+    )
     assert kept._decide(_batch([2]), [0, 2], [2], torch.randn(2, H)) == [True]  # a layer outside the set runs

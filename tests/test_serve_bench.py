@@ -11,15 +11,28 @@ from routertune.serve import bench as serve_bench
 
 
 def _entry(dense, static, forced, own, all_run, rounds, ideal=1.1):
-    variants = {name: {"cpu_s_all": list(cpu), "ideal_throughput": ideal if name == "routed" else 1.0}
-                for name, cpu in (("dense", dense), ("static", static), ("routed_static_set", forced),
-                                  ("routed", own), ("routed_all_run", all_run))}
+    variants = {
+        name: {"cpu_s_all": list(cpu), "ideal_throughput": ideal if name == "routed" else 1.0}
+        for name, cpu in (
+            ("dense", dense),
+            ("static", static),
+            ("routed_static_set", forced),
+            ("routed", own),
+            ("routed_all_run", all_run),
+        )
+    }
     return {"variants": variants, "repeats": len(dense), "round_of_repeat": list(rounds)}
 
 
 def test_paired_figures_have_the_known_answer():
-    entry = _entry(dense=[10, 20, 10, 20], static=[8, 16, 8, 16], forced=[8.5, 17, 8.5, 17], own=[9, 18, 9, 18],
-                   all_run=[10, 20, 11, 22], rounds=[0, 0, 1, 1])
+    entry = _entry(
+        dense=[10, 20, 10, 20],
+        static=[8, 16, 8, 16],
+        forced=[8.5, 17, 8.5, 17],
+        own=[9, 18, 9, 18],
+        all_run=[10, 20, 11, 22],
+        rounds=[0, 0, 1, 1],
+    )
     out = serve_bench.paired_throughput(entry)
     # every repeat: static 1.25x, forced 10/8.5, so a gain ratio of (10/8.5 - 1) / 0.25 (the machine's 2x drift
     # between repeats cancels, as pairing should make it)

@@ -37,8 +37,11 @@ LAYERS = [1, 2, 3]
 NEW_TOKENS = 12
 PROMPT = "The quick brown fox jumps over"
 MIN_MARGIN = 0.02  # every router score lies this far from its threshold (vLLM and HF differ ~1e-6)
-SERVER_ENV = dict(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
-                  OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+SERVER_ENV = dict(
+    VLLM_CPU_KVCACHE_SPACE="1",
+    VLLM_CPU_OMP_THREADS_BIND="nobind",
+    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+)
 
 
 def _needs_vllm():
@@ -49,34 +52,41 @@ def _needs_vllm():
 def test_flat_and_nested_settings_parse_alike():
     flat = {"routertune_force": "skip_set", "routertune_skip_layers": [1, "3"], "other_extension": "x"}
     assert parse_settings(flat, LAYERS) == RequestSettings(Forcing("skip_set", frozenset({1, 3})), None)
-    assert parse_settings({"routertune": {"force": "skip_set", "skip_layers": [1, 3]}}, LAYERS) \
-        == parse_settings(flat, LAYERS)
+    assert parse_settings({"routertune": {"force": "skip_set", "skip_layers": [1, 3]}}, LAYERS) == parse_settings(
+        flat, LAYERS
+    )
     assert parse_settings({"routertune_threshold": 0.25}) == RequestSettings(None, 0.25)
     assert parse_settings({"routertune": {"threshold": 0.25}}) == RequestSettings(None, 0.25)
     assert parse_settings({"other_extension": 1}) is None and parse_settings(None) is None
     assert forcing_of(SimpleNamespace(extra_args={"routertune_force": "skip"})) == Forcing("skip")
 
 
-@pytest.mark.parametrize("extra, key, says", [
-    ({"routertune_force": "sometimes"}, "routertune_force", "['run', 'skip', 'skip_set']"),
-    ({"routertune_force": 1}, "routertune_force", "['run', 'skip', 'skip_set']"),
-    ({"routertune_force": "skip_set"}, "routertune_skip_layers", "needs routertune_skip_layers"),
-    ({"routertune_force": "skip_set", "routertune_skip_layers": [0]}, "routertune_skip_layers",
-     "routes layers [1, 2, 3]"),
-    ({"routertune_force": "skip_set", "routertune_skip_layers": "1,2"}, "routertune_skip_layers", "JSON list"),
-    ({"routertune_force": "skip_set", "routertune_skip_layers": [1.5]}, "routertune_skip_layers", "not a layer"),
-    ({"routertune_skip_layers": [1]}, "routertune_skip_layers", "only with routertune_force='skip_set'"),
-    ({"routertune_force": "skip", "routertune_skip_layers": [1]}, "routertune_skip_layers", "only with"),
-    ({"routertune_threshold": 1.5}, "routertune_threshold", "strictly between 0 and 1"),
-    ({"routertune_threshold": 0}, "routertune_threshold", "strictly between 0 and 1"),
-    ({"routertune_threshold": "0.3"}, "routertune_threshold", "strictly between 0 and 1"),
-    ({"routertune_threshold": float("nan")}, "routertune_threshold", "strictly between 0 and 1"),
-    ({"routertune_threshold": 0.3, "routertune_force": "run"}, "routertune_threshold", "only when the routers"),
-    ({"routertune_treshold": 0.3}, "routertune_treshold", "routertune reads"),
-    ({"routertune": {"force": "run"}, "routertune_threshold": 0.3}, "routertune", "not both"),
-    ({"routertune": {"force": "sometimes"}}, "routertune_force", "skip_set"),
-    ({"routertune": "run"}, "routertune", "expected"),
-])
+@pytest.mark.parametrize(
+    "extra, key, says",
+    [
+        ({"routertune_force": "sometimes"}, "routertune_force", "['run', 'skip', 'skip_set']"),
+        ({"routertune_force": 1}, "routertune_force", "['run', 'skip', 'skip_set']"),
+        ({"routertune_force": "skip_set"}, "routertune_skip_layers", "needs routertune_skip_layers"),
+        (
+            {"routertune_force": "skip_set", "routertune_skip_layers": [0]},
+            "routertune_skip_layers",
+            "routes layers [1, 2, 3]",
+        ),
+        ({"routertune_force": "skip_set", "routertune_skip_layers": "1,2"}, "routertune_skip_layers", "JSON list"),
+        ({"routertune_force": "skip_set", "routertune_skip_layers": [1.5]}, "routertune_skip_layers", "not a layer"),
+        ({"routertune_skip_layers": [1]}, "routertune_skip_layers", "only with routertune_force='skip_set'"),
+        ({"routertune_force": "skip", "routertune_skip_layers": [1]}, "routertune_skip_layers", "only with"),
+        ({"routertune_threshold": 1.5}, "routertune_threshold", "strictly between 0 and 1"),
+        ({"routertune_threshold": 0}, "routertune_threshold", "strictly between 0 and 1"),
+        ({"routertune_threshold": "0.3"}, "routertune_threshold", "strictly between 0 and 1"),
+        ({"routertune_threshold": float("nan")}, "routertune_threshold", "strictly between 0 and 1"),
+        ({"routertune_threshold": 0.3, "routertune_force": "run"}, "routertune_threshold", "only when the routers"),
+        ({"routertune_treshold": 0.3}, "routertune_treshold", "routertune reads"),
+        ({"routertune": {"force": "run"}, "routertune_threshold": 0.3}, "routertune", "not both"),
+        ({"routertune": {"force": "sometimes"}}, "routertune_force", "skip_set"),
+        ({"routertune": "run"}, "routertune", "expected"),
+    ],
+)
 def test_malformed_settings_are_refused_naming_the_key(extra, key, says):
     with pytest.raises(ValueError) as caught:
         check_request_args(SimpleNamespace(extra_args=extra), LAYERS)
@@ -106,9 +116,20 @@ def _tiny_model() -> LlamaForCausalLM:
     """A llama small enough to serve in seconds, with heads vLLM's CPU attention takes (head size 32)."""
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -162,8 +183,11 @@ def tiny_export(tmp_path_factory):
         routed.set_threshold(t)
         scores = _scores(routed, ids)
         runs = {layer: scores[layer] >= t for layer in LAYERS}
-        if runs != wanted and 0 < sum(runs.values()) < len(LAYERS) and \
-                min(abs(s - t) for s in scores.values()) > MIN_MARGIN:
+        if (
+            runs != wanted
+            and 0 < sum(runs.values()) < len(LAYERS)
+            and min(abs(s - t) for s in scores.values()) > MIN_MARGIN
+        ):
             request_threshold = t
             break
     assert request_threshold is not None, "no request threshold splits the layers differently; change the seed"
@@ -177,16 +201,26 @@ def tiny_export(tmp_path_factory):
         if threshold is not None:
             reference.thresholds = {layer: threshold for layer in LAYERS}
         try:
-            out = reference.generate(ids, mask, skip=skip, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                     min_new_tokens=NEW_TOKENS, pad_token_id=0, output_scores=True,
-                                     return_dict_in_generate=True)
+            out = reference.generate(
+                ids,
+                mask,
+                skip=skip,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                min_new_tokens=NEW_TOKENS,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
         finally:
             reference.thresholds = saved
         # greedy steps whose two best logits nearly tie would make the comparison a coin toss
         gaps = [float((lambda top: top[0] - top[1])(step[0].topk(2).values)) for step in out.scores]
         assert min(gaps) > 1e-3, f"a near tie in the reference's greedy choice ({min(gaps):.2e}); change the seed"
-        return {"tokens": out.sequences[0, ids.shape[1]:].tolist(),
-                "decisions": {layer: bool(reference.decisions[layer][0]) for layer in LAYERS}}
+        return {
+            "tokens": out.sequences[0, ids.shape[1] :].tolist(),
+            "decisions": {layer: bool(reference.decisions[layer][0]) for layer in LAYERS},
+        }
 
     expected = {
         "routers": run(),
@@ -205,8 +239,13 @@ def tiny_export(tmp_path_factory):
 
 # --- `routertune serve`'s command line --------------------------------------------------------------------
 def _serve_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "routertune.cli", "serve", *args], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, **SERVER_ENV))
+    return subprocess.run(
+        [sys.executable, "-m", "routertune.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, **SERVER_ENV),
+    )
 
 
 @pytest.mark.slow
@@ -220,9 +259,11 @@ def test_serve_adds_what_routed_serving_needs_and_refuses_what_cannot_work(tiny_
     done = _serve_cli(export, "--port", "8123", "--routing-log", str(tmp_path / "log.jsonl"), "--dry-run")
     assert done.returncode == 0, done.stderr[-3000:]
     line = done.stdout.strip().splitlines()[-1]
-    assert f"-m vllm.entrypoints.openai.api_server --model {export} --port 8123 --enforce-eager " \
-           "--no-enable-prefix-caching --no-enable-chunked-prefill --max-model-len 2048 " \
-           "--max-num-batched-tokens 2048" in line, line
+    assert (
+        f"-m vllm.entrypoints.openai.api_server --model {export} --port 8123 --enforce-eager "
+        "--no-enable-prefix-caching --no-enable-chunked-prefill --max-model-len 2048 "
+        "--max-num-batched-tokens 2048" in line
+    ), line
     assert f"ROUTERTUNE_SERVE_LOG={tmp_path / 'log.jsonl'}" in line
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in line
 
@@ -230,15 +271,34 @@ def test_serve_adds_what_routed_serving_needs_and_refuses_what_cannot_work(tiny_
         return server_command(ServeJob(export=job.pop("export", export), **job), list(flags))
 
     assert command("--max-model-len=512").argv[-6:] == [
-        "--max-model-len=512", "--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
-        "--max-num-batched-tokens", "512"]
+        "--max-model-len=512",
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "--no-enable-chunked-prefill",
+        "--max-num-batched-tokens",
+        "512",
+    ]
     kept = command("--enforce-eager", "--max-num-batched-tokens", "4096", "--max_model_len", "1024")
     assert kept.added == ["--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
     with pytest.raises(ValueError) as refused:
-        command("--enable-prefix-caching", "--enable_chunked_prefill", "--no-enforce-eager", "--max-model-len", "1k",
-                "--max-num-batched-tokens", "256", "--speculative-config", '{"method": "ngram"}')
-    for flag in ("--enable-prefix-caching", "--enable-chunked-prefill", "--no-enforce-eager",
-                 "--max-num-batched-tokens 256 below --max-model-len 1000", "--speculative-config"):
+        command(
+            "--enable-prefix-caching",
+            "--enable_chunked_prefill",
+            "--no-enforce-eager",
+            "--max-model-len",
+            "1k",
+            "--max-num-batched-tokens",
+            "256",
+            "--speculative-config",
+            '{"method": "ngram"}',
+        )
+    for flag in (
+        "--enable-prefix-caching",
+        "--enable-chunked-prefill",
+        "--no-enforce-eager",
+        "--max-num-batched-tokens 256 below --max-model-len 1000",
+        "--speculative-config",
+    ):
         assert flag in str(refused.value), (flag, str(refused.value))
     with pytest.raises(ValueError, match="drop --model"):
         command("--model", export)
@@ -254,8 +314,9 @@ def test_serve_adds_what_routed_serving_needs_and_refuses_what_cannot_work(tiny_
     with pytest.raises(ValueError, match="not a routed export"):
         command(export=str(plain), routing_log=str(tmp_path / "log.jsonl"))
     # a static drop served by the routed classes (families other than llama): eager mode, nothing else forced
-    (plain / "config.json").write_text(json.dumps({"architectures": ["RoutertuneQwen2ForCausalLM"],
-                                                   "routertune": {"static_skip": [1, 2]}}))
+    (plain / "config.json").write_text(
+        json.dumps({"architectures": ["RoutertuneQwen2ForCausalLM"], "routertune": {"static_skip": [1, 2]}})
+    )
     static = command("--enable-prefix-caching", export=str(plain))
     assert static.added == ["--enforce-eager"] and not static.routed
     with pytest.raises(ValueError, match="drop --no-enforce-eager"):
@@ -270,8 +331,11 @@ def _free_port() -> int:
 
 
 def _post(port: int, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
             return response.status, json.loads(response.read())
@@ -286,17 +350,38 @@ def server(tiny_export, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     port, log = _free_port(), folder / "routing.jsonl"
     output = open(folder / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "routertune.cli", "serve", str(tiny_export["export"]),
-                             "--routing-log", str(log), "--host", "127.0.0.1", "--port", str(port),
-                             "--dtype", "float32", "--max-model-len", "512", "--seed", "0"],
-                            stdout=output, stderr=subprocess.STDOUT, env=dict(os.environ, **SERVER_ENV),
-                            start_new_session=True)  # its own process group: the engine process goes with it
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "routertune.cli",
+            "serve",
+            str(tiny_export["export"]),
+            "--routing-log",
+            str(log),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--seed",
+            "0",
+        ],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, **SERVER_ENV),
+        start_new_session=True,
+    )  # its own process group: the engine process goes with it
     try:
         deadline = time.monotonic() + 900
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"the server exited ({proc.returncode}):\n"
-                                     + (folder / "server.log").read_text()[-4000:])
+                raise AssertionError(
+                    f"the server exited ({proc.returncode}):\n" + (folder / "server.log").read_text()[-4000:]
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
                     if response.status == 200:
@@ -318,8 +403,15 @@ def server(tiny_export, tmp_path_factory):
 
 
 def _complete(server, tiny_export, request_id: str, xargs: dict | None = None) -> tuple[int, dict]:
-    body = {"model": str(tiny_export["export"]), "prompt": tiny_export["prompt"], "max_tokens": NEW_TOKENS,
-            "min_tokens": NEW_TOKENS, "temperature": 0.0, "return_token_ids": True, "request_id": request_id}
+    body = {
+        "model": str(tiny_export["export"]),
+        "prompt": tiny_export["prompt"],
+        "max_tokens": NEW_TOKENS,
+        "min_tokens": NEW_TOKENS,
+        "temperature": 0.0,
+        "return_token_ids": True,
+        "request_id": request_id,
+    }
     if xargs is not None:
         body["vllm_xargs"] = xargs
     return _post(server.port, body)
@@ -355,8 +447,11 @@ def test_http_per_request_routing_settings(server, tiny_export):
 
     malformed = [
         ({"routertune_force": "sometimes"}, "routertune_force", "'run', 'skip', 'skip_set'"),
-        ({"routertune_force": "skip_set", "routertune_skip_layers": [0, 2]}, "routertune_skip_layers",
-         "routes layers [1, 2, 3]"),
+        (
+            {"routertune_force": "skip_set", "routertune_skip_layers": [0, 2]},
+            "routertune_skip_layers",
+            "routes layers [1, 2, 3]",
+        ),
         ({"routertune_force": "skip_set"}, "routertune_skip_layers", "needs routertune_skip_layers"),
         ({"routertune_skip_layers": [2]}, "routertune_skip_layers", "only with routertune_force='skip_set'"),
         ({"routertune_threshold": 1.5}, "routertune_threshold", "strictly between 0 and 1"),
@@ -365,7 +460,9 @@ def test_http_per_request_routing_settings(server, tiny_export):
     for k, (xargs, key, says) in enumerate(malformed):
         status, body = _complete(server, tiny_export, f"rt-bad-{k}", xargs)
         assert status == 400, (xargs, status, body)
-        assert body["error"]["param"] == key and key in body["error"]["message"] and says in body["error"]["message"], body
+        assert body["error"]["param"] == key and key in body["error"]["message"] and says in body["error"]["message"], (
+            body
+        )
         assert server.proc.poll() is None
     # the engine still serves, and the refused requests never reached it
     status, body = _complete(server, tiny_export, "rt-after", None)
@@ -381,15 +478,34 @@ def test_http_per_request_routing_settings(server, tiny_export):
 @pytest.mark.serve
 def test_llm_generate_raises_value_error_and_keeps_serving(tiny_export, tmp_path):
     _needs_vllm()
-    request = {"model": str(tiny_export["export"]), "engine": {"max_model_len": 512}, "max_tokens": NEW_TOKENS,
-               "prompts": [tiny_export["prompt"]], "log": str(tmp_path / "routing.jsonl"),
-               "refused_extra_args": [{"routertune_force": "sometimes"}, {"routertune_threshold": 2.0},
-                                      {"routertune": {"force": "skip_set", "skip_layers": [9]}}],
-               "extra_args": {"routertune": {"force": "skip_set", "skip_layers": [2, 3]}}}
+    request = {
+        "model": str(tiny_export["export"]),
+        "engine": {"max_model_len": 512},
+        "max_tokens": NEW_TOKENS,
+        "prompts": [tiny_export["prompt"]],
+        "log": str(tmp_path / "routing.jsonl"),
+        "refused_extra_args": [
+            {"routertune_force": "sometimes"},
+            {"routertune_threshold": 2.0},
+            {"routertune": {"force": "skip_set", "skip_layers": [9]}},
+        ],
+        "extra_args": {"routertune": {"force": "skip_set", "skip_layers": [2, 3]}},
+    }
     (tmp_path / "request.json").write_text(json.dumps(request))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", **SERVER_ENV)
-    done = subprocess.run([sys.executable, "-m", "routertune.serve.engine", str(tmp_path / "request.json"),
-                           str(tmp_path / "result.json")], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "routertune.serve.engine",
+            str(tmp_path / "request.json"),
+            str(tmp_path / "result.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
     refused = result["refused"]
@@ -422,17 +538,41 @@ def test_http_under_load(server, tiny_export):
 
     model, tokenizer, expected = str(tiny_export["export"]), tiny_tokenizer(), tiny_export["expected"]
     prompts = text_prompts(tokenizer, LOAD_TEXTS * 2, [6, 12, 24, 48, 96, 160, 240, 300])
-    settings = {"routers": None, "run": {"routertune_force": "run"}, "skip": {"routertune_force": "skip"},
-                "skip_set": {"routertune_force": "skip_set", "routertune_skip_layers": [2, 3]},
-                "threshold": {"routertune_threshold": tiny_export["threshold"]}}
-    pinned = [completion(name, model, tiny_export["prompt"], NEW_TOKENS, xargs, min_tokens=NEW_TOKENS,
-                         stream=name in ("skip", "threshold")) for name, xargs in settings.items()]
-    mix = build_mix(model, prompts, LAYERS, distinct=52, repeats=7, pinned=pinned, max_tokens=(8, 16),
-                    cancel_max_tokens=96)
-    warmup = build_mix(model, prompts[::-1], LAYERS, distinct=8, repeats=0, seed=1, max_tokens=(8, 16),
-                       cancel_max_tokens=96)
-    result = run_load_test(f"http://127.0.0.1:{server.port}", model, mix, log=server.log,
-                           server_pid=server.proc.pid, concurrency=8, warmup=warmup, prefix="load")
+    settings = {
+        "routers": None,
+        "run": {"routertune_force": "run"},
+        "skip": {"routertune_force": "skip"},
+        "skip_set": {"routertune_force": "skip_set", "routertune_skip_layers": [2, 3]},
+        "threshold": {"routertune_threshold": tiny_export["threshold"]},
+    }
+    pinned = [
+        completion(
+            name,
+            model,
+            tiny_export["prompt"],
+            NEW_TOKENS,
+            xargs,
+            min_tokens=NEW_TOKENS,
+            stream=name in ("skip", "threshold"),
+        )
+        for name, xargs in settings.items()
+    ]
+    mix = build_mix(
+        model, prompts, LAYERS, distinct=52, repeats=7, pinned=pinned, max_tokens=(8, 16), cancel_max_tokens=96
+    )
+    warmup = build_mix(
+        model, prompts[::-1], LAYERS, distinct=8, repeats=0, seed=1, max_tokens=(8, 16), cancel_max_tokens=96
+    )
+    result = run_load_test(
+        f"http://127.0.0.1:{server.port}",
+        model,
+        mix,
+        log=server.log,
+        server_pid=server.proc.pid,
+        concurrency=8,
+        warmup=warmup,
+        prefix="load",
+    )
     assert passed(result) == [], (passed(result), {k: v for k, v in result.items() if k != "detail"})
     assert server.proc.poll() is None
     # the load was the load asked for
@@ -445,10 +585,14 @@ def test_http_under_load(server, tiny_export):
     # the reference's prompt inside the load: its tokens and decisions are the reference's
     seen = set()
     for entry in result["detail"]["requests"]:
-        if entry["prompt_tokens"] == len(tiny_export["prompt"]) and entry["max_tokens"] == NEW_TOKENS \
-                and entry["kind"] in expected and not entry["cancel_after"]:
+        if (
+            entry["prompt_tokens"] == len(tiny_export["prompt"])
+            and entry["max_tokens"] == NEW_TOKENS
+            and entry["kind"] in expected
+            and not entry["cancel_after"]
+        ):
             assert entry["tokens"] == expected[entry["kind"]]["tokens"], entry
-            decided, = decided_lines(server.log, entry["request_id"])
+            (decided,) = decided_lines(server.log, entry["request_id"])
             assert {int(k): v for k, v in decided["decisions"].items()} == expected[entry["kind"]]["decisions"]
             seen.add(entry["kind"])
     assert seen == set(expected), seen
@@ -468,6 +612,10 @@ def test_load_checks_tell_a_difference(tmp_path):
     assert compare(request, Outcome("x", 200, [1, 2], cancelled=True), alone) is None
     assert compare(request, Outcome("x", 200, [1, 3], cancelled=True), alone) is not None
     log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps({"event": "decided", "req_id": f"cmpl-{rid}-0-abcd1234", "decisions": {}})
-                           + "\n" for rid in ("load-10", "load-1", "load-1-alone")))
+    log.write_text(
+        "".join(
+            json.dumps({"event": "decided", "req_id": f"cmpl-{rid}-0-abcd1234", "decisions": {}}) + "\n"
+            for rid in ("load-10", "load-1", "load-1-alone")
+        )
+    )
     assert [line["req_id"] for line in decided_lines(log, "load-1")] == ["cmpl-load-1-0-abcd1234"]

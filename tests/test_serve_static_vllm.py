@@ -19,9 +19,9 @@ import torch
 
 vllm = pytest.importorskip("vllm", reason="needs the routertune[serve] extra (vLLM)")
 
-from tiny_lm import tiny_family_folder, tiny_tokenizer  # noqa: E402
 from routertune.serve.config import VLLM_ARCHITECTURES  # noqa: E402
 from routertune.serve.export import ExportJob, export  # noqa: E402
+from tiny_lm import tiny_family_folder, tiny_tokenizer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
@@ -35,6 +35,7 @@ def _generate(model, prompts: list[list[int]], zeroed: set[int]) -> list[list[in
     """Greedy tokens of the plain model with the attention output of the `zeroed` layers set to zero."""
     handles = []
     for i in zeroed:
+
         def zero(module, args, out):
             return (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out)
 
@@ -43,9 +44,15 @@ def _generate(model, prompts: list[list[int]], zeroed: set[int]) -> list[list[in
         rows = []
         for ids in prompts:
             with torch.no_grad():
-                out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                     max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=2)
-            row = out[0, len(ids):].tolist()
+                out = model.generate(
+                    input_ids=torch.tensor([ids]),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    pad_token_id=0,
+                    eos_token_id=2,
+                )
+            row = out[0, len(ids) :].tolist()
             rows.append(row[: row.index(2) + 1] if 2 in row else row)
         return rows
     finally:
@@ -56,14 +63,35 @@ def _generate(model, prompts: list[list[int]], zeroed: set[int]) -> list[list[in
 def _serve(folder, prompts, tmp_path) -> dict:
     # vLLM's own defaults, which a static export needs no exception from: chunked prefill (chunks of 8
     # tokens, so every prompt is split) and prefix caching on
-    engine = {"max_model_len": 256, "enable_chunked_prefill": True, "enable_prefix_caching": True,
-              "max_num_batched_tokens": 8, "max_num_seqs": 4}
+    engine = {
+        "max_model_len": 256,
+        "enable_chunked_prefill": True,
+        "enable_prefix_caching": True,
+        "max_num_batched_tokens": 8,
+        "max_num_seqs": 4,
+    }
     request = {"model": str(folder), "engine": engine, "max_tokens": NEW_TOKENS, "prompts": prompts}
     (tmp_path / "request.json").write_text(json.dumps(request))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([sys.executable, "-m", "routertune.serve.engine", str(tmp_path / "request.json"),
-                           str(tmp_path / "result.json")], env=env, capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CPU_OMP_THREADS_BIND="nobind",
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "routertune.serve.engine",
+            str(tmp_path / "request.json"),
+            str(tmp_path / "result.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((tmp_path / "result.json").read_text())
 
@@ -76,8 +104,9 @@ def test_static_export_serves_the_reference_with_those_layers_zeroed(family, tmp
     dropped = set(report.dropped_layers)
     assert len(dropped) == K and dropped <= {2, 3, 4}
     # llama: vLLM's native no-op attention (DeciLM); the others: their routed class forced to the static set
-    assert report.architecture == ("DeciLMForCausalLM" if family == "llama"
-                                   else "Routertune" + VLLM_ARCHITECTURES[family][0])
+    assert report.architecture == (
+        "DeciLMForCausalLM" if family == "llama" else "Routertune" + VLLM_ARCHITECTURES[family][0]
+    )
 
     from transformers import AutoModelForCausalLM
 
@@ -87,7 +116,7 @@ def test_static_export_serves_the_reference_with_those_layers_zeroed(family, tmp
     dense = _generate(plain, prompts, set())
     # the dropped layers change the greedy tokens: a server that ran them (or dropped others) would differ
     assert reference != dense
-    for other in ({2, 3, 4} - dropped):
+    for other in {2, 3, 4} - dropped:
         assert _generate(plain, prompts, {other} | (dropped - {min(dropped)})) != reference
 
     result = _serve(tmp_path / "static", prompts, tmp_path)

@@ -42,8 +42,9 @@ PROMPTS = [
 
 
 def _chat_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
 
 
 def _scores(routed: RoutedModel, batch: list[list[int]], layer: int) -> list[float]:
@@ -65,7 +66,9 @@ def setup(tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for router in routed.routers.values():
-            router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 4 / math.sqrt(router.weight.shape[-1]))
+            router.weight.copy_(
+                torch.randn(router.weight.shape, generator=gen) * 4 / math.sqrt(router.weight.shape[-1])
+            )
             # non-zero biases of either sign (trained routers carry one): a server that dropped them would
             # shift every score of a layer and, as checked below, flip decisions
             router.bias.copy_(torch.randn(router.bias.shape, generator=gen).sign() * BIAS)
@@ -109,8 +112,14 @@ def setup(tmp_path_factory):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     cache = routed.new_cache()
     with torch.no_grad():
-        out = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                              cache=cache, pad_token_id=pad)
+        out = routed.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            cache=cache,
+            pad_token_id=pad,
+        )
     eos = tokenizer.eos_token_id
     reference = []
     for row in out[:, width:].tolist():
@@ -122,13 +131,34 @@ def setup(tmp_path_factory):
 
 
 def _serve(setup, tmp_path, **engine) -> dict:
-    request = {"model": str(setup["serve_dir"]), "engine": engine, "max_tokens": NEW_TOKENS,
-               "prompts": setup["prompts"], "log": str(tmp_path / "routing.jsonl")}
+    request = {
+        "model": str(setup["serve_dir"]),
+        "engine": engine,
+        "max_tokens": NEW_TOKENS,
+        "prompts": setup["prompts"],
+        "log": str(tmp_path / "routing.jsonl"),
+    }
     (tmp_path / "request.json").write_text(json.dumps(request))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([sys.executable, "-m", "routertune.serve.engine", str(tmp_path / "request.json"),
-                           str(tmp_path / "result.json")], env=env, capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CPU_OMP_THREADS_BIND="nobind",
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "routertune.serve.engine",
+            str(tmp_path / "request.json"),
+            str(tmp_path / "result.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((tmp_path / "result.json").read_text())
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import PAD, build_tiny, padded_batch
+from conftest import build_tiny, padded_batch
 from routertune import RoutedModel, RouterConfig
 from routertune.routing.token_cache import TokenLayer, TokenRoutedCache
 from token_reference import reference_greedy, reference_logits
@@ -72,8 +72,15 @@ def test_routed_decode_equals_reference(family, granularity, seed=3):
     routed, plain, routers, thresholds = _routed(family, granularity, seed=2)
     ids, mask, _ = padded_batch([9, 5, 7], "left")
     new = 6
-    out = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, min_new_tokens=new)
+    out = routed.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        min_new_tokens=new,
+    )
     ref_ids, ref_mask = reference_greedy(plain, granularity, routers, thresholds, ids, mask, new)
     assert torch.equal(out.sequences, ref_ids)
     # every step's logits against the reference on the full sequence
@@ -84,7 +91,7 @@ def test_routed_decode_equals_reference(family, granularity, seed=3):
         with token_reference(plain, granularity, routers, thresholds, ref_mask) as decisions:
             full = plain(input_ids=ref_ids, attention_mask=ref_mask, position_ids=positions).logits
     real = ref_mask.bool()
-    _mixed({k: v[:, ids.shape[1]:] for k, v in decisions.items()}, real[:, ids.shape[1]:])
+    _mixed({k: v[:, ids.shape[1] :] for k, v in decisions.items()}, real[:, ids.shape[1] :])
     for step, scores in enumerate(out.logits):
         torch.testing.assert_close(scores, full[:, ids.shape[1] - 1 + step], atol=1e-4, rtol=0)
 
@@ -93,14 +100,27 @@ def test_batch_equals_each_sequence_alone(family, granularity):
     routed, _, _, _ = _routed(family, granularity)
     lengths = [12, 6, 9]
     ids, mask, _ = padded_batch(lengths, "left")
-    batch = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                            min_new_tokens=5, output_logits=True, return_dict_in_generate=True)
+    batch = routed.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=5,
+        do_sample=False,
+        min_new_tokens=5,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     for row, n in enumerate(lengths):
-        alone_ids = ids[row:row + 1, -n:]
-        alone = routed.generate(input_ids=alone_ids, attention_mask=torch.ones_like(alone_ids), max_new_tokens=5,
-                                do_sample=False, min_new_tokens=5, output_logits=True,
-                                return_dict_in_generate=True)
-        assert torch.equal(batch.sequences[row, -(n + 5):], alone.sequences[0])
+        alone_ids = ids[row : row + 1, -n:]
+        alone = routed.generate(
+            input_ids=alone_ids,
+            attention_mask=torch.ones_like(alone_ids),
+            max_new_tokens=5,
+            do_sample=False,
+            min_new_tokens=5,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        assert torch.equal(batch.sequences[row, -(n + 5) :], alone.sequences[0])
         for a, b in zip(batch.logits, alone.logits):
             torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=0)
 
@@ -121,8 +141,9 @@ def test_kv_elements_equal_executed_pairs(family, granularity):
     ids, mask, _ = padded_batch([9, 5, 7], "left")
     cache = routed.new_cache()
     new = 5
-    seq = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                          do_sample=False, cache=cache)
+    seq = routed.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache=cache
+    )
     full_mask = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], dim=1)
     positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
     # the last generated token is never fed back, so it wrote no K/V anywhere
@@ -152,14 +173,14 @@ def test_kv_elements_equal_executed_pairs(family, granularity):
 
 
 def test_layer_all_tokens_skip_stores_nothing_and_is_not_called(family):
-    routed = RoutedModel(build_tiny(family), RouterConfig(unit="token", layers=[2, 3], layer_thresholds={3: 0.99},
-                                                          token_sink=0))
+    routed = RoutedModel(
+        build_tiny(family), RouterConfig(unit="token", layers=[2, 3], layer_thresholds={3: 0.99}, token_sink=0)
+    )
     with torch.no_grad():
         routed.routers[2].weight.normal_()
         routed.routers[3].weight.zero_()  # every score 0.5 < 0.99
     calls = []
-    handle = routed.base_model.model.layers[3].self_attn.base_layer.register_forward_hook(
-        lambda *a: calls.append(1))
+    handle = routed.base_model.model.layers[3].self_attn.base_layer.register_forward_hook(lambda *a: calls.append(1))
     ids, mask, _ = padded_batch([8, 6], "left")
     cache = routed.new_cache()
     routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache=cache)
@@ -171,8 +192,15 @@ def test_layer_all_tokens_skip_stores_nothing_and_is_not_called(family):
 def test_beam_search_cached_equals_uncached_and_sampling_runs(family):
     routed, _, _, _ = _routed(family, "attention")
     ids, mask, _ = padded_batch([9, 6], "left")
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, num_beams=3,
-                  do_sample=False, num_return_sequences=2)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        num_beams=3,
+        do_sample=False,
+        num_return_sequences=2,
+    )
     cached = routed.generate(**kwargs)
     uncached = routed.generate(**kwargs, use_cache=False)
     assert torch.equal(cached, uncached)
@@ -197,9 +225,8 @@ def test_top_k_runs_a_fixed_fraction_of_each_prompt_and_decodes_consistently(fam
     cached = routed.generate(**kwargs)
     assert torch.equal(cached, routed.generate(**kwargs, use_cache=False))
     for row, n in enumerate(lengths):
-        alone = routed.generate(input_ids=ids[row:row + 1, -n:], max_new_tokens=5, min_new_tokens=5,
-                                do_sample=False)
-        assert torch.equal(cached[row, -(n + 5):], alone[0])
+        alone = routed.generate(input_ids=ids[row : row + 1, -n:], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert torch.equal(cached[row, -(n + 5) :], alone[0])
 
 
 def _expected_cutoff(scores: list[float], k: int, sink: int) -> float:
@@ -224,13 +251,16 @@ def test_top_k_decode_cutoff_is_the_lowest_non_sink_score_that_ran(top_k, sink):
     ids, mask, _ = padded_batch(lengths, "left")
     width = ids.shape[1]
     scores: dict[int, list[torch.Tensor]] = {layer: [] for layer in routed.routers}
-    hooks = [router.register_forward_hook(lambda m, a, out, layer=layer: scores[layer].append(out.detach()))
-             for layer, router in routed.routers.items()]
+    hooks = [
+        router.register_forward_hook(lambda m, a, out, layer=layer: scores[layer].append(out.detach()))
+        for layer, router in routed.routers.items()
+    ]
     cache = routed.new_cache()
     try:
         with torch.no_grad(), routed.recording() as calls:
-            routed.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=4, min_new_tokens=4,
-                            do_sample=False)
+            routed.generate(
+                input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False
+            )
     finally:
         for hook in hooks:
             hook.remove()
@@ -238,7 +268,7 @@ def test_top_k_decode_cutoff_is_the_lowest_non_sink_score_that_ran(top_k, sink):
         prefill = scores[layer][0]  # (B, T) every token's score, sinks included
         for row, n in enumerate(lengths):
             k = max(1, math.ceil(n * top_k))
-            expected = _expected_cutoff(prefill[row, width - n:].tolist(), k, sink)
+            expected = _expected_cutoff(prefill[row, width - n :].tolist(), k, sink)
             assert math.isfinite(float(cutoff[row])), f"layer {layer} row {row}: cut-off {float(cutoff[row])}"
             assert float(cutoff[row]) == pytest.approx(expected, abs=1e-6), f"layer {layer} row {row}"
         for step, call in enumerate(calls[1:], start=1):
@@ -281,8 +311,9 @@ def test_train_step_changes_only_routers(family):
     before = {k: v.clone() for k, v in routed.state_dict().items()}
     routed.train()
     optimizer = torch.optim.AdamW(routed.trainable_parameters(), lr=0.1)
-    loss, _, gate_sum, gate_count = micro_batch_loss(routed, routed, batch, TrainConfig(target_capacity=0.2),
-                                                     int((labels[:, 1:] != -100).sum()), 3)
+    loss, _, gate_sum, gate_count = micro_batch_loss(
+        routed, routed, batch, TrainConfig(target_capacity=0.2), int((labels[:, 1:] != -100).sum()), 3
+    )
     assert gate_count == int(mask.sum()) * len(routed.routed_layers)  # one gate per (real token, layer)
     loss.backward()
     optimizer.step()
@@ -363,9 +394,12 @@ def test_importance_fit_never_samples_sink_tokens(sink):
         assert features[layer].shape[0] == targets[layer].shape[0] == sum(lengths) - sink * len(lengths)
     # the samples are the tokens after the sinks: their normed inputs, read off the plain model
     normed = {}
-    handles = [plain.model.layers[i].self_attn.register_forward_pre_hook(
-        lambda m, a, k, i=i: normed.__setitem__(i, k["hidden_states"]), with_kwargs=True)
-        for i in routed.routed_layers]
+    handles = [
+        plain.model.layers[i].self_attn.register_forward_pre_hook(
+            lambda m, a, k, i=i: normed.__setitem__(i, k["hidden_states"]), with_kwargs=True
+        )
+        for i in routed.routed_layers
+    ]
     with torch.no_grad():
         plain(input_ids=ids, attention_mask=mask)
     for handle in handles:
@@ -433,11 +467,23 @@ def test_eager_attention_matches_sdpa():
     routed, _, _, _ = _routed("qwen2", "attention")
     ids, mask, _ = padded_batch([10, 6], "left")
     with torch.no_grad():
-        sdpa = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                               output_logits=True, return_dict_in_generate=True)
+        sdpa = routed.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         routed.config._attn_implementation = "eager"
-        eager = routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                output_logits=True, return_dict_in_generate=True)
+        eager = routed.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     assert torch.equal(sdpa.sequences, eager.sequences)
     for a, b in zip(sdpa.logits, eager.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
@@ -463,8 +509,8 @@ def test_harness_scores_with_shared_prefill_equal_one_forward(family):
         with torch.no_grad():
             logits = routed(input_ids=ids, use_cache=False).logits[0].float()
         n = len(row.tokens) - 1
-        target = torch.tensor(row.tokens[-row.n_cont:])
-        direct = float(torch.log_softmax(logits, -1)[n - row.n_cont: n].gather(-1, target[:, None]).sum())
+        target = torch.tensor(row.tokens[-row.n_cont :])
+        direct = float(torch.log_softmax(logits, -1)[n - row.n_cont : n].gather(-1, target[:, None]).sum())
         assert logprob == pytest.approx(direct, abs=1e-4)
     stats = lm.stats[""]
     assert 0 < stats.routed_capacity < 1  # token shares, counted over the prefills' real tokens
@@ -478,9 +524,17 @@ def small_model(tmp_path_factory) -> str:
 
     tokenizer = load_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     folder = tmp_path_factory.mktemp("small-llama-token")
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -494,10 +548,33 @@ def test_cli_train_generate_calibrate_with_token_units(small_model, tmp_path, ca
     from routertune.cli import main
 
     out = tmp_path / "token-routers"
-    code = main(["train", "--model", small_model, "--output", str(out), "--unit", "token", "--objective", objective,
-                 "--samples", "48",
-                 "--heldout-samples", "8", "--max-length", "64", "--batch-size", "8", "--learning-rate", "1e-2",
-                 "--target-capacity", "0.6", "--token-sink", "2"])
+    code = main(
+        [
+            "train",
+            "--model",
+            small_model,
+            "--output",
+            str(out),
+            "--unit",
+            "token",
+            "--objective",
+            objective,
+            "--samples",
+            "48",
+            "--heldout-samples",
+            "8",
+            "--max-length",
+            "64",
+            "--batch-size",
+            "8",
+            "--learning-rate",
+            "1e-2",
+            "--target-capacity",
+            "0.6",
+            "--token-sink",
+            "2",
+        ]
+    )
     assert code == 0, capsys.readouterr()
     saved = json.loads((out / "router_config.json").read_text())
     assert saved["unit"] == "token" and saved["token_sink"] == 2
@@ -505,8 +582,24 @@ def test_cli_train_generate_calibrate_with_token_units(small_model, tmp_path, ca
     assert abs(metrics["result"]["after"]["capacity"] - 0.6) < 0.1  # calibrated on (token, layer) pairs
     assert main(["generate", "--model", small_model, "--routers", str(out), "--max-new-tokens", "4", "Hi"]) == 0
     assert "[tokens that ran each layer]" in capsys.readouterr().out
-    assert main(["calibrate", "--model", small_model, "--routers", str(out), "--capacity", "0.3",
-                 "--samples", "16", "--heldout-samples", "0"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                small_model,
+                "--routers",
+                str(out),
+                "--capacity",
+                "0.3",
+                "--samples",
+                "16",
+                "--heldout-samples",
+                "0",
+            ]
+        )
+        == 0
+    )
     routed = RoutedModel.from_pretrained(build_tiny_from(small_model), out)
     assert routed.router_config.unit == "token" and routed.router_config.threshold != saved["threshold"]
 
@@ -537,8 +630,15 @@ def test_token_flops_count_what_ran_by_hand():
     from routertune.bench.flops import FlopCounter
     from routertune.bench.token_rows import token_flops
 
-    fc = FlopCounter(hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16, vocab_size=10,
-                     windows=(None, None))
+    fc = FlopCounter(
+        hidden_size=8,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        intermediate_size=16,
+        vocab_size=10,
+        windows=(None, None),
+    )
     runs = {1: torch.tensor([[True, False, True, True]])}  # layer 1 token-routed; layer 0 dense
     got = token_flops(fc, 0, 4, 1, runs, {1: torch.tensor([0])}, logit_positions=1)
     proj, per_key = fc.attention_projections(), 4 * 2 * 4
@@ -554,8 +654,15 @@ def test_bench_token_rows_on_a_tiny_model():
     from routertune.bench.config import BenchConfig
     from routertune.bench.runner import bench_model
 
-    cfg = BenchConfig(quick=True, token_routing=True, memory=False, lengths=[24], batch_sizes=[1, 2],
-                      overhead_repeats=1, overhead_steps=1)
+    cfg = BenchConfig(
+        quick=True,
+        token_routing=True,
+        memory=False,
+        lengths=[24],
+        batch_sizes=[1, 2],
+        overhead_repeats=1,
+        overhead_steps=1,
+    )
     token = bench_model(build_tiny("llama"), cfg).token
     phases = [(r["phase"], r["batch"]) for r in token["rows"]]
     assert phases == [("prefill", 1), ("decode", 1), ("prefill", 2), ("decode", 2)]
@@ -593,20 +700,72 @@ def byte_model(tmp_path_factory) -> str:
 def test_default_command_token_routers_on_the_tradeoff_curve(byte_model, tmp_path):
     """`routertune train --unit token` (default objective) then `routertune tradeoff`: token routers land on the
     curve beside static and random drop, their skip measured as the share of (token, layer) pairs skipped."""
-    from routertune.eval import tradeoff
     from routertune.cli import main
 
     routers, out = tmp_path / "routers", tmp_path / "tradeoff"
-    assert main(["train", "--model", byte_model, "--output", str(routers), "--unit", "token", "--samples", "48",
-                 "--heldout-samples", "16", "--max-length", "64", "--batch-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                byte_model,
+                "--output",
+                str(routers),
+                "--unit",
+                "token",
+                "--samples",
+                "48",
+                "--heldout-samples",
+                "16",
+                "--max-length",
+                "64",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((routers / "train_metrics.json").read_text())
     assert metrics["train"]["objective"] == "importance"
     assert metrics["result"]["fit"]["train_capacity"] == pytest.approx(metrics["train"]["target_capacity"], abs=0.02)
-    assert main(["tradeoff", "--routers", str(routers), "--model", byte_model, "--output", str(out),
-                 "--texts", "6", "--max-tokens", "40", "--tasks", "arc_easy", "--limit", "8",
-                 "--fidelity-prompts", "2", "--fidelity-tokens", "4", "--max-drop", "3", "--random-seeds", "2",
-                 "--sweep-points", "5", "--skip-targets", "0.2", "--bootstrap", "100",
-                 "--calibration-samples", "8"]) == 0
+    assert (
+        main(
+            [
+                "tradeoff",
+                "--routers",
+                str(routers),
+                "--model",
+                byte_model,
+                "--output",
+                str(out),
+                "--texts",
+                "6",
+                "--max-tokens",
+                "40",
+                "--tasks",
+                "arc_easy",
+                "--limit",
+                "8",
+                "--fidelity-prompts",
+                "2",
+                "--fidelity-tokens",
+                "4",
+                "--max-drop",
+                "3",
+                "--random-seeds",
+                "2",
+                "--sweep-points",
+                "5",
+                "--skip-targets",
+                "0.2",
+                "--bootstrap",
+                "100",
+                "--calibration-samples",
+                "8",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "tradeoff.json").read_text())
     settings = result["domains"]["code"]["settings"]
     routed = [v for k, v in settings.items() if k.startswith("routers")]

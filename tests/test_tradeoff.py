@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from routertune import stats
-from routertune import RoutedModel, RouterConfig
-from routertune.train import importance
-from routertune.eval import tradeoff
+from routertune import RoutedModel, RouterConfig, stats
 from routertune.cli import main
+from routertune.eval import tradeoff
+from routertune.train import importance
 from tiny_lm import tiny_llama, tiny_tokenizer
 
 LAYERS = [1, 2, 3, 4]
@@ -35,8 +34,10 @@ def _fitted(seed: int = 0) -> RoutedModel:
     tok = tiny_tokenizer()
     texts = tradeoff.domain_texts("wikipedia", 24) + tradeoff.domain_texts("code", 24)
     lists = [tok(t)["input_ids"][:40] for t in texts]
-    batches = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask}
-               for b in tradeoff.text_batches(lists, 0, batch_size=8)]
+    batches = [
+        {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask}
+        for b in tradeoff.text_batches(lists, 0, batch_size=8)
+    ]
     fit = importance.fit_routers(routed, batches[:4], batches[4:], target_capacity=0.5)
     assert fit.records == 32
     return routed
@@ -49,8 +50,7 @@ def test_static_k0_and_all_running_routers_equal_dense_and_static_kl_matches_for
     static0 = tradeoff.Variant("static", (), 0)
     all_run = tradeoff.Variant("routers", threshold=1e-9)
     static1 = tradeoff.Variant("static", (3,), 1)
-    scores = tradeoff.score_texts(routed, batches, [tradeoff.Variant("dense"), static0, all_run, static1],
-                                  len(lists))
+    scores = tradeoff.score_texts(routed, batches, [tradeoff.Variant("dense"), static0, all_run, static1], len(lists))
     np.testing.assert_allclose(scores[static0].kl, 0, atol=1e-5)
     np.testing.assert_allclose(scores[all_run].kl, 0, atol=1e-5)
     assert scores[all_run].skipped.sum() == 0
@@ -61,9 +61,9 @@ def test_static_k0_and_all_running_routers_equal_dense_and_static_kl_matches_for
             x = torch.tensor([ids])
             half = len(ids) // 2
             with routed.forced("run"):
-                dense = F.log_softmax(routed(input_ids=x).logits[0, half - 1:-1].float(), -1)
+                dense = F.log_softmax(routed(input_ids=x).logits[0, half - 1 : -1].float(), -1)
             with routed.forced("skip_set", {3}):
-                dropped = F.log_softmax(routed(input_ids=x).logits[0, half - 1:-1].float(), -1)
+                dropped = F.log_softmax(routed(input_ids=x).logits[0, half - 1 : -1].float(), -1)
             target = x[0, half:]
             nll = -dense.gather(-1, target.unsqueeze(-1)).sum()
             assert scores[static0].nll[i] == pytest.approx(float(nll), rel=1e-4)
@@ -119,8 +119,10 @@ def test_importance_fit_meets_the_capacity_and_orders_layers_by_importance():
     routed = _fitted()
     lists = _texts(8, 40)
     batches = tradeoff.text_batches(lists, 0, batch_size=8)
-    feats, targets = importance.collect(routed, [{"input_ids": b.input_ids, "attention_mask": b.attention_mask,
-                                                  "prompt_mask": b.route_mask} for b in batches])
+    feats, targets = importance.collect(
+        routed,
+        [{"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask} for b in batches],
+    )
     # with zero weights the routers are a static drop: the biases follow the mean log importance
     biases = {i: float(routed.routers[i].bias.detach()) for i in LAYERS}
     means = {i: float(targets[i].mean()) for i in LAYERS}
@@ -128,7 +130,9 @@ def test_importance_fit_meets_the_capacity_and_orders_layers_by_importance():
     # per input, the fitted logits track each layer's own importance on texts never fitted
     corr = []
     for i in LAYERS:
-        logits = feats[i].float() @ routed.routers[i].weight.detach().double().float().squeeze(0) + routed.routers[i].bias
+        logits = (
+            feats[i].float() @ routed.routers[i].weight.detach().double().float().squeeze(0) + routed.routers[i].bias
+        )
         corr.append(np.corrcoef(logits.detach().numpy(), targets[i].numpy())[0, 1])
     assert np.mean(corr) > 0.3, corr
     with pytest.raises(ValueError, match="attention routers"):
@@ -163,8 +167,26 @@ def byte_model(tmp_path_factory) -> str:
 
 def test_default_recipe_and_tradeoff_end_to_end(byte_model, tmp_path, capsys):
     routers, out = tmp_path / "routers", tmp_path / "tradeoff"
-    assert main(["train", "--model", byte_model, "--output", str(routers), "--samples", "48",
-                 "--heldout-samples", "16", "--max-length", "64", "--batch-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                byte_model,
+                "--output",
+                str(routers),
+                "--samples",
+                "48",
+                "--heldout-samples",
+                "16",
+                "--max-length",
+                "64",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((routers / "train_metrics.json").read_text())
     assert metrics["train"]["objective"] == "importance"
     # the default trust region piles a layer's inputs with upward parts onto its prior, so the share that runs
@@ -172,11 +194,44 @@ def test_default_recipe_and_tradeoff_end_to_end(byte_model, tmp_path, capsys):
     assert metrics["result"]["fit"]["train_capacity"] == pytest.approx(0.75, abs=0.05)
     config = json.loads((routers / "router_config.json").read_text())
     assert config["layers"] == [1, 2, 3, 4]  # every layer but the first and the last, as static drop
-    assert main(["tradeoff", "--routers", str(routers), "--model", byte_model, "--output", str(out),
-                 "--texts", "6", "--max-tokens", "40", "--tasks", "arc_easy", "--limit", "12",
-                 "--fidelity-prompts", "3", "--fidelity-tokens", "4", "--max-drop", "3", "--random-seeds", "2",
-                 "--sweep-points", "6", "--skip-targets", "0.2", "--bootstrap", "200",
-                 "--calibration-samples", "8"]) == 0
+    assert (
+        main(
+            [
+                "tradeoff",
+                "--routers",
+                str(routers),
+                "--model",
+                byte_model,
+                "--output",
+                str(out),
+                "--texts",
+                "6",
+                "--max-tokens",
+                "40",
+                "--tasks",
+                "arc_easy",
+                "--limit",
+                "12",
+                "--fidelity-prompts",
+                "3",
+                "--fidelity-tokens",
+                "4",
+                "--max-drop",
+                "3",
+                "--random-seeds",
+                "2",
+                "--sweep-points",
+                "6",
+                "--skip-targets",
+                "0.2",
+                "--bootstrap",
+                "200",
+                "--calibration-samples",
+                "8",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "tradeoff.json").read_text())
     assert set(result["domains"]) == set(tradeoff.DOMAINS)
     dense = result["domains"]["code"]["settings"]["dense"]
@@ -189,7 +244,9 @@ def test_default_recipe_and_tradeoff_end_to_end(byte_model, tmp_path, capsys):
     task_row = result["matched"]["arc_easy"]["0.20"]
     assert task_row["routers"]["reached"] and task_row["static"]["reached"], task_row
     static_ks = {int(name.split()[1]) for name in result["tasks"]["arc_easy"]["settings"] if name.startswith("static")}
-    assert math.floor(task_row["at"] * 6 + 1e-9) in static_ks | {0} and math.ceil(task_row["at"] * 6 - 1e-9) in static_ks | {0}
+    assert math.floor(task_row["at"] * 6 + 1e-9) in static_ks | {0} and math.ceil(
+        task_row["at"] * 6 - 1e-9
+    ) in static_ks | {0}
     assert (out / "tradeoff.md").read_text().startswith("| where |")
     assert "routers - static" in capsys.readouterr().out
 
@@ -213,24 +270,28 @@ def test_refined_sweep_brackets_each_target_tightly():
 
     def skip_of(t):  # a convex, monotone response like a real sweep
         calls.append(t)
-        return t ** 3
+        return t**3
 
-    known = {t: t ** 3 for t in (0.1, 0.5, 0.9)}
+    known = {t: t**3 for t in (0.1, 0.5, 0.9)}
     tradeoff.refine_sweep(skip_of, known, [0.1, 0.3], max_gap=0.02)
     for target in (0.1, 0.3):
         below = max(s for s in known.values() if s <= target)
         above = min(s for s in known.values() if s > target)
         assert above - below <= 0.02
-    assert calls and len(calls) <= 12 and all(known[t] == t ** 3 for t in known)
+    assert calls and len(calls) <= 12 and all(known[t] == t**3 for t in known)
 
 
 def test_shrink_scales_the_per_input_part_around_the_training_mean():
     """shrink 0 leaves the static prior (zero weights, the same prediction at the mean input); shrink s scales
     every router's weights by s relative to the full fit."""
     tok = tiny_tokenizer()
-    lists = [tok(t)["input_ids"][:40] for t in tradeoff.domain_texts("wikipedia", 16) + tradeoff.domain_texts("code", 16)]
-    batches = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask}
-               for b in tradeoff.text_batches(lists, 0, batch_size=8)]
+    lists = [
+        tok(t)["input_ids"][:40] for t in tradeoff.domain_texts("wikipedia", 16) + tradeoff.domain_texts("code", 16)
+    ]
+    batches = [
+        {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask}
+        for b in tradeoff.text_batches(lists, 0, batch_size=8)
+    ]
     fitted = {}
     for shrink in (1.0, 0.5, 0.0):
         routed = RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS))
@@ -262,20 +323,28 @@ def test_relative_fit_skips_a_steadier_number_of_layers_per_input():
     """Fitted to the relative target, the routers' summed logit over layers varies less from input to input
     than when fitted to the absolute one (the per-input level is what the relative target removes)."""
     tok = tiny_tokenizer()
-    lists = [tok(t)["input_ids"][:40] for t in tradeoff.domain_texts("wikipedia", 16) + tradeoff.domain_texts("code", 16)]
-    batches = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask}
-               for b in tradeoff.text_batches(lists, 0, batch_size=8)]
+    lists = [
+        tok(t)["input_ids"][:40] for t in tradeoff.domain_texts("wikipedia", 16) + tradeoff.domain_texts("code", 16)
+    ]
+    batches = [
+        {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask}
+        for b in tradeoff.text_batches(lists, 0, batch_size=8)
+    ]
     spread = {}
     for target in ("absolute", "relative"):
         routed = RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS))
         fit = importance.fit_routers(routed, batches, [], target_capacity=0.5, shrink=1.0, target=target)
         assert fit.target == target
         x, _ = importance.collect(routed, batches)
-        logits = torch.stack([x[i] @ routed.routers[i].weight.detach().double().view(-1) for i in LAYERS])  # (layers, N)
+        logits = torch.stack(
+            [x[i] @ routed.routers[i].weight.detach().double().view(-1) for i in LAYERS]
+        )  # (layers, N)
         spread[target] = float(logits.sum(0).std())
     assert spread["relative"] < 0.5 * spread["absolute"]
     with pytest.raises(ValueError, match="target"):
-        importance.fit_routers(RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS)), batches[:1], [], 0.5, target="levels")
+        importance.fit_routers(
+            RoutedModel(tiny_llama(), RouterConfig(layers=LAYERS)), batches[:1], [], 0.5, target="levels"
+        )
 
 
 def test_mixed_workload_pools_texts_and_interpolates_at_the_pooled_skip():
@@ -288,14 +357,24 @@ def test_mixed_workload_pools_texts_and_interpolates_at_the_pooled_skip():
         return {"skip": skip, "per_text_kl": kl, "per_text_tokens": [10.0, 20.0]}
 
     domains = {
-        "a": {"dense": setting(0.0, [0.0, 0.0]), "static 3": setting(0.1, [3.0, 6.0]),
-              "routers @ 0.4": setting(0.0, [0.0, 0.0]), "routers @ 0.5": setting(0.2, [2.0, 4.0])},
-        "b": {"dense": setting(0.0, [0.0, 0.0]), "static 3": setting(0.1, [1.0, 2.0]),
-              "routers @ 0.4": setting(0.1, [1.0, 1.0]), "routers @ 0.5": setting(0.3, [3.0, 5.0]),
-              "routers @ 0.45": setting(0.1, [9.0, 9.0])},  # not measured on domain a: left out
+        "a": {
+            "dense": setting(0.0, [0.0, 0.0]),
+            "static 3": setting(0.1, [3.0, 6.0]),
+            "routers @ 0.4": setting(0.0, [0.0, 0.0]),
+            "routers @ 0.5": setting(0.2, [2.0, 4.0]),
+        },
+        "b": {
+            "dense": setting(0.0, [0.0, 0.0]),
+            "static 3": setting(0.1, [1.0, 2.0]),
+            "routers @ 0.4": setting(0.1, [1.0, 1.0]),
+            "routers @ 0.5": setting(0.3, [3.0, 5.0]),
+            "routers @ 0.45": setting(0.1, [9.0, 9.0]),
+        },  # not measured on domain a: left out
     }
-    result = {"domains": {d: {"settings": s} for d, s in domains.items()},
-              "job": {"skip_targets": [0.1], "bootstrap": 200}}
+    result = {
+        "domains": {d: {"settings": s} for d, s in domains.items()},
+        "job": {"skip_targets": [0.1], "bootstrap": 200},
+    }
     out = mixed.mixed_workload(result)
     m = out["matched"]["0.10"]
     tokens = np.array([10.0, 20.0, 10.0, 20.0])
@@ -334,17 +413,18 @@ def test_token_routers_skip_is_measured_on_the_scored_tokens_and_kl_matches_the_
     with torch.no_grad():
         for i, ids in enumerate(lists):
             x, n, half = torch.tensor([ids]), len(ids), len(ids) // 2
-            dense = F.log_softmax(plain(input_ids=x).logits[0, half - 1:-1].float(), -1)
-            logits, decisions = reference_logits(plain, "attention", weights, {layer: 0.5 for layer in LAYERS}, x,
-                                                 torch.ones_like(x))
-            routed_lp = F.log_softmax(logits[0, half - 1:-1].float(), -1)
+            dense = F.log_softmax(plain(input_ids=x).logits[0, half - 1 : -1].float(), -1)
+            logits, decisions = reference_logits(
+                plain, "attention", weights, {layer: 0.5 for layer in LAYERS}, x, torch.ones_like(x)
+            )
+            routed_lp = F.log_softmax(logits[0, half - 1 : -1].float(), -1)
             kl = (dense.exp() * (dense - routed_lp)).sum()
             assert scores.kl[i] == pytest.approx(float(kl), rel=1e-3, abs=1e-5)
             skipped = torch.stack([~decisions[layer][0] for layer in LAYERS]).sum(0).double()  # (T,) per token
             assert 0 < skipped.sum() < len(LAYERS) * n  # decisions are mixed
-            assert scores.skipped[i] == pytest.approx(float(skipped[half - 1: n - 1].mean()))
+            assert scores.skipped[i] == pytest.approx(float(skipped[half - 1 : n - 1].mean()))
             assert scores.skipped_all[i] == pytest.approx(float(skipped.mean()))
-            differs += abs(float(skipped[half - 1: n - 1].mean()) - float(skipped.mean())) > 1e-6
+            differs += abs(float(skipped[half - 1 : n - 1].mean()) - float(skipped.mean())) > 1e-6
     assert differs  # the scored tokens' skip is not the all-token one here, so the test tells them apart
     summary = scores.summary(6)
     assert summary["skip"] == pytest.approx(scores.skipped.mean() / 6)
@@ -374,24 +454,59 @@ def test_tradeoff_cli_domains_only_and_top_k_token_routers_swept_by_threshold(by
     from transformers import AutoModelForCausalLM
 
     routers, out = tmp_path / "routers", tmp_path / "tradeoff"
-    routed = RoutedModel(AutoModelForCausalLM.from_pretrained(byte_model),
-                         RouterConfig(layers=LAYERS, unit="token", token_top_k=0.5))
+    routed = RoutedModel(
+        AutoModelForCausalLM.from_pretrained(byte_model), RouterConfig(layers=LAYERS, unit="token", token_top_k=0.5)
+    )
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for router in routed.routers.values():
             router.weight.copy_(torch.randn(router.weight.shape, generator=gen) * 2)
     routed.save_pretrained(routers)
-    assert main(["tradeoff", "--routers", str(routers), "--model", byte_model, "--output", str(out),
-                 "--domains", "code", "--texts", "6", "--max-tokens", "40", "--tasks", "--fidelity-prompts", "0",
-                 "--max-drop", "2", "--random-seeds", "0", "--sweep-points", "5", "--skip-targets", "0.2",
-                 "--bootstrap", "100", "--calibration-samples", "8"]) == 0
+    assert (
+        main(
+            [
+                "tradeoff",
+                "--routers",
+                str(routers),
+                "--model",
+                byte_model,
+                "--output",
+                str(out),
+                "--domains",
+                "code",
+                "--texts",
+                "6",
+                "--max-tokens",
+                "40",
+                "--tasks",
+                "--fidelity-prompts",
+                "0",
+                "--max-drop",
+                "2",
+                "--random-seeds",
+                "0",
+                "--sweep-points",
+                "5",
+                "--skip-targets",
+                "0.2",
+                "--bootstrap",
+                "100",
+                "--calibration-samples",
+                "8",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "tradeoff.json").read_text())
     assert result["tasks"] == {} and result["job"]["tasks"] == [] and set(result["domains"]) == {"code"}
     assert result["unit"] == "token" and result["token_top_k_swept_as_thresholds"] == 0.5
     skips = [s["skip"] for name, s in result["domains"]["code"]["settings"].items() if name.startswith("routers")]
     assert len(set(round(s, 6) for s in skips)) >= 3, skips  # the threshold moves the skip
-    assert all("skip_all_tokens" in s for name, s in result["domains"]["code"]["settings"].items()
-               if name.startswith("routers"))
+    assert all(
+        "skip_all_tokens" in s
+        for name, s in result["domains"]["code"]["settings"].items()
+        if name.startswith("routers")
+    )
 
 
 def test_accuracy_settings_bracket_a_router_point_outside_the_targets_span():
@@ -417,44 +532,144 @@ def test_static_counts_are_added_around_the_router_points_measured_skip():
     assert tradeoff.static_counts_to_add([], set(), [0.1], 30) == []
 
 
-def test_accuracy_comparison_is_reached_where_the_router_point_lands_off_the_estimate(byte_model, tmp_path,
-                                                                                     monkeypatch):
+def test_accuracy_comparison_is_reached_where_the_router_point_lands_off_the_estimate(
+    byte_model, tmp_path, monkeypatch
+):
     """The accuracy settings are chosen on an estimate of each router point's skip; here the choice is made
     wrong on purpose (static 1 only, beside the routers' deepest threshold) and the run must still add the
     static counts around the skip the router point measures on the items, so the row is reached."""
     routers, out = tmp_path / "routers", tmp_path / "tradeoff"
-    assert main(["train", "--model", byte_model, "--output", str(routers), "--samples", "32",
-                 "--heldout-samples", "8", "--max-length", "48", "--batch-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                byte_model,
+                "--output",
+                str(routers),
+                "--samples",
+                "32",
+                "--heldout-samples",
+                "8",
+                "--max-length",
+                "48",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
 
     def misplaced(variants, skips, job, num_layers):
         return [v for v in variants if v.kind == "static" and v.k == 1] + [
-            tradeoff.Variant("routers", threshold=max(skips, key=lambda t: skips[t]))]
+            tradeoff.Variant("routers", threshold=max(skips, key=lambda t: skips[t]))
+        ]
 
     monkeypatch.setattr(tradeoff, "_accuracy_settings", misplaced)
-    assert main(["tradeoff", "--routers", str(routers), "--model", byte_model, "--output", str(out),
-                 "--domains", "--tasks", "arc_easy", "--limit", "8", "--fidelity-prompts", "0", "--max-drop", "1",
-                 "--random-seeds", "0", "--sweep-points", "4", "--skip-targets", "0.2", "--bootstrap", "100",
-                 "--calibration-samples", "8"]) == 0
+    assert (
+        main(
+            [
+                "tradeoff",
+                "--routers",
+                str(routers),
+                "--model",
+                byte_model,
+                "--output",
+                str(out),
+                "--domains",
+                "--tasks",
+                "arc_easy",
+                "--limit",
+                "8",
+                "--fidelity-prompts",
+                "0",
+                "--max-drop",
+                "1",
+                "--random-seeds",
+                "0",
+                "--sweep-points",
+                "4",
+                "--skip-targets",
+                "0.2",
+                "--bootstrap",
+                "100",
+                "--calibration-samples",
+                "8",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "tradeoff.json").read_text())
     row = result["matched"]["arc_easy"]["0.20"]
     assert row["at"] > 1 / 6, row  # off static 1's side: the comparison needs counts that were not chosen
     assert row["routers"]["reached"] and row["static"]["reached"], row
     settings = result["tasks"]["arc_easy"]["settings"]
-    assert f"static {math.floor(row['at'] * 6 + 1e-9)}" in settings and f"static {math.ceil(row['at'] * 6 - 1e-9)}" in settings
+    assert (
+        f"static {math.floor(row['at'] * 6 + 1e-9)}" in settings
+        and f"static {math.ceil(row['at'] * 6 - 1e-9)}" in settings
+    )
 
 
-def test_resume_keeps_what_finished_measures_the_rest_and_equals_a_full_run(byte_model, tmp_path, monkeypatch,
-                                                                           capsys):
+def test_resume_keeps_what_finished_measures_the_rest_and_equals_a_full_run(byte_model, tmp_path, monkeypatch, capsys):
     """An interrupted run is continued with --resume: the finished domains, fidelity and task settings are taken
     from tradeoff.json, only the missing task settings are scored, and the result equals an uninterrupted run.
     A run of another job, or one whose settings no longer match the routers, is refused."""
     routers, out = tmp_path / "routers", tmp_path / "tradeoff"
-    assert main(["train", "--model", byte_model, "--output", str(routers), "--samples", "32",
-                 "--heldout-samples", "8", "--max-length", "48", "--batch-size", "8"]) == 0
-    flags = ["tradeoff", "--routers", str(routers), "--model", byte_model, "--output", str(out),
-             "--domains", "code", "--texts", "4", "--max-tokens", "32", "--tasks", "arc_easy", "--limit", "8",
-             "--fidelity-prompts", "2", "--fidelity-tokens", "3", "--max-drop", "2", "--random-seeds", "1",
-             "--sweep-points", "4", "--skip-targets", "0.2", "--bootstrap", "100", "--calibration-samples", "8"]
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                byte_model,
+                "--output",
+                str(routers),
+                "--samples",
+                "32",
+                "--heldout-samples",
+                "8",
+                "--max-length",
+                "48",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
+    flags = [
+        "tradeoff",
+        "--routers",
+        str(routers),
+        "--model",
+        byte_model,
+        "--output",
+        str(out),
+        "--domains",
+        "code",
+        "--texts",
+        "4",
+        "--max-tokens",
+        "32",
+        "--tasks",
+        "arc_easy",
+        "--limit",
+        "8",
+        "--fidelity-prompts",
+        "2",
+        "--fidelity-tokens",
+        "3",
+        "--max-drop",
+        "2",
+        "--random-seeds",
+        "1",
+        "--sweep-points",
+        "4",
+        "--skip-targets",
+        "0.2",
+        "--bootstrap",
+        "100",
+        "--calibration-samples",
+        "8",
+    ]
     assert main(flags) == 0
     full = json.loads((out / "tradeoff.json").read_text())
     settings = list(full["tasks"]["arc_easy"]["settings"])
@@ -475,15 +690,19 @@ def test_resume_keeps_what_finished_measures_the_rest_and_equals_a_full_run(byte
     assert main(flags + ["--resume"]) == 0
     resumed = json.loads((out / "tradeoff.json").read_text())
     assert scored == settings[1:]
-    assert resumed["resumed"] == {"domains": ["code"], "fidelity": True, "task_settings": {"arc_easy": settings[:1]},
-                                  "seconds_before": 1000.0}
+    assert resumed["resumed"] == {
+        "domains": ["code"],
+        "fidelity": True,
+        "task_settings": {"arc_easy": settings[:1]},
+        "seconds_before": 1000.0,
+    }
     assert 1000 < resumed["seconds"] < 1000 + full["seconds"] + 60  # the time of both sessions
     for key in ("domains", "fidelity", "tasks", "variants"):
         assert resumed[key] == full[key], key
     for key in ("code", "arc_easy"):
         assert resumed["matched"][key] == full["matched"][key]
 
-    assert main(flags[:flags.index("--limit") + 1] + ["6"] + flags[flags.index("--limit") + 2:] + ["--resume"]) == 2
+    assert main(flags[: flags.index("--limit") + 1] + ["6"] + flags[flags.index("--limit") + 2 :] + ["--resume"]) == 2
     assert "different job (limit differ: limit 8 there, 6 here)" in capsys.readouterr().err
     monkeypatch.setattr(tradeoff, "score_texts", real_score_texts)
     monkeypatch.setattr(tradeoff, "_fidelity", real_fidelity)
@@ -505,6 +724,7 @@ def test_resume_keeps_what_finished_measures_the_rest_and_equals_a_full_run(byte
     fixed = flags + ["--thresholds", "0.5", "--output", str(tmp_path / "fixed")]
     assert main(fixed) == 0
     from safetensors.torch import load_file, save_file
+
     weights = load_file(routers / "routers.safetensors")
     name = next(k for k in weights if k.endswith("bias"))
     weights[name] = weights[name] + 0.5

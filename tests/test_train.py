@@ -19,21 +19,43 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import build_tiny, padded_batch
 from routertune import RoutedModel, RouterConfig
-from routertune.cli import main
 from routertune.base_model import load_tokenizer
+from routertune.cli import main
 
 # the gradient-trained objectives (the default, importance, is a single closed-form pass: tests/test_tradeoff.py)
-ARGS = ["--objective", "lm", "--samples", "96", "--heldout-samples", "8", "--max-length", "96", "--batch-size", "8",
-        "--learning-rate", "1e-2", "--warmup-ratio", "0.1"]
+ARGS = [
+    "--objective",
+    "lm",
+    "--samples",
+    "96",
+    "--heldout-samples",
+    "8",
+    "--max-length",
+    "96",
+    "--batch-size",
+    "8",
+    "--learning-rate",
+    "1e-2",
+    "--warmup-ratio",
+    "0.1",
+]
 
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> str:
     tokenizer = load_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     folder = tmp_path_factory.mktemp("small-llama")
     model.save_pretrained(folder)
@@ -43,8 +65,13 @@ def small_model(tmp_path_factory) -> str:
 
 def _cli(*args, env=None, launcher=None) -> subprocess.Popen:
     command = (launcher or [sys.executable, "-m", "routertune.cli"]) + list(args)
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+    )
 
 
 def _routers(folder: Path) -> dict[str, torch.Tensor]:
@@ -69,8 +96,7 @@ def test_sigkilled_run_resumes_to_the_same_routers(small_model, tmp_path):
     # an output folder holding a run is never silently reused
     assert main(["train", "--model", small_model, "--output", str(broken), *ARGS]) == 2
 
-    proc = _cli("train", "--model", small_model, "--output", str(broken), *ARGS, "--checkpoint-every", "1",
-                "--resume")
+    proc = _cli("train", "--model", small_model, "--output", str(broken), *ARGS, "--checkpoint-every", "1", "--resume")
     out = proc.communicate()[0]
     assert proc.returncode == 0, out
     expected, got = _routers(unbroken), _routers(broken)
@@ -84,9 +110,24 @@ def test_two_processes_equal_one_process_with_accumulation(small_model, tmp_path
     proc = _cli("train", "--model", small_model, "--output", str(one), *ARGS, "--grad-accum", "2")
     assert proc.wait() == 0, proc.stdout.read()
     # torchrun-style launch of two CPU processes (accelerate picks MULTI_CPU with gloo when no GPU is present)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                "29533", "-m", "routertune.cli"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        "-m",
+        "routertune.cli",
+    ]
     proc = _cli("train", "--model", small_model, "--output", str(two), *ARGS, launcher=launcher)
     out = proc.communicate()[0]
     assert proc.returncode == 0, out
@@ -121,7 +162,11 @@ def test_lora_and_routers_train_save_and_load_together(tmp_path):
         expected = routed(input_ids=ids, attention_mask=mask).logits
     routed.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "adapter_config.json", "lora.safetensors", "router_config.json", "routers.safetensors"]
+        "adapter_config.json",
+        "lora.safetensors",
+        "router_config.json",
+        "routers.safetensors",
+    ]
     loaded = RoutedModel.from_pretrained(build_tiny("llama"), tmp_path)
     with torch.no_grad():
         got = loaded(input_ids=ids, attention_mask=mask).logits

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from routertune import RoutedModel, RouterConfig
-from routertune.train import importance
-from routertune.eval import tradeoff
 from routertune.cli import main
+from routertune.eval import tradeoff
 from routertune.routing.router import Router
+from routertune.train import importance
 from tiny_lm import tiny_llama, tiny_tokenizer
 
 LAYERS = [1, 2, 3, 4]
@@ -49,8 +49,10 @@ def _batches():
     tok = tiny_tokenizer()
     texts = tradeoff.domain_texts("wikipedia", 16) + tradeoff.domain_texts("code", 16)
     lists = [tok(t)["input_ids"][:40] for t in texts]
-    return [{"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask}
-            for b in tradeoff.text_batches(lists, 0, batch_size=8)]
+    return [
+        {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "prompt_mask": b.route_mask}
+        for b in tradeoff.text_batches(lists, 0, batch_size=8)
+    ]
 
 
 def _logits(routed, features) -> dict[int, torch.Tensor]:
@@ -84,8 +86,13 @@ def test_fit_bounds_the_part_it_would_have_fitted_and_still_meets_the_capacity()
             sd = float(part0.std())
             low = -np.inf if down is None else -down * sd
             high = np.inf if up is None else up * sd
-            prior = float(torch.logit(torch.sigmoid(F.linear(mean_input.float(), routed.routers[i].weight,
-                                                             routed.routers[i].bias)).double()))
+            prior = float(
+                torch.logit(
+                    torch.sigmoid(
+                        F.linear(mean_input.float(), routed.routers[i].weight, routed.routers[i].bias)
+                    ).double()
+                )
+            )
             np.testing.assert_allclose((bounded[i] - prior).numpy(), part0.clamp(low, high).numpy(), atol=2e-4)
             clipped_any |= bool(((part0 < low) | (part0 > high)).any())
         assert clipped_any
@@ -119,23 +126,63 @@ def test_train_cli_fits_the_region_and_refuses_bad_bounds(tmp_path, capsys):
     tiny_llama(layers=6).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     out = tmp_path / "routers"
-    assert main(["train", "--model", str(folder), "--output", str(out), "--samples", "32", "--heldout-samples",
-                 "8", "--max-length", "48", "--trust-down", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(folder),
+                "--output",
+                str(out),
+                "--samples",
+                "32",
+                "--heldout-samples",
+                "8",
+                "--max-length",
+                "48",
+                "--trust-down",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     fit = json.loads((out / "train_metrics.json").read_text())["result"]["fit"]
     assert fit["trust"] == [0.5, 0.0]  # up: the default, no upward move
     regions = load_file(out / "routers.safetensors")
     assert all(float(v[1]) < 0 and float(v[2]) == 0 for k, v in regions.items() if k.endswith("trust_region"))
-    assert main(["train", "--model", str(folder), "--output", str(out), "--samples", "32", "--heldout-samples",
-                 "8", "--max-length", "48", "--trust-up", "inf", "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(folder),
+                "--output",
+                str(out),
+                "--samples",
+                "32",
+                "--heldout-samples",
+                "8",
+                "--max-length",
+                "48",
+                "--trust-up",
+                "inf",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "train_metrics.json").read_text())["result"]["fit"]["trust"] == [None, None]
     regions = load_file(out / "routers.safetensors")
-    assert all(torch.equal(v, torch.tensor([0.0, -np.inf, np.inf])) for k, v in regions.items()
-               if k.endswith("trust_region"))  # unbounded both ways: no region at all, as before
+    assert all(
+        torch.equal(v, torch.tensor([0.0, -np.inf, np.inf])) for k, v in regions.items() if k.endswith("trust_region")
+    )  # unbounded both ways: no region at all, as before
     capsys.readouterr()
     assert main(["train", "--model", str(folder), "--output", str(tmp_path / "x"), "--trust-down", "-1"]) != 0
     assert "trust_down=-1.0 must be >= 0" in capsys.readouterr().err
-    assert main(["train", "--model", str(folder), "--output", str(tmp_path / "y"), "--objective", "lm",
-                 "--trust-up", "1"]) != 0
+    assert (
+        main(["train", "--model", str(folder), "--output", str(tmp_path / "y"), "--objective", "lm", "--trust-up", "1"])
+        != 0
+    )
     assert "use --objective importance" in capsys.readouterr().err
 
 

@@ -29,10 +29,19 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_llama(seed: int = 0, layers: int = 6) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(SPECIALS) + 256, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(SPECIALS) + 256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -57,17 +66,31 @@ def tiny_family_folder(folder, family: str, layers: int = 6):
     import transformers as tf
 
     tokenizer = tiny_tokenizer()
-    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     configs = {
         "llama": lambda: tf.LlamaConfig(**common),
         "mistral": lambda: tf.MistralConfig(**common, sliding_window=16),
         "qwen2": lambda: tf.Qwen2Config(**common),  # q/k/v biases
         "qwen3": lambda: tf.Qwen3Config(**common),  # q/k norms in every attention sublayer
         "gemma3_text": lambda: tf.Gemma3TextConfig(
-            **common, query_pre_attn_scalar=32, sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"] * (layers // 2)),
+            **common,
+            query_pre_attn_scalar=32,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+        ),
     }
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(configs[family]())

@@ -37,8 +37,15 @@ def _mask(runs: torch.Tensor, real: torch.Tensor, window: int | None) -> torch.T
 
 
 @contextlib.contextmanager
-def token_reference(model, granularity: str, routers: dict[int, torch.Tensor], thresholds: dict[int, float],
-                    attention_mask: torch.Tensor | None, forced: dict[int, bool] | None = None, sink: int = 1):
+def token_reference(
+    model,
+    granularity: str,
+    routers: dict[int, torch.Tensor],
+    thresholds: dict[int, float],
+    attention_mask: torch.Tensor | None,
+    forced: dict[int, bool] | None = None,
+    sink: int = 1,
+):
     """Inside the block, `model` (a plain HF causal LM) behaves as the token-routed model with router weights
     `routers` {layer: (weight (1, H), bias (1,))}. Yields {layer: (B, T) bool decisions} of the last forward."""
     decisions: dict[int, torch.Tensor] = {}
@@ -47,8 +54,11 @@ def token_reference(model, granularity: str, routers: dict[int, torch.Tensor], t
 
     def decide(layer, normed):
         batch, steps = normed.shape[:2]
-        real = (attention_mask[:, -steps:].bool() if attention_mask is not None
-                else torch.ones(batch, steps, dtype=torch.bool))
+        real = (
+            attention_mask[:, -steps:].bool()
+            if attention_mask is not None
+            else torch.ones(batch, steps, dtype=torch.bool)
+        )
         if forced is not None:
             runs = real & forced[layer]
         else:
@@ -63,6 +73,7 @@ def token_reference(model, granularity: str, routers: dict[int, torch.Tensor], t
         block = model.model.layers[layer]
         window = _window(config, layer)
         if granularity == "attention":
+
             def pre(module, args, kwargs, layer=layer, window=window):
                 runs, real = decide(layer, kwargs["hidden_states"])
                 kwargs["attention_mask"] = _mask(runs, real, window)
@@ -75,12 +86,14 @@ def token_reference(model, granularity: str, routers: dict[int, torch.Tensor], t
             handles.append(block.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(block.self_attn.register_forward_hook(post, with_kwargs=True))
         elif granularity == "mlp":
+
             def post(module, args, out, layer=layer):
                 runs, _ = decide(layer, args[0])
                 return out * runs[:, :, None].to(out.dtype)
 
             handles.append(block.mlp.register_forward_hook(post))
         else:
+
             def pre(module, args, kwargs, layer=layer, window=window, block=block):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 runs, real = decide(layer, block.input_layernorm(hidden))
@@ -110,8 +123,9 @@ def reference_greedy(model, granularity, routers, thresholds, ids, mask, new_tok
     """Greedy continuation by re-running the reference on the whole sequence each step (no cache)."""
     for _ in range(new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate() numbers left-padded rows
-        logits, _ = reference_logits(model, granularity, routers, thresholds, ids, mask, position_ids=positions,
-                                     sink=sink)
+        logits, _ = reference_logits(
+            model, granularity, routers, thresholds, ids, mask, position_ids=positions, sink=sink
+        )
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)

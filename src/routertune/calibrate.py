@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from .model import WEIGHTS_NAME, RoutedModel
 from routertune.train.prompts import chat_prompts
+
+from .model import WEIGHTS_NAME, RoutedModel
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,16 @@ class CalibrationResult:
 
 def check_capacity(capacity: float) -> float:
     if not isinstance(capacity, (int, float)) or not 0.0 <= float(capacity) <= 1.0:
-        raise ValueError(f"capacity={capacity!r} must lie in [0, 1]: the fraction of routed sublayers that run "
-                         "(1 = dense, 0.5 = half of them)")
+        raise ValueError(
+            f"capacity={capacity!r} must lie in [0, 1]: the fraction of routed sublayers that run "
+            "(1 = dense, 0.5 = half of them)"
+        )
     return float(capacity)
 
 
-def prompt_batches(prompts: Sequence[Sequence[int]], pad_token_id: int, batch_tokens: int = 4096,
-                   max_batch: int = 32) -> list[dict[str, torch.Tensor]]:
+def prompt_batches(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, batch_tokens: int = 4096, max_batch: int = 32
+) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches of similar-length prompts (input_ids, attention_mask)."""
     if not prompts:
         raise ValueError("no calibration prompts")
@@ -87,8 +91,12 @@ def prompt_scores(routed: RoutedModel, batches) -> tuple[dict[int, torch.Tensor]
     for batch in batches:
         device = routed.device
         with routed.recording() as calls:
-            routed(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                   use_cache=False, logits_to_keep=1)
+            routed(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+                logits_to_keep=1,
+            )
         call = calls[-1]
         for layer in routed.routed_layers:
             if layer in call.scores:
@@ -172,8 +180,15 @@ def next_threshold(points: list[tuple[float, float]], capacity: float, quantile_
     return t if _EPS <= t <= 1 - _EPS else quantile_t
 
 
-def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = False, max_passes: int = 8,
-              tolerance: float = 0.002, progress: bool = False) -> CalibrationResult:
+def calibrate(
+    routed: RoutedModel,
+    batches,
+    capacity: float,
+    per_layer: bool = False,
+    max_passes: int = 8,
+    tolerance: float = 0.002,
+    progress: bool = False,
+) -> CalibrationResult:
     """Set `routed`'s thresholds in place so it runs `capacity` of its routed sublayers on `batches`."""
     from tqdm.auto import tqdm
 
@@ -204,8 +219,10 @@ def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = F
         if error <= tolerance:
             break
         if per_layer:
-            new = {layer: quantile_threshold(s, _decided_capacity(capacity, s, decisions[layer]))
-                   for layer, s in scores.items()}
+            new = {
+                layer: quantile_threshold(s, _decided_capacity(capacity, s, decisions[layer]))
+                for layer, s in scores.items()
+            }
             if current[1] == new:
                 break
             routed.set_threshold(config.threshold, new)
@@ -222,24 +239,41 @@ def calibrate(routed: RoutedModel, batches, capacity: float, per_layer: bool = F
     _, threshold, layer_thresholds, layer_cap = best
     routed.set_threshold(threshold, layer_thresholds)
     realised = sum(layer_cap.values()) / len(layer_cap)
-    return CalibrationResult(target=capacity, per_layer=per_layer, threshold=threshold,
-                             layer_thresholds=layer_thresholds, capacity=realised, layer_capacity=layer_cap,
-                             history=history, prompts=prompts, seconds=time.perf_counter() - started)
+    return CalibrationResult(
+        target=capacity,
+        per_layer=per_layer,
+        threshold=threshold,
+        layer_thresholds=layer_thresholds,
+        capacity=realised,
+        layer_capacity=layer_cap,
+        history=history,
+        prompts=prompts,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def _set_top_k(routed: RoutedModel, batches, capacity: float, per_layer: bool, started: float) -> CalibrationResult:
     """Token routers in top-k mode run a set fraction of each prompt's tokens and ignore thresholds: the dial is
     that fraction itself (realised capacity sits slightly above it, as each row rounds its count up)."""
     if capacity <= 0:
-        raise ValueError("capacity=0 cannot be reached in top-k mode (every prompt runs at least one token); "
-                         "use threshold mode (token_top_k=None) or force skipping")
+        raise ValueError(
+            "capacity=0 cannot be reached in top-k mode (every prompt runs at least one token); "
+            "use threshold mode (token_top_k=None) or force skipping"
+        )
     routed.router_config.token_top_k = capacity
     realised, layer_cap = measure_capacity(routed, batches)
     config = routed.router_config
-    return CalibrationResult(target=capacity, per_layer=per_layer, threshold=config.threshold,
-                             layer_thresholds=config.layer_thresholds, capacity=realised, layer_capacity=layer_cap,
-                             history=[realised], prompts=sum(int(b["input_ids"].shape[0]) for b in batches),
-                             seconds=time.perf_counter() - started)
+    return CalibrationResult(
+        target=capacity,
+        per_layer=per_layer,
+        threshold=config.threshold,
+        layer_thresholds=config.layer_thresholds,
+        capacity=realised,
+        layer_capacity=layer_cap,
+        history=[realised],
+        prompts=sum(int(b["input_ids"].shape[0]) for b in batches),
+        seconds=time.perf_counter() - started,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,19 +284,47 @@ def _set_top_k(routed: RoutedModel, batches, capacity: float, per_layer: bool, s
 class CalibrateJob:
     """What `routertune calibrate` does; every field is a CLI flag."""
 
-    routers: str = field(default="", metadata={"help": "folder written by `routertune train` (router_config.json + routers.safetensors)"})
-    capacity: float = field(default=0.5, metadata={"help": "fraction of routed sublayers to run, in [0, 1] (1 = dense)"})
-    per_layer: bool = field(default=False, metadata={"help": "one threshold per routed layer (each runs `capacity` of prompts) instead of one global threshold"})
-    output: str | None = field(default=None, metadata={"help": "folder for the calibrated routers (default: update --routers in place)"})
+    routers: str = field(
+        default="", metadata={"help": "folder written by `routertune train` (router_config.json + routers.safetensors)"}
+    )
+    capacity: float = field(
+        default=0.5, metadata={"help": "fraction of routed sublayers to run, in [0, 1] (1 = dense)"}
+    )
+    per_layer: bool = field(
+        default=False,
+        metadata={
+            "help": "one threshold per routed layer (each runs `capacity` of prompts) instead of one global threshold"
+        },
+    )
+    output: str | None = field(
+        default=None, metadata={"help": "folder for the calibrated routers (default: update --routers in place)"}
+    )
     model: str | None = field(default=None, metadata={"help": "base model (default: embedded SmolLM2-135M-Instruct)"})
     cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
-    data: str | None = field(default=None, metadata={"help": "JSONL of calibration records (chat / Alpaca / text); default: prompts of the offline mix's train split"})
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL of calibration records (chat / Alpaca / text); default: prompts of the offline mix's train split"
+        },
+    )
     samples: int = field(default=64, metadata={"help": "calibration prompts"})
-    heldout_samples: int = field(default=64, metadata={"help": "held-out prompts the realised capacity is reported on (0 = skip)"})
+    heldout_samples: int = field(
+        default=64, metadata={"help": "held-out prompts the realised capacity is reported on (0 = skip)"}
+    )
     max_prompt_tokens: int = field(default=256, metadata={"help": "longer prompts keep their last tokens"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward"})
-    tolerance: float = field(default=0.01, metadata={"help": "largest |realised - target| capacity on the calibration prompts that is saved; further off is refused (per-layer thresholds move in steps of 1/--samples of a layer)"})
-    accept_off_target: bool = field(default=False, metadata={"help": "save the thresholds nearest the target even when they miss it by more than --tolerance (tied scores, e.g. piled on a trust-region bound, move whole)"})
+    tolerance: float = field(
+        default=0.01,
+        metadata={
+            "help": "largest |realised - target| capacity on the calibration prompts that is saved; further off is refused (per-layer thresholds move in steps of 1/--samples of a layer)"
+        },
+    )
+    accept_off_target: bool = field(
+        default=False,
+        metadata={
+            "help": "save the thresholds nearest the target even when they miss it by more than --tolerance (tied scores, e.g. piled on a trust-region bound, move whole)"
+        },
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -304,8 +366,10 @@ def _piles(routed: RoutedModel, batches, share: float = 0.05) -> str:
     if not piled:
         return "no layer's scores pile up: too few prompts for this target"
     worst = max(piled, key=piled.get)
-    return (f"in {len(piled)} of {len(scores)} routed layers tied scores pile up, which run whole or not at all; "
-            f"the largest pile: {piled[worst]:.0%} of the prompts at layer {worst}")
+    return (
+        f"in {len(piled)} of {len(scores)} routed layers tied scores pile up, which run whole or not at all; "
+        f"the largest pile: {piled[worst]:.0%} of the prompts at layer {worst}"
+    )
 
 
 def calibration_prompts(tokenizer, job_data: str | None, split: str, n: int, max_tokens: int) -> list[list[int]]:
@@ -323,26 +387,32 @@ def calibration_prompts(tokenizer, job_data: str | None, split: str, n: int, max
 
 def calibrate_job(job: CalibrateJob) -> CalibrateReport:
     """Load a model and its routers, calibrate the thresholds, save the router config."""
-    from .config import RouterConfig
     from routertune.base_model import load_model_and_tokenizer
+
+    from .config import RouterConfig
 
     RouterConfig.load(job.routers)  # a wrong folder fails before the model loads
     model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)
     routed = RoutedModel.from_pretrained(model, job.routers)
     pad = tokenizer.pad_token_id
-    batches = prompt_batches(calibration_prompts(tokenizer, job.data, "train", job.samples, job.max_prompt_tokens),
-                             pad, job.batch_tokens)
+    batches = prompt_batches(
+        calibration_prompts(tokenizer, job.data, "train", job.samples, job.max_prompt_tokens), pad, job.batch_tokens
+    )
     result = calibrate(routed, batches, job.capacity, per_layer=job.per_layer, progress=True)
     off = abs(result.capacity - result.target)
     if off > job.tolerance:
-        message = (f"capacity {job.capacity:g} is not reachable within --tolerance {job.tolerance:g} on these "
-                   f"{result.prompts} calibration prompts: the nearest thresholds give realised "
-                   f"{result.capacity:.4f} ({_piles(routed, batches)})")
+        message = (
+            f"capacity {job.capacity:g} is not reachable within --tolerance {job.tolerance:g} on these "
+            f"{result.prompts} calibration prompts: the nearest thresholds give realised "
+            f"{result.capacity:.4f} ({_piles(routed, batches)})"
+        )
         if not job.accept_off_target:
             raise ValueError(
                 message + ". Nothing was saved. Save them anyway with --accept-off-target, or ask for a capacity "
-                "the scores allow" + ("" if not job.per_layer else ", or use one global threshold (drop "
-                "--per-layer)") + ", or calibrate on more prompts (--samples)")
+                "the scores allow"
+                + ("" if not job.per_layer else ", or use one global threshold (drop --per-layer)")
+                + ", or calibrate on more prompts (--samples)"
+            )
         log.warning("%s; saved anyway (--accept-off-target)", message)
     heldout_cap, heldout_layers, n_heldout = None, None, 0
     if job.heldout_samples:
@@ -354,5 +424,10 @@ def calibrate_job(job: CalibrateJob) -> CalibrateReport:
     if output.resolve() != Path(job.routers).resolve() and (output / WEIGHTS_NAME).exists():
         raise FileExistsError(f"{output} already holds routers; choose another --output")
     routed.save_pretrained(output)
-    return CalibrateReport(output=str(output), result=result, heldout_capacity=heldout_cap,
-                           heldout_layer_capacity=heldout_layers, heldout_prompts=n_heldout)
+    return CalibrateReport(
+        output=str(output),
+        result=result,
+        heldout_capacity=heldout_cap,
+        heldout_layer_capacity=heldout_layers,
+        heldout_prompts=n_heldout,
+    )

@@ -4,8 +4,8 @@ dataclass fields (help text lives with the field), and this is the only module t
 from __future__ import annotations
 
 import argparse
-import importlib
 import dataclasses
+import importlib
 import logging
 import sys
 import typing
@@ -48,8 +48,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         else:
             default = None
         if is_bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                               help=help_text)
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
         else:
             suffix = "" if f.metadata.get("default_in_help") else f" (default: {default})"
             group.add_argument(flag, dest=f.name, type=kind, nargs=nargs, default=default, help=help_text + suffix)
@@ -62,26 +63,36 @@ def _build(cls, namespace, **extra):
 
 def _print_tune(report: pipeline.TuneReport, cfg: TrainConfig) -> None:
     res = report.result
-    print(f"routers saved to {report.output} ({report.trainable_parameters} trainable weights, "
-          f"{report.samples} samples, {report.truncated} truncated, {res.steps} steps in {res.seconds:.0f} s)")
+    print(
+        f"routers saved to {report.output} ({report.trainable_parameters} trainable weights, "
+        f"{report.samples} samples, {report.truncated} truncated, {res.steps} steps in {res.seconds:.0f} s)"
+    )
     if res.fit is not None:
-        print(f"importance fit on {res.fit['records']} records: ridge {res.fit['ridge']:g}, held-out R^2 of per-input "
-              f"log importance {max(res.fit['heldout_r2'].values(), default=float('nan')):.3f}; "
-              f"capacity {res.fit['train_capacity']:.3f} on the training prompts at threshold 0.5")
+        print(
+            f"importance fit on {res.fit['records']} records: ridge {res.fit['ridge']:g}, held-out R^2 of per-input "
+            f"log importance {max(res.fit['heldout_r2'].values(), default=float('nan')):.3f}; "
+            f"capacity {res.fit['train_capacity']:.3f} on the training prompts at threshold 0.5"
+        )
     if res.uncalibrated is not None:
-        print(f"training alone reached held-out capacity {res.uncalibrated.capacity:.2f} at threshold 0.5; "
-              f"calibrated threshold {res.threshold:.4f} on the training prompts")
+        print(
+            f"training alone reached held-out capacity {res.uncalibrated.capacity:.2f} at threshold 0.5; "
+            f"calibrated threshold {res.threshold:.4f} on the training prompts"
+        )
     if res.after is not None and res.dense is not None:
-        print(f"held-out response loss: dense {res.dense.loss:.4f}  routed {res.after.loss:.4f}  "
-              f"(capacity {res.after.capacity:.2f}, target {cfg.target_capacity:.2f})")
+        print(
+            f"held-out response loss: dense {res.dense.loss:.4f}  routed {res.after.loss:.4f}  "
+            f"(capacity {res.after.capacity:.2f}, target {cfg.target_capacity:.2f})"
+        )
 
 
 def _print_generations(generations: list[generate.Generation]) -> None:
     for gen in generations:
         if gen.token_run_fraction is not None:
             print(f"\n>>> {gen.prompt}\n{gen.completion}")
-            print("[tokens that ran each layer] "
-                  + " ".join(f"{layer}:{share:.0%}" for layer, share in gen.token_run_fraction.items()))
+            print(
+                "[tokens that ran each layer] "
+                + " ".join(f"{layer}:{share:.0%}" for layer, share in gen.token_run_fraction.items())
+            )
             continue
         skipped = [layer for layer, ran in gen.runs.items() if not ran]
         print(f"\n>>> {gen.prompt}\n{gen.completion}")
@@ -132,23 +143,34 @@ def cmd_eval(args) -> int:
 
     report = evaluate.evaluate_job(_build(evaluate.EvalJob, args))
     harness = report.harness
-    print(f"{report.setting['name']}: attention skip ratio {harness.skip_ratio:.1%} of all attention sublayers "
-          f"({harness.seconds:.0f} s in the harness, lm-eval {harness.harness_version}"
-          + (f", limit {harness.limit} per task" if harness.limit else "") + ")")
+    print(
+        f"{report.setting['name']}: attention skip ratio {harness.skip_ratio:.1%} of all attention sublayers "
+        f"({harness.seconds:.0f} s in the harness, lm-eval {harness.harness_version}"
+        + (f", limit {harness.limit} per task" if harness.limit else "")
+        + ")"
+    )
     if report.dropped is not None:
         print(f"dropped attention layers: {report.dropped}")
     print(f"{'task':<16}{'shots':>6}{'items':>7}  {'acc':>14}  {'acc_norm':>14}  {'skip':>6}")
     for name, score in harness.tasks.items():
-        cells = [f"{100 * score.metrics[m]:6.2f} ± {100 * score.stderr.get(m, float('nan')):4.2f}" if m in score.metrics
-                 else f"{'-':>14}" for m in ("acc", "acc_norm")]
+        cells = [
+            f"{100 * score.metrics[m]:6.2f} ± {100 * score.stderr.get(m, float('nan')):4.2f}"
+            if m in score.metrics
+            else f"{'-':>14}"
+            for m in ("acc", "acc_norm")
+        ]
         print(f"{name:<16}{score.shots:>6}{score.samples:>7}  {cells[0]}  {cells[1]}  {score.skip['skip_ratio']:6.1%}")
-    print(f"average ({', '.join(f'{n} {s.headline}' for n, s in harness.tasks.items())}): {100 * harness.average():.2f}")
+    print(
+        f"average ({', '.join(f'{n} {s.headline}' for n, s in harness.tasks.items())}): {100 * harness.average():.2f}"
+    )
     for source, ppl in report.perplexity.items():
         print(f"perplexity {source}: {ppl.ppl:.3f} ({ppl.texts} passages, {ppl.tokens} tokens scored)")
     if report.fidelity is not None:
         f = report.fidelity
-        print(f"greedy fidelity vs dense ({f.prompts} prompts x {f.max_new_tokens} tokens): token agreement "
-              f"{f.token_agreement:.3f}, exact match {f.exact_match:.3f}, common prefix {f.prefix_agreement:.3f}")
+        print(
+            f"greedy fidelity vs dense ({f.prompts} prompts x {f.max_new_tokens} tokens): token agreement "
+            f"{f.token_agreement:.3f}, exact match {f.exact_match:.3f}, common prefix {f.prefix_agreement:.3f}"
+        )
     if report.output:
         print(f"results written to {report.output}")
     return 0
@@ -160,11 +182,15 @@ def cmd_calibrate(args) -> int:
     report = calibrate.calibrate_job(_build(calibrate.CalibrateJob, args))
     res = report.result
     where = "per-layer thresholds" if res.per_layer else f"threshold {res.threshold:.6f}"
-    print(f"calibrated to capacity {res.target:.3f}: {where}; realised {res.capacity:.4f} on {res.prompts} "
-          f"calibration prompts ({len(res.history)} passes, {res.seconds:.0f} s)")
+    print(
+        f"calibrated to capacity {res.target:.3f}: {where}; realised {res.capacity:.4f} on {res.prompts} "
+        f"calibration prompts ({len(res.history)} passes, {res.seconds:.0f} s)"
+    )
     if report.heldout_capacity is not None:
-        print(f"held-out capacity: {report.heldout_capacity:.4f} on {report.heldout_prompts} prompts "
-              f"(off by {report.heldout_capacity - res.target:+.4f})")
+        print(
+            f"held-out capacity: {report.heldout_capacity:.4f} on {report.heldout_prompts} prompts "
+            f"(off by {report.heldout_capacity - res.target:+.4f})"
+        )
     if res.per_layer and res.layer_thresholds:
         print("thresholds: " + " ".join(f"{k}:{v:.4f}" for k, v in sorted(res.layer_thresholds.items())))
     print(f"router config saved to {report.output}")
@@ -186,8 +212,10 @@ def cmd_tradeoff(args) -> int:
     job = _build(tradeoff.TradeoffJob, args)
     result = tradeoff.run_tradeoff(job, log=lambda message: print(f"[tradeoff] {message}", flush=True))
     print(tradeoff.markdown_table(result))
-    print(f"written to {job.output}/{tradeoff.RESULT_NAME} and tradeoff.md ({result['seconds']:.0f} s); "
-          f"`routertune report --inputs {job.output}` draws the curves")
+    print(
+        f"written to {job.output}/{tradeoff.RESULT_NAME} and tradeoff.md ({result['seconds']:.0f} s); "
+        f"`routertune report --inputs {job.output}` draws the curves"
+    )
     return 0
 
 
@@ -207,8 +235,10 @@ def cmd_bench(args) -> int:
     for note in result.skipped:
         print(f"[not measured] {note}")
     print(f"\n`routed` decisions: {result.routers}")
-    print(f"done in {result.seconds:.0f} s" + (f"; results written to {cfg.output}" if cfg.output else
-                                             " (pass --output FILE.json to keep the results)"))
+    print(
+        f"done in {result.seconds:.0f} s"
+        + (f"; results written to {cfg.output}" if cfg.output else " (pass --output FILE.json to keep the results)")
+    )
     return 0
 
 
@@ -216,8 +246,10 @@ def cmd_report(args) -> int:
     from . import report
 
     result = report.build_report(_build(report.ReportConfig, args))
-    print(f"report written to {result.markdown} ({len(result.plots)} plots: "
-          f"{', '.join(p.rsplit('/', 1)[-1] for p in result.plots)})")
+    print(
+        f"report written to {result.markdown} ({len(result.plots)} plots: "
+        f"{', '.join(p.rsplit('/', 1)[-1] for p in result.plots)})"
+    )
     for note in result.notes:
         print(f"[note] {note}")
     return 0
@@ -228,8 +260,10 @@ def cmd_export(args) -> int:
 
     result = export.export(_build(export.ExportJob, args))
     if result.dropped_layers is not None:
-        print(f"static drop of attention layers {result.dropped_layers} exported as {result.architecture} "
-              f"(vLLM's native no-op attention) to {result.output}")
+        print(
+            f"static drop of attention layers {result.dropped_layers} exported as {result.architecture} "
+            f"(vLLM's native no-op attention) to {result.output}"
+        )
     else:
         print(f"routers on layers {result.routed_layers} exported as {result.architecture} to {result.output}")
     print(f"serve it (pip install 'routertune[serve]'): routertune serve {result.output} [vLLM server flags]")
@@ -250,9 +284,14 @@ def cmd_serve(args) -> int:
     job = _build(engine.ServeJob, argparse.Namespace(**{**vars(args), **vars(mine)}))
     command = engine.server_command(job, vllm_args)
     kind = "routed export" if command.routed else "export without routers (static drop)"
-    print(f"routertune serve: {kind}; " + (f"added {' '.join(command.added)}; " if command.added else "")
-          + " ".join(f"{k}={v}" for k, v in command.env.items()) + (" " if command.env else "")
-          + shlex.join(command.argv), flush=True)
+    print(
+        f"routertune serve: {kind}; "
+        + (f"added {' '.join(command.added)}; " if command.added else "")
+        + " ".join(f"{k}={v}" for k, v in command.env.items())
+        + (" " if command.env else "")
+        + shlex.join(command.argv),
+        flush=True,
+    )
     if job.dry_run:
         return 0
     os.execve(command.argv[0], command.argv, {**os.environ, **command.env})  # the server takes this process
@@ -261,34 +300,66 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {
     "demo": (cmd_demo, DEMO_HELP, [("routertune.demo:DemoJob", ())]),
-    "train": (cmd_train, "train routers on a frozen model (Router-Tuning)",
-              [(pipeline.TuneJob, ()), (TrainConfig, ())]),
-    "generate": (cmd_generate, "generate with trained routers and show which layers each prompt skipped",
-                 [(generate.GenerateJob, ("prompts",))]),
-    "eval": (cmd_eval, "benchmarks on lm-evaluation-harness (local data): dense, routers, static or random drop",
-             [("routertune.eval.evaluate:EvalJob", ())]),
-    "calibrate": (cmd_calibrate, "set the threshold so routers run a requested fraction of routed sublayers",
-                  [("routertune.calibrate:CalibrateJob", ())]),
-    "compare": (cmd_compare, "dense vs static drop vs random drop vs routers at matched attention skip ratios",
-                [("routertune.eval.compare:CompareJob", ())]),
-    "tradeoff": (cmd_tradeoff, "quality vs measured skip: a router threshold sweep against static and random drop, "
-                 "on the same items, compared at matched skip with paired bootstrap intervals",
-                 [("routertune.eval.tradeoff:TradeoffJob", ())]),
-    "bench": (cmd_bench, "speed: dense vs static drop vs routers (prefill, decode, KV bytes, peak memory, FLOPs)",
-              [("routertune.bench.config:BenchConfig", ())]),
-    "export": (cmd_export, "write a folder vLLM serves (routers, or --static K native static drop) with the plugin",
-               [("routertune.serve.export:ExportJob", ())]),
-    "serve": (cmd_serve, "serve an export with vLLM's OpenAI-compatible server: routertune serve EXPORT [vLLM "
-              "server flags]; adds the flags routed serving needs, refuses those it cannot work with",
-              [("routertune.serve.engine:ServeJob", ("export",))]),
-    "report": (cmd_report, "one page (markdown + PNG plots) from bench and evaluation result JSON",
-               [("routertune.report:ReportConfig", ())]),
+    "train": (
+        cmd_train,
+        "train routers on a frozen model (Router-Tuning)",
+        [(pipeline.TuneJob, ()), (TrainConfig, ())],
+    ),
+    "generate": (
+        cmd_generate,
+        "generate with trained routers and show which layers each prompt skipped",
+        [(generate.GenerateJob, ("prompts",))],
+    ),
+    "eval": (
+        cmd_eval,
+        "benchmarks on lm-evaluation-harness (local data): dense, routers, static or random drop",
+        [("routertune.eval.evaluate:EvalJob", ())],
+    ),
+    "calibrate": (
+        cmd_calibrate,
+        "set the threshold so routers run a requested fraction of routed sublayers",
+        [("routertune.calibrate:CalibrateJob", ())],
+    ),
+    "compare": (
+        cmd_compare,
+        "dense vs static drop vs random drop vs routers at matched attention skip ratios",
+        [("routertune.eval.compare:CompareJob", ())],
+    ),
+    "tradeoff": (
+        cmd_tradeoff,
+        "quality vs measured skip: a router threshold sweep against static and random drop, "
+        "on the same items, compared at matched skip with paired bootstrap intervals",
+        [("routertune.eval.tradeoff:TradeoffJob", ())],
+    ),
+    "bench": (
+        cmd_bench,
+        "speed: dense vs static drop vs routers (prefill, decode, KV bytes, peak memory, FLOPs)",
+        [("routertune.bench.config:BenchConfig", ())],
+    ),
+    "export": (
+        cmd_export,
+        "write a folder vLLM serves (routers, or --static K native static drop) with the plugin",
+        [("routertune.serve.export:ExportJob", ())],
+    ),
+    "serve": (
+        cmd_serve,
+        "serve an export with vLLM's OpenAI-compatible server: routertune serve EXPORT [vLLM "
+        "server flags]; adds the flags routed serving needs, refuses those it cannot work with",
+        [("routertune.serve.engine:ServeJob", ("export",))],
+    ),
+    "report": (
+        cmd_report,
+        "one page (markdown + PNG plots) from bench and evaluation result JSON",
+        [("routertune.report:ReportConfig", ())],
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="routertune", description="Router-Tuning with MindSkip: let each input skip the attention layers it does not need.")
+        prog="routertune",
+        description="Router-Tuning with MindSkip: let each input skip the attention layers it does not need.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (func, help_text, classes) in COMMANDS.items():
@@ -297,8 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("prompts", nargs="+", help="prompts to complete")
         if name == "serve":
             p.add_argument("export", help="the folder `routertune export` wrote")
-            p.add_argument("vllm_args", nargs=argparse.REMAINDER,
-                           help="flags for vLLM's server (python -m vllm.entrypoints.openai.api_server --help)")
+            p.add_argument(
+                "vllm_args",
+                nargs=argparse.REMAINDER,
+                help="flags for vLLM's server (python -m vllm.entrypoints.openai.api_server --help)",
+            )
         for cls, skip in classes:
             if isinstance(cls, str):  # imported lazily: the harness takes seconds to import
                 module, _, name = cls.partition(":")

@@ -22,7 +22,7 @@ class BaseModelIdentity:
     fingerprint: str
     name_or_path: str = ""
 
-    def mismatches(self, other: "BaseModelIdentity") -> list[str]:
+    def mismatches(self, other: BaseModelIdentity) -> list[str]:
         """Human-readable differences (name_or_path is informative only: the same weights may live anywhere)."""
         fields = ("model_type", "num_hidden_layers", "hidden_size", "fingerprint")
         return [
@@ -42,9 +42,7 @@ class RouterConfig:
     )
     layers: list[int] | None = field(
         default=None,
-        metadata={
-            "help": "routed layer indices; default: the last N layers before the final one, N = half the layers"
-        },
+        metadata={"help": "routed layer indices; default: the last N layers before the final one, N = half the layers"},
     )
     threshold: float = field(
         default=0.5, metadata={"help": "a sublayer runs for a sequence when its router score >= threshold"}
@@ -94,7 +92,9 @@ class RouterConfig:
             if not isinstance(self.token_top_k, (int, float)) or not 0.0 < float(self.token_top_k) <= 1.0:
                 problems.append(f"token_top_k={self.token_top_k!r} must lie in (0, 1]: the fraction of tokens that run")
         if isinstance(self.token_sink, bool) or not isinstance(self.token_sink, int) or self.token_sink < 0:
-            problems.append(f"token_sink={self.token_sink!r} must be an integer >= 0: how many leading tokens always run")
+            problems.append(
+                f"token_sink={self.token_sink!r} must be an integer >= 0: how many leading tokens always run"
+            )
         problems += _threshold_problems("threshold", self.threshold)
         for layer, value in (self.layer_thresholds or {}).items():
             problems += _threshold_problems(f"layer_thresholds[{layer}]", value)
@@ -134,7 +134,7 @@ class RouterConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RouterConfig":
+    def from_dict(cls, data: dict) -> RouterConfig:
         data = dict(data)
         version = data.pop("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
@@ -151,7 +151,7 @@ class RouterConfig:
         return cls(**data)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "RouterConfig":
+    def load(cls, directory: str | Path) -> RouterConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {directory} a folder written by save_pretrained?")

@@ -46,7 +46,8 @@ def generate(job: GenerateJob) -> list[Generation]:
         routed.set_threshold(job.threshold)
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        if job.chat else p
+        if job.chat
+        else p
         for p in job.prompts
     ]
     tokenizer.padding_side = "left"  # batched generation continues every row from its last real token
@@ -54,25 +55,40 @@ def generate(job: GenerateJob) -> list[Generation]:
     empty = [i for i, n in enumerate(inputs["attention_mask"].sum(1).tolist()) if n == 0]
     if empty:  # without a token there is nothing to route on or continue from (the tokenizer adds no BOS)
         which = f"prompt {empty[0]} is" if len(empty) == 1 else f"prompts {', '.join(map(str, empty))} are"
-        raise ValueError(f"{which} empty: it tokenizes to no token. Pass non-empty text, or use chat mode (drop "
-                         "--no-chat), whose template adds its own tokens around an empty message.")
+        raise ValueError(
+            f"{which} empty: it tokenizes to no token. Pass non-empty text, or use chat mode (drop "
+            "--no-chat), whose template adds its own tokens around an empty message."
+        )
     cache = routed.new_cache()
-    with torch.no_grad(), (routed.forced(job.force) if job.force else contextlib.nullcontext()), \
-            routed.recording() as calls:
-        output = routed.generate(**inputs, max_new_tokens=job.max_new_tokens, do_sample=False, cache=cache,
-                                 pad_token_id=tokenizer.pad_token_id)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    with (
+        torch.no_grad(),
+        routed.forced(job.force) if job.force else contextlib.nullcontext(),
+        routed.recording() as calls,
+    ):
+        output = routed.generate(
+            **inputs,
+            max_new_tokens=job.max_new_tokens,
+            do_sample=False,
+            cache=cache,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
     completions = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     if routed.router_config.unit == "token":
         ran, seen = _token_counts(calls, len(job.prompts))
         return [
-            Generation(prompt=p, completion=c.strip(), runs={layer: bool(n[row]) for layer, n in ran.items()},
-                       token_run_fraction={layer: float(n[row]) / max(int(seen[row]), 1) for layer, n in ran.items()})
+            Generation(
+                prompt=p,
+                completion=c.strip(),
+                runs={layer: bool(n[row]) for layer, n in ran.items()},
+                token_run_fraction={layer: float(n[row]) / max(int(seen[row]), 1) for layer, n in ran.items()},
+            )
             for row, (p, c) in enumerate(zip(job.prompts, completions))
         ]
     return [
-        Generation(prompt=p, completion=c.strip(),
-                   runs={layer: bool(d[row]) for layer, d in sorted(cache.decisions.items())})
+        Generation(
+            prompt=p, completion=c.strip(), runs={layer: bool(d[row]) for layer, d in sorted(cache.decisions.items())}
+        )
         for row, (p, c) in enumerate(zip(job.prompts, completions))
     ]
 

@@ -8,22 +8,23 @@ import copy
 import functools
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from routertune.routing import inject
-from routertune.train import lora
 from routertune.routing import state as routing
 from routertune.routing.cache import RoutedCache, cache_kwarg
-from .config import CONFIG_NAME, BaseModelIdentity, RouterConfig
 from routertune.routing.router import load_router
-from .files import atomic_write, write_json
 from routertune.routing.token_cache import TokenRoutedCache
 from routertune.routing.token_routing import TokenRoutedSublayer
+from routertune.train import lora
+
+from .config import CONFIG_NAME, BaseModelIdentity, RouterConfig
+from .files import atomic_write, write_json
 
 WEIGHTS_NAME = "routers.safetensors"
 
@@ -68,7 +69,7 @@ class RoutedModel(nn.Module):
     def routers(self) -> dict[int, nn.Module]:
         return {idx: w.router for idx, w in inject.routed_sublayers(self.base_model).items()}
 
-    def train(self, mode: bool = True) -> "RoutedModel":
+    def train(self, mode: bool = True) -> RoutedModel:
         """Training mode for the routers only: the frozen base stays in eval mode (no dropout), so executed
         layers reproduce it exactly."""
         super().train(mode)
@@ -89,8 +90,9 @@ class RoutedModel(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0:
             prompt = kwargs.get("input_ids", args[0] if args else None)
-            _refuse_empty_prompts(prompt if prompt is not None else kwargs.get("inputs_embeds"),
-                                  kwargs.get("attention_mask"))
+            _refuse_empty_prompts(
+                prompt if prompt is not None else kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
+            )
         with routing.pool_over(routing_mask):
             return self.base_model(*args, **kwargs)
 
@@ -116,8 +118,9 @@ class RoutedModel(nn.Module):
         prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         if prompt is None:
             prompt = kwargs.get("inputs_embeds")
-        _refuse_right_padding(prompt, kwargs.get("attention_mask"), setting("pad_token_id", None),
-                              setting("eos_token_id", None))
+        _refuse_right_padding(
+            prompt, kwargs.get("attention_mask"), setting("pad_token_id", None), setting("eos_token_id", None)
+        )
         if not setting("use_cache", True):
             # without a cache every step re-reads the whole sequence: keep deciding from the prompt columns of
             # each step's attention mask (generate expands it for beams and infers it from pad tokens)
@@ -199,7 +202,7 @@ class RoutedModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike, **overrides) -> "RoutedModel":
+    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike, **overrides) -> RoutedModel:
         """Attach saved routers to `base_model`; refused with the differing fields if it is another base."""
         config = RouterConfig.load(directory)
         for key, value in overrides.items():
@@ -259,8 +262,11 @@ def _refuse_empty_prompts(prompt, attention_mask, pad_token_id=None, eos_token_i
     if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 and prompt.shape[1] == 0:
         rows = list(range(prompt.shape[0]))
     elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        real = attention_mask.bool().any(1) if attention_mask.shape[1] else attention_mask.new_zeros(
-            attention_mask.shape[0], dtype=torch.bool)
+        real = (
+            attention_mask.bool().any(1)
+            if attention_mask.shape[1]
+            else attention_mask.new_zeros(attention_mask.shape[0], dtype=torch.bool)
+        )
         if not bool(real.all()):  # one host sync per prompt batch
             rows = (~real).nonzero().flatten().tolist()
     elif isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and pad_token_id is not None:

@@ -37,17 +37,29 @@ VARIANT_STYLE = {  # name -> (label, colour)
     "routed_static_set": ("routers forced to static set", "#ff7f0e"),
     "routed": ("routers, own decisions", "#2ca02c"),
 }
-METHOD_STYLE = {"routers": ("#2ca02c", "o"), "static": ("#1f77b4", "s"), "searched": ("#17becf", "v"),
-                "random": ("#d62728", "^"),
-                "dense": ("#444444", "*"), "other": ("#9467bd", "D")}
+METHOD_STYLE = {
+    "routers": ("#2ca02c", "o"),
+    "static": ("#1f77b4", "s"),
+    "searched": ("#17becf", "v"),
+    "random": ("#d62728", "^"),
+    "dense": ("#444444", "*"),
+    "other": ("#9467bd", "D"),
+}
 
 
 @dataclass
 class ReportConfig:
     """What `routertune report` reads and where it writes; every field is a CLI flag."""
 
-    inputs: list[str] | None = field(default=None, metadata={"help": "result JSON files or folders holding them (bench and evaluation results); default: benchmarks/results/speed"})
-    output: str = field(default="benchmarks/results/speed/report", metadata={"help": "folder for report.md and the PNG plots"})
+    inputs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "result JSON files or folders holding them (bench and evaluation results); default: benchmarks/results/speed"
+        },
+    )
+    output: str = field(
+        default="benchmarks/results/speed/report", metadata={"help": "folder for report.md and the PNG plots"}
+    )
     title: str = field(default="routertune report", metadata={"help": "page title"})
 
     def __post_init__(self) -> None:
@@ -143,8 +155,12 @@ def extract_eval(data) -> tuple[list[dict], list[dict]]:
     points: {"method", "family", "task", "skip_ratio", "accuracy"}; layer rows: {"task", "method", "rates"}
     (rates: layer -> skip rate). `routertune compare` (compare.json) and `routertune eval --output` files are
     read by their known shape; anything else by a tolerant walk over the whole document."""
-    if isinstance(data, dict) and isinstance(data.get("settings"), list) and data["settings"] and all(
-            isinstance(s, dict) and isinstance(s.get("scores"), dict) for s in data["settings"]):
+    if (
+        isinstance(data, dict)
+        and isinstance(data.get("settings"), list)
+        and data["settings"]
+        and all(isinstance(s, dict) and isinstance(s.get("scores"), dict) for s in data["settings"])
+    ):
         return _from_compare(data)
     harness = data.get("harness") if isinstance(data, dict) else None
     if isinstance(harness, dict) and isinstance(harness.get("tasks"), dict):
@@ -229,9 +245,15 @@ def _walk_eval(data) -> tuple[list[dict], list[dict]]:
         acc_key, acc = _first(node, _ACC_KEYS)
         skip, acc = _number(skip), _number(acc)
         if method is not None and skip is not None and acc is not None:
-            points.append({"method": method, "family": method_family(method),
-                           "task": task or ("average" if acc_key == "average" else "all"),
-                           "skip_ratio": skip, "accuracy": acc})
+            points.append(
+                {
+                    "method": method,
+                    "family": method_family(method),
+                    "task": task or ("average" if acc_key == "average" else "all"),
+                    "skip_ratio": skip,
+                    "accuracy": acc,
+                }
+            )
         _, value = _first(node, _LAYER_SKIP_KEYS)
         rates = _layer_map(value)
         if rates is None:
@@ -284,19 +306,27 @@ def _ci(ci, digits: int = 2) -> str:
 
 
 def bench_tables(bench: dict) -> list[str]:
-    lines = ["### Prefill (logits for the last position only)", "",
-             "| tokens | batch | variant | median ms | speed-up | CI | ideal | achieved/ideal | executed | KV MiB | KV = dense x executed | peak MiB |",
-             "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        "### Prefill (logits for the last position only)",
+        "",
+        "| tokens | batch | variant | median ms | speed-up | CI | ideal | achieved/ideal | executed | KV MiB | KV = dense x executed | peak MiB |",
+        "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---|---:|",
+    ]
     for p in bench.get("prefill", []):
         for name, v in p["variants"].items():
             lines.append(
                 f"| {p['length']} | {p['batch']} | {name} | {_ms(v['median_s'])} | {_x(v['speedup'])} | "
                 f"{_ci(v.get('speedup_ci')) if name != 'dense' else ''} | "
                 f"{_x(v['ideal_speedup'])} | {_x(v['achieved_over_ideal'])} | {_x(v['executed_fraction'])} | "
-                f"{_mb(v['kv_bytes'])} | {'yes' if v['kv_equal'] else 'NO'} | {_mb(v['peak_memory_bytes'])} |")
-    lines += ["", "### Decode (greedy, one token per step, variants in lock-step)", "",
-              "| prompt + new | batch | variant | ms / token | tokens/s | speed-up | CI | ideal | achieved/ideal | KV MiB at end | KV = dense x executed | peak MiB |",
-              "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---|---:|"]
+                f"{_mb(v['kv_bytes'])} | {'yes' if v['kv_equal'] else 'NO'} | {_mb(v['peak_memory_bytes'])} |"
+            )
+    lines += [
+        "",
+        "### Decode (greedy, one token per step, variants in lock-step)",
+        "",
+        "| prompt + new | batch | variant | ms / token | tokens/s | speed-up | CI | ideal | achieved/ideal | KV MiB at end | KV = dense x executed | peak MiB |",
+        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---|---:|",
+    ]
     for d in bench.get("decode", []):
         for name, v in d["variants"].items():
             lines.append(
@@ -304,13 +334,20 @@ def bench_tables(bench: dict) -> list[str]:
                 f"{_x(v['tokens_per_s'], 1)} | {_x(v['speedup'])} | "
                 f"{_ci(v.get('speedup_ci')) if name != 'dense' else ''} | {_x(v['ideal_speedup'])} | "
                 f"{_x(v['achieved_over_ideal'])} | {_mb(v['kv_bytes'])} | {'yes' if v['kv_equal'] else 'NO'} | "
-                f"{_mb(v['peak_memory_bytes'])} |")
-    lines += ["", "### Routing overhead (routers computed, every row runs, vs the plain model)", "",
-              "| where | tokens | batch | plain ms | routed ms | ratio (paired median) | CI | pairs | limit |",
-              "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+                f"{_mb(v['peak_memory_bytes'])} |"
+            )
+    lines += [
+        "",
+        "### Routing overhead (routers computed, every row runs, vs the plain model)",
+        "",
+        "| where | tokens | batch | plain ms | routed ms | ratio (paired median) | CI | pairs | limit |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
     for o in bench.get("overhead", []):
-        lines.append(f"| {o['where']} | {o['length']} | {o['batch']} | {_ms(o['dense_s'])} | {_ms(o['routed_s'])} | "
-                     f"{o['ratio']:.3f} | {_ci(o.get('ci'), 3)} | {o['samples']} | < {o['limit']} |")
+        lines.append(
+            f"| {o['where']} | {o['length']} | {o['batch']} | {_ms(o['dense_s'])} | {_ms(o['routed_s'])} | "
+            f"{o['ratio']:.3f} | {_ci(o.get('ci'), 3)} | {o['samples']} | < {o['limit']} |"
+        )
     checks = bench.get("checks")
     if checks:
         met = checks.get("met", {})
@@ -329,29 +366,46 @@ def bench_tables(bench: dict) -> list[str]:
             text = verdict(key)
             if met.get(key) is True and any(ci[0] < limit <= ci[1] for ci in usable):
                 text += " on the median; not resolved: an interval spans the limit"
-            elif met.get(key) is False and usable and not any(
-                    (ci[1] < limit) if met_above else (ci[0] >= limit) for ci in usable):
+            elif (
+                met.get(key) is False
+                and usable
+                and not any((ci[1] < limit) if met_above else (ci[0] >= limit) for ci in usable)
+            ):
                 text += " on the median; not resolved: no interval lies wholly past the limit"
             return text
 
         per_setting = "; ".join(f"{k}: {val:.3f} {_ci(cis.get(k))}" for k, val in checks["forced_vs_static"].items())
-        lines += ["", "### Targets", "",
-                  "| target | measured (median, CI) | verdict |", "|---|---|---|",
-                  f"| routers forced to static drop's set reach >= {checks['forced_vs_static_target']} of static "
-                  f"drop's speed-up | min {_x(checks['forced_vs_static_min'], 3)}; {per_setting} | "
-                  f"{verdict_with_intervals('forced_vs_static', cis.values(), checks['forced_vs_static_target'], True)} |"]
+        lines += [
+            "",
+            "### Targets",
+            "",
+            "| target | measured (median, CI) | verdict |",
+            "|---|---|---|",
+            f"| routers forced to static drop's set reach >= {checks['forced_vs_static_target']} of static "
+            f"drop's speed-up | min {_x(checks['forced_vs_static_min'], 3)}; {per_setting} | "
+            f"{verdict_with_intervals('forced_vs_static', cis.values(), checks['forced_vs_static_target'], True)} |",
+        ]
         ideal = checks.get("prefill_ideal", {})
-        measured = "; ".join(f"{name} {k}: {val:.2f}" for name in ("static_drop", "routed_static_set")
-                             for k, val in ideal.get(name, {}).items())
-        lines.append(f"| prefill at {checks['prefill_ideal_length']} tokens reaches >= "
-                     f"{checks['prefill_ideal_target']} of the ideal speed-up | {measured or '-'} | "
-                     f"{verdict('prefill_ideal')} |")
-        lines.append(f"| KV bytes = dense bytes x executed fraction | "
-                     f"{'exact in every setting' if checks['kv_equal_all'] else 'differs somewhere'} | "
-                     f"{verdict('kv_equal')} |")
-        lines.append(f"| routing overhead < {checks['overhead_limit']} x a dense step | max "
-                     f"{_x(checks['overhead_max'], 3)} | "
-                     f"{verdict_with_intervals('overhead', overhead_cis, checks['overhead_limit'], False)} |")
+        measured = "; ".join(
+            f"{name} {k}: {val:.2f}"
+            for name in ("static_drop", "routed_static_set")
+            for k, val in ideal.get(name, {}).items()
+        )
+        lines.append(
+            f"| prefill at {checks['prefill_ideal_length']} tokens reaches >= "
+            f"{checks['prefill_ideal_target']} of the ideal speed-up | {measured or '-'} | "
+            f"{verdict('prefill_ideal')} |"
+        )
+        lines.append(
+            f"| KV bytes = dense bytes x executed fraction | "
+            f"{'exact in every setting' if checks['kv_equal_all'] else 'differs somewhere'} | "
+            f"{verdict('kv_equal')} |"
+        )
+        lines.append(
+            f"| routing overhead < {checks['overhead_limit']} x a dense step | max "
+            f"{_x(checks['overhead_max'], 3)} | "
+            f"{verdict_with_intervals('overhead', overhead_cis, checks['overhead_limit'], False)} |"
+        )
     return lines
 
 
@@ -387,10 +441,26 @@ def plot_speedup(bench: dict, path: Path) -> Path | None:
             # nudge the variants apart so that their error bars do not hide each other (log axis)
             xs = [n * 1.06 ** (i - (len(names) - 1) / 2) for n in lengths]
             speedups = [p["variants"][name]["speedup"] for p in rows]
-            ax.errorbar(xs, speedups, yerr=_yerr(speedups, [p["variants"][name].get("speedup_ci") for p in rows]),
-                        fmt="-o", color=colour, label=label, capsize=3, markersize=4)
-            ax.plot(xs, [p["variants"][name]["ideal_speedup"] for p in rows], "--", marker="_", markersize=14,
-                    color=colour, alpha=0.8, label=f"ideal ({label})")
+            ax.errorbar(
+                xs,
+                speedups,
+                yerr=_yerr(speedups, [p["variants"][name].get("speedup_ci") for p in rows]),
+                fmt="-o",
+                color=colour,
+                label=label,
+                capsize=3,
+                markersize=4,
+            )
+            ax.plot(
+                xs,
+                [p["variants"][name]["ideal_speedup"] for p in rows],
+                "--",
+                marker="_",
+                markersize=14,
+                color=colour,
+                alpha=0.8,
+                label=f"ideal ({label})",
+            )
         ax.axhline(1.0, color="#444444", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlim(min(lengths) / 1.6, max(lengths) * 1.6)
@@ -408,27 +478,46 @@ def plot_speedup(bench: dict, path: Path) -> Path | None:
             label, colour = VARIANT_STYLE[name]
             xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(decode))]
             speedups = [d["variants"][name]["speedup"] for d in decode]
-            ax.bar(xs, speedups, width, color=colour, label=label,
-                   yerr=_yerr(speedups, [d["variants"][name].get("speedup_ci") for d in decode]), capsize=3)
-            ax.plot(xs, [d["variants"][name]["ideal_speedup"] for d in decode], linestyle="none", marker="_",
-                    markersize=26, markeredgewidth=2, color="black", label="ideal" if i == 0 else None)
+            ax.bar(
+                xs,
+                speedups,
+                width,
+                color=colour,
+                label=label,
+                yerr=_yerr(speedups, [d["variants"][name].get("speedup_ci") for d in decode]),
+                capsize=3,
+            )
+            ax.plot(
+                xs,
+                [d["variants"][name]["ideal_speedup"] for d in decode],
+                linestyle="none",
+                marker="_",
+                markersize=26,
+                markeredgewidth=2,
+                color="black",
+                label="ideal" if i == 0 else None,
+            )
         ax.axhline(1.0, color="#444444", linewidth=0.8)
         ax.set_xticks(range(len(decode)))
         ax.set_xticklabels([f"batch {d['batch']}" for d in decode])
         ax.set_ylabel("speed-up over dense")
-        ax.set_title(f"decode, {decode[0]['new_tokens']} tokens after {decode[0]['prompt']}\n"
-                     "(black bar: ideal)")
+        ax.set_title(f"decode, {decode[0]['new_tokens']} tokens after {decode[0]['prompt']}\n(black bar: ideal)")
         ax.grid(alpha=0.3, axis="y")
         low = min(min(d["variants"][n]["speedup"], d["variants"][n]["ideal_speedup"]) for d in decode for n in names)
         ax.set_ylim(bottom=min(0.9, low - 0.05))
     handles, labels = axes[0].get_legend_handles_labels()
     # each variant's measured line above its ideal line (legend columns fill top to bottom)
-    order = sorted(range(len(labels)), key=lambda i: (labels[i].removeprefix("ideal (").rstrip(")"),
-                                                      labels[i].startswith("ideal")))
-    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="lower center", ncol=3, fontsize=8,
-               frameon=False)
-    fig.suptitle(f"{_model_name(bench)}: speed-up over dense vs context length "
-                 f"({bench.get('environment', {}).get('device', '')}; bars: CI of the median paired ratio)", fontsize=10)
+    order = sorted(
+        range(len(labels)), key=lambda i: (labels[i].removeprefix("ideal (").rstrip(")"), labels[i].startswith("ideal"))
+    )
+    fig.legend(
+        [handles[i] for i in order], [labels[i] for i in order], loc="lower center", ncol=3, fontsize=8, frameon=False
+    )
+    fig.suptitle(
+        f"{_model_name(bench)}: speed-up over dense vs context length "
+        f"({bench.get('environment', {}).get('device', '')}; bars: CI of the median paired ratio)",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
     return _save(fig, path)
 
@@ -467,13 +556,20 @@ def plot_memory(bench: dict, path: Path) -> Path | None:
                 dense = d["variants"]["dense"]["kv_bytes"]
                 saved = 1 - d["variants"][name]["kv_bytes"] / dense if dense else 0
                 if name != "dense":
-                    ax.annotate(f"-{saved:.0%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                ha="center", va="bottom", fontsize=7)
+                    ax.annotate(
+                        f"-{saved:.0%}",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                    )
         ax.set_xticks(range(len(decode)))
         ax.set_xticklabels([f"batch {d['batch']}" for d in decode])
         ax.set_ylabel("KV cache (MiB)")
-        ax.set_title(f"KV cache after {decode[0]['prompt']} + {decode[0]['new_tokens']} tokens\n"
-                     "(= dense x executed fraction, exactly)")
+        ax.set_title(
+            f"KV cache after {decode[0]['prompt']} + {decode[0]['new_tokens']} tokens\n"
+            "(= dense x executed fraction, exactly)"
+        )
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     else:
@@ -487,8 +583,14 @@ def plot_memory(bench: dict, path: Path) -> Path | None:
                 if name not in rows[0]["variants"]:
                     continue
                 label, colour = VARIANT_STYLE[name]
-                ax.plot([p["length"] for p in rows], [p["variants"][name]["peak_memory_bytes"] / 2**20 for p in rows],
-                        style, color=colour, label=f"{label}, B={batch}", markersize=4)
+                ax.plot(
+                    [p["length"] for p in rows],
+                    [p["variants"][name]["peak_memory_bytes"] / 2**20 for p in rows],
+                    style,
+                    color=colour,
+                    label=f"{label}, B={batch}",
+                    markersize=4,
+                )
         ax.set_xscale("log", base=2)
         ticks = sorted({p["length"] for p in have_peak})
         ax.set_xticks(ticks)
@@ -524,14 +626,20 @@ def plot_pareto(points: list[dict], path: Path) -> Path | None:
                 continue
             if family != "dense":
                 series = dense + series  # every method starts from the dense point at skip 0
-            ax.plot([p["skip_ratio"] for p in series], [p["accuracy"] for p in series], marker=marker,
-                    color=colour, label=family, linestyle="-" if family != "dense" else "none",
-                    markersize=9 if family == "dense" else 5)
+            ax.plot(
+                [p["skip_ratio"] for p in series],
+                [p["accuracy"] for p in series],
+                marker=marker,
+                color=colour,
+                label=family,
+                linestyle="-" if family != "dense" else "none",
+                markersize=9 if family == "dense" else 5,
+            )
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("attention skip ratio")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(tasks):]:
+    for ax in list(axes.flat)[len(tasks) :]:
         ax.set_axis_off()
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", fontsize=8)
@@ -560,8 +668,15 @@ def plot_heatmap(rows: list[dict], path: Path) -> Path | None:
         for i, row in enumerate(matrix):
             for j, value in enumerate(row):
                 if not math.isnan(value):
-                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=6,
-                            color="white" if value < 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{value:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if value < 0.5 else "black",
+                    )
     fig.colorbar(image, ax=ax, label="attention skip rate")
     ax.set_title("per-layer attention skip rate per task", fontsize=10)
     fig.tight_layout()
@@ -572,8 +687,9 @@ def is_tradeoff(data) -> bool:
     return isinstance(data, dict) and {"matched", "domains", "variants"} <= set(data)
 
 
-def tradeoff_difference_curves(data: dict, task: str, iterations: int = 1000, baseline: str = "static"
-                               ) -> list[tuple[float, float, float, float]]:
+def tradeoff_difference_curves(
+    data: dict, task: str, iterations: int = 1000, baseline: str = "static"
+) -> list[tuple[float, float, float, float]]:
     """For a task of a tradeoff.json: at every router point's measured skip, routers minus the baseline (static
     drop, or "searched": the searched static order; interpolated there, per item) with its paired bootstrap
     interval: (skip, diff, low, high)."""
@@ -583,8 +699,11 @@ def tradeoff_difference_curves(data: dict, task: str, iterations: int = 1000, ba
 
     settings = data["tasks"][task]["settings"]
     kinds = {v["name"]: v["kind"] for v in data["variants"]}
-    static = [(s["skip"], np.array(s["per_item"], dtype=float)) for name, s in settings.items()
-              if kinds.get(name) in ("dense", baseline)]
+    static = [
+        (s["skip"], np.array(s["per_item"], dtype=float))
+        for name, s in settings.items()
+        if kinds.get(name) in ("dense", baseline)
+    ]
     out = []
     if not any(kinds.get(name) == baseline for name in settings):  # the baseline was not run on this task
         return out
@@ -618,7 +737,9 @@ def plot_tradeoff(data: dict, path: Path) -> Path | None:
             dense = settings.get("dense", {"skip": 0.0, "kl": 0.0})
             for family in ("static", "searched", "random", "routers"):
                 colour, marker = METHOD_STYLE[family]
-                pts = [(s["skip"], s["kl"]) for name, s in settings.items() if kinds.get(name, {}).get("kind") == family]
+                pts = [
+                    (s["skip"], s["kl"]) for name, s in settings.items() if kinds.get(name, {}).get("kind") == family
+                ]
                 if not pts:  # e.g. no searched static order in this run
                     continue
                 if family == "random":
@@ -629,30 +750,41 @@ def plot_tradeoff(data: dict, path: Path) -> Path | None:
                     pts = [(x, sum(v) / len(v)) for x, v in by_k.items()]
                 pts = sorted([(dense["skip"], dense["kl"])] + pts)
                 label = {"random": "random (mean of seeds)", "searched": "searched static order"}.get(family, family)
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, color=colour, label=label, markersize=4)
+                ax.plot(
+                    [x for x, _ in pts], [y for _, y in pts], marker=marker, color=colour, label=label, markersize=4
+                )
             ax.set_ylabel("KL(dense || setting) per token")
             ax.set_title(f"{panel}: {data['domains'][panel]['texts']} held-out texts", fontsize=9)
         else:
-            for baseline, colour, label in (("static", METHOD_STYLE["routers"][0], "routers - static"),
-                                            ("searched", METHOD_STYLE["searched"][0], "routers - searched static")):
+            for baseline, colour, label in (
+                ("static", METHOD_STYLE["routers"][0], "routers - static"),
+                ("searched", METHOD_STYLE["searched"][0], "routers - searched static"),
+            ):
                 curve = tradeoff_difference_curves(data, panel, baseline=baseline)
                 if curve:
                     xs = [c[0] for c in curve]
-                    ax.errorbar(xs, [100 * c[1] for c in curve],
-                                yerr=[[100 * (c[1] - c[2]) for c in curve], [100 * (c[3] - c[1]) for c in curve]],
-                                color=colour, marker=METHOD_STYLE["routers"][1], capsize=3, label=label)
+                    ax.errorbar(
+                        xs,
+                        [100 * c[1] for c in curve],
+                        yerr=[[100 * (c[1] - c[2]) for c in curve], [100 * (c[3] - c[1]) for c in curve]],
+                        color=colour,
+                        marker=METHOD_STYLE["routers"][1],
+                        capsize=3,
+                        label=label,
+                    )
             ax.axhline(0.0, color=METHOD_STYLE["static"][0], linewidth=1)
             info = data["tasks"][panel]
             ax.set_ylabel(f"{info['metric']} difference (points)")
             ax.set_title(f"{panel}: routers - static drop, {info['items']} items, paired 95% CI", fontsize=9)
         ax.set_xlabel("measured fraction of attention sublayers skipped")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_axis_off()
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", fontsize=8)
-    fig.suptitle("quality vs measured skip: KL (lower is better) and accuracy difference (above 0: routers better)",
-                 fontsize=10)
+    fig.suptitle(
+        "quality vs measured skip: KL (lower is better) and accuracy difference (above 0: routers better)", fontsize=10
+    )
     fig.tight_layout(rect=(0, 0, 0.9, 0.95))
     return _save(fig, path)
 
@@ -694,8 +826,10 @@ def build_report(cfg: ReportConfig) -> Report:
             points += found_points
             layer_rows += found_rows
     if not benches and not points and not layer_rows and not tradeoffs:
-        raise ValueError(f"no bench or evaluation results in {', '.join(cfg.inputs)}: run `routertune bench "
-                         "--output FILE.json` first")
+        raise ValueError(
+            f"no bench or evaluation results in {', '.join(cfg.inputs)}: run `routertune bench "
+            "--output FILE.json` first"
+        )
 
     plots: list[str] = []
     body: list[str] = [f"# {cfg.title}", ""]
@@ -724,14 +858,24 @@ def build_report(cfg: ReportConfig) -> Report:
     if points:
         written = plot_pareto(points, out / "accuracy_vs_skip.png")
         plots.append(str(written))
-        body += [f"Points from {', '.join(eval_files)}.", "", f"![accuracy vs skip ratio]({written.name})", "",
-                 "| task | method | attention skip ratio | accuracy |", "|---|---|---:|---:|"]
-        body += [f"| {p['task']} | {p['method']} | {p['skip_ratio']:.3f} | {p['accuracy']:.4f} |"
-                 for p in sorted(points, key=lambda p: (p["task"], p["family"], p["skip_ratio"]))]
+        body += [
+            f"Points from {', '.join(eval_files)}.",
+            "",
+            f"![accuracy vs skip ratio]({written.name})",
+            "",
+            "| task | method | attention skip ratio | accuracy |",
+            "|---|---|---:|---:|",
+        ]
+        body += [
+            f"| {p['task']} | {p['method']} | {p['skip_ratio']:.3f} | {p['accuracy']:.4f} |"
+            for p in sorted(points, key=lambda p: (p["task"], p["family"], p["skip_ratio"]))
+        ]
         body.append("")
     else:
-        notes.append("no accuracy data (no evaluation JSON with method, skip ratio and accuracy): the accuracy "
-                     "vs skip-ratio plot is skipped")
+        notes.append(
+            "no accuracy data (no evaluation JSON with method, skip ratio and accuracy): the accuracy "
+            "vs skip-ratio plot is skipped"
+        )
         body += ["No accuracy data was found among the inputs, so the accuracy / skip-ratio picture is not drawn.", ""]
     body += ["## Per-layer skip rate per task", ""]
     if layer_rows:
@@ -753,19 +897,25 @@ def _bench_section(path: Path, bench: dict) -> list[str]:
     env = bench.get("environment", {})
     model = bench.get("model", {})
     cfg = bench.get("config", {})
-    lines = [f"## Speed: {_model_name(bench)} ({path.name})", "",
-             f"{model.get('num_hidden_layers')} layers, hidden {model.get('hidden_size')}, {model.get('dtype')}, "
-             f"attention `{model.get('attn_implementation')}`; device {env.get('device')} ({env.get('gpu') or env.get('cpu')}), "
-             f"{env.get('threads')} threads, torch {env.get('torch')}, transformers {env.get('transformers')}. "
-             f"Load average at start / end: {_load(env.get('load_average_start'))} / {_load(env.get('load_average_end'))}. "
-             f"Clock: {_clock(env, cfg)}. Prefill: {cfg.get('repeats')} repeats after {cfg.get('warmup')} warm-up; "
-             f"decode: {cfg.get('decode_tokens')} steps, the variants in lock-step. Variants alternate within each "
-             "repeat (order rotating); a speed-up is the median over repeats (decode: steps) of the ratio of "
-             "back-to-back times; CI is the distribution-free interval of that median (order statistics; its "
-             f"coverage is in the JSON: 93.8% for 5 pairs). Allocator: {env.get('malloc', '-')}. "
-             f"{bench.get('seconds', 0):.0f} s in all.", "",
-             f"Routed layers {bench.get('routed_layers')}; static drop skips {bench.get('static_drop_layers')}.", "",
-             "| variant | what it is |", "|---|---|"]
+    lines = [
+        f"## Speed: {_model_name(bench)} ({path.name})",
+        "",
+        f"{model.get('num_hidden_layers')} layers, hidden {model.get('hidden_size')}, {model.get('dtype')}, "
+        f"attention `{model.get('attn_implementation')}`; device {env.get('device')} ({env.get('gpu') or env.get('cpu')}), "
+        f"{env.get('threads')} threads, torch {env.get('torch')}, transformers {env.get('transformers')}. "
+        f"Load average at start / end: {_load(env.get('load_average_start'))} / {_load(env.get('load_average_end'))}. "
+        f"Clock: {_clock(env, cfg)}. Prefill: {cfg.get('repeats')} repeats after {cfg.get('warmup')} warm-up; "
+        f"decode: {cfg.get('decode_tokens')} steps, the variants in lock-step. Variants alternate within each "
+        "repeat (order rotating); a speed-up is the median over repeats (decode: steps) of the ratio of "
+        "back-to-back times; CI is the distribution-free interval of that median (order statistics; its "
+        f"coverage is in the JSON: 93.8% for 5 pairs). Allocator: {env.get('malloc', '-')}. "
+        f"{bench.get('seconds', 0):.0f} s in all.",
+        "",
+        f"Routed layers {bench.get('routed_layers')}; static drop skips {bench.get('static_drop_layers')}.",
+        "",
+        "| variant | what it is |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {text} |" for name, text in bench.get("variants", {}).items()]
     lines.append("")
     if bench.get("skipped"):

@@ -11,8 +11,14 @@ import statistics
 import numpy as np
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None, iterations: int = 2000,
-                     seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap(
+    a: np.ndarray,
+    b: np.ndarray,
+    weights: np.ndarray | None = None,
+    iterations: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
     """Mean of a - b over items (weighted by `weights`, e.g. tokens per text: a ratio of sums) and its
     percentile bootstrap interval, resampling items with replacement. Returns (difference, low, high)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

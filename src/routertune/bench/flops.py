@@ -23,7 +23,7 @@ class FlopCounter:
     windows: tuple[int | None, ...]  # per layer: attention window in tokens, None = full causal context
 
     @classmethod
-    def from_config(cls, config) -> "FlopCounter":
+    def from_config(cls, config) -> FlopCounter:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         n_layers = config.num_hidden_layers

@@ -60,8 +60,9 @@ class _Measured:
             self.cpu.append(both["cpu"])
 
 
-def _finish(measured: dict[str, _Measured], batch: int, tokens: int, num_layers: int,
-            decode: bool) -> dict[str, VariantResult]:
+def _finish(
+    measured: dict[str, _Measured], batch: int, tokens: int, num_layers: int, decode: bool
+) -> dict[str, VariantResult]:
     dense = measured["dense"]
     out = {}
     for name, m in measured.items():
@@ -118,8 +119,16 @@ def prefill(variant: Variant, ids: torch.Tensor):
     return out, cache
 
 
-def bench_prefill(vs: VariantSet, length: int, batch: int, cfg: BenchConfig, flops: FlopCounter,
-                  device: torch.device, clock: Clock, seed: int) -> PrefillResult:
+def bench_prefill(
+    vs: VariantSet,
+    length: int,
+    batch: int,
+    cfg: BenchConfig,
+    flops: FlopCounter,
+    device: torch.device,
+    clock: Clock,
+    seed: int,
+) -> PrefillResult:
     ids = random_ids(flops.vocab_size, batch, length, seed, device)
     measured = {v.name: _Measured() for v in vs.variants}
     for v in vs.variants:
@@ -151,8 +160,9 @@ def decode_step(variant: Variant, cache, next_ids: torch.Tensor) -> torch.Tensor
     return out.logits[:, -1:].argmax(-1)  # (B, 1) greedy
 
 
-def bench_decode(vs: VariantSet, batch: int, cfg: BenchConfig, flops: FlopCounter, device: torch.device,
-                 clock: Clock, seed: int) -> DecodeResult:
+def bench_decode(
+    vs: VariantSet, batch: int, cfg: BenchConfig, flops: FlopCounter, device: torch.device, clock: Clock, seed: int
+) -> DecodeResult:
     prompt, steps = cfg.decode_prompt, cfg.decode_tokens
     ids = random_ids(flops.vocab_size, batch, prompt, seed, device)
     measured = {v.name: _Measured() for v in vs.variants}
@@ -191,8 +201,9 @@ def bench_decode(vs: VariantSet, batch: int, cfg: BenchConfig, flops: FlopCounte
     return DecodeResult(prompt, steps, batch, _finish(measured, batch, steps, flops.num_layers, decode=True))
 
 
-def bench_overhead(vs: VariantSet, cfg: BenchConfig, vocab: int, device: torch.device, clock: Clock,
-                   seed: int) -> list[OverheadResult]:
+def bench_overhead(
+    vs: VariantSet, cfg: BenchConfig, vocab: int, device: torch.device, clock: Clock, seed: int
+) -> list[OverheadResult]:
     """Routing overhead: the routed model with every row running against the plain model on the same
     inputs, interleaved (prefill of the shortest length; decode steps after the decode prompt)."""
     dense, routed = vs.variants[0], vs.all_run
@@ -231,6 +242,15 @@ def _overhead(where, length, batch, times: dict[str, _Measured], dense_name, rou
     dense, routed = times[dense_name], times[routed_name]
     wall = paired_ratio(routed.wall, dense.wall)
     cpu = paired_ratio(routed.cpu, dense.cpu) if dense.cpu else None
-    return OverheadResult(where, length, batch, median(dense.times), median(routed.times),
-                          paired_ratio(routed.times, dense.times), samples=len(dense.times),
-                          ci=paired_ratio_ci(routed.times, dense.times), wall_ratio=wall, cpu_ratio=cpu)
+    return OverheadResult(
+        where,
+        length,
+        batch,
+        median(dense.times),
+        median(routed.times),
+        paired_ratio(routed.times, dense.times),
+        samples=len(dense.times),
+        ci=paired_ratio_ci(routed.times, dense.times),
+        wall_ratio=wall,
+        cpu_ratio=cpu,
+    )

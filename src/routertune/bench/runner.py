@@ -32,8 +32,8 @@ import itertools
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Callable
 
 import torch
 from torch import nn
@@ -83,8 +83,19 @@ def checks_of(result: BenchResult) -> Checks:
         "kv_equal": kv_equal,
         "overhead": None if overhead_max is None else overhead_max < OVERHEAD_LIMIT,
     }
-    return Checks(forced, forced_ci, forced_min, FORCED_VS_STATIC_TARGET, ideal, target_len, PREFILL_IDEAL_TARGET,
-                  kv_equal, overhead_max, OVERHEAD_LIMIT, met)
+    return Checks(
+        forced,
+        forced_ci,
+        forced_min,
+        FORCED_VS_STATIC_TARGET,
+        ideal,
+        target_len,
+        PREFILL_IDEAL_TARGET,
+        kv_equal,
+        overhead_max,
+        OVERHEAD_LIMIT,
+        met,
+    )
 
 
 def environment(device: torch.device) -> dict:
@@ -136,8 +147,9 @@ def model_facts(model: nn.Module) -> dict:
 
 
 @torch.inference_mode()
-def bench_model(model: nn.Module, cfg: BenchConfig, tokenizer=None,
-                progress: Callable[[str], None] | None = None) -> BenchResult:
+def bench_model(
+    model: nn.Module, cfg: BenchConfig, tokenizer=None, progress: Callable[[str], None] | None = None
+) -> BenchResult:
     """Benchmark the four variants on a plain (unrouted) causal LM; returns a BenchResult."""
     threads = torch.get_num_threads()
     if cfg.threads is not None:
@@ -178,8 +190,10 @@ def _bench_model(model, cfg, tokenizer, progress) -> BenchResult:
     result.environment["malloc"] = malloc or "default"
     for seed_offset, (batch, length) in enumerate(itertools.product(cfg.batch_sizes, cfg.lengths)):
         if cap is not None and batch * length > cap:
-            result.skipped.append(f"prefill L={length} B={batch}: {batch * length} tokens > max_prefill_tokens "
-                                  f"{cap} (raise --max-prefill-tokens to include it)")
+            result.skipped.append(
+                f"prefill L={length} B={batch}: {batch * length} tokens > max_prefill_tokens "
+                f"{cap} (raise --max-prefill-tokens to include it)"
+            )
             continue
         note(f"prefill L={length} B={batch}")
         result.prefill.append(bench_prefill(vs, length, batch, cfg, flops, device, clock, cfg.seed + seed_offset))
@@ -227,8 +241,8 @@ def progress_bar(cfg: BenchConfig) -> Callable[[str], None]:
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     """Load the model named in `cfg` (float32, SDPA), benchmark it, and write the JSON if `cfg.output`."""
-    from routertune.files import write_json
     from routertune.base_model import load_model_and_tokenizer
+    from routertune.files import write_json
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, cache_dir=cfg.cache_dir, device=cfg.device)
     result = bench_model(model, cfg, tokenizer=tokenizer, progress=progress)

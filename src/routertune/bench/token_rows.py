@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from routertune.routing import state as routing
 from routertune.bench.clocks import Clock
 from routertune.bench.config import BenchConfig
 from routertune.bench.flops import FlopCounter
 from routertune.bench.measure import decode_step, kv_bytes, prefill, random_ids, rotated
 from routertune.bench.variants import Variant, VariantSet, shared_copy, synthetic_routers
-from routertune.stats import median, paired_ratio, paired_ratio_ci
 from routertune.config import RouterConfig
 from routertune.model import RoutedModel
+from routertune.routing import state as routing
 from routertune.routing.token_cache import TokenRoutedCache
+from routertune.stats import median, paired_ratio, paired_ratio_ci
 
 TOKEN_PREFILL_IDEAL_TARGET = 0.8  # achieved / ideal for token-routed prefill at the target length
 TOKEN_TARGET_LENGTH = 2048
@@ -78,27 +78,44 @@ def token_variant(model, vs: VariantSet, cfg: BenchConfig) -> tuple[Variant, flo
     if cfg.token_routers is not None:
         routed = RoutedModel.from_pretrained(shared_copy(model), cfg.token_routers)
         if routed.router_config.unit != "token" or routed.router_config.granularity != "attention":
-            raise ValueError(f"--token-routers {cfg.token_routers} holds {routed.router_config.unit}-level "
-                             f"{routed.router_config.granularity} routers; token bench needs token-level attention routers")
+            raise ValueError(
+                f"--token-routers {cfg.token_routers} holds {routed.router_config.unit}-level "
+                f"{routed.router_config.granularity} routers; token bench needs token-level attention routers"
+            )
         if routed.routed_layers != vs.routed_layers:
-            raise ValueError(f"--token-routers route layers {routed.routed_layers}, the bench's sequence side "
-                             f"routes {vs.routed_layers}; train both on the same layers")
+            raise ValueError(
+                f"--token-routers route layers {routed.routed_layers}, the bench's sequence side "
+                f"routes {vs.routed_layers}; train both on the same layers"
+            )
         routed.router_config.token_top_k = fraction
         source = f"trained token routers from {cfg.token_routers}, top-k at fraction {fraction:.3f}"
     else:
-        routed = RoutedModel(shared_copy(model), RouterConfig(unit="token", layers=vs.routed_layers,
-                                                              token_top_k=fraction))
+        routed = RoutedModel(
+            shared_copy(model), RouterConfig(unit="token", layers=vs.routed_layers, token_top_k=fraction)
+        )
         synthetic_routers(routed, cfg.seed)
         source = f"synthetic seeded token routers (seed {cfg.seed}), top-k at fraction {fraction:.3f}"
     config = model.config
-    variant = Variant("token", routed, lambda: TokenRoutedCache(config=config), None,
-                      description=f"token-routed RoutedModel ({source})")
+    variant = Variant(
+        "token",
+        routed,
+        lambda: TokenRoutedCache(config=config),
+        None,
+        description=f"token-routed RoutedModel ({source})",
+    )
     variant.cache_key = vs.variants[0].cache_key
     return variant, fraction, source
 
 
-def token_flops(flops: FlopCounter, start: int, end: int, batch: int, runs: dict[int, torch.Tensor],
-                prior: dict[int, torch.Tensor], logit_positions: int) -> int:
+def token_flops(
+    flops: FlopCounter,
+    start: int,
+    end: int,
+    batch: int,
+    runs: dict[int, torch.Tensor],
+    prior: dict[int, torch.Tensor],
+    logit_positions: int,
+) -> int:
     """FLOPs of `batch` rows processing positions start..end-1 where, at token-routed layer l, runs[l] (B, T)
     says which tokens ran and prior[l] (B,) how many had run there before `start`."""
     tokens = end - start
@@ -131,9 +148,18 @@ def _collect(calls) -> dict[int, torch.Tensor]:
     return {layer: torch.cat(parts, dim=1) for layer, parts in out.items()}
 
 
-def bench_token_prefill(vs: VariantSet, token: Variant, length: int, batch: int, cfg: BenchConfig,
-                        flops: FlopCounter, device, clock: Clock, seed: int,
-                        recorded_warm_up: bool = False) -> TokenRow:
+def bench_token_prefill(
+    vs: VariantSet,
+    token: Variant,
+    length: int,
+    batch: int,
+    cfg: BenchConfig,
+    flops: FlopCounter,
+    device,
+    clock: Clock,
+    seed: int,
+    recorded_warm_up: bool = False,
+) -> TokenRow:
     """One prefill row: dense, sequence and token routing interleaved, `cfg.repeats` times.
     `recorded_warm_up`: the untimed runs that record the token side's decisions and both KV byte counts are
     those variants' warm-up, so with `cfg.warmup` 1 only the sequence side runs once more (a lean run for a
@@ -163,12 +189,14 @@ def bench_token_prefill(vs: VariantSet, token: Variant, length: int, batch: int,
     seq_flops = flops.forward(0, length, seq_exec, batch, 1)
     zeros = {layer: torch.zeros(batch, dtype=torch.long) for layer in runs}
     tok_flops = token_flops(flops, 0, length, batch, runs, zeros, 1)
-    return _row("prefill", length, 0, batch, times, runs, vs, dense_flops, seq_flops, tok_flops,
-                token_kv, dense_kv, n_layers)
+    return _row(
+        "prefill", length, 0, batch, times, runs, vs, dense_flops, seq_flops, tok_flops, token_kv, dense_kv, n_layers
+    )
 
 
-def bench_token_decode(vs: VariantSet, token: Variant, batch: int, cfg: BenchConfig, flops: FlopCounter,
-                       device, clock: Clock, seed: int) -> TokenRow:
+def bench_token_decode(
+    vs: VariantSet, token: Variant, batch: int, cfg: BenchConfig, flops: FlopCounter, device, clock: Clock, seed: int
+) -> TokenRow:
     dense, sequence = vs.variants[0], _by_name(vs, "routed_static_set")
     prompt, steps = cfg.decode_prompt, cfg.decode_tokens
     ids = random_ids(flops.vocab_size, batch, prompt, seed, device)
@@ -206,16 +234,44 @@ def bench_token_decode(vs: VariantSet, token: Variant, batch: int, cfg: BenchCon
     tok_flops = token_flops(flops, prompt, prompt + steps, batch, runs, prior, steps)
     # the cache after decode holds the prompt's and the decoded tokens' executed pairs
     stored = {layer: int(prior[layer].sum()) + int(runs[layer].sum()) for layer in runs}
-    return _row("decode", prompt, steps, batch, times, runs, vs, dense_flops, seq_flops, tok_flops,
-                token_kv, dense_kv, n_layers, stored=stored)
+    return _row(
+        "decode",
+        prompt,
+        steps,
+        batch,
+        times,
+        runs,
+        vs,
+        dense_flops,
+        seq_flops,
+        tok_flops,
+        token_kv,
+        dense_kv,
+        n_layers,
+        stored=stored,
+    )
 
 
 def _by_name(vs: VariantSet, name: str) -> Variant:
     return next(v for v in vs.variants if v.name == name)
 
 
-def _row(phase, length, new_tokens, batch, times, runs, vs, dense_flops, seq_flops, tok_flops, token_kv, dense_kv,
-         n_layers, stored=None) -> TokenRow:
+def _row(
+    phase,
+    length,
+    new_tokens,
+    batch,
+    times,
+    runs,
+    vs,
+    dense_flops,
+    seq_flops,
+    tok_flops,
+    token_kv,
+    dense_kv,
+    n_layers,
+    stored=None,
+) -> TokenRow:
     """`runs`: the timed work's decisions (executed fraction); `stored`: tokens holding K/V per token layer."""
     executed, pairs = _routed_pairs(runs)
     n_routed, k = len(vs.routed_layers), len(vs.static_layers)
@@ -229,15 +285,26 @@ def _row(phase, length, new_tokens, batch, times, runs, vs, dense_flops, seq_flo
     speed = paired_ratio(dense_t, tok_t)
     ideal = dense_flops / tok_flops
     return TokenRow(
-        phase=phase, length=length, new_tokens=new_tokens, batch=batch,
+        phase=phase,
+        length=length,
+        new_tokens=new_tokens,
+        batch=batch,
         token_executed_fraction=executed / pairs if pairs else float("nan"),
         sequence_executed_fraction=1 - k / n_routed,
-        dense_s=median(dense_t), sequence_s=median(seq_t), token_s=median(tok_t),
-        speedup_vs_dense=speed, speedup_vs_dense_ci=paired_ratio_ci(dense_t, tok_t),
-        speedup_vs_sequence=paired_ratio(seq_t, tok_t), speedup_vs_sequence_ci=paired_ratio_ci(seq_t, tok_t),
+        dense_s=median(dense_t),
+        sequence_s=median(seq_t),
+        token_s=median(tok_t),
+        speedup_vs_dense=speed,
+        speedup_vs_dense_ci=paired_ratio_ci(dense_t, tok_t),
+        speedup_vs_sequence=paired_ratio(seq_t, tok_t),
+        speedup_vs_sequence_ci=paired_ratio_ci(seq_t, tok_t),
         sequence_speedup_vs_dense=paired_ratio(dense_t, seq_t),
-        ideal_vs_dense=ideal, ideal_vs_sequence=seq_flops / tok_flops, achieved_over_ideal=speed / ideal,
-        token_kv_bytes=token_kv, token_kv_bytes_expected=expected, token_kv_equal=token_kv == expected,
+        ideal_vs_dense=ideal,
+        ideal_vs_sequence=seq_flops / tok_flops,
+        achieved_over_ideal=speed / ideal,
+        token_kv_bytes=token_kv,
+        token_kv_bytes_expected=expected,
+        token_kv_equal=token_kv == expected,
     )
 
 
@@ -250,11 +317,14 @@ def _bytes_per_position(vs) -> int:
     return 2 * cfg.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
-def run_token_bench(model, vs: VariantSet, cfg: BenchConfig, flops: FlopCounter, device, clock: Clock,
-                    note) -> TokenBench:
+def run_token_bench(
+    model, vs: VariantSet, cfg: BenchConfig, flops: FlopCounter, device, clock: Clock, note
+) -> TokenBench:
     if any(w for w in flops.windows):
-        raise ValueError("the token bench compares KV bytes and FLOPs on full-attention models; this model has "
-                         "sliding-window layers (token layers keep every executed token and mask the window)")
+        raise ValueError(
+            "the token bench compares KV bytes and FLOPs on full-attention models; this model has "
+            "sliding-window layers (token layers keep every executed token and mask the window)"
+        )
     token, fraction, source = token_variant(model, vs, cfg)
     result = TokenBench(description=token.description, fraction=fraction)
     cap = cfg.prefill_token_cap()
@@ -263,15 +333,19 @@ def run_token_bench(model, vs: VariantSet, cfg: BenchConfig, flops: FlopCounter,
             if cap is not None and batch * length > cap:
                 continue
             note(f"token prefill L={length} B={batch}")
-            result.rows.append(bench_token_prefill(vs, token, length, batch, cfg, flops, device, clock,
-                                                   cfg.seed + 300 + offset * 1000 + length))
+            result.rows.append(
+                bench_token_prefill(
+                    vs, token, length, batch, cfg, flops, device, clock, cfg.seed + 300 + offset * 1000 + length
+                )
+            )
         note(f"token decode B={batch}")
         result.rows.append(bench_token_decode(vs, token, batch, cfg, flops, device, clock, cfg.seed + 400 + batch))
     lengths = sorted({r.length for r in result.rows if r.phase == "prefill"})
     target = TOKEN_TARGET_LENGTH if TOKEN_TARGET_LENGTH in lengths else (lengths[-1] if lengths else None)
     result.prefill_ideal_length = target
-    result.prefill_ideal = {f"B={r.batch}": r.achieved_over_ideal for r in result.rows
-                            if r.phase == "prefill" and r.length == target}
+    result.prefill_ideal = {
+        f"B={r.batch}": r.achieved_over_ideal for r in result.rows if r.phase == "prefill" and r.length == target
+    }
     if result.prefill_ideal:
         result.met = min(result.prefill_ideal.values()) >= TOKEN_PREFILL_IDEAL_TARGET
     return result
@@ -279,19 +353,24 @@ def run_token_bench(model, vs: VariantSet, cfg: BenchConfig, flops: FlopCounter,
 
 def token_table(token: dict) -> list[str]:
     """Markdown rows of the token section of a bench JSON (for the CLI and the report)."""
-    lines = [f"\nToken routing ({token['description']}):",
-             "| phase | L | new | B | executed (token / seq) | dense s | seq s | token s | x dense | x seq | "
-             "ideal x dense | achieved/ideal | KV = executed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\nToken routing ({token['description']}):",
+        "| phase | L | new | B | executed (token / seq) | dense s | seq s | token s | x dense | x seq | "
+        "ideal x dense | achieved/ideal | KV = executed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in token["rows"]:
         lines.append(
             f"| {r['phase']} | {r['length']} | {r['new_tokens']} | {r['batch']} | "
             f"{r['token_executed_fraction']:.3f} / {r['sequence_executed_fraction']:.3f} | {r['dense_s']:.4f} | "
             f"{r['sequence_s']:.4f} | {r['token_s']:.4f} | {r['speedup_vs_dense']:.2f} | "
             f"{r['speedup_vs_sequence']:.2f} | {r['ideal_vs_dense']:.2f} | {r['achieved_over_ideal']:.2f} | "
-            f"{'yes' if r['token_kv_equal'] else 'NO'} |")
+            f"{'yes' if r['token_kv_equal'] else 'NO'} |"
+        )
     if token.get("prefill_ideal"):
-        lines.append(f"token prefill achieved/ideal at L={token['prefill_ideal_length']}: "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in token["prefill_ideal"].items())
-                     + f" (target >= {token['prefill_ideal_target']}: {'met' if token['met'] else 'NOT met'})")
+        lines.append(
+            f"token prefill achieved/ideal at L={token['prefill_ideal_length']}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in token["prefill_ideal"].items())
+            + f" (target >= {token['prefill_ideal_target']}: {'met' if token['met'] else 'NOT met'})"
+        )
     return lines

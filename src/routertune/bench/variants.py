@@ -8,8 +8,8 @@ import copy
 import inspect
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -79,7 +79,7 @@ def synthetic_routers(routed: RoutedModel, seed: int) -> None:
     taken by the real router code path (pooling, router, threshold, gather/scatter)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for idx, router in sorted(routed.routers.items()):
+        for _idx, router in sorted(routed.routers.items()):
             weight = torch.randn(router.weight.shape, generator=gen) / math.sqrt(router.weight.shape[-1])
             router.weight.copy_(weight.to(router.weight.device))
 
@@ -138,12 +138,16 @@ def build_variants(model: nn.Module, cfg: BenchConfig, tokenizer=None) -> Varian
     else:
         routed = RoutedModel(shared_copy(model), RouterConfig())
         synthetic_routers(routed, cfg.seed)
-        source = (f"synthetic routers (no --routers given): seeded random weights (seed {cfg.seed}), threshold "
-                  f"{routed.router_config.threshold}; decisions taken by the real router code path on the "
-                  "benchmark's random token ids")
+        source = (
+            f"synthetic routers (no --routers given): seeded random weights (seed {cfg.seed}), threshold "
+            f"{routed.router_config.threshold}; decisions taken by the real router code path on the "
+            "benchmark's random token ids"
+        )
     if routed.router_config.granularity != "attention":
-        raise ValueError(f"bench compares attention skipping; the routers in {cfg.routers} route "
-                         f"{routed.router_config.granularity!r}")
+        raise ValueError(
+            f"bench compares attention skipping; the routers in {cfg.routers} route "
+            f"{routed.router_config.granularity!r}"
+        )
     layers = routed.routed_layers
     importance = baselines.attention_importance(model, calibration_batches(model, tokenizer, cfg.seed))
     k = max(1, math.floor(cfg.skip_fraction * len(layers) + 0.5))
@@ -162,16 +166,37 @@ def build_variants(model: nn.Module, cfg: BenchConfig, tokenizer=None) -> Varian
     static_cache = routed_cache if 0 in static_set else dynamic_cache
     variants = [
         Variant("dense", model, dynamic_cache, frozenset(), description="plain model"),
-        Variant("static_drop", static_drop_model(model, static_layers), static_cache, static_set,
-                description=f"plain model, attention of layers {static_layers} replaced by zeros (least "
-                            "important by 1 - cos on calibration text; no routing machinery)"),
-        Variant("routed_static_set", routed, routed_cache, static_set, ("skip_set", static_set),
-                description="RoutedModel, routers forced to static drop's skip set"),
-        Variant("routed", routed, routed_cache, None,
-                description=f"RoutedModel, routers take their own per-sequence decisions ({source})"),
+        Variant(
+            "static_drop",
+            static_drop_model(model, static_layers),
+            static_cache,
+            static_set,
+            description=f"plain model, attention of layers {static_layers} replaced by zeros (least "
+            "important by 1 - cos on calibration text; no routing machinery)",
+        ),
+        Variant(
+            "routed_static_set",
+            routed,
+            routed_cache,
+            static_set,
+            ("skip_set", static_set),
+            description="RoutedModel, routers forced to static drop's skip set",
+        ),
+        Variant(
+            "routed",
+            routed,
+            routed_cache,
+            None,
+            description=f"RoutedModel, routers take their own per-sequence decisions ({source})",
+        ),
     ]
-    all_run_variant = Variant("routed_all_run", all_run, routed_cache, frozenset(),
-                              description="RoutedModel with zero-initialised routers: scores computed, every row runs")
+    all_run_variant = Variant(
+        "routed_all_run",
+        all_run,
+        routed_cache,
+        frozenset(),
+        description="RoutedModel with zero-initialised routers: scores computed, every row runs",
+    )
     compiled: dict[int, Callable] = {}
     for v in variants + [all_run_variant]:
         v.cache_key = cache_key  # one model family, one keyword

@@ -21,8 +21,8 @@ from routertune.eval import tasks as task_configs
 from routertune.eval.evaluate import Setting, check_routers, prepared_lm
 from routertune.eval.harness import run_harness
 from routertune.eval.metrics import PERPLEXITY_SOURCES, generation_fidelity, heldout_texts, perplexity
-from routertune.train.prompts import chat_prompts
 from routertune.files import atomic_write, write_json
+from routertune.train.prompts import chat_prompts
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,39 @@ class CompareJob:
     """What `routertune compare` does; every field is a CLI flag."""
 
     routers: str = field(default="", metadata={"help": "folder written by `routertune train`"})
-    tasks: list[str] | None = field(default=None, metadata={"help": f"harness tasks ({', '.join(task_configs.TASKS)}); default: {' '.join(DEFAULT_COMPARE_TASKS)}"})
-    skip_ratios: list[float] | None = field(default=None, metadata={"help": "attention skip ratios, as fractions of ALL attention sublayers; default: 0.10 0.25"})
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": f"harness tasks ({', '.join(task_configs.TASKS)}); default: {' '.join(DEFAULT_COMPARE_TASKS)}"
+        },
+    )
+    skip_ratios: list[float] | None = field(
+        default=None,
+        metadata={"help": "attention skip ratios, as fractions of ALL attention sublayers; default: 0.10 0.25"},
+    )
     limit: int | None = field(default=None, metadata={"help": "items per task (default: the full sets)"})
-    shots: str = field(default="zero", metadata={"help": "few-shot examples: zero, paper (docs/method.md#the-papers-evaluation-protocol) or a number"})
+    shots: str = field(
+        default="zero",
+        metadata={"help": "few-shot examples: zero, paper (docs/method.md#the-papers-evaluation-protocol) or a number"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of the random drop and of the harness"})
-    perplexity: list[str] | None = field(default=None, metadata={"help": f"held-out perplexity sources ({', '.join(PERPLEXITY_SOURCES)}); default: both; 'none' to skip"})
+    perplexity: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": f"held-out perplexity sources ({', '.join(PERPLEXITY_SOURCES)}); default: both; 'none' to skip"
+        },
+    )
     ppl_texts: int = field(default=200, metadata={"help": "passages per perplexity source"})
-    fidelity_prompts: int = field(default=32, metadata={"help": "held-out chat prompts for generation fidelity (0 = skip)"})
+    fidelity_prompts: int = field(
+        default=32, metadata={"help": "held-out chat prompts for generation fidelity (0 = skip)"}
+    )
     fidelity_tokens: int = field(default=32, metadata={"help": "greedy tokens per prompt for generation fidelity"})
-    calibration_samples: int = field(default=64, metadata={"help": "calibration prompts (router capacity, static-drop importance)"})
-    max_prompt_tokens: int = field(default=256, metadata={"help": "calibration / fidelity prompts keep their last tokens"})
+    calibration_samples: int = field(
+        default=64, metadata={"help": "calibration prompts (router capacity, static-drop importance)"}
+    )
+    max_prompt_tokens: int = field(
+        default=256, metadata={"help": "calibration / fidelity prompts keep their last tokens"}
+    )
     output: str = field(default="runs/compare", metadata={"help": "folder for compare.json and compare.md"})
     model: str | None = field(default=None, metadata={"help": "base model (default: embedded SmolLM2-135M-Instruct)"})
     cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
@@ -121,13 +143,17 @@ def plan(job: CompareJob, num_layers: int, routed_layers: int) -> list[tuple[flo
         k = int(round(ratio * num_layers))
         capacity = 1 - ratio * num_layers / routed_layers
         if not 0.0 <= capacity <= 1.0:
-            raise ValueError(f"a skip ratio of {ratio} of {num_layers} attention sublayers needs more than the "
-                             f"{routed_layers} routed ones; the largest reachable is {routed_layers / num_layers:.3f}")
+            raise ValueError(
+                f"a skip ratio of {ratio} of {num_layers} attention sublayers needs more than the "
+                f"{routed_layers} routed ones; the largest reachable is {routed_layers / num_layers:.3f}"
+            )
         settings += [
             (ratio, Setting("static", drop=k)),
             (ratio, Setting("random", drop=k, seed=job.seed)),
-            (ratio, Setting("routers", routers=job.routers, capacity=capacity,
-                            name=f"routers @ capacity {capacity:.3f}")),
+            (
+                ratio,
+                Setting("routers", routers=job.routers, capacity=capacity, name=f"routers @ capacity {capacity:.3f}"),
+            ),
         ]
     return settings
 
@@ -135,10 +161,10 @@ def plan(job: CompareJob, num_layers: int, routed_layers: int) -> list[tuple[flo
 def compare(job: CompareJob, progress: bool = True) -> CompareReport:
     """Run every setting through the harness, perplexity and fidelity; write compare.json / compare.md after
     each setting (a long run can be read while it goes)."""
-    from routertune.routing import static_drop as baselines
+    from routertune.base_model import load_model_and_tokenizer
     from routertune.calibrate import prompt_batches
     from routertune.config import RouterConfig
-    from routertune.base_model import load_model_and_tokenizer
+    from routertune.routing import static_drop as baselines
 
     started = time.perf_counter()
     output = Path(job.output)
@@ -155,8 +181,11 @@ def compare(job: CompareJob, progress: bool = True) -> CompareReport:
     if any(s.kind == "static" for _, s in settings):
         pad = tokenizer.pad_token_id
         importance = baselines.attention_importance(model, prompt_batches(calibration, pad, job.batch_tokens))
-    fidelity_prompts = (chat_prompts(tokenizer, split="heldout", n=job.fidelity_prompts,
-                                     max_tokens=job.max_prompt_tokens) if job.fidelity_prompts else [])
+    fidelity_prompts = (
+        chat_prompts(tokenizer, split="heldout", n=job.fidelity_prompts, max_tokens=job.max_prompt_tokens)
+        if job.fidelity_prompts
+        else []
+    )
     texts = {source: heldout_texts(source, job.ppl_texts) for source in job.perplexity}
 
     results: list[SettingResult] = []
@@ -166,8 +195,15 @@ def compare(job: CompareJob, progress: bool = True) -> CompareReport:
     for ratio, setting in settings:
         t0 = time.perf_counter()
         log.info("compare: %s", setting.name)
-        with prepared_lm(setting, model, tokenizer, calibration, importance=importance,
-                         batch_tokens=job.batch_tokens, progress=progress) as (lm, info):
+        with prepared_lm(
+            setting,
+            model,
+            tokenizer,
+            calibration,
+            importance=importance,
+            batch_tokens=job.batch_tokens,
+            progress=progress,
+        ) as (lm, info):
             harness = run_harness(lm, job.tasks, shots=job.shots, limit=job.limit, seed=job.seed)
             ppl = {source: perplexity(lm, texts[source], source).ppl for source in job.perplexity}
             fidelity = None
@@ -179,18 +215,30 @@ def compare(job: CompareJob, progress: bool = True) -> CompareReport:
             headline[name] = score.headline
             samples[name] = score.samples
         scores = {n: s.metrics[s.headline] for n, s in harness.tasks.items()}
-        results.append(SettingResult(
-            name=setting.name, kind=setting.kind, target_skip_ratio=ratio, skip_ratio=harness.skip_ratio,
-            scores=scores, stderr={n: s.stderr.get(s.headline, math.nan) for n, s in harness.tasks.items()},
-            metrics={n: s.metrics for n, s in harness.tasks.items()}, average=harness.average(), perplexity=ppl,
-            fidelity=fidelity, dropped=info.dropped, capacity=setting.capacity,
-            calibration_capacity=getattr(info.calibration, "capacity", None), threshold=info.threshold,
-            layer_skip_rate=harness.layer_skip_rate,
-            task_layer_skip_rate={n: s.skip.get("layer_skip_rate") for n, s in harness.tasks.items()},
-            seconds=time.perf_counter() - t0,
-        ))
-        report = CompareReport(job=asdict(job), settings=results, headline=headline, samples=samples,
-                               seconds=time.perf_counter() - started)
+        results.append(
+            SettingResult(
+                name=setting.name,
+                kind=setting.kind,
+                target_skip_ratio=ratio,
+                skip_ratio=harness.skip_ratio,
+                scores=scores,
+                stderr={n: s.stderr.get(s.headline, math.nan) for n, s in harness.tasks.items()},
+                metrics={n: s.metrics for n, s in harness.tasks.items()},
+                average=harness.average(),
+                perplexity=ppl,
+                fidelity=fidelity,
+                dropped=info.dropped,
+                capacity=setting.capacity,
+                calibration_capacity=getattr(info.calibration, "capacity", None),
+                threshold=info.threshold,
+                layer_skip_rate=harness.layer_skip_rate,
+                task_layer_skip_rate={n: s.skip.get("layer_skip_rate") for n, s in harness.tasks.items()},
+                seconds=time.perf_counter() - t0,
+            )
+        )
+        report = CompareReport(
+            job=asdict(job), settings=results, headline=headline, samples=samples, seconds=time.perf_counter() - started
+        )
         report.markdown = markdown_table(report)
         _write(output, report)
     return report
@@ -201,25 +249,35 @@ def markdown_table(report: CompareReport) -> str:
     labels = [task_configs.TASKS[n].label for n in names]
     ppl_sources = list(report.settings[0].perplexity) if report.settings else []
     has_fidelity = any(s.fidelity for s in report.settings)
-    header = (["setting", "attn skip (target / measured)"] + [f"{l} ({report.headline[n]})" for n, l in zip(names, labels)]
-              + ["avg"] + [f"ppl {s}" for s in ppl_sources] + (["greedy token agreement", "exact match"] if has_fidelity else []))
+    header = (
+        ["setting", "attn skip (target / measured)"]
+        + [f"{l} ({report.headline[n]})" for n, l in zip(names, labels)]
+        + ["avg"]
+        + [f"ppl {s}" for s in ppl_sources]
+        + (["greedy token agreement", "exact match"] if has_fidelity else [])
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in report.settings:
-        cells = [s.name + (f" {s.dropped}" if s.dropped is not None and len(s.dropped) <= 10 else ""),
-                 f"{s.target_skip_ratio:.1%} / {s.skip_ratio:.1%}"]
+        cells = [
+            s.name + (f" {s.dropped}" if s.dropped is not None and len(s.dropped) <= 10 else ""),
+            f"{s.target_skip_ratio:.1%} / {s.skip_ratio:.1%}",
+        ]
         cells += [f"{100 * s.scores[n]:.1f} ± {100 * s.stderr[n]:.1f}" for n in names]
         cells += [f"{100 * s.average:.1f}"] + [f"{s.perplexity[p]:.2f}" for p in ppl_sources]
         if has_fidelity:
-            cells += ([f"{s.fidelity['token_agreement']:.3f}", f"{s.fidelity['exact_match']:.3f}"] if s.fidelity
-                      else ["", ""])
+            cells += (
+                [f"{s.fidelity['token_agreement']:.3f}", f"{s.fidelity['exact_match']:.3f}"] if s.fidelity else ["", ""]
+            )
         lines.append("| " + " | ".join(cells) + " |")
     counts = ", ".join(f"{task_configs.TASKS[n].label} {report.samples[n]}" for n in names)
     job = report.job
     lines.append("")
-    lines.append(f"Items per task: {counts} (limit {job['limit'] or 'none: full sets'}); shots: {job['shots']}; "
-                 f"perplexity: {job['ppl_texts']} passages per source, second half given the first; "
-                 f"fidelity: {job['fidelity_prompts']} held-out prompts x {job['fidelity_tokens']} greedy tokens "
-                 f"vs dense. Metrics in %, ± one standard error.")
+    lines.append(
+        f"Items per task: {counts} (limit {job['limit'] or 'none: full sets'}); shots: {job['shots']}; "
+        f"perplexity: {job['ppl_texts']} passages per source, second half given the first; "
+        f"fidelity: {job['fidelity_prompts']} held-out prompts x {job['fidelity_tokens']} greedy tokens "
+        f"vs dense. Metrics in %, ± one standard error."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 from torch import nn
 
-from routertune.routing import inject
-from routertune.eval import tasks
 from routertune.calibrate import calibrate, check_capacity, prompt_batches
+from routertune.eval import tasks
 from routertune.eval.harness import HarnessReport, RoutedLM, run_harness
-from routertune.eval.metrics import PERPLEXITY_SOURCES, Fidelity, Perplexity, generation_fidelity, heldout_texts, perplexity
+from routertune.eval.metrics import (
+    PERPLEXITY_SOURCES,
+    Fidelity,
+    Perplexity,
+    generation_fidelity,
+    heldout_texts,
+    perplexity,
+)
+from routertune.routing import inject
 from routertune.train.prompts import chat_prompts
-
 
 # ---------------------------------------------------------------------------------------------------------
 # settings: dense, routers, static drop, random drop, all through RoutedLM
@@ -59,8 +65,12 @@ class Setting:
         if problems:
             raise ValueError("Invalid setting: " + "; ".join(problems))
         if not self.name:
-            self.name = {"dense": "dense", "routers": "routers", "static": f"static drop {self.drop}",
-                         "random": f"random drop {self.drop} (seed {self.seed})"}[self.kind]
+            self.name = {
+                "dense": "dense",
+                "routers": "routers",
+                "static": f"static drop {self.drop}",
+                "random": f"random drop {self.drop} (seed {self.seed})",
+            }[self.kind]
 
 
 @dataclass
@@ -83,15 +93,21 @@ def check_routers(model: nn.Module, folder: str) -> None:
 
 
 @contextlib.contextmanager
-def prepared_lm(setting: Setting, model: nn.Module, tokenizer, calibration_prompts: Sequence[list[int]] | None = None,
-                importance=None, **lm_kwargs):
+def prepared_lm(
+    setting: Setting,
+    model: nn.Module,
+    tokenizer,
+    calibration_prompts: Sequence[list[int]] | None = None,
+    importance=None,
+    **lm_kwargs,
+):
     """Attach what `setting` needs to `model`, yield (RoutedLM, Prepared), and restore the plain model after.
 
     `calibration_prompts` (token ids) serve the static-drop importance and the capacity calibration;
     `importance` (an AttentionImportance) may be passed to avoid recomputing it."""
-    from routertune.routing import static_drop as baselines
     from routertune.config import RouterConfig
     from routertune.model import RoutedModel
+    from routertune.routing import static_drop as baselines
 
     if inject.is_routed(model):
         raise ValueError("the base model already has routers; pass the plain model")
@@ -123,8 +139,9 @@ def prepared_lm(setting: Setting, model: nn.Module, tokenizer, calibration_promp
             if setting.capacity is not None:
                 if not calibration_prompts:
                     raise ValueError("calibrating the routers to a capacity needs calibration prompts")
-                info.calibration = calibrate(routed, prompt_batches(calibration_prompts, pad), setting.capacity,
-                                             per_layer=setting.per_layer)
+                info.calibration = calibrate(
+                    routed, prompt_batches(calibration_prompts, pad), setting.capacity, per_layer=setting.per_layer
+                )
             info.threshold = routed.router_config.threshold
             info.layer_thresholds = routed.router_config.layer_thresholds
             lm = RoutedLM(routed, tokenizer, **lm_kwargs)
@@ -142,22 +159,49 @@ def prepared_lm(setting: Setting, model: nn.Module, tokenizer, calibration_promp
 class EvalJob:
     """What `routertune eval` does; every field is a CLI flag."""
 
-    tasks: list[str] | None = field(default=None, metadata={"help": f"harness tasks; default: all of {', '.join(tasks.TASKS)}"})
-    routers: str | None = field(default=None, metadata={"help": "folder written by `routertune train`; omit for the dense model"})
+    tasks: list[str] | None = field(
+        default=None, metadata={"help": f"harness tasks; default: all of {', '.join(tasks.TASKS)}"}
+    )
+    routers: str | None = field(
+        default=None, metadata={"help": "folder written by `routertune train`; omit for the dense model"}
+    )
     model: str | None = field(default=None, metadata={"help": "base model (default: embedded SmolLM2-135M-Instruct)"})
     cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
-    shots: str = field(default="zero", metadata={"help": "few-shot examples: zero, paper (docs/method.md#the-papers-evaluation-protocol) or a number"})
-    limit: int | None = field(default=None, metadata={"help": "items per task, for quick runs (default: the full sets)"})
-    threshold: float | None = field(default=None, metadata={"help": "override the routers' decision threshold in (0, 1)"})
-    capacity: float | None = field(default=None, metadata={"help": "calibrate the routers to run this fraction of routed sublayers first (not saved; see `routertune calibrate`)"})
-    static_drop: int | None = field(default=None, metadata={"help": "baseline: drop the K least important attention sublayers (no routers)"})
-    random_drop: int | None = field(default=None, metadata={"help": "baseline: drop K random attention sublayers (no routers)"})
+    shots: str = field(
+        default="zero",
+        metadata={"help": "few-shot examples: zero, paper (docs/method.md#the-papers-evaluation-protocol) or a number"},
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "items per task, for quick runs (default: the full sets)"}
+    )
+    threshold: float | None = field(
+        default=None, metadata={"help": "override the routers' decision threshold in (0, 1)"}
+    )
+    capacity: float | None = field(
+        default=None,
+        metadata={
+            "help": "calibrate the routers to run this fraction of routed sublayers first (not saved; see `routertune calibrate`)"
+        },
+    )
+    static_drop: int | None = field(
+        default=None, metadata={"help": "baseline: drop the K least important attention sublayers (no routers)"}
+    )
+    random_drop: int | None = field(
+        default=None, metadata={"help": "baseline: drop K random attention sublayers (no routers)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the random drop and of the harness"})
-    perplexity: list[str] | None = field(default=None, metadata={"help": f"also held-out perplexity on these sources ({', '.join(PERPLEXITY_SOURCES)})"})
+    perplexity: list[str] | None = field(
+        default=None, metadata={"help": f"also held-out perplexity on these sources ({', '.join(PERPLEXITY_SOURCES)})"}
+    )
     ppl_texts: int = field(default=200, metadata={"help": "passages per perplexity source"})
-    fidelity_prompts: int = field(default=0, metadata={"help": "also greedy-generation agreement with the dense model on this many held-out prompts"})
+    fidelity_prompts: int = field(
+        default=0,
+        metadata={"help": "also greedy-generation agreement with the dense model on this many held-out prompts"},
+    )
     fidelity_tokens: int = field(default=32, metadata={"help": "greedy tokens per fidelity prompt"})
-    calibration_samples: int = field(default=64, metadata={"help": "calibration prompts (for --capacity and --static-drop)"})
+    calibration_samples: int = field(
+        default=64, metadata={"help": "calibration prompts (for --capacity and --static-drop)"}
+    )
     output: str | None = field(default=None, metadata={"help": "write the results JSON here"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward"})
 
@@ -170,8 +214,15 @@ class EvalJob:
             tasks.shots_for(self.tasks[0], self.shots)
         except ValueError as error:
             problems.append(str(error))
-        chosen = [n for n, v in (("routers", self.routers), ("static_drop", self.static_drop),
-                                 ("random_drop", self.random_drop)) if v is not None]
+        chosen = [
+            n
+            for n, v in (
+                ("routers", self.routers),
+                ("static_drop", self.static_drop),
+                ("random_drop", self.random_drop),
+            )
+            if v is not None
+        ]
         if len(chosen) > 1:
             problems.append(f"choose one of --routers, --static-drop, --random-drop (got {', '.join(chosen)})")
         if (self.capacity is not None or self.threshold is not None) and self.routers is None:
@@ -215,8 +266,8 @@ class EvalReport:
 
 def evaluate_job(job: EvalJob, progress: bool = True) -> EvalReport:
     """Load the model (and routers / baseline), run the harness tasks, optionally perplexity and fidelity."""
-    from routertune.files import write_json
     from routertune.base_model import load_model_and_tokenizer
+    from routertune.files import write_json
 
     started = time.perf_counter()
     setting = job.setting()
@@ -233,10 +284,15 @@ def evaluate_job(job: EvalJob, progress: bool = True) -> EvalReport:
     reference = None
     fidelity_prompts = chat_prompts(tokenizer, "heldout", job.fidelity_prompts, 256) if job.fidelity_prompts else []
     if fidelity_prompts and setting.kind != "dense":
-        with prepared_lm(Setting("dense"), model, tokenizer, batch_tokens=job.batch_tokens, progress=progress) as (lm, _):
+        with prepared_lm(Setting("dense"), model, tokenizer, batch_tokens=job.batch_tokens, progress=progress) as (
+            lm,
+            _,
+        ):
             reference = lm.greedy(fidelity_prompts, job.fidelity_tokens)
-    with prepared_lm(setting, model, tokenizer, calibration, batch_tokens=job.batch_tokens,
-                     progress=progress) as (lm, info):
+    with prepared_lm(setting, model, tokenizer, calibration, batch_tokens=job.batch_tokens, progress=progress) as (
+        lm,
+        info,
+    ):
         harness = run_harness(lm, job.tasks, shots=job.shots, limit=job.limit, seed=job.seed)
         ppl = {source: perplexity(lm, heldout_texts(source, job.ppl_texts), source) for source in job.perplexity or []}
         fidelity = None
@@ -244,10 +300,18 @@ def evaluate_job(job: EvalJob, progress: bool = True) -> EvalReport:
             if reference is None:
                 reference = lm.greedy(fidelity_prompts, job.fidelity_tokens)
             fidelity = generation_fidelity(lm, reference, fidelity_prompts, job.fidelity_tokens)
-    report = EvalReport(setting=asdict(setting), harness=harness, perplexity=ppl, fidelity=fidelity,
-                        dropped=info.dropped, threshold=info.threshold, layer_thresholds=info.layer_thresholds,
-                        calibration=asdict(info.calibration) if info.calibration is not None else None,
-                        seconds=time.perf_counter() - started, output=job.output)
+    report = EvalReport(
+        setting=asdict(setting),
+        harness=harness,
+        perplexity=ppl,
+        fidelity=fidelity,
+        dropped=info.dropped,
+        threshold=info.threshold,
+        layer_thresholds=info.layer_thresholds,
+        calibration=asdict(info.calibration) if info.calibration is not None else None,
+        seconds=time.perf_counter() - started,
+        output=job.output,
+    )
     if job.output:
         write_json(job.output, {"job": asdict(job), **asdict(report)})
     return report

@@ -33,17 +33,17 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import modeling_utils
 
+from routertune.eval import tasks
 from routertune.routing import inject
 from routertune.routing import state as routing
-from routertune.eval import tasks
 from routertune.routing.cache import RoutedCache, cache_kwarg
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ except ModuleNotFoundError:  # pragma: no cover - exercised only without lm-eval
 
 def _require_harness() -> None:
     if TemplateLM is object:
-        raise tasks.TaskError("evaluation runs on lm-evaluation-harness, which is not installed; install it with: "
-                              "pip install lm-eval")
+        raise tasks.TaskError(
+            "evaluation runs on lm-evaluation-harness, which is not installed; install it with: pip install lm-eval"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -86,14 +87,16 @@ class SkipStats:
             n = int(rows.numel()) if rows is not None else 0
         self.sequences += n
 
-    def merge(self, other: "SkipStats") -> None:
+    def merge(self, other: SkipStats) -> None:
         self.sequences += other.sequences
         for layer, count in other.runs.items():
             self.runs[layer] = self.runs.get(layer, 0) + count
 
     @property
     def layer_skip_rate(self) -> dict[int, float]:
-        return {layer: 1 - count / self.sequences for layer, count in sorted(self.runs.items())} if self.sequences else {}
+        return (
+            {layer: 1 - count / self.sequences for layer, count in sorted(self.runs.items())} if self.sequences else {}
+        )
 
     @property
     def routed_capacity(self) -> float | None:
@@ -153,9 +156,19 @@ class RoutedLM(TemplateLM):
 
     backend = "causal"
 
-    def __init__(self, model: nn.Module, tokenizer, *, skip_layers: Iterable[int] | None = None,
-                 batch_tokens: int = 4096, max_batch: int = 64, max_length: int | None = None,
-                 share_prefix: bool = True, packed: bool = True, progress: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        skip_layers: Iterable[int] | None = None,
+        batch_tokens: int = 4096,
+        max_batch: int = 64,
+        max_length: int | None = None,
+        share_prefix: bool = True,
+        packed: bool = True,
+        progress: bool = True,
+    ):
         _require_harness()
         super().__init__()
         if hasattr(model, "base_model") and hasattr(model, "router_config"):  # a RoutedModel
@@ -166,8 +179,10 @@ class RoutedLM(TemplateLM):
         if self.skip_layers is not None:
             routed = set(inject.routed_sublayers(model))
             if not self.skip_layers <= routed:
-                raise ValueError(f"cannot force-skip layers {sorted(self.skip_layers - routed)}: they are not routed "
-                                 f"(routed: {sorted(routed)})")
+                raise ValueError(
+                    f"cannot force-skip layers {sorted(self.skip_layers - routed)}: they are not routed "
+                    f"(routed: {sorted(routed)})"
+                )
         if batch_tokens < 1 or max_batch < 1:
             raise ValueError(f"batch_tokens={batch_tokens} and max_batch={max_batch} must be >= 1")
         self.batch_tokens = batch_tokens
@@ -221,9 +236,12 @@ class RoutedLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def get_model_info(self) -> dict:
-        return {"model_type": self.model.config.model_type, "num_hidden_layers": self.num_layers,
-                "routed_layers": sorted(inject.routed_sublayers(self.model)),
-                "skip_layers": sorted(self.skip_layers) if self.skip_layers is not None else None}
+        return {
+            "model_type": self.model.config.model_type,
+            "num_hidden_layers": self.num_layers,
+            "routed_layers": sorted(inject.routed_sublayers(self.model)),
+            "skip_layers": sorted(self.skip_layers) if self.skip_layers is not None else None,
+        }
 
     # -- requests ---------------------------------------------------------------------------------------
     def _encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -269,7 +287,7 @@ class RoutedLM(TemplateLM):
                 continue
             contexts = [encoded[i][0] for i in members]
             shared = _common_prefix(contexts)
-            route = (contexts[0][:shared] if shared else contexts[0])[-self.max_length:]
+            route = (contexts[0][:shared] if shared else contexts[0])[-self.max_length :]
             for i in members:
                 row = rows[i]
                 if route and len(route) <= row.n_ctx and row.tokens[: len(route)] == route:
@@ -286,9 +304,15 @@ class RoutedLM(TemplateLM):
         rows, owner = [], []
         for index, req in enumerate(requests):
             (string,) = req.args
-            windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1))
+            windows = map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            )
             for ctx, cont in windows:
                 tokens = ctx + cont
                 rows.append(ScoredRow(tokens, len(cont), len(tokens) - 1, str(getattr(req, "task_name", "") or "")))
@@ -308,9 +332,11 @@ class RoutedLM(TemplateLM):
             until = gen_kwargs.pop("until", None) or []
             max_new = int(gen_kwargs.pop("max_gen_toks", 256))
             if max_new >= self.max_length:
-                raise ValueError(f"max_gen_toks={max_new} leaves no room for the prompt within the model's "
-                                 f"max_length {self.max_length}; lower max_gen_toks or raise max_length")
-            prompts.append(self.tok_encode(context)[-(self.max_length - max_new):])
+                raise ValueError(
+                    f"max_gen_toks={max_new} leaves no room for the prompt within the model's "
+                    f"max_length {self.max_length}; lower max_gen_toks or raise max_length"
+                )
+            prompts.append(self.tok_encode(context)[-(self.max_length - max_new) :])
             stops.append([until] if isinstance(until, str) else list(until))
             budgets.append(max_new)
         outputs: list[str] = [""] * len(requests)
@@ -367,11 +393,15 @@ class RoutedLM(TemplateLM):
             ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for g, (_, route) in enumerate(batch):
-                ids[g, width - len(route):] = torch.tensor(route)
-                mask[g, width - len(route):] = 1
+                ids[g, width - len(route) :] = torch.tensor(route)
+                mask[g, width - len(route) :] = 1
             with routing.record() as calls:
-                self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False,
-                           logits_to_keep=1)
+                self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
             self._count(calls, [k[0] for k in batch])
             for g, key in enumerate(batch):
                 decided[key] = {layer: runs[g] for layer, runs in calls[-1].decisions.items()}
@@ -395,24 +425,35 @@ class RoutedLM(TemplateLM):
             keep = torch.zeros((len(batch), width), dtype=torch.bool)
             for b, i in enumerate(batch):
                 n_in = len(rows[i].tokens) - 1
-                keep[b, n_in - rows[i].n_cont: n_in] = True
+                keep[b, n_in - rows[i].n_cont : n_in] = True
             if decided is None:
                 with routing.record() as calls, routing.pool_over(route.to(self.device)):
-                    logits = _kept_logits(self.model, keep.to(self.device), input_ids=ids.to(self.device),
-                                          attention_mask=mask.to(self.device), use_cache=False)
+                    logits = _kept_logits(
+                        self.model,
+                        keep.to(self.device),
+                        input_ids=ids.to(self.device),
+                        attention_mask=mask.to(self.device),
+                        use_cache=False,
+                    )
                 self._count(calls, [rows[i].task for i in batch])
             else:
                 cache = RoutedCache(config=self.model.config)
                 chosen = [decided[(rows[i].task, rows[i].route)] for i in batch]
                 for layer in chosen[0]:
                     cache.set_decision(layer, torch.stack([d[layer] for d in chosen]))  # (B,)
-                logits = _kept_logits(self.model, keep.to(self.device), input_ids=ids.to(self.device),
-                                      attention_mask=mask.to(self.device), cache=cache, use_cache=True)
+                logits = _kept_logits(
+                    self.model,
+                    keep.to(self.device),
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    cache=cache,
+                    use_cache=True,
+                )
             index = _kept_index(keep)
             for b, i in enumerate(batch):
                 n_in = len(rows[i].tokens) - 1
-                at = index[b, n_in - rows[i].n_cont: n_in].to(logits.device)
-                results[i] = _score_positions(logits[at], rows[i].tokens[-rows[i].n_cont:])
+                at = index[b, n_in - rows[i].n_cont : n_in].to(logits.device)
+                results[i] = _score_positions(logits[at], rows[i].tokens[-rows[i].n_cont :])
             bar.update(len(batch))
 
     def _score_shared(self, rows, indices, results, bar) -> None:
@@ -459,8 +500,12 @@ class RoutedLM(TemplateLM):
         layouts = []  # per group: (tokens, segment ids, positions, prefix length, [(member, rest start, rest length)])
         for group in members:
             n_prefix = rows[group[0]].n_route
-            tokens, segments, positions, spans = list(rows[group[0]].tokens[:n_prefix]), [0] * n_prefix, \
-                list(range(n_prefix)), []
+            tokens, segments, positions, spans = (
+                list(rows[group[0]].tokens[:n_prefix]),
+                [0] * n_prefix,
+                list(range(n_prefix)),
+                [],
+            )
             for j, i in enumerate(group, start=1):
                 rest = rows[i].tokens[n_prefix:-1]
                 spans.append((i, len(tokens), len(rest)))
@@ -490,14 +535,20 @@ class RoutedLM(TemplateLM):
             dtype = next(self.model.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
         with routing.record() as calls, routing.pool_over(route.to(device)):
-            flat = _kept_logits(self.model, keep.to(device), input_ids=ids.to(device),
-                                attention_mask=mask.to(device), position_ids=position.to(device), use_cache=False)
+            flat = _kept_logits(
+                self.model,
+                keep.to(device),
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=position.to(device),
+                use_cache=False,
+            )
         self._count(calls, task_names)
         index = _kept_index(keep)
         for g, (_, _, _, n_prefix, spans) in enumerate(layouts):
             for i, start, n_rest in spans:
                 at = index[g, _scored_positions(rows[i], n_prefix, start, n_rest)].to(flat.device)
-                results[i] = _score_positions(flat[at], rows[i].tokens[-rows[i].n_cont:])
+                results[i] = _score_positions(flat[at], rows[i].tokens[-rows[i].n_cont :])
 
     def _score_cached(self, rows, groups: dict[tuple, list[int]], results, bar) -> None:
         """Prefill each distinct routed prefix once (left-padded batch, RoutedCache), then run every row's rest
@@ -520,19 +571,25 @@ class RoutedLM(TemplateLM):
         ids = torch.full((n_groups, width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((n_groups, width), dtype=torch.long)
         for g, prefix in enumerate(prefixes):  # left padding: every prefix ends at the last column
-            ids[g, width - len(prefix):] = torch.tensor(prefix)
-            mask[g, width - len(prefix):] = 1
+            ids[g, width - len(prefix) :] = torch.tensor(prefix)
+            mask[g, width - len(prefix) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = _new_cache(self.model)
         with routing.record() as calls:
-            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             position_ids=positions.to(device), cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self._count(calls, task_names)
         last = out.logits[:, -1]  # (G, V): predicts the token after each prefix; `cache` now holds the prefixes
 
         flat = [i for m in members for i in m]
         owner = torch.tensor([g for g, m in enumerate(members) for _ in m])
-        rests = [rows[i].tokens[rows[i].n_route: -1] for i in flat]  # (rest of context) + continuation[:-1]
+        rests = [rows[i].tokens[rows[i].n_route : -1] for i in flat]  # (rest of context) + continuation[:-1]
         rest_width = max(len(r) for r in rests)
         step_logits = None
         if rest_width > 0:
@@ -547,19 +604,25 @@ class RoutedLM(TemplateLM):
             rest_pos = mask[owner].sum(-1, keepdim=True) + torch.arange(rest_width)  # continue each prefix
             keep = torch.zeros((len(flat), rest_width), dtype=torch.bool)
             for r, i in enumerate(flat):  # rest positions whose logits are scored
-                keep[r, max(0, len(rests[r]) - rows[i].n_cont): len(rests[r])] = True
-            step_logits = _kept_logits(self.model, keep.to(device), input_ids=rest_ids.to(device),
-                                       attention_mask=full_mask.to(device), position_ids=rest_pos.to(device),
-                                       cache=cache, use_cache=True)
+                keep[r, max(0, len(rests[r]) - rows[i].n_cont) : len(rests[r])] = True
+            step_logits = _kept_logits(
+                self.model,
+                keep.to(device),
+                input_ids=rest_ids.to(device),
+                attention_mask=full_mask.to(device),
+                position_ids=rest_pos.to(device),
+                cache=cache,
+                use_cache=True,
+            )
             index = _kept_index(keep)
         for r, i in enumerate(flat):
             row = rows[i]
             # logits at input positions n_route-1 .. len(tokens)-2; the scored ones are the last n_cont
             seq = last[owner[r]].unsqueeze(0)
             if step_logits is not None and rests[r]:
-                kept = index[r, max(0, len(rests[r]) - row.n_cont): len(rests[r])].to(step_logits.device)
+                kept = index[r, max(0, len(rests[r]) - row.n_cont) : len(rests[r])].to(step_logits.device)
                 seq = torch.cat([seq, step_logits[kept]], dim=0)
-            results[i] = _score_positions(seq[-row.n_cont:], row.tokens[-row.n_cont:])
+            results[i] = _score_positions(seq[-row.n_cont :], row.tokens[-row.n_cont :])
 
     def _count(self, calls, task_names: list[str]) -> None:
         decisions = calls[-1].decisions if calls else {}  # a model without routers records no calls
@@ -568,13 +631,16 @@ class RoutedLM(TemplateLM):
             call = calls[-1]
             runs = call.token_runs
             first = next(iter(runs.values()))
-            real = (call.attention_mask[:, -first.shape[1]:].bool() if call.attention_mask is not None
-                    else torch.ones(first.shape, dtype=torch.bool, device=first.device))
+            real = (
+                call.attention_mask[:, -first.shape[1] :].bool()
+                if call.attention_mask is not None
+                else torch.ones(first.shape, dtype=torch.bool, device=first.device)
+            )
             for g, task in enumerate(task_names):
                 self.stats[task].add({k: v[g][real[g]].cpu() for k, v in runs.items()})
             return
         for g, task in enumerate(task_names):
-            self.stats[task].add({k: v[g: g + 1].cpu() for k, v in decisions.items()}, torch.arange(1))
+            self.stats[task].add({k: v[g : g + 1].cpu() for k, v in decisions.items()}, torch.arange(1))
 
     @property
     def _pad_id(self) -> int:
@@ -590,16 +656,22 @@ class RoutedLM(TemplateLM):
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         eos = self.tokenizer.eos_token_id
         with self._forcing():
-            for batch in budget_batches(order, lambda i: len(prompts[i]) + max_new_tokens, self.batch_tokens,
-                                  self.max_batch):
+            for batch in budget_batches(
+                order, lambda i: len(prompts[i]) + max_new_tokens, self.batch_tokens, self.max_batch
+            ):
                 width = max(len(prompts[i]) for i in batch)
                 ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
                 for b, i in enumerate(batch):
-                    ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                    mask[b, width - len(prompts[i]):] = 1
-                kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self._pad_id)
+                    ids[b, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                    mask[b, width - len(prompts[i]) :] = 1
+                kwargs = dict(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self._pad_id,
+                )
                 if inject.is_routed(self.model):
                     kwargs[cache_kwarg(self.model)] = _new_cache(self.model)
                 with routing.record() as calls:
@@ -639,7 +711,7 @@ def _scored_positions(row: ScoredRow, n_prefix: int, start: int, n_rest: int) ->
     """Columns of a packed row whose logits score `row`: the prefix's last column, then the columns of the
     row's rest (whose logits predict the next token of the rest, and finally the last token); the last
     n_cont of those."""
-    return ([n_prefix - 1] + list(range(start, start + n_rest)))[-row.n_cont:]
+    return ([n_prefix - 1] + list(range(start, start + n_rest)))[-row.n_cont :]
 
 
 def _kept_index(keep: torch.Tensor) -> torch.Tensor:
@@ -675,8 +747,9 @@ def budget_batches(items: list, cost, budget: int, max_batch: int, min_fill: flo
     batches, current, largest = [], [], 0
     for item in items:
         c = max(int(cost(item)), 1)
-        if current and (max(largest, c) * (len(current) + 1) > budget or len(current) >= max_batch
-                        or c < min_fill * largest):
+        if current and (
+            max(largest, c) * (len(current) + 1) > budget or len(current) >= max_batch or c < min_fill * largest
+        ):
             batches.append(current)
             current, largest = [], 0
         current.append(item)
@@ -715,8 +788,15 @@ class HarnessReport:
         return sum(values) / len(values) if values else math.nan
 
 
-def run_harness(lm: RoutedLM, task_names: Sequence[str], *, shots: str | int = "zero", limit: int | None = None,
-                seed: int = 0, bootstrap_iters: int = 1000) -> HarnessReport:
+def run_harness(
+    lm: RoutedLM,
+    task_names: Sequence[str],
+    *,
+    shots: str | int = "zero",
+    limit: int | None = None,
+    seed: int = 0,
+    bootstrap_iters: int = 1000,
+) -> HarnessReport:
     """Run tasks through ``lm_eval.simple_evaluate`` with the local-data task configs."""
     _require_harness()
     import lm_eval
@@ -732,8 +812,16 @@ def run_harness(lm: RoutedLM, task_names: Sequence[str], *, shots: str | int = "
         built = tasks.build_tasks(names, shots)
         out = lm_eval.simple_evaluate(
             # an empty TaskManager: the tasks come built, and indexing every harness YAML takes ~25 s
-            model=lm, tasks=built, task_manager=TaskManager(include_defaults=False), limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm,
+            tasks=built,
+            task_manager=TaskManager(include_defaults=False),
+            limit=limit,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
         )
     seconds = time.perf_counter() - started
     results = {**out.get("results", {}), **out.get("groups", {})}
@@ -761,12 +849,23 @@ def run_harness(lm: RoutedLM, task_names: Sequence[str], *, shots: str | int = "
         else:
             samples = n_samples.get(name, {}).get("effective", 0)
         spec = tasks.TASKS[name]
-        scores[name] = TaskScore(name=name, metrics=metrics, stderr=stderr, samples=int(samples),
-                                 headline=spec.paper_metric if spec.paper_metric in metrics else "acc",
-                                 shots=int(tasks.shots_for(name, shots) or 0), skip=stats.summary())
-    return HarnessReport(tasks=scores, skip_ratio=total.skip_ratio,
-                         layer_skip_rate={str(k): v for k, v in total.layer_skip_rate.items()}, seconds=seconds,
-                         limit=limit, harness_version=getattr(lm_eval, "__version__", "unknown"))
+        scores[name] = TaskScore(
+            name=name,
+            metrics=metrics,
+            stderr=stderr,
+            samples=int(samples),
+            headline=spec.paper_metric if spec.paper_metric in metrics else "acc",
+            shots=int(tasks.shots_for(name, shots) or 0),
+            skip=stats.summary(),
+        )
+    return HarnessReport(
+        tasks=scores,
+        skip_ratio=total.skip_ratio,
+        layer_skip_rate={str(k): v for k, v in total.layer_skip_rate.items()},
+        seconds=seconds,
+        limit=limit,
+        harness_version=getattr(lm_eval, "__version__", "unknown"),
+    )
 
 
 def _number(value) -> float:

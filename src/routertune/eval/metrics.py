@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from routertune.eval import tasks
 from routertune.eval.harness import RoutedLM, ScoredRow
-
 
 PERPLEXITY_SOURCES = ("lambada", "boolq")
 
@@ -58,8 +57,14 @@ def perplexity(lm: RoutedLM, texts: Sequence[str], source: str = "", max_tokens:
     scored = lm.score(rows)
     tokens = sum(r.n_cont for r in rows)
     nll = -sum(s for s, _ in scored) / tokens
-    return Perplexity(source=source, texts=len(rows), tokens=tokens, nll=nll, ppl=math.exp(nll),
-                      skip=lm.stats[f"perplexity:{source}"].summary())
+    return Perplexity(
+        source=source,
+        texts=len(rows),
+        tokens=tokens,
+        nll=nll,
+        ppl=math.exp(nll),
+        skip=lm.stats[f"perplexity:{source}"].summary(),
+    )
 
 
 @dataclass
@@ -72,8 +77,9 @@ class Fidelity:
     skip: dict
 
 
-def generation_fidelity(lm: RoutedLM, reference: Sequence[list[int]], prompts: Sequence[list[int]],
-                        max_new_tokens: int) -> Fidelity:
+def generation_fidelity(
+    lm: RoutedLM, reference: Sequence[list[int]], prompts: Sequence[list[int]], max_new_tokens: int
+) -> Fidelity:
     """Compare greedy completions of `lm` with `reference` (the dense model's greedy completions)."""
     lm.stats.pop("generation", None)
     candidate = lm.greedy(prompts, max_new_tokens)
@@ -89,5 +95,11 @@ def generation_fidelity(lm: RoutedLM, reference: Sequence[list[int]], prompts: S
             common += 1
         prefix += common / max(len(ref), 1)
     n = max(len(reference), 1)
-    return Fidelity(prompts=len(reference), max_new_tokens=max_new_tokens, token_agreement=agree / n,
-                    exact_match=exact / n, prefix_agreement=prefix / n, skip=lm.stats["generation"].summary())
+    return Fidelity(
+        prompts=len(reference),
+        max_new_tokens=max_new_tokens,
+        token_agreement=agree / n,
+        exact_match=exact / n,
+        prefix_agreement=prefix / n,
+        skip=lm.stats["generation"].summary(),
+    )

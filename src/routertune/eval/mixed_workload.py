@@ -32,10 +32,16 @@ def mixed_workload(result: dict) -> dict:
         kl = np.concatenate([np.array(s[name]["per_text_kl"]) for s in settings]) / tokens
         return skip, kl
 
-    curves = {kind: [pooled(n) for n in sorted(shared) if n == "dense" or n.startswith(kind)]
-              for kind in ("static", "routers")}
-    out = {"domains": domains, "texts": int(len(tokens)), "points": {k: [round(x, 4) for x, _ in sorted(v, key=lambda p: p[0])]
-                                                                    for k, v in curves.items()}, "matched": {}}
+    curves = {
+        kind: [pooled(n) for n in sorted(shared) if n == "dense" or n.startswith(kind)]
+        for kind in ("static", "routers")
+    }
+    out = {
+        "domains": domains,
+        "texts": int(len(tokens)),
+        "points": {k: [round(x, 4) for x, _ in sorted(v, key=lambda p: p[0])] for k, v in curves.items()},
+        "matched": {},
+    }
     for target in result["job"]["skip_targets"]:
         static, routers = interpolate(curves["static"], target), interpolate(curves["routers"], target)
         if static is None or routers is None:
@@ -43,22 +49,32 @@ def mixed_workload(result: dict) -> dict:
             continue
         diff, low, high = paired_bootstrap(routers[0], static[0], weights=tokens, iterations=result["job"]["bootstrap"])
         out["matched"][f"{target:.2f}"] = {
-            "reached": True, "static": float((static[0] * tokens).sum() / tokens.sum()),
-            "routers": float((routers[0] * tokens).sum() / tokens.sum()), "minus_static": diff,
-            "interval": [low, high], "static_between": list(static[1]), "routers_between": list(routers[1])}
+            "reached": True,
+            "static": float((static[0] * tokens).sum() / tokens.sum()),
+            "routers": float((routers[0] * tokens).sum() / tokens.sum()),
+            "minus_static": diff,
+            "interval": [low, high],
+            "static_between": list(static[1]),
+            "routers_between": list(routers[1]),
+        }
     return out
 
 
 def markdown(out: dict) -> str:
     """The markdown table of a `mixed_workload` result."""
-    lines = [f"Mixed workload ({', '.join(out['domains'])}; {out['texts']} texts, one threshold): KL(dense || setting) per token",
-             "", "| pooled measured skip | static | routers | routers - static [95% CI] | router points used |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"Mixed workload ({', '.join(out['domains'])}; {out['texts']} texts, one threshold): KL(dense || setting) per token",
+        "",
+        "| pooled measured skip | static | routers | routers - static [95% CI] | router points used |",
+        "|---|---|---|---|---|",
+    ]
     for target, m in out["matched"].items():
         if not m["reached"]:
             lines.append(f"| {float(target):.0%} | not reached | | | |")
             continue
         lo, hi = m["interval"]
-        lines.append(f"| {float(target):.0%} | {m['static']:.4f} | {m['routers']:.4f} | {m['minus_static']:+.4f} "
-                     f"[{lo:+.4f}, {hi:+.4f}] | {m['routers_between'][0]:.3f}-{m['routers_between'][1]:.3f} |")
+        lines.append(
+            f"| {float(target):.0%} | {m['static']:.4f} | {m['routers']:.4f} | {m['minus_static']:+.4f} "
+            f"[{lo:+.4f}, {hi:+.4f}] | {m['routers_between'][0]:.3f}-{m['routers_between'][1]:.3f} |"
+        )
     return "\n".join(lines) + "\n"

@@ -35,8 +35,7 @@ import torch
 
 from routertune.eval import tradeoff
 from routertune.model import RoutedModel
-from routertune.train import data
-from routertune.train import importance
+from routertune.train import data, importance
 from routertune.train.tune import mix_forms
 
 
@@ -57,8 +56,13 @@ def part_statistics(routed: RoutedModel, tokenizer, records: int, cache: str | N
         w, b = router.weight.detach().double().view(-1), float(router.bias.detach())
         mean = features[idx].mean(0)
         part = (features[idx] - mean) @ w
-        stats[idx] = {"mean": mean.float(), "prior": float(mean @ w) + b, "sd": float(part.std()),
-                      "low": float(part.min()), "high": float(part.max())}
+        stats[idx] = {
+            "mean": mean.float(),
+            "prior": float(mean @ w) + b,
+            "sd": float(part.std()),
+            "low": float(part.min()),
+            "high": float(part.max()),
+        }
     return stats
 
 
@@ -92,6 +96,7 @@ def transformed(routed: RoutedModel, stats: dict[int, dict], transform: str):
         def forward(pooled: torch.Tensor) -> torch.Tensor:
             logit = router.proj(pooled.float()).squeeze(-1)
             return torch.sigmoid(s["prior"] + transform_part(logit - s["prior"], s, transform))
+
         return forward
 
     wrapped = []
@@ -113,8 +118,13 @@ def measured_skip(routed: RoutedModel, batches, threshold: float, num_layers: in
     for batch in batches:
         width = int(batch.route_mask.sum(1).max())
         with routed.recording() as calls:
-            routed(input_ids=batch.input_ids[:, :width], attention_mask=batch.route_mask[:, :width],
-                   routing_mask=batch.route_mask[:, :width], use_cache=False, logits_to_keep=1)
+            routed(
+                input_ids=batch.input_ids[:, :width],
+                attention_mask=batch.route_mask[:, :width],
+                routing_mask=batch.route_mask[:, :width],
+                use_cache=False,
+                logits_to_keep=1,
+            )
         decisions = calls[-1].decisions
         runs = torch.stack([decisions[i].cpu() for i in sorted(decisions)])
         skipped += int((~runs).sum())
@@ -122,16 +132,18 @@ def measured_skip(routed: RoutedModel, batches, threshold: float, num_layers: in
     return skipped / rows / num_layers
 
 
-def bracketing_thresholds(skip_of, targets, width: float, max_new: int, low: float = 0.3,
-                           high: float = 0.7) -> list[float]:
+def bracketing_thresholds(
+    skip_of, targets, width: float, max_new: int, low: float = 0.3, high: float = 0.7
+) -> list[float]:
     """For each target, the two thresholds whose measured skips lie on either side of it, refined (by
     routertune.eval.tradeoff.refine_sweep, as the trade-off command does) until they are within `width` of each
     other or `max_new` more thresholds have been measured."""
     known = {low: skip_of(low), high: skip_of(high)}
     for target in targets:
         if not known[low] <= target < known[high]:
-            raise ValueError(f"thresholds {low}-{high} skip {known[low]:.3f}-{known[high]:.3f}, "
-                             f"which does not hold {target}")
+            raise ValueError(
+                f"thresholds {low}-{high} skip {known[low]:.3f}-{known[high]:.3f}, which does not hold {target}"
+            )
     tradeoff.refine_sweep(skip_of, known, targets, width, max_new)
     found = set()
     for target in targets:

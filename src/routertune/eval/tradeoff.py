@@ -22,19 +22,18 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from routertune.progress import bar as progress_bar
-from routertune.routing import arch
-from routertune.routing import static_drop as baselines
-from routertune.routing import state as routing
+
 from routertune.files import write_json
+from routertune.progress import bar as progress_bar
+from routertune.routing import state as routing
+from routertune.routing import static_drop as baselines
 from routertune.routing.static_drop import zeroed_attention
 from routertune.stats import interpolate, paired_bootstrap
 
@@ -89,8 +88,8 @@ def applied(variant: Variant, routed) -> Iterator[None]:
 def domain_texts(domain: str, n: int) -> list[str]:
     """Held-out text of one domain, never in the tuning mix: LAMBADA fiction, BoolQ's Wikipedia passages,
     HumanEval code (prompt + canonical solution)."""
-    from routertune.train import data
     from routertune.eval import tasks
+    from routertune.train import data
 
     if domain == "lambada":
         return data.lambada_passages(n)
@@ -124,7 +123,7 @@ def text_batches(token_lists: Sequence[list[int]], pad_id: int, batch_size: int 
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
     batches = []
     for start in range(0, len(order), batch_size):
-        rows = order[start: start + batch_size]
+        rows = order[start : start + batch_size]
         width = max(len(token_lists[i]) for i in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -159,26 +158,41 @@ class TextScores:
     skipped_all: np.ndarray | None = None  # token routers: the same mean over all its real tokens
 
     def summary(self, num_layers: int) -> dict:
-        out = {"kl": float(self.kl.sum() / self.tokens.sum()),
-               "ppl": float(math.exp(self.nll.sum() / self.tokens.sum())),
-               "skip": float(self.skipped.mean() / num_layers), "texts": int(len(self.kl)),
-               "tokens": int(self.tokens.sum()), "distinct_patterns": len(set(self.patterns))}
+        out = {
+            "kl": float(self.kl.sum() / self.tokens.sum()),
+            "ppl": float(math.exp(self.nll.sum() / self.tokens.sum())),
+            "skip": float(self.skipped.mean() / num_layers),
+            "texts": int(len(self.kl)),
+            "tokens": int(self.tokens.sum()),
+            "distinct_patterns": len(set(self.patterns)),
+        }
         if self.skipped_all is not None:
             out["skip_all_tokens"] = float(self.skipped_all.mean() / num_layers)
         return out
 
 
 @torch.inference_mode()
-def score_texts(routed, batches: Sequence[TextBatch], variants: Sequence[Variant], n_texts: int,
-                progress: Callable[[int], None] | None = None) -> dict[Variant, TextScores]:
+def score_texts(
+    routed,
+    batches: Sequence[TextBatch],
+    variants: Sequence[Variant],
+    n_texts: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict[Variant, TextScores]:
     """KL to dense and NLL of every variant on the same texts. Batches outer, variants inner: the dense
     log-probabilities of a batch are computed once and never stored for the whole set."""
     out = {v: TextScores(*(np.zeros(n_texts) for _ in range(4)), patterns=[()] * n_texts) for v in variants}
     for batch in batches:
+
         def logprobs(variant: Variant):
             with applied(variant, routed), routed.recording() as calls:
-                logits = routed(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                routing_mask=batch.route_mask, use_cache=False, logits_to_keep=batch.keep).logits
+                logits = routed(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    routing_mask=batch.route_mask,
+                    use_cache=False,
+                    logits_to_keep=batch.keep,
+                ).logits
             return F.log_softmax(logits.float(), dim=-1), calls  # (B, K, V)
 
         dense, _ = logprobs(Variant("dense"))
@@ -206,8 +220,9 @@ def score_texts(routed, batches: Sequence[TextBatch], variants: Sequence[Variant
     return out
 
 
-def _skipped_per_row(variant: Variant, calls, batch: int, scored: torch.Tensor | None = None
-                     ) -> tuple[np.ndarray, list[tuple[int, ...]], np.ndarray | None]:
+def _skipped_per_row(
+    variant: Variant, calls, batch: int, scored: torch.Tensor | None = None
+) -> tuple[np.ndarray, list[tuple[int, ...]], np.ndarray | None]:
     """Per row: how many attention sublayers it skipped, which, and (token routers only) the skip over all
     its real tokens. `scored` (B, T): the positions whose predictions are scored (token routers' skip is
     measured there; None = every real token)."""
@@ -224,8 +239,9 @@ def _skipped_per_row(variant: Variant, calls, batch: int, scored: torch.Tensor |
     return (~runs).sum(0).double().numpy(), patterns, None
 
 
-def _token_skipped_per_row(call, batch: int, scored: torch.Tensor | None
-                           ) -> tuple[np.ndarray, list[tuple[int, ...]], np.ndarray]:
+def _token_skipped_per_row(
+    call, batch: int, scored: torch.Tensor | None
+) -> tuple[np.ndarray, list[tuple[int, ...]], np.ndarray]:
     """Token routers: per row, the attention sublayers skipped per scored token (a mean, so that skip / layers
     is the share of (scored token, layer) pairs skipped, comparable to a sequence router's share of sublayers
     skipped: the sublayers that did not run for the predictions scored), the layers every one of its tokens
@@ -233,8 +249,11 @@ def _token_skipped_per_row(call, batch: int, scored: torch.Tensor | None
     layers = sorted(call.token_runs)
     runs = torch.stack([call.token_runs[i].cpu() for i in layers])  # (layers, B, T)
     steps = runs.shape[-1]
-    real = (call.attention_mask[:, -steps:].bool().cpu() if call.attention_mask is not None
-            else torch.ones(runs.shape[1:], dtype=torch.bool))
+    real = (
+        call.attention_mask[:, -steps:].bool().cpu()
+        if call.attention_mask is not None
+        else torch.ones(runs.shape[1:], dtype=torch.bool)
+    )
     counted = real if scored is None else real & scored[:, -steps:].cpu()
 
     def mean_skipped(where):  # (B,)
@@ -282,8 +301,15 @@ class TaskScores:
 TASK_CHUNK = 25  # items scored per call, so that a setting that takes minutes reports its progress as it goes
 
 
-def score_tasks(routed, tokenizer, items: Sequence[TaskItems], variant: Variant, num_layers: int,
-                batch_tokens: int = 4096, progress: Callable[[int], None] | None = None) -> dict[str, TaskScores]:
+def score_tasks(
+    routed,
+    tokenizer,
+    items: Sequence[TaskItems],
+    variant: Variant,
+    num_layers: int,
+    batch_tokens: int = 4096,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, TaskScores]:
     """Accuracy of `variant` on every item; `progress` gets the number of items finished, chunk by chunk (an
     item's choices stay in one chunk, so their shared context is still scored once)."""
     from routertune.eval.harness import RoutedLM
@@ -296,14 +322,15 @@ def score_tasks(routed, tokenizer, items: Sequence[TaskItems], variant: Variant,
             by_doc: dict[int, list] = {}
             doc_ids = [doc_id for doc_id, _ in task.docs]
             for start in range(0, len(doc_ids), TASK_CHUNK):
-                chunk = set(doc_ids[start: start + TASK_CHUNK])
+                chunk = set(doc_ids[start : start + TASK_CHUNK])
                 instances = [inst for inst in task.instances if inst.doc_id in chunk]
                 for inst, result in zip(instances, lm.loglikelihood(instances, disable_tqdm=True)):
                     by_doc.setdefault(inst.doc_id, []).append(result)
                 if progress:
                     progress(len(chunk))
-            correct = np.array([float(task.task.process_results(doc, by_doc[doc_id])[task.metric])
-                                for doc_id, doc in task.docs])
+            correct = np.array(
+                [float(task.task.process_results(doc, by_doc[doc_id])[task.metric]) for doc_id, doc in task.docs]
+            )
             if variant.kind == "routers":
                 stats = lm.stats.get(task.name)
                 skip = stats.skip_ratio if stats is not None else 0.0
@@ -322,28 +349,84 @@ class TradeoffJob:
     output: str = field(default="runs/tradeoff", metadata={"help": "folder for tradeoff.json"})
     model: str | None = field(default=None, metadata={"help": "base model (default: embedded SmolLM2-135M-Instruct)"})
     cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
-    domains: list[str] = field(default_factory=lambda: list(DOMAINS), metadata={"help": "held-out text domains for KL and perplexity; the flag with no names runs none", "may_be_empty": True})
+    domains: list[str] = field(
+        default_factory=lambda: list(DOMAINS),
+        metadata={
+            "help": "held-out text domains for KL and perplexity; the flag with no names runs none",
+            "may_be_empty": True,
+        },
+    )
     texts: int = field(default=32, metadata={"help": "texts per domain"})
-    max_tokens: int = field(default=192, metadata={"help": "tokens per text (the first half routes, the second is scored)"})
-    tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": "multiple-choice tasks (lm-eval configs); the flag with no names runs none", "may_be_empty": True})
-    limit: int | None = field(default=1000, metadata={"help": "items per task (first N of the validation set; 0 = all)"})
-    skip_targets: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3], metadata={"help": "measured skip ratios (of all attention sublayers) where the curves are compared"})
+    max_tokens: int = field(
+        default=192, metadata={"help": "tokens per text (the first half routes, the second is scored)"}
+    )
+    tasks: list[str] = field(
+        default_factory=lambda: list(TASKS),
+        metadata={
+            "help": "multiple-choice tasks (lm-eval configs); the flag with no names runs none",
+            "may_be_empty": True,
+        },
+    )
+    limit: int | None = field(
+        default=1000, metadata={"help": "items per task (first N of the validation set; 0 = all)"}
+    )
+    skip_targets: list[float] = field(
+        default_factory=lambda: [0.1, 0.2, 0.3],
+        metadata={"help": "measured skip ratios (of all attention sublayers) where the curves are compared"},
+    )
     max_drop: int = field(default=10, metadata={"help": "static drop traced for k = 0..max_drop"})
     random_seeds: int = field(default=3, metadata={"help": "random-drop seeds"})
-    random_drops: list[int] | None = field(default=None, metadata={"help": "k of random drop (default: the layer counts of --skip-targets)"})
-    thresholds: list[float] | None = field(default=None, metadata={"help": "router thresholds to sweep (default: set from the calibration prompts to span the skip targets)"})
+    random_drops: list[int] | None = field(
+        default=None, metadata={"help": "k of random drop (default: the layer counts of --skip-targets)"}
+    )
+    thresholds: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "router thresholds to sweep (default: set from the calibration prompts to span the skip targets)"
+        },
+    )
     sweep_points: int = field(default=10, metadata={"help": "router thresholds in the automatic sweep"})
-    max_gap: float = field(default=0.025, metadata={"help": "around each target, router points are added until the measured skips bracketing it lie at most this far apart"})
+    max_gap: float = field(
+        default=0.025,
+        metadata={
+            "help": "around each target, router points are added until the measured skips bracketing it lie at most this far apart"
+        },
+    )
     fidelity_prompts: int = field(default=32, metadata={"help": "held-out chat prompts for greedy agreement (0 = off)"})
     fidelity_tokens: int = field(default=32, metadata={"help": "greedy tokens per fidelity prompt"})
-    calibration_samples: int = field(default=64, metadata={"help": "chat prompts of the tuning mix's train split: static-drop importance and the sweep's thresholds"})
-    searched_static: bool = field(default=False, metadata={"help": "also trace the searched static order (the first k layers of an order searched greedily for the least KL to dense on the tuning data, routertune.train.static_order) as a baseline, 'the best static order': the search costs minutes of one thread per layer (over 200 CPU seconds for the first layer of SmolLM2-135M on 16 records), once per model and data (cached)"})
-    searched_order: str | None = field(default=None, metadata={"help": "static_order.json (or its folder) of a search of this model to read as it is (e.g. benchmarks/results/static-order; no search here); default: search, cached in the routertune cache per model and data"})
+    calibration_samples: int = field(
+        default=64,
+        metadata={
+            "help": "chat prompts of the tuning mix's train split: static-drop importance and the sweep's thresholds"
+        },
+    )
+    searched_static: bool = field(
+        default=False,
+        metadata={
+            "help": "also trace the searched static order (the first k layers of an order searched greedily for the least KL to dense on the tuning data, routertune.train.static_order) as a baseline, 'the best static order': the search costs minutes of one thread per layer (over 200 CPU seconds for the first layer of SmolLM2-135M on 16 records), once per model and data (cached)"
+        },
+    )
+    searched_order: str | None = field(
+        default=None,
+        metadata={
+            "help": "static_order.json (or its folder) of a search of this model to read as it is (e.g. benchmarks/results/static-order; no search here); default: search, cached in the routertune cache per model and data"
+        },
+    )
     searched_records: int = field(default=32, metadata={"help": "tuning records the static order is searched on"})
-    accuracy_settings: str = field(default="matched", metadata={"help": "which settings the (costly) accuracy runs on: 'matched' (static drop at the targets and, per target, the router point nearest it on the task's contexts; dense is not run) or 'all' (every setting, dense included)"})
+    accuracy_settings: str = field(
+        default="matched",
+        metadata={
+            "help": "which settings the (costly) accuracy runs on: 'matched' (static drop at the targets and, per target, the router point nearest it on the task's contexts; dense is not run) or 'all' (every setting, dense included)"
+        },
+    )
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward for the accuracy tasks"})
-    resume: bool = field(default=False, metadata={"help": "continue the run whose tradeoff.json is in --output: the domains, the fidelity and the task settings it finished are kept, the rest is measured (the job must be the same)"})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue the run whose tradeoff.json is in --output: the domains, the fidelity and the task settings it finished are kept, the rest is measured (the job must be the same)"
+        },
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -371,8 +454,9 @@ class TradeoffJob:
             raise ValueError("Invalid tradeoff job: " + "; ".join(problems))
 
 
-def sweep_thresholds(routed, calibration_batches, skip_targets: Sequence[float], points: int,
-                     num_layers: int) -> list[float]:
+def sweep_thresholds(
+    routed, calibration_batches, skip_targets: Sequence[float], points: int, num_layers: int
+) -> list[float]:
     """Router thresholds that span 0.4x .. 1.5x the skip targets, from one pass over `calibration_batches`
     (prompts, or the routing part of the evaluated texts) with every routed layer running: the thresholds at
     the matching quantiles of the routers' scores there. Scores move once earlier layers skip, so each
@@ -396,8 +480,13 @@ def sweep_thresholds(routed, calibration_batches, skip_targets: Sequence[float],
     return sorted(thresholds)
 
 
-def refine_sweep(skip_of: Callable[[float], float], known: dict[float, float], targets: Sequence[float],
-                 max_gap: float, max_new: int = 12) -> dict[float, float]:
+def refine_sweep(
+    skip_of: Callable[[float], float],
+    known: dict[float, float],
+    targets: Sequence[float],
+    max_gap: float,
+    max_new: int = 12,
+) -> dict[float, float]:
     """Add router thresholds where the measured skips around a target lie more than `max_gap` apart, so the
     linear interpolation there spans a short piece of the curve (a long chord of a convex curve overstates
     it). `known` maps threshold -> measured skip and is extended in place; skip rises with the threshold, so
@@ -423,8 +512,13 @@ def _add_variants(result: dict, variants) -> None:
     result["variants"] += [_describe(v) for v in variants if v.name not in names]
 
 
-def compare_curves(curves: dict[str, list[tuple[float, np.ndarray]]], target: float, weights=None,
-                   iterations: int = 2000, baseline: str = "static") -> dict:
+def compare_curves(
+    curves: dict[str, list[tuple[float, np.ndarray]]],
+    target: float,
+    weights=None,
+    iterations: int = 2000,
+    baseline: str = "static",
+) -> dict:
     """Every curve at measured skip `target` (interpolated) minus the baseline curve there, paired."""
     base = interpolate(curves[baseline], target)
     out = {}
@@ -446,11 +540,11 @@ def compare_curves(curves: dict[str, list[tuple[float, np.ndarray]]], target: fl
 
 def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], None] = lambda s: None) -> dict:
     """The whole measurement; writes tradeoff.json after each stage so a long run can be read as it goes."""
+    from routertune.base_model import load_model_and_tokenizer
     from routertune.calibrate import prompt_batches
     from routertune.config import RouterConfig
-    from routertune.train.prompts import chat_prompts
     from routertune.model import RoutedModel
-    from routertune.base_model import load_model_and_tokenizer
+    from routertune.train.prompts import chat_prompts
 
     started = time.perf_counter()
     progress_bars = progress  # the name `progress` is the per-part callback below
@@ -460,8 +554,11 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir)
     max_static = min(job.max_drop, len(baselines.droppable_layers(int(model.config.num_hidden_layers))))
     # on the plain model, before the routers are attached: the search runs the base model's own layers
-    order = searched_static_order(model, tokenizer, job, max_static, progress_bars, log) \
-        if (job.searched_static or job.searched_order) and max_static > 0 else None
+    order = (
+        searched_static_order(model, tokenizer, job, max_static, progress_bars, log)
+        if (job.searched_static or job.searched_order) and max_static > 0
+        else None
+    )
     routed = RoutedModel.from_pretrained(model, job.routers)
     top_k = routed.router_config.token_top_k
     if top_k is not None:
@@ -506,17 +603,27 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     # so that they spread over the measured skip of every domain rather than of chat prompts alone
     placement = calibration_batches + [
         {"input_ids": b.input_ids, "attention_mask": b.route_mask}
-        for lists in domain_tokens.values() for b in text_batches(lists, pad)]
-    thresholds = job.thresholds or sweep_thresholds(routed, placement, job.skip_targets, job.sweep_points,
-                                                    num_layers)
+        for lists in domain_tokens.values()
+        for b in text_batches(lists, pad)
+    ]
+    thresholds = job.thresholds or sweep_thresholds(routed, placement, job.skip_targets, job.sweep_points, num_layers)
     setup.update(1)
     setup.close()
     variants += [Variant("routers", threshold=t) for t in thresholds]
-    result: dict = {"job": asdict(job), "routers_sha256": routers_fingerprint(job.routers),
-                    "num_layers": num_layers, "routed_layers": routed.routed_layers,
-                    "unit": routed.router_config.unit, "token_top_k_swept_as_thresholds": top_k,
-                    "importance": importance.scores, "variants": [_describe(v) for v in variants],
-                    "domains": {}, "tasks": {}, "fidelity": {}, "matched": {}}
+    result: dict = {
+        "job": asdict(job),
+        "routers_sha256": routers_fingerprint(job.routers),
+        "num_layers": num_layers,
+        "routed_layers": routed.routed_layers,
+        "unit": routed.router_config.unit,
+        "token_top_k_swept_as_thresholds": top_k,
+        "importance": importance.scores,
+        "variants": [_describe(v) for v in variants],
+        "domains": {},
+        "tasks": {},
+        "fidelity": {},
+        "matched": {},
+    }
     kept: dict = {"domains": [], "fidelity": False, "task_settings": {}}  # what --resume took from the stored run
     seconds_before = 0.0
     if previous is not None:
@@ -536,10 +643,15 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
         if previous is not None and domain in previous["domains"] and domain in previous["matched"]:
             stored_texts = previous["domains"][domain]["texts"]
             if stored_texts != len(token_lists):
-                raise ValueError(f"--resume: the stored run scored {stored_texts} {domain} texts, this data gives "
-                                 f"{len(token_lists)}; the data changed since, drop --resume to measure from scratch")
+                raise ValueError(
+                    f"--resume: the stored run scored {stored_texts} {domain} texts, this data gives "
+                    f"{len(token_lists)}; the data changed since, drop --resume to measure from scratch"
+                )
             log(f"tradeoff: {domain}: kept from the stored run")
-            result["domains"][domain], result["matched"][domain] = previous["domains"][domain], previous["matched"][domain]
+            result["domains"][domain], result["matched"][domain] = (
+                previous["domains"][domain],
+                previous["matched"][domain],
+            )
             kept["domains"].append(domain)
             continue
         batches = text_batches(token_lists, pad)
@@ -559,9 +671,14 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
         _add_variants(result, scores)
         result["domains"][domain] = {
             "texts": len(token_lists),
-            "settings": {_describe(v)["name"]: {**s.summary(num_layers), "per_text_kl": s.kl.tolist(),
-                                                "per_text_tokens": s.tokens.tolist()}
-                         for v, s in scores.items()},
+            "settings": {
+                _describe(v)["name"]: {
+                    **s.summary(num_layers),
+                    "per_text_kl": s.kl.tolist(),
+                    "per_text_tokens": s.tokens.tolist(),
+                }
+                for v, s in scores.items()
+            },
         }
         result["matched"][domain] = match_kl(scores, list(scores), job, num_layers)
         save()
@@ -582,8 +699,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             if job.accuracy_settings == "all":
                 chosen = variants
             else:
-                placing = progress_bar(f"placement {task.name}", len(thresholds), unit="threshold",
-                                       show=progress_bars)
+                placing = progress_bar(f"placement {task.name}", len(thresholds), unit="threshold", show=progress_bars)
 
                 def context_skip(t: float, extra: bool = False) -> float:  # the routers on the first contexts
                     if extra:
@@ -599,28 +715,31 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                 _add_variants(result, {v: None for v in chosen})
             per_task[task.name] = {}
             # counted in items (settings x items), so that a setting that takes minutes still moves the bar
-            bar = progress_bar(f"accuracy {task.name}", len(chosen) * len(task.docs), unit="item",
-                               show=progress_bars)
+            bar = progress_bar(f"accuracy {task.name}", len(chosen) * len(task.docs), unit="item", show=progress_bars)
 
             stored_task = (previous or {}).get("tasks", {}).get(task.name, {})
             stored = stored_task.get("settings", {})
             if stored and (stored_task["items"], stored_task["metric"]) != (len(task.docs), task.metric):
-                raise ValueError(f"--resume: the stored run scored {task.name} on {stored_task['items']} items "
-                                 f"({stored_task['metric']}), this data gives {len(task.docs)} ({task.metric}); "
-                                 "the task data changed since, drop --resume to measure from scratch")
+                raise ValueError(
+                    f"--resume: the stored run scored {task.name} on {stored_task['items']} items "
+                    f"({stored_task['metric']}), this data gives {len(task.docs)} ({task.metric}); "
+                    "the task data changed since, drop --resume to measure from scratch"
+                )
 
             def score(variant: Variant) -> None:
                 if variant.name in stored:  # --resume: this setting finished in the stored run
                     log(f"tradeoff: {task.name}, {variant.name}: kept from the stored run")
                     kept["task_settings"].setdefault(task.name, []).append(variant.name)
-                    per_task[task.name][variant] = TaskScores(np.asarray(stored[variant.name]["per_item"], float),
-                                                              stored[variant.name]["skip"])
+                    per_task[task.name][variant] = TaskScores(
+                        np.asarray(stored[variant.name]["per_item"], float), stored[variant.name]["skip"]
+                    )
                     bar.update(len(task.docs))
                 else:
                     log(f"tradeoff: {task.name}, {variant.name}")
                     bar.note(variant.name)
-                    per_task[task.name][variant] = score_tasks(routed, tokenizer, [task], variant, num_layers,
-                                                               job.batch_tokens, progress=bar.update)[task.name]
+                    per_task[task.name][variant] = score_tasks(
+                        routed, tokenizer, [task], variant, num_layers, job.batch_tokens, progress=bar.update
+                    )[task.name]
                 result["tasks"][task.name] = _task_result(per_task[task.name], task)
                 save()
 
@@ -631,14 +750,18 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             # runs at the layer counts around that skip if they are missing, or the comparison is not reached
             measured = [s.skip for v, s in per_task[task.name].items() if v.kind == "routers"]
             have = {v.k for v in per_task[task.name] if v.kind in ("static", "dense")}
-            missing = [static_variant(k) for k in static_counts_to_add(measured, have, job.skip_targets,
-                                                                       num_layers)
-                       if k <= len(candidates) and job.max_drop > 0]  # --max-drop 0: no static drop here
+            missing = [
+                static_variant(k)
+                for k in static_counts_to_add(measured, have, job.skip_targets, num_layers)
+                if k <= len(candidates) and job.max_drop > 0
+            ]  # --max-drop 0: no static drop here
             if order is not None:  # the searched order too, at the same counts (dense is shared)
                 have = {v.k for v in per_task[task.name] if v.kind in ("searched", "dense")}
-                missing += [searched_variant(k) for k in static_counts_to_add(measured, have, job.skip_targets,
-                                                                              num_layers)
-                            if 0 < k <= min(max_static, len(order.order))]
+                missing += [
+                    searched_variant(k)
+                    for k in static_counts_to_add(measured, have, job.skip_targets, num_layers)
+                    if 0 < k <= min(max_static, len(order.order))
+                ]
             _add_variants(result, {v: None for v in missing})
             bar.grow(len(missing) * len(task.docs))
             for variant in missing:
@@ -661,8 +784,9 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
     return result
 
 
-def searched_static_order(model, tokenizer, job: TradeoffJob, count: int, show: bool = True,
-                          log: Callable[[str], None] = lambda s: None):
+def searched_static_order(
+    model, tokenizer, job: TradeoffJob, count: int, show: bool = True, log: Callable[[str], None] = lambda s: None
+):
     """The searched static order (routertune.train.static_order) of the plain `model`, up to `count` layers:
     read as it is from --searched-order (a finished or partial search of this model; no search here), else
     searched on the tuning data and cached per model weights and data in the routertune cache (a later run,
@@ -677,17 +801,23 @@ def searched_static_order(model, tokenizer, job: TradeoffJob, count: int, show: 
             path = Path(job.searched_order)
             path = path if path.suffix == ".json" else path / static_order.RESULT_NAME
             if not path.exists():
-                raise FileNotFoundError(f"--searched-order {job.searched_order}: no {path}; pass the folder or file "
-                                        "a static order search wrote, or drop the flag to search here")
+                raise FileNotFoundError(
+                    f"--searched-order {job.searched_order}: no {path}; pass the folder or file "
+                    "a static order search wrote, or drop the flag to search here"
+                )
             found = static_order.StaticOrder.from_json(json.loads(path.read_text()))
             if found.model.get("sha256") != identity["sha256"]:
-                raise ValueError(f"--searched-order {path} was searched on another model ({found.model.get('name')!r}, "
-                                 f"sha256 {found.model.get('sha256', '')[:12]}), not this one (sha256 "
-                                 f"{identity['sha256'][:12]}); pass that model's search or drop the flag")
+                raise ValueError(
+                    f"--searched-order {path} was searched on another model ({found.model.get('name')!r}, "
+                    f"sha256 {found.model.get('sha256', '')[:12]}), not this one (sha256 "
+                    f"{identity['sha256'][:12]}); pass that model's search or drop the flag"
+                )
             if not found.order:
                 raise ValueError(f"--searched-order {path} holds no layer yet; wait for the search or drop the flag")
-            log(f"tradeoff: searched static order read from {path}: {found.order} "
-                f"({'finished' if found.finished else 'unfinished'} search)")
+            log(
+                f"tradeoff: searched static order read from {path}: {found.order} "
+                f"({'finished' if found.finished else 'unfinished'} search)"
+            )
         else:
             settings = static_order.OrderSettings(max_count=count, n_records=job.searched_records)
             root = Path(job.cache_dir) if job.cache_dir else default_cache_dir()
@@ -717,14 +847,20 @@ def previous_result(job: TradeoffJob) -> dict | None:
     previous = json.loads(path.read_text())
     ours, theirs = asdict(job), dict(previous.get("job", {}))
     # runs stored before the searched static order existed traced none: resumable with --no-searched-static
-    for key, before in (("searched_static", False), ("searched_order", None), ("searched_records", ours["searched_records"])):
+    for key, before in (
+        ("searched_static", False),
+        ("searched_order", None),
+        ("searched_records", ours["searched_records"]),
+    ):
         theirs.setdefault(key, before)
     # the folders may have moved or be named another way; every flag that shapes the numbers must match
     differ = sorted(k for k in ours if k not in ("resume", "output", "cache_dir") and ours[k] != theirs.get(k))
     if differ:
-        raise ValueError(f"--resume: {path} was written by a different job ({', '.join(differ)} differ: "
-                         + "; ".join(f"{k} {theirs.get(k)!r} there, {ours[k]!r} here" for k in differ)
-                         + "); rerun with the same flags, or drop --resume / pick another --output to start over")
+        raise ValueError(
+            f"--resume: {path} was written by a different job ({', '.join(differ)} differ: "
+            + "; ".join(f"{k} {theirs.get(k)!r} there, {ours[k]!r} here" for k in differ)
+            + "); rerun with the same flags, or drop --resume / pick another --output to start over"
+        )
     return previous
 
 
@@ -732,8 +868,8 @@ def routers_fingerprint(folder: str) -> str:
     """sha256 over the files that define the routers (config, weights, LoRA adapter if any): retrained routers
     in the same folder are other routers, even when fixed --thresholds make every setting look the same."""
     from routertune.config import CONFIG_NAME
-    from routertune.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from routertune.model import WEIGHTS_NAME
+    from routertune.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     digest = hashlib.sha256()
     for name in (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -750,18 +886,21 @@ def check_resumable(previous: dict, result: dict) -> None:
     checked on the settings alone.)"""
     for key in ("routers_sha256", "num_layers", "routed_layers", "unit", "token_top_k_swept_as_thresholds"):
         if key in previous and previous[key] != result[key]:
-            raise ValueError(f"--resume: the stored run's {key} is {previous[key]!r}, now {result[key]!r}: the "
-                             "routers or the model changed since it was written; drop --resume to measure from "
-                             "scratch")
+            raise ValueError(
+                f"--resume: the stored run's {key} is {previous[key]!r}, now {result[key]!r}: the "
+                "routers or the model changed since it was written; drop --resume to measure from "
+                "scratch"
+            )
     if previous.get("variants", [])[: len(result["variants"])] != result["variants"]:
-        raise ValueError("--resume: the stored run started from other settings (static drop's layers or the "
-                         "sweep's thresholds differ), so the routers, the model or the data changed since it was "
-                         "written; drop --resume to measure from scratch")
+        raise ValueError(
+            "--resume: the stored run started from other settings (static drop's layers or the "
+            "sweep's thresholds differ), so the routers, the model or the data changed since it was "
+            "written; drop --resume to measure from scratch"
+        )
 
 
 def _describe(v: Variant) -> dict:
-    return {"name": v.name, "kind": v.kind, "k": v.k, "seed": v.seed, "drop": list(v.drop),
-            "threshold": v.threshold}
+    return {"name": v.name, "kind": v.kind, "k": v.k, "seed": v.seed, "drop": list(v.drop), "threshold": v.threshold}
 
 
 def _curves_kl(scores: dict[Variant, TextScores], variants, num_layers) -> dict[str, list]:
@@ -806,16 +945,18 @@ def against_searched(entry: dict, curves: dict, at: float, weights=None, iterati
     does not reach `at`."""
     if "searched" not in curves or not entry.get("routers", {}).get("reached"):
         return
-    routers = compare_curves({"searched": curves["searched"], "routers": curves["routers"]}, at, weights,
-                             iterations, baseline="searched")["routers"]
+    routers = compare_curves(
+        {"searched": curves["searched"], "routers": curves["routers"]}, at, weights, iterations, baseline="searched"
+    )["routers"]
     if routers.get("reached"):
         entry["routers"]["minus_searched"] = routers["minus_searched"]
         entry["routers"]["interval_searched"] = routers["interval"]
 
 
 @torch.inference_mode()
-def task_context_skips(routed, tokenizer, task: TaskItems, thresholds: Sequence[float], num_layers: int, pad: int,
-                       sample: int = 100) -> dict[float, float]:
+def task_context_skips(
+    routed, tokenizer, task: TaskItems, thresholds: Sequence[float], num_layers: int, pad: int, sample: int = 100
+) -> dict[float, float]:
     """Estimated measured skip of each router threshold on a task: the routers run on the contexts of its
     first `sample` items (decisions depend on the context alone)."""
     from routertune.calibrate import prompt_batches
@@ -832,8 +973,12 @@ def task_context_skips(routed, tokenizer, task: TaskItems, thresholds: Sequence[
             skipped = total = 0.0
             for batch in batches:
                 with routed.recording() as calls:
-                    routed(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                           logits_to_keep=1)
+                    routed(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        use_cache=False,
+                        logits_to_keep=1,
+                    )
                 runs = torch.stack([d.float() for d in calls[-1].decisions.values()])  # (layers, B)
                 skipped += float((1 - runs).sum())
                 total += runs.shape[1] * num_layers
@@ -851,11 +996,14 @@ def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, nu
     low, high = min(job.skip_targets), max(job.skip_targets)
     for t in job.skip_targets:  # target by target, so that a run cut short still holds whole comparisons
         for v in variants:  # static drop and the searched order at the layer counts around the target
-            if v.kind in ("static", "searched") and v.k in (math.floor(t * num_layers + 1e-9),
-                                                            math.ceil(t * num_layers - 1e-9)):
+            if v.kind in ("static", "searched") and v.k in (
+                math.floor(t * num_layers + 1e-9),
+                math.ceil(t * num_layers - 1e-9),
+            ):
                 chosen.append(v)
-        candidates = [th for th, s in skips.items()
-                      if (s >= t or t > low) and (s <= t or t < high) and low <= s <= high]
+        candidates = [
+            th for th, s in skips.items() if (s >= t or t > low) and (s <= t or t < high) and low <= s <= high
+        ]
         pool = candidates or list(skips)
         best = min(pool, key=lambda th: abs(skips[th] - t))
         chosen.append(Variant("routers", threshold=best))
@@ -866,8 +1014,9 @@ def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, nu
     return list(dict.fromkeys(chosen))
 
 
-def static_counts_to_add(router_skips: Sequence[float], have: set[int], targets: Sequence[float],
-                         num_layers: int) -> list[int]:
+def static_counts_to_add(
+    router_skips: Sequence[float], have: set[int], targets: Sequence[float], num_layers: int
+) -> list[int]:
     """The static layer counts (0 = dense) still to run so that static drop can be interpolated at the
     measured skip of the router point nearest each target: the counts on either side of that skip."""
     needed: set[int] = set()
@@ -878,9 +1027,14 @@ def static_counts_to_add(router_skips: Sequence[float], have: set[int], targets:
 
 
 def _task_result(scores: dict, task: TaskItems) -> dict:
-    return {"metric": task.metric, "items": len(task.docs), "settings": {
-        v.name: {"accuracy": float(s.correct.mean()), "skip": s.skip, "per_item": s.correct.astype(int).tolist()}
-        for v, s in scores.items()}}
+    return {
+        "metric": task.metric,
+        "items": len(task.docs),
+        "settings": {
+            v.name: {"accuracy": float(s.correct.mean()), "skip": s.skip, "per_item": s.correct.astype(int).tolist()}
+            for v, s in scores.items()
+        },
+    }
 
 
 def _accuracy_curves(scores: dict) -> dict[str, list]:
@@ -926,13 +1080,16 @@ def markdown_table(result: dict) -> str:
     searched = any("searched" in row for rows in result.get("matched", {}).values() for row in rows.values())
     extra = " searched static |" if searched else ""
     extra_diff = " routers - searched static [95% CI] |" if searched else ""
-    lines = [f"| where | measured skip | static |{extra} random | routers | routers - static [95% CI] |{extra_diff}"
-             " router points used |",
-             "|---|---|---|" + ("---|" if searched else "") + "---|---|---|" + ("---|" if searched else "") + "---|"]
+    lines = [
+        f"| where | measured skip | static |{extra} random | routers | routers - static [95% CI] |{extra_diff}"
+        " router points used |",
+        "|---|---|---|" + ("---|" if searched else "") + "---|---|---|" + ("---|" if searched else "") + "---|",
+    ]
     for where, rows in result.get("matched", {}).items():
         is_task = where in result.get("tasks", {})
         scale, unit = (100.0, " pts") if is_task else (1.0, "")
         for target, row in rows.items():
+
             def value(name):
                 entry = row.get(name)
                 if not entry:
@@ -945,16 +1102,23 @@ def markdown_table(result: dict) -> str:
                 if not (routers.get("reached") and key in routers):
                     return "-"
                 low, high = routers[interval]
-                return (f"{routers[key] * scale:+.2f}{unit} [{low * scale:+.2f}, {high * scale:+.2f}]" if is_task
-                        else f"{routers[key]:+.4f} [{low:+.4f}, {high:+.4f}]")
+                return (
+                    f"{routers[key] * scale:+.2f}{unit} [{low * scale:+.2f}, {high * scale:+.2f}]"
+                    if is_task
+                    else f"{routers[key]:+.4f} [{low:+.4f}, {high:+.4f}]"
+                )
 
             routers = row.get("routers", {})
             diff = difference("minus_static", "interval")
             between = "-".join(f"{x:.3f}" for x in routers["between"]) if diff != "-" else "-"
             kind = f"{where} (acc, %)" if is_task else f"{where} (KL/token)"
             skip = f"{float(target):.0%}" + (f" (at {row['at']:.1%})" if "at" in row else "")
-            cells = [kind, skip, value("static")] + ([value("searched")] if searched else []) \
-                + [value("random"), value("routers"), diff] \
-                + ([difference("minus_searched", "interval_searched")] if searched else []) + [between]
+            cells = (
+                [kind, skip, value("static")]
+                + ([value("searched")] if searched else [])
+                + [value("random"), value("routers"), diff]
+                + ([difference("minus_searched", "interval_searched")] if searched else [])
+                + [between]
+            )
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -86,9 +86,7 @@ class RoutedCache(DynamicCache):
             stored_pos = torch.cumsum(runs.long(), 0) - 1  # (B_old,)
             local = stored_pos[rows.to(runs.device)][new_runs]
             layer.batch_select_indices(local.to(layer.keys.device))
-        self.decisions = {
-            idx: runs[rows.to(runs.device)] for idx, runs in self.decisions.items()
-        }
+        self.decisions = {idx: runs[rows.to(runs.device)] for idx, runs in self.decisions.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)

@@ -13,9 +13,9 @@ import inspect
 import torch
 from torch import nn
 
+from routertune.config import RouterConfig
 from routertune.routing import arch
 from routertune.routing.cache import RoutedCache
-from routertune.config import RouterConfig
 from routertune.routing.router import Router, masked_mean, straight_through_gate
 from routertune.routing.state import (
     RoutingCall,
@@ -38,8 +38,15 @@ class RoutedSublayer(nn.Module):
     straight-through binary gate, so skipping rows still get a gradient (docs/method.md#the-straight-through-gate).
     """
 
-    def __init__(self, base_layer: nn.Module, layer_idx: int, granularity: str, hidden_size: int,
-                 input_norm: nn.Module | None, threshold_for):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        layer_idx: int,
+        granularity: str,
+        hidden_size: int,
+        input_norm: nn.Module | None,
+        threshold_for,
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.router = Router(hidden_size)
@@ -119,9 +126,7 @@ class RoutedSublayer(nn.Module):
         if rows is None:
             rows = runs.nonzero().squeeze(-1)  # (n_run,)
         batch = hidden_states.shape[0]
-        sub_kwargs = {
-            k: (_select_rows(v, rows, batch) if k in _BATCHED_KWARGS else v) for k, v in kwargs.items()
-        }
+        sub_kwargs = {k: (_select_rows(v, rows, batch) if k in _BATCHED_KWARGS else v) for k, v in kwargs.items()}
         out = self.base_layer(hidden_states.index_select(0, rows), *args, **sub_kwargs)
         main = out[0] if isinstance(out, tuple) else out
         full = self._skipped_tensor(hidden_states).index_copy(0, rows, main)
@@ -157,8 +162,9 @@ def _select_rows(value, rows: torch.Tensor, batch: int):
 
 
 # ---------------------------------------------------------------------------------------------------------
-def add_routers(model: nn.Module, config: RouterConfig, wrapper_cls: type | None = None,
-                cache_cls: type | None = None) -> dict[int, RoutedSublayer]:
+def add_routers(
+    model: nn.Module, config: RouterConfig, wrapper_cls: type | None = None, cache_cls: type | None = None
+) -> dict[int, RoutedSublayer]:
     """Wrap the configured sublayers of `model` in place; returns {layer index: wrapper}. `wrapper_cls` and
     `cache_cls` (RoutedSublayer / RoutedCache by default) let token routing bring its own."""
     wrapper_cls = wrapper_cls or RoutedSublayer
@@ -226,16 +232,18 @@ def set_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, RoutedSublayer],
-                  cache_cls: type = RoutedCache) -> None:
+def _hook_decoder(
+    decoder: nn.Module, model: nn.Module, wrappers: dict[int, RoutedSublayer], cache_cls: type = RoutedCache
+) -> None:
     """Give every decoder call its own RoutingCall (read from the call's arguments, never stored on modules)."""
     original = decoder.forward
     signature = inspect.signature(original)
     routed_layers = frozenset(wrappers)
     first_wrapper = next(iter(wrappers.values()))
     cache_key = "cache" if "cache" in signature.parameters else "past_key_values"
-    var_keyword = next((n for n, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD),
-                       "__none__")
+    var_keyword = next(
+        (n for n, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), "__none__"
+    )
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
@@ -276,7 +284,8 @@ def _hook_decoder(decoder: nn.Module, model: nn.Module, wrappers: dict[int, Rout
             )
         attention_mask = arguments.get("attention_mask")
         custom_mask = attention_mask is not None and not (
-            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
+            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        )
         if custom_mask:
             attention_mask = None  # a prepared 4-D mask: token routing refuses it, sequence routing pools without it
         _refuse_misaligned_outputs(arguments, model.config, first_wrapper.granularity, forcing)

@@ -5,9 +5,9 @@ two threads, cannot read each other's decisions."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -45,7 +45,9 @@ class RoutingCall:
     custom_mask: bool = False  # the caller passed a 4D mask (or a per-layer-type dict) instead of a 2D one
     token_runs: dict[int, torch.Tensor] = field(default_factory=dict)
     token_gates: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T) STE gate (training)
-    token_sinks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # sink count -> (B, T) bool, once per call
+    token_sinks: dict[int, torch.Tensor | None] = field(
+        default_factory=dict
+    )  # sink count -> (B, T) bool, once per call
 
     def capacity(self) -> torch.Tensor:
         """Mean executed fraction over routed sublayers and batch; differentiable in training."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ def attention_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]
     def save_residual(idx):
         def hook(module, args, kwargs):
             residual[idx] = args[0] if args else kwargs["hidden_states"]
+
         return hook
 
     def score(idx):
@@ -48,6 +49,7 @@ def attention_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]
             attn = (output[0] if isinstance(output, tuple) else output).float()
             cos = torch.nn.functional.cosine_similarity(h, h + attn, dim=-1)  # (B, T)
             totals[idx] += float(((1 - cos) * current_mask[0]).sum())
+
         return hook
 
     handles = []

@@ -19,9 +19,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
-
-_CROP_REFUSED = ("a token-routed cache cannot be cropped (assisted / speculative decoding): each row holds a "
-                 "different number of tokens per layer. Generate without an assistant model.")
+_CROP_REFUSED = (
+    "a token-routed cache cannot be cropped (assisted / speculative decoding): each row holds a "
+    "different number of tokens per layer. Generate without an assistant model."
+)
 
 
 @dataclass
@@ -72,8 +73,14 @@ class TokenLayer(CacheLayerMixin):
         self.is_initialized = True
 
     # -- one attention call -------------------------------------------------------------------------------------
-    def plan(self, rows: torch.Tensor | None, query_valid: torch.Tensor | None, query_times: torch.Tensor,
-             n_new: torch.Tensor, need_times: bool) -> KeyLayout:
+    def plan(
+        self,
+        rows: torch.Tensor | None,
+        query_valid: torch.Tensor | None,
+        query_times: torch.Tensor,
+        n_new: torch.Tensor,
+        need_times: bool,
+    ) -> KeyLayout:
         """Announce the next update: `rows` (B',) the batch rows that run (None = all), `query_valid` (B', R)
         which gathered query slots are real tokens (None = all), `query_times` (B', R), `n_new` (B',) real
         queries per row. Returns the key layout the attention will see, to build its mask from."""
@@ -163,8 +170,7 @@ class TokenLayer(CacheLayerMixin):
         k = keys.new_zeros((heads, b * width, dim)).index_copy_(1, flat, keys)
         v = values.new_zeros((heads, b * width, values.shape[-1])).index_copy_(1, flat, values)
         # (heads, B'*S, d) -> (B', heads, S, d)
-        return (k.view(heads, b, width, dim).transpose(0, 1),
-                v.view(heads, b, width, -1).transpose(0, 1))
+        return (k.view(heads, b, width, dim).transpose(0, 1), v.view(heads, b, width, -1).transpose(0, 1))
 
     def advance(self, steps: int) -> None:
         self.seen += steps

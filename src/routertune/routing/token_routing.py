@@ -26,8 +26,6 @@ gradient and the forward equals inference exactly.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
 
@@ -42,8 +40,16 @@ _ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 class TokenRoutedSublayer(RoutedSublayer):
     """Runs `base_layer` only for the tokens whose router says so (see the module docstring)."""
 
-    def __init__(self, base_layer, layer_idx, granularity, hidden_size, input_norm, threshold_for,
-                 router_config: RouterConfig | None = None):
+    def __init__(
+        self,
+        base_layer,
+        layer_idx,
+        granularity,
+        hidden_size,
+        input_norm,
+        threshold_for,
+        router_config: RouterConfig | None = None,
+    ):
         super().__init__(base_layer, layer_idx, granularity, hidden_size, input_norm, threshold_for)
         self._router_config = [router_config]  # a list: not a registered submodule / state
         self._window: int | None = None
@@ -101,7 +107,8 @@ class TokenRoutedSublayer(RoutedSublayer):
                 # straight-through: forward is exactly the 0/1 decision, backward is the identity to the score
                 gate = gate + (scores - scores.detach())
                 if sinks is not None:
-                    gate = torch.where(sinks, torch.ones_like(gate), gate)  # always run: nothing for the router to learn
+                    # always run: nothing for the router to learn
+                    gate = torch.where(sinks, torch.ones_like(gate), gate)
             call.gates[idx] = gate[real]
             call.token_gates[idx] = gate
         return runs
@@ -128,8 +135,9 @@ class TokenRoutedSublayer(RoutedSublayer):
         sinks = real & (counts <= keep)
         return sinks if bool(sinks.any()) else None
 
-    def _top_k_runs(self, call: RoutingCall, scores: torch.Tensor, real: torch.Tensor, fraction: float,
-                    sinks: torch.Tensor | None):
+    def _top_k_runs(
+        self, call: RoutingCall, scores: torch.Tensor, real: torch.Tensor, fraction: float, sinks: torch.Tensor | None
+    ):
         cache = call.cache
         stored = cache.cutoffs.get(self.layer_idx) if isinstance(cache, TokenRoutedCache) else None
         if stored is not None:
@@ -209,8 +217,9 @@ class TokenRoutedSublayer(RoutedSublayer):
         else:
             # each row's running tokens first, in time order (a stable sort of the skip flags)
             order = torch.sort((~sel_runs).to(torch.int8), dim=1, stable=True).indices[:, :width]  # (B', R)
-            query_valid = None if min(n_active) == width else (
-                torch.arange(width, device=x.device)[None, :] < n_sel[:, None])  # (B', R)
+            query_valid = (
+                None if min(n_active) == width else (torch.arange(width, device=x.device)[None, :] < n_sel[:, None])
+            )  # (B', R)
         times = seen + torch.arange(steps, device=x.device)  # (T,) time step of each column
         query_times = times.expand(len(active_list), steps) if order is None else times[order]  # (B', R)
 
@@ -219,8 +228,12 @@ class TokenRoutedSublayer(RoutedSublayer):
         else:
             if call.past_length > 0:
                 raise ValueError("a forward with past tokens needs the token cache that holds them")
-            layout = KeyLayout(past=torch.zeros_like(n_sel), valid=query_valid,
-                               times=query_times if self._window is not None else None, width=width)
+            layout = KeyLayout(
+                past=torch.zeros_like(n_sel),
+                valid=query_valid,
+                times=query_times if self._window is not None else None,
+                width=width,
+            )
         empty_past = layer is None or layer.stored_tokens() == 0
         mask = self._mask(layout, query_valid, query_times, x, empty_past)
 
@@ -290,7 +303,8 @@ class TokenRoutedSublayer(RoutedSublayer):
         allowed = allowed[:, None]  # (B', 1, R, S)
         if impl == "eager":
             return torch.zeros(allowed.shape, dtype=x.dtype, device=device).masked_fill(
-                ~allowed, torch.finfo(x.dtype).min)
+                ~allowed, torch.finfo(x.dtype).min
+            )
         return allowed
 
     # -- training: every token computed, same key masking, straight-through gate ---------------------------------
@@ -311,7 +325,8 @@ class TokenRoutedSublayer(RoutedSublayer):
         allowed = allowed[:, None]  # (B, 1, T, T)
         if self._implementation() == "eager":
             allowed = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
-                ~allowed, torch.finfo(x.dtype).min)
+                ~allowed, torch.finfo(x.dtype).min
+            )
         sub = dict(kwargs)
         sub["attention_mask"] = allowed
         out = self.base_layer(x, **sub)
@@ -323,8 +338,9 @@ class TokenRoutedSublayer(RoutedSublayer):
         return (gated, *out[1:]) if isinstance(out, tuple) else gated
 
 
-def _decode_cutoff(scores: torch.Tensor, ranked: torch.Tensor, sinks: torch.Tensor | None,
-                   k: torch.Tensor) -> torch.Tensor:
+def _decode_cutoff(
+    scores: torch.Tensor, ranked: torch.Tensor, sinks: torch.Tensor | None, k: torch.Tensor
+) -> torch.Tensor:
     """(B,) the score a generated token must reach (see the module docstring): the lowest score of a non-sink
     prompt token that ran; when the sinks fill all k places, the k-th highest non-sink prompt score (as if the
     sinks had taken none); when the prompt is sinks only, the lowest of their own scores. The sinks' scores
@@ -387,6 +403,5 @@ def _gather(value, rows, order, batch):
         value = value.index_select(0, rows.to(value.device))
     if order is None:
         return value
-    index = order.to(value.device).view(*order.shape, *([1] * (value.dim() - 2))).expand(
-        *order.shape, *value.shape[2:])
+    index = order.to(value.device).view(*order.shape, *([1] * (value.dim() - 2))).expand(*order.shape, *value.shape[2:])
     return value.gather(1, index)

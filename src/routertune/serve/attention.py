@@ -30,6 +30,7 @@ import time
 import torch
 
 from routertune.routing.state import Forcing
+
 from .requests import ServeBatch, current_batch
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,14 @@ PROFILE_ENV = "ROUTERTUNE_SERVE_PROFILE"
 # where a routed layer's time goes (benchmarks read it in the engine process; off unless PROFILE_ENV is set):
 # seconds in the routing code itself (decisions, subset plans, gathers/scatters) and in vLLM's attention,
 # and how many layer calls ran dense, subset, or skipped whole (of those, how many skipped the input norm too)
-PROFILE = {"routing_s": 0.0, "attention_s": 0.0, "calls_dense": 0, "calls_subset": 0, "calls_skipped": 0,
-           "layers_no_op": 0}
+PROFILE = {
+    "routing_s": 0.0,
+    "attention_s": 0.0,
+    "calls_dense": 0,
+    "calls_subset": 0,
+    "calls_skipped": 0,
+    "layers_no_op": 0,
+}
 _PROFILING = bool(os.environ.get(PROFILE_ENV))
 
 
@@ -94,8 +101,9 @@ class RoutedAttention:
         context = get_forward_context()
         metadata = context.attn_metadata
         if not isinstance(metadata, dict):
-            raise NotImplementedError("routertune serving needs per-layer attention metadata (no speculative "
-                                      "decoding, no micro-batching)")
+            raise NotImplementedError(
+                "routertune serving needs per-layer attention metadata (no speculative decoding, no micro-batching)"
+            )
         metadata = metadata[self.module.attn.layer_name]
         starts, seq_lens = _layout(batch, metadata)
         return context, metadata, starts, seq_lens
@@ -137,20 +145,25 @@ class RoutedAttention:
         saved_metadata, saved_slots = context.attn_metadata[layer_name], context.slot_mapping[layer_name]
         context.attn_metadata[layer_name], context.slot_mapping[layer_name] = sub_metadata, sub_slots
         try:
-            sub_out = self._attention(positions=positions.index_select(0, tokens),
-                                      hidden_states=hidden_states.index_select(0, tokens), **kwargs)
+            sub_out = self._attention(
+                positions=positions.index_select(0, tokens),
+                hidden_states=hidden_states.index_select(0, tokens),
+                **kwargs,
+            )
         finally:
             context.attn_metadata[layer_name], context.slot_mapping[layer_name] = saved_metadata, saved_slots
         return out.index_copy_(0, tokens, sub_out)
 
-    def _decide(self, batch: ServeBatch, starts: list[int], seq_lens: list[int],
-                hidden_states: torch.Tensor) -> list[bool]:
+    def _decide(
+        self, batch: ServeBatch, starts: list[int], seq_lens: list[int], hidden_states: torch.Tensor
+    ) -> list[bool]:
         """Per request: the stored decision, or (prefill from an empty cache) a new one from its prompt."""
         runs, pending = self._known(batch, starts, seq_lens)
         if pending:
             # mean over the prompt tokens of the normed input, fp32 (routertune.routing.router.masked_mean)
-            pooled = torch.stack([hidden_states[starts[i]: starts[i] + batch.requests[i].prompt_len].float().mean(0)
-                                  for i in pending])  # (P, H)
+            pooled = torch.stack(
+                [hidden_states[starts[i] : starts[i] + batch.requests[i].prompt_len].float().mean(0) for i in pending]
+            )  # (P, H)
             scores = self.router(pooled).tolist()  # (P,)
             for i, score in zip(pending, scores):
                 runs[i] = score >= batch.threshold_of(i, self.threshold)  # the request's own, if it set one
@@ -184,7 +197,8 @@ class RoutedAttention:
                     f"{query} of {req.prompt_len} prompt tokens after {context} cached ones; routertune decides "
                     "from the whole prompt, so serve without chunked prefill and prefix caching "
                     "(enable_chunked_prefill=False, enable_prefix_caching=False, max_num_batched_tokens >= "
-                    "max_model_len)")
+                    "max_model_len)"
+                )
             forcing: Forcing | None = batch.forcing[i]
             if forcing is not None:
                 runs.append(forcing.runs(self.layer_idx))
@@ -249,15 +263,16 @@ def _row_mask(runs: list[bool], starts: list[int], like: torch.Tensor) -> torch.
     mask = torch.zeros(like.shape[0], 1, dtype=like.dtype, device=like.device)
     for i, run in enumerate(runs):
         if run:
-            mask[starts[i]: starts[i + 1]] = 1
+            mask[starts[i] : starts[i + 1]] = 1
     return mask
 
 
 _WARNED: set[str] = set()
 
 
-def _plan(batch: ServeBatch, runs: list[bool], starts: list[int], metadata, slot_mapping, attn_layer,
-          dtype: torch.dtype):
+def _plan(
+    batch: ServeBatch, runs: list[bool], starts: list[int], metadata, slot_mapping, attn_layer, dtype: torch.dtype
+):
     """(token indices, attention metadata, slot mapping) of the running requests alone; cached per step."""
     key = (tuple(runs), id(metadata), id(slot_mapping))
     if key in batch.plans:
@@ -268,8 +283,10 @@ def _plan(batch: ServeBatch, runs: list[bool], starts: list[int], metadata, slot
         name = type(metadata).__name__
         if name not in _WARNED:
             _WARNED.add(name)
-            logger.warning("routertune: %s cannot be subset yet; skipped requests' attention is zeroed (exact) but "
-                           "still computed", name)
+            logger.warning(
+                "routertune: %s cannot be subset yet; skipped requests' attention is zeroed (exact) but still computed",
+                name,
+            )
         batch.plans[key] = None
         return None
     from vllm import _custom_ops as ops
@@ -306,7 +323,8 @@ def _plan(batch: ServeBatch, runs: list[bool], starts: list[int], metadata, slot
         max_seq_len=int(seq_lens.max()),
         seq_lens=seq_lens,
         block_table=metadata.block_table.index_select(0, rows_t),
-        slot_mapping=metadata.slot_mapping.index_select(0, tokens) if metadata.slot_mapping is not slot_mapping
+        slot_mapping=metadata.slot_mapping.index_select(0, tokens)
+        if metadata.slot_mapping is not slot_mapping
         else sub_slots,
         scheduler_metadata=scheduler_metadata,
     )

@@ -30,13 +30,18 @@ def targets_of(results: list[dict]) -> dict:
         gain_forced = v["routed_static_set"][f"speedup_{metric}"] - 1
         targets[f"forced_vs_static_gain_{metric}"] = {
             "value": gain_forced / gain_static if gain_static > 0 else None,
-            "target": TARGET_FORCED_VS_STATIC, "static_speedup": v["static"][f"speedup_{metric}"],
-            "routed_static_set_speedup": v["routed_static_set"][f"speedup_{metric}"]}
+            "target": TARGET_FORCED_VS_STATIC,
+            "static_speedup": v["static"][f"speedup_{metric}"],
+            "routed_static_set_speedup": v["routed_static_set"][f"speedup_{metric}"],
+        }
         ideal = v["routed"][f"ideal_{metric}"]
         targets[f"own_vs_ideal_{metric}"] = {
-            "value": v["routed"][f"achieved_over_ideal_{metric}"], "target": TARGET_OWN_VS_IDEAL,
-            "speedup": v["routed"][f"speedup_{metric}"], "ideal": ideal,
-            "gain_over_ideal_gain": (v["routed"][f"speedup_{metric}"] - 1) / (ideal - 1) if ideal > 1 else None}
+            "value": v["routed"][f"achieved_over_ideal_{metric}"],
+            "target": TARGET_OWN_VS_IDEAL,
+            "speedup": v["routed"][f"speedup_{metric}"],
+            "ideal": ideal,
+            "gain_over_ideal_gain": (v["routed"][f"speedup_{metric}"] - 1) / (ideal - 1) if ideal > 1 else None,
+        }
     if "routed_all_run" in v:
         targets["routing_overhead_all_run_vs_dense_throughput"] = v["routed_all_run"]["speedup_throughput"]
     targets["paired_throughput"] = paired_throughput(long[0])
@@ -45,7 +50,8 @@ def targets_of(results: list[dict]) -> dict:
         targets["pooled_paired_throughput"] = paired_throughput(pooled_entry(long))
         targets["pooled_paired_throughput"]["unit"] = (
             "repeat: its intervals treat repeats as independent, which they are not (repeats of one engine draw "
-            "share its speed); the verdict comes from by_process")
+            "share its speed); the verdict comes from by_process"
+        )
     # the verdict: engine draws (rounds) as the unit, every draw of every merged run included
     targets["by_process"] = by_process(pooled_entry(long) if len(long) > 1 else long[0])
     targets["forced_minus_static"] = time_gap(long[0], "routed_static_set", "static")
@@ -57,9 +63,12 @@ def time_gap(entry: dict, name: str, reference: str) -> dict:
     the decode steps), and the share inside the routed layers' own code (routing_s, the plugin's Python)."""
     v, r = entry["variants"][name], entry["variants"][reference]
     steps = entry["new_tokens"] - 1
-    out = {"cpu_s_per_run": statistics.median(v["cpu_s_all"]) - statistics.median(r["cpu_s_all"]),
-           "prefill_s": v["ttft_s"] - r["ttft_s"], "decode_s": (v["tpot_s"] - r["tpot_s"]) * steps,
-           "relative_cpu": statistics.median(v["cpu_s_all"]) / statistics.median(r["cpu_s_all"])}
+    out = {
+        "cpu_s_per_run": statistics.median(v["cpu_s_all"]) - statistics.median(r["cpu_s_all"]),
+        "prefill_s": v["ttft_s"] - r["ttft_s"],
+        "decode_s": (v["tpot_s"] - r["tpot_s"]) * steps,
+        "relative_cpu": statistics.median(v["cpu_s_all"]) / statistics.median(r["cpu_s_all"]),
+    }
     profile = v.get("routed_layers_profile")
     if profile:
         out["routing_code_s_per_run"] = profile["routing_s"] / entry["repeats"]
@@ -86,20 +95,32 @@ def paired_throughput(entry: dict) -> dict:
         "routed_static_set_cpu_over_static": [s / f for f, s in zip(forced, static)],
         "own_vs_ideal": [o / v["routed"]["ideal_throughput"] for o in own],
     }
-    out = {"repeats": len(dense), **{k: {"median": statistics.median(x), "min": min(x), "max": max(x),
-                                         "median_ci95": median_interval(x)} for k, x in rows.items()}}
+    out = {
+        "repeats": len(dense),
+        **{
+            k: {"median": statistics.median(x), "min": min(x), "max": max(x), "median_ci95": median_interval(x)}
+            for k, x in rows.items()
+        },
+    }
     rounds = entry.get("round_of_repeat") or [0] * len(dense)
     if len(set(rounds)) > 1:
         # per engine round (fresh processes): routed-forced's CPU time over static's, and the routed engine
         # forced to run everything over dense (same work: the process-to-process variation)
         all_run = [d / x for d, x in zip(dense, v["routed_all_run"]["cpu_s_all"])] if "routed_all_run" in v else None
         out["per_round"] = [
-            {"round": r,
-             "routed_static_set_cpu_over_static": statistics.median(
-                 x for x, q in zip(rows["routed_static_set_cpu_over_static"], rounds) if q == r),
-             **({"routed_all_run_speedup": statistics.median(x for x, q in zip(all_run, rounds) if q == r)}
-                if all_run else {})}
-            for r in sorted(set(rounds))]
+            {
+                "round": r,
+                "routed_static_set_cpu_over_static": statistics.median(
+                    x for x, q in zip(rows["routed_static_set_cpu_over_static"], rounds) if q == r
+                ),
+                **(
+                    {"routed_all_run_speedup": statistics.median(x for x, q in zip(all_run, rounds) if q == r)}
+                    if all_run
+                    else {}
+                ),
+            }
+            for r in sorted(set(rounds))
+        ]
     # the forced-vs-static target in CPU time, the steadier figure: gaining >= 0.9 of static's gain s - 1 means
     # routed-forced may take at most s / (1 + 0.9 (s - 1)) of static's CPU time
     s = out["static_speedup"]["median"]
@@ -138,20 +159,30 @@ def by_process(entry: dict, iterations: int = 4000, seed: int = 0, level: float 
     otherwise "not shown" (the interval spans the target); with a single draw there is no interval across draws
     and the verdict is "not shown"."""
     v = entry["variants"]
-    dense, static, forced = (np.asarray(v[n]["cpu_s_all"], dtype=np.float64)
-                             for n in ("dense", "static", "routed_static_set"))
+    dense, static, forced = (
+        np.asarray(v[n]["cpu_s_all"], dtype=np.float64) for n in ("dense", "static", "routed_static_set")
+    )
     rounds = list(entry.get("round_of_repeat") or [0] * len(dense))
     if not len(dense) == len(static) == len(forced) == len(rounds):
-        raise ValueError(f"repeats disagree: dense {len(dense)}, static {len(static)}, forced {len(forced)}, "
-                         f"round_of_repeat {len(rounds)}")
+        raise ValueError(
+            f"repeats disagree: dense {len(dense)}, static {len(static)}, forced {len(forced)}, "
+            f"round_of_repeat {len(rounds)}"
+        )
     static_up, forced_up, cpu_ratio = dense / static, dense / forced, forced / static  # per repeat, paired
     draws = []
     for r in sorted(set(rounds)):
         rows = np.array([q == r for q in rounds])
         s, f = float(static_up[rows].mean()), float(forced_up[rows].mean())
-        draws.append({"process": r, "repeats": int(rows.sum()), "static_speedup": s, "routed_static_set_speedup": f,
-                      "forced_vs_static_gain": (f - 1) / (s - 1) if s != 1 else float("nan"),
-                      "routed_static_set_cpu_over_static": float(cpu_ratio[rows].mean())})
+        draws.append(
+            {
+                "process": r,
+                "repeats": int(rows.sum()),
+                "static_speedup": s,
+                "routed_static_set_speedup": f,
+                "forced_vs_static_gain": (f - 1) / (s - 1) if s != 1 else float("nan"),
+                "routed_static_set_cpu_over_static": float(cpu_ratio[rows].mean()),
+            }
+        )
 
     def ratio_of_gains(static_speedups, forced_speedups):
         """sum(forced - 1) / sum(static - 1) and its interval: paired_bootstrap's weighted mean of the per-unit
@@ -164,8 +195,13 @@ def by_process(entry: dict, iterations: int = 4000, seed: int = 0, level: float 
     s_draws = [d["static_speedup"] for d in draws]
     f_draws = [d["routed_static_set_speedup"] for d in draws]
     gain, low, high = ratio_of_gains(s_draws, f_draws)
-    cpu, cpu_low, cpu_high = paired_bootstrap(np.array([d["routed_static_set_cpu_over_static"] for d in draws]),
-                                              np.zeros(len(draws)), iterations=iterations, seed=seed, level=level)
+    cpu, cpu_low, cpu_high = paired_bootstrap(
+        np.array([d["routed_static_set_cpu_over_static"] for d in draws]),
+        np.zeros(len(draws)),
+        iterations=iterations,
+        seed=seed,
+        level=level,
+    )
     rep_gain, rep_low, rep_high = ratio_of_gains(static_up, forced_up)
     mean_static = float(np.mean(s_draws))
     target = TARGET_FORCED_VS_STATIC
@@ -173,19 +209,32 @@ def by_process(entry: dict, iterations: int = 4000, seed: int = 0, level: float 
         low = high = cpu_low = cpu_high = None
         verdict = "not shown: one engine draw, no interval across draws"
     else:
-        verdict = ("met" if low >= target else "NOT met" if high < target
-                   else f"not shown: the interval spans the target {target}")
+        verdict = (
+            "met"
+            if low >= target
+            else "NOT met"
+            if high < target
+            else f"not shown: the interval spans the target {target}"
+        )
     return {
         "unit": "engine draw (one round of fresh dense, static and routed processes), repeats kept together",
-        "processes": len(draws), "repeats": len(rounds), "level": level, "iterations": iterations,
+        "processes": len(draws),
+        "repeats": len(rounds),
+        "level": level,
+        "iterations": iterations,
         "forced_vs_static_gain": {"value": gain, "ci": [low, high], "target": target, "verdict": verdict},
         "static_speedup_mean": mean_static,
         "routed_static_set_speedup_mean": float(np.mean(f_draws)),
         "routed_static_set_cpu_over_static": {
-            "mean": cpu, "ci": [cpu_low, cpu_high],
+            "mean": cpu,
+            "ci": [cpu_low, cpu_high],
             # gaining >= target of static's gain s - 1 allows at most s / (1 + target (s - 1)) of static's CPU time
-            "allowed_by_target": mean_static / (1 + target * (mean_static - 1))},
-        "repeat_level": {"forced_vs_static_gain": rep_gain, "ci": [rep_low, rep_high],
-                         "note": "repeats resampled as if independent: too narrow, not the verdict"},
+            "allowed_by_target": mean_static / (1 + target * (mean_static - 1)),
+        },
+        "repeat_level": {
+            "forced_vs_static_gain": rep_gain,
+            "ci": [rep_low, rep_high],
+            "note": "repeats resampled as if independent: too narrow, not the verdict",
+        },
         "per_process": draws,
     }

@@ -36,41 +36,53 @@ class ServeRouting:
     static_skip: list[int] | None = None
 
     @classmethod
-    def static(cls, layers: list[int]) -> "ServeRouting":
+    def static(cls, layers: list[int]) -> ServeRouting:
         """Static drop served by the routed classes: `layers` skip for every request."""
-        return cls(RouterConfig(layers=sorted(layers)), routers_file="", format_version=2,
-                   static_skip=sorted(layers))
+        return cls(RouterConfig(layers=sorted(layers)), routers_file="", format_version=2, static_skip=sorted(layers))
 
     def to_dict(self) -> dict:
-        out = {"format_version": self.format_version, "routers_file": self.routers_file,
-               "router_config": self.router_config.to_dict()}
+        out = {
+            "format_version": self.format_version,
+            "routers_file": self.routers_file,
+            "router_config": self.router_config.to_dict(),
+        }
         if self.static_skip is not None:
             out["static_skip"] = list(self.static_skip)
         return out
 
     @classmethod
-    def from_dict(cls, data) -> "ServeRouting":
+    def from_dict(cls, data) -> ServeRouting:
         if not isinstance(data, dict) or "router_config" not in data:
-            raise ValueError(f"config.json's {CONFIG_KEY!r} section is malformed ({data!r}); re-export the folder "
-                             "with `routertune export`")
+            raise ValueError(
+                f"config.json's {CONFIG_KEY!r} section is malformed ({data!r}); re-export the folder "
+                "with `routertune export`"
+            )
         version = int(data.get("format_version", SERVE_FORMAT))
         if version > SERVE_FORMAT:
-            raise ValueError(f"serving folder format {version} is newer than this routertune ({SERVE_FORMAT}); "
-                             "upgrade routertune")
+            raise ValueError(
+                f"serving folder format {version} is newer than this routertune ({SERVE_FORMAT}); upgrade routertune"
+            )
         config = RouterConfig.from_dict(data["router_config"])
         if config.granularity != "attention":
             raise ValueError(f"vLLM serving routes attention only; these routers route {config.granularity!r}")
         if config.unit != "sequence":
-            raise ValueError(f"vLLM serving takes one decision per request (unit='sequence'); these routers are "
-                             f"{config.unit}-level: serve them through RoutedModel.generate")
+            raise ValueError(
+                f"vLLM serving takes one decision per request (unit='sequence'); these routers are "
+                f"{config.unit}-level: serve them through RoutedModel.generate"
+            )
         static_skip = data.get("static_skip")
         if static_skip is not None:
-            if (not isinstance(static_skip, list) or not static_skip
-                    or not all(isinstance(i, int) and not isinstance(i, bool) for i in static_skip)
-                    or sorted(static_skip) != sorted(config.layers or [])):
-                raise ValueError(f"config.json's {CONFIG_KEY!r} section: static_skip={static_skip!r} must be a "
-                                 f"non-empty list of layer indices equal to router_config.layers "
-                                 f"({config.layers}); re-export the folder with `routertune export --static K`")
+            if (
+                not isinstance(static_skip, list)
+                or not static_skip
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in static_skip)
+                or sorted(static_skip) != sorted(config.layers or [])
+            ):
+                raise ValueError(
+                    f"config.json's {CONFIG_KEY!r} section: static_skip={static_skip!r} must be a "
+                    f"non-empty list of layer indices equal to router_config.layers "
+                    f"({config.layers}); re-export the folder with `routertune export --static K`"
+                )
             static_skip = sorted(static_skip)
         return cls(config, data.get("routers_file", ROUTERS_FILE), version, static_skip)
 

@@ -27,8 +27,15 @@ def engine_kwargs(max_model_len: int = 2048, **overrides) -> dict:
     """Keyword arguments for ``vllm.LLM`` that routed serving needs: no prefix caching, no chunked prefill (a
     decision pools the whole prompt), a token budget that holds the longest prompt in one step, eager mode
     (the routed layers branch per request, which torch.compile's graph capture cannot follow)."""
-    kwargs = dict(max_model_len=max_model_len, max_num_batched_tokens=max_model_len, enable_prefix_caching=False,
-                  enable_chunked_prefill=False, enforce_eager=True, dtype="float32", seed=0)
+    kwargs = dict(
+        max_model_len=max_model_len,
+        max_num_batched_tokens=max_model_len,
+        enable_prefix_caching=False,
+        enable_chunked_prefill=False,
+        enforce_eager=True,
+        dtype="float32",
+        seed=0,
+    )
     kwargs.update(overrides)
     return kwargs
 
@@ -42,7 +49,12 @@ class ServeJob:
     """`routertune serve EXPORT [vLLM server flags]`: its own flags (the rest go to vLLM's server)."""
 
     export: str = field(default="", metadata={"help": "the folder `routertune export` wrote (routed or --static)"})
-    routing_log: str | None = field(default=None, metadata={"help": "append each request's routing decisions to this JSONL file (sets ROUTERTUNE_SERVE_LOG for the server)"})
+    routing_log: str | None = field(
+        default=None,
+        metadata={
+            "help": "append each request's routing decisions to this JSONL file (sets ROUTERTUNE_SERVE_LOG for the server)"
+        },
+    )
     dry_run: bool = field(default=False, metadata={"help": "print the server command and exit without starting it"})
 
 
@@ -58,15 +70,17 @@ _UNSET = object()
 
 
 def _export_kind(export: str) -> str:
-    """"routed" (routers decide), "static_skip" (a static drop served by the routed classes: fixed skips, no
+    """ "routed" (routers decide), "static_skip" (a static drop served by the routed classes: fixed skips, no
     routers) or "plain" (vLLM's native DeciLM static drop, or any folder without a routing section); refuses a
     folder without config.json."""
     from .config import CONFIG_KEY
 
     config = Path(export) / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{export} has no config.json; serve a folder written by `routertune export "
-                                "--routers DIR --output EXPORT` (or --static K)")
+        raise FileNotFoundError(
+            f"{export} has no config.json; serve a folder written by `routertune export "
+            "--routers DIR --output EXPORT` (or --static K)"
+        )
     section = json.loads(config.read_text()).get(CONFIG_KEY)
     if section is None:
         return "plain"
@@ -86,8 +100,10 @@ def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
     env = {}
     if job.routing_log:
         if not routed:
-            raise ValueError(f"--routing-log: {job.export} is not a routed export (no routers decide there); drop "
-                             "the flag, or serve a folder from `routertune export --routers DIR`")
+            raise ValueError(
+                f"--routing-log: {job.export} is not a routed export (no routers decide there); drop "
+                "the flag, or serve a folder from `routertune export --routers DIR`"
+            )
         env["ROUTERTUNE_SERVE_LOG"] = str(Path(job.routing_log).resolve())
     try:
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -96,22 +112,32 @@ def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
         raise ModuleNotFoundError(f"routertune serve needs vLLM ({error}); pip install 'routertune[serve]'") from error
 
     parser = make_arg_parser(FlexibleArgumentParser())
-    checked = ("model", "enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "speculative_config",
-               "max_model_len", "max_num_batched_tokens")
+    checked = (
+        "model",
+        "enforce_eager",
+        "enable_prefix_caching",
+        "enable_chunked_prefill",
+        "speculative_config",
+        "max_model_len",
+        "max_num_batched_tokens",
+    )
     parser.set_defaults(**{name: _UNSET for name in checked})  # tell "not passed" from a passed default value
     try:
         given = parser.parse_args(list(vllm_args))
     except SystemExit as exit_:
-        raise ValueError(f"vLLM's server does not accept the flags {vllm_args} (see python -m {SERVER_MODULE} "
-                         "--help)") from exit_
+        raise ValueError(
+            f"vLLM's server does not accept the flags {vllm_args} (see python -m {SERVER_MODULE} --help)"
+        ) from exit_
     if given.model is not _UNSET or getattr(given, "model_tag", None):
         raise ValueError(f"the model is EXPORT ({job.export}); drop --model / the positional model from the vLLM flags")
     added: list[str] = []
     if kind == "static_skip":
         # the routed classes' layers branch in Python (no graph capture), even when every request skips alike
         if given.enforce_eager is False:
-            raise ValueError(f"{job.export} is a static drop served by routertune's routed classes, which run in "
-                             "eager mode only: drop --no-enforce-eager")
+            raise ValueError(
+                f"{job.export} is a static drop served by routertune's routed classes, which run in "
+                "eager mode only: drop --no-enforce-eager"
+            )
         if given.enforce_eager is _UNSET:
             added.append("--enforce-eager")
     if routed:
@@ -126,13 +152,18 @@ def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
             problems.append("--speculative-config (speculative decoding is not supported with routed layers)")
         max_model_len = DEFAULT_MAX_MODEL_LEN if given.max_model_len in (_UNSET, None) else int(given.max_model_len)
         if given.max_num_batched_tokens not in (_UNSET, None) and int(given.max_num_batched_tokens) < max_model_len:
-            problems.append(f"--max-num-batched-tokens {given.max_num_batched_tokens} below --max-model-len "
-                            f"{max_model_len} (a step must hold the longest prompt whole)")
+            problems.append(
+                f"--max-num-batched-tokens {given.max_num_batched_tokens} below --max-model-len "
+                f"{max_model_len} (a step must hold the longest prompt whole)"
+            )
         if problems:
-            raise ValueError("a routed export decides each request's routed layers from its whole prompt, in eager "
-                             "mode; these vLLM flags cannot work with it: " + "; ".join(problems)
-                             + ". Drop them (routertune serve adds --enforce-eager --no-enable-prefix-caching "
-                             "--no-enable-chunked-prefill --max-num-batched-tokens >= --max-model-len)")
+            raise ValueError(
+                "a routed export decides each request's routed layers from its whole prompt, in eager "
+                "mode; these vLLM flags cannot work with it: "
+                + "; ".join(problems)
+                + ". Drop them (routertune serve adds --enforce-eager --no-enable-prefix-caching "
+                "--no-enable-chunked-prefill --max-num-batched-tokens >= --max-model-len)"
+            )
         if given.enforce_eager is _UNSET:
             added.append("--enforce-eager")
         if given.enable_prefix_caching is _UNSET:
@@ -165,24 +196,34 @@ def run_request(request: dict) -> dict:
     refused = []  # per entry of refused_extra_args: None if generate accepted it, else what it raised
     for extra in request.get("refused_extra_args", ()):
         try:
-            llm.generate([TokensPrompt(prompt_token_ids=request["prompts"][0])],
-                         SamplingParams(temperature=0.0, max_tokens=1, extra_args=extra), use_tqdm=False)
+            llm.generate(
+                [TokensPrompt(prompt_token_ids=request["prompts"][0])],
+                SamplingParams(temperature=0.0, max_tokens=1, extra_args=extra),
+                use_tqdm=False,
+            )
             refused.append(None)
         except Exception as error:  # noqa: BLE001 - recorded for the caller to judge
-            refused.append({"type": type(error).__name__, "value_error": isinstance(error, ValueError),
-                            "message": str(error)})
-    params = SamplingParams(temperature=0.0, max_tokens=int(request["max_tokens"]),
-                            extra_args=request.get("extra_args"))
+            refused.append(
+                {"type": type(error).__name__, "value_error": isinstance(error, ValueError), "message": str(error)}
+            )
+    params = SamplingParams(
+        temperature=0.0, max_tokens=int(request["max_tokens"]), extra_args=request.get("extra_args")
+    )
     started = time.perf_counter()
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]], params,
-                           use_tqdm=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]], params, use_tqdm=False)
     generate_s = time.perf_counter() - started
     log = []
     if request.get("log") and os.path.exists(request["log"]):
         with open(request["log"]) as handle:
             log = [json.loads(line) for line in handle]
-    return {"tokens": [list(o.outputs[0].token_ids) for o in outputs], "log": log, "load_s": load_s,
-            "generate_s": generate_s, "routed_layers_profile": reset_profile(), "refused": refused}
+    return {
+        "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        "log": log,
+        "load_s": load_s,
+        "generate_s": generate_s,
+        "routed_layers_profile": reset_profile(),
+        "refused": refused,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

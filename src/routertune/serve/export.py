@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import CONFIG_NAME, RouterConfig, default_routed_layers
-from .config import ARCH_PREFIX, CONFIG_KEY, ROUTERS_DIR, ROUTERS_FILE, VLLM_ARCHITECTURES, ServeRouting
 from . import static as static_drop
+from .config import ARCH_PREFIX, CONFIG_KEY, ROUTERS_DIR, ROUTERS_FILE, VLLM_ARCHITECTURES, ServeRouting
 
 _MARKER = "routertune_export.json"
 # families whose static drop vLLM's DeciLM serves exactly: it is Llama's attention and MLP. Not the others:
@@ -40,10 +40,21 @@ class ExportJob:
     """What `routertune export` writes; every field is a CLI flag."""
 
     output: str = field(default="", metadata={"help": "folder to write (vllm.LLM(OUTPUT) / vllm serve OUTPUT load it)"})
-    routers: str | None = field(default=None, metadata={"help": "trained routers (a folder from `routertune train` or `calibrate`); needed unless --static"})
-    static: int | None = field(default=None, metadata={"help": "export a static drop of this many attention layers instead of the routers (vLLM's native "
-                                                          "DeciLM form for llama, the routed class forced to the set otherwise)"})
-    model: str | None = field(default=None, metadata={"help": "base model: local HF folder or hub id; default: embedded SmolLM2-135M-Instruct"})
+    routers: str | None = field(
+        default=None,
+        metadata={"help": "trained routers (a folder from `routertune train` or `calibrate`); needed unless --static"},
+    )
+    static: int | None = field(
+        default=None,
+        metadata={
+            "help": "export a static drop of this many attention layers instead of the routers (vLLM's native "
+            "DeciLM form for llama, the routed class forced to the set otherwise)"
+        },
+    )
+    model: str | None = field(
+        default=None,
+        metadata={"help": "base model: local HF folder or hub id; default: embedded SmolLM2-135M-Instruct"},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing export in OUTPUT"})
 
@@ -71,41 +82,49 @@ class ExportReport:
 def export(job: ExportJob) -> ExportReport:
     import torch
 
-    from ..model import RoutedModel
     from routertune.base_model import load_model_and_tokenizer, resolve_model_path
+
+    from ..model import RoutedModel
 
     source = Path(resolve_model_path(job.model, job.cache_dir))
     out = _prepare_output(Path(job.output), job.overwrite)
     model, tokenizer = load_model_and_tokenizer(str(source))
     model_type = model.config.model_type
     if model_type not in VLLM_ARCHITECTURES:
-        raise ValueError(f"model_type {model_type!r} has no vLLM serving row; served families: "
-                         f"{', '.join(sorted(VLLM_ARCHITECTURES))}")
+        raise ValueError(
+            f"model_type {model_type!r} has no vLLM serving row; served families: "
+            f"{', '.join(sorted(VLLM_ARCHITECTURES))}"
+        )
     router_config = None
     if job.routers is not None:
         if (Path(job.routers) / "adapter_config.json").is_file():
-            raise ValueError(f"{job.routers} holds LoRA layers too; merge them into the base model first "
-                             "(vLLM serving takes the routers only)")
+            raise ValueError(
+                f"{job.routers} holds LoRA layers too; merge them into the base model first "
+                "(vLLM serving takes the routers only)"
+            )
         # checks the routers belong to this base model (refused with the differing fields otherwise)
         routed = RoutedModel.from_pretrained(model, job.routers)
         router_config = routed.router_config
         if router_config.granularity != "attention":
             raise ValueError(f"vLLM serving routes attention only; {job.routers} routes {router_config.granularity!r}")
         if router_config.unit != "sequence":
-            raise ValueError(f"vLLM serving takes one decision per request (unit='sequence'); {job.routers} holds "
-                             f"{router_config.unit}-level routers, which serve through RoutedModel.generate only")
+            raise ValueError(
+                f"vLLM serving takes one decision per request (unit='sequence'); {job.routers} holds "
+                f"{router_config.unit}-level routers, which serve through RoutedModel.generate only"
+            )
         router_state = routed.router_state_dict()
         model = routed.unwrap()
     config = json.loads((source / "config.json").read_text())
 
     if job.static is not None:
-        from routertune.routing import static_drop as baselines
         from routertune.bench.variants import calibration_batches
+        from routertune.routing import static_drop as baselines
 
         with torch.no_grad():
             importance = baselines.attention_importance(model, calibration_batches(model, tokenizer))
-        candidates = (router_config.layers if router_config is not None
-                      else default_routed_layers(model.config.num_hidden_layers))
+        candidates = (
+            router_config.layers if router_config is not None else default_routed_layers(model.config.num_hidden_layers)
+        )
         if job.static > len(candidates):
             raise ValueError(f"--static {job.static}: only {len(candidates)} candidate layers ({candidates})")
         dropped = importance.least_important(job.static, candidates)
@@ -117,12 +136,18 @@ def export(job: ExportJob) -> ExportReport:
             _link_files(source, out)
             config["architectures"] = [architecture]
             config[CONFIG_KEY] = ServeRouting.static(dropped).to_dict()
-            config["routertune_static"] = {"dropped_layers": dropped,
-                                           "importance": {str(k): v for k, v in sorted(importance.scores.items())}}
-            _finish(out, config, {"kind": "static", "served_as": "routed", "dropped_layers": dropped,
-                                  "base_model": str(source)})
-        return ExportReport(str(out), architecture, dropped_layers=dropped,
-                            importance={i: importance.scores[i] for i in candidates})
+            config["routertune_static"] = {
+                "dropped_layers": dropped,
+                "importance": {str(k): v for k, v in sorted(importance.scores.items())},
+            }
+            _finish(
+                out,
+                config,
+                {"kind": "static", "served_as": "routed", "dropped_layers": dropped, "base_model": str(source)},
+            )
+        return ExportReport(
+            str(out), architecture, dropped_layers=dropped, importance={i: importance.scores[i] for i in candidates}
+        )
 
     arch = VLLM_ARCHITECTURES[model_type][0]
     _link_files(source, out)
@@ -137,8 +162,9 @@ def export(job: ExportJob) -> ExportReport:
     return ExportReport(str(out), ARCH_PREFIX + arch, routed_layers=list(router_config.layers))
 
 
-def _write_static(source: Path, out: Path, config: dict, model_config, dropped: list[int],
-                  importance: dict[int, float]) -> None:
+def _write_static(
+    source: Path, out: Path, config: dict, model_config, dropped: list[int], importance: dict[int, float]
+) -> None:
     from safetensors.torch import load_file, save_file
 
     _link_files(source, out, weights=False)
@@ -155,10 +181,16 @@ def _write_static(source: Path, out: Path, config: dict, model_config, dropped: 
     config["model_type"] = static_drop.MODEL_TYPE
     config["architectures"] = [static_drop.ARCHITECTURE]
     config["block_configs"] = static_drop.block_configs(
-        model_config.num_hidden_layers, dropped, model_config.num_attention_heads, kv_heads,
-        model_config.intermediate_size)
-    config["routertune_static"] = {"dropped_layers": dropped,
-                                   "importance": {str(k): v for k, v in sorted(importance.items())}}
+        model_config.num_hidden_layers,
+        dropped,
+        model_config.num_attention_heads,
+        kv_heads,
+        model_config.intermediate_size,
+    )
+    config["routertune_static"] = {
+        "dropped_layers": dropped,
+        "importance": {str(k): v for k, v in sorted(importance.items())},
+    }
     _finish(out, config, {"kind": "static", "dropped_layers": dropped, "base_model": str(source)})
 
 

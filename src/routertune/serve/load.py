@@ -72,13 +72,29 @@ class Outcome:
     seconds: float = 0.0
 
 
-def completion(kind: str, model: str, prompt: list[int], max_tokens: int, xargs: dict | None = None, *,
-               stream: bool = False, cancel_after: int | None = None, min_tokens: int | None = None,
-               expect_param: str | None = None) -> LoadRequest:
+def completion(
+    kind: str,
+    model: str,
+    prompt: list[int],
+    max_tokens: int,
+    xargs: dict | None = None,
+    *,
+    stream: bool = False,
+    cancel_after: int | None = None,
+    min_tokens: int | None = None,
+    expect_param: str | None = None,
+) -> LoadRequest:
     """A greedy completions request for token ids `prompt`; the response carries its token ids and each token's
     top-2 log-probabilities (how close a greedy choice was, should two runs differ)."""
-    body = {"model": model, "prompt": list(prompt), "max_tokens": int(max_tokens), "temperature": 0.0,
-            "return_token_ids": True, "logprobs": 2, "return_tokens_as_token_ids": True}
+    body = {
+        "model": model,
+        "prompt": list(prompt),
+        "max_tokens": int(max_tokens),
+        "temperature": 0.0,
+        "return_token_ids": True,
+        "logprobs": 2,
+        "return_tokens_as_token_ids": True,
+    }
     if min_tokens is not None:
         body["min_tokens"] = int(min_tokens)
     if xargs:
@@ -97,7 +113,7 @@ def text_prompts(tokenizer, texts: list[str], lengths: list[int]) -> list[list[i
     for length in lengths:
         if start + length > len(stream):
             start = 0
-        prompts.append(stream[start:start + length])
+        prompts.append(stream[start : start + length])
         start += length // 2 + 7
     return prompts
 
@@ -110,15 +126,20 @@ def malformed_requests(model: str, prompt: list[int], routed_layers: list[int]) 
     outside = next(layer for layer in range(max(routed_layers) + 2) if layer not in routed_layers)
     cases = [
         ({"routertune_force": "sometimes"}, "routertune_force", False),
-        ({"routertune_force": "skip_set", "routertune_skip_layers": [routed_layers[0], outside]},
-         "routertune_skip_layers", False),
+        (
+            {"routertune_force": "skip_set", "routertune_skip_layers": [routed_layers[0], outside]},
+            "routertune_skip_layers",
+            False,
+        ),
         ({"routertune_threshold": 1.5}, "routertune_threshold", True),
         ({"routertune_skip_layers": [routed_layers[-1]]}, "routertune_skip_layers", False),
         ({"routertune_force": "run", "routertune_threshold": 0.4}, "routertune_threshold", False),
         ({"routertune_treshold": 0.4}, "routertune_treshold", True),
     ]
-    requests = [completion("malformed", model, prompt, 4, xargs, stream=stream, expect_param=param)
-                for xargs, param, stream in cases]
+    requests = [
+        completion("malformed", model, prompt, 4, xargs, stream=stream, expect_param=param)
+        for xargs, param, stream in cases
+    ]
     for stream in (False, True):
         control = completion("malformed", model, prompt, 4, stream=stream, expect_param="logprobs")
         control.body["logprobs"] = 1000
@@ -136,15 +157,28 @@ def settings_mix(routed_layers: list[int], thresholds: list[float], rng: random.
         return kind, {"routertune_force": kind}
     if kind == "skip_set":
         size = rng.randint(1, max(1, len(routed_layers) // 2))
-        return kind, {"routertune_force": "skip_set",
-                      "routertune_skip_layers": sorted(rng.sample(list(routed_layers), size))}
+        return kind, {
+            "routertune_force": "skip_set",
+            "routertune_skip_layers": sorted(rng.sample(list(routed_layers), size)),
+        }
     return kind, {"routertune_threshold": rng.choice(thresholds)}
 
 
-def build_mix(model: str, prompts: list[list[int]], routed_layers: list[int], *, distinct: int, repeats: int,
-              seed: int = 0, thresholds=(0.3, 0.5, 0.7), max_tokens=(8, 16, 24), stream_every: int = 3,
-              cancel_every: int = 2, cancel_max_tokens: int = 48, pinned: list[LoadRequest] = ()) \
-        -> list[LoadRequest]:
+def build_mix(
+    model: str,
+    prompts: list[list[int]],
+    routed_layers: list[int],
+    *,
+    distinct: int,
+    repeats: int,
+    seed: int = 0,
+    thresholds=(0.3, 0.5, 0.7),
+    max_tokens=(8, 16, 24),
+    stream_every: int = 3,
+    cancel_every: int = 2,
+    cancel_max_tokens: int = 48,
+    pinned: list[LoadRequest] = (),
+) -> list[LoadRequest]:
     """`distinct` requests drawn over `prompts` and the settings, plus `pinned` ones, plus `repeats` copies of
     drawn ones (the same request twice at once must not matter either), plus the malformed ones; shuffled.
     Every `stream_every`-th drawn request is streamed, every `cancel_every`-th of those is cancelled after 2-4
@@ -204,7 +238,7 @@ async def send(client, base_url: str, request: LoadRequest, request_id: str) -> 
                     async for line in response.aiter_lines():
                         if not line.startswith("data: "):
                             continue
-                        payload = line[len("data: "):]
+                        payload = line[len("data: ") :]
                         if payload.strip() == "[DONE]":
                             break
                         data = json.loads(payload)
@@ -215,8 +249,11 @@ async def send(client, base_url: str, request: LoadRequest, request_id: str) -> 
                             break
                         outcome.chunks += 1
                         _read_choice(outcome, data["choices"][0])
-                        if request.cancel_after and outcome.chunks >= request.cancel_after \
-                                and outcome.finish_reason is None:
+                        if (
+                            request.cancel_after
+                            and outcome.chunks >= request.cancel_after
+                            and outcome.finish_reason is None
+                        ):
                             outcome.cancelled = True
                             break
     except Exception as error:  # noqa: BLE001 - a failed request is counted and reported, not raised
@@ -242,6 +279,7 @@ async def _drive(base_url: str, requests: list[tuple[str, LoadRequest]], concurr
     outcomes: list[Outcome | None] = [None] * len(requests)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+
         async def worker():
             while not queue.empty():
                 index, (request_id, request) = queue.get_nowait()
@@ -375,17 +413,26 @@ def compare(request: LoadRequest, loaded: Outcome, alone: Outcome) -> dict | Non
     """None if the loaded outcome agrees with the request served alone (equal tokens; for a cancelled stream, a
     prefix), else what differs, with the greedy margin where they first part."""
     if loaded.cancelled:
-        agree = alone.tokens[:len(loaded.tokens)] == loaded.tokens and len(loaded.tokens) <= len(alone.tokens)
+        agree = alone.tokens[: len(loaded.tokens)] == loaded.tokens and len(loaded.tokens) <= len(alone.tokens)
     else:
         agree = loaded.tokens == alone.tokens and loaded.finish_reason == alone.finish_reason
     if agree:
         return None
-    first = next((i for i, (a, b) in enumerate(zip(loaded.tokens, alone.tokens)) if a != b),
-                 min(len(loaded.tokens), len(alone.tokens)))
-    return {"request_id": loaded.request_id, "kind": request.kind, "cancelled": loaded.cancelled,
-            "first_difference": first, "loaded": loaded.tokens, "alone": alone.tokens,
-            "loaded_finish": loaded.finish_reason, "alone_finish": alone.finish_reason,
-            "alone_margin_there": _gap(alone.top_logprobs[first] if first < len(alone.top_logprobs) else None)}
+    first = next(
+        (i for i, (a, b) in enumerate(zip(loaded.tokens, alone.tokens)) if a != b),
+        min(len(loaded.tokens), len(alone.tokens)),
+    )
+    return {
+        "request_id": loaded.request_id,
+        "kind": request.kind,
+        "cancelled": loaded.cancelled,
+        "first_difference": first,
+        "loaded": loaded.tokens,
+        "alone": alone.tokens,
+        "loaded_finish": loaded.finish_reason,
+        "alone_finish": alone.finish_reason,
+        "alone_margin_there": _gap(alone.top_logprobs[first] if first < len(alone.top_logprobs) else None),
+    }
 
 
 def expected_settings(request: LoadRequest) -> tuple[str | None, float | None]:
@@ -406,9 +453,11 @@ class MemoryCriterion:
         return int(max(self.fraction * idle, self.absolute_mib * MIB))
 
     def text(self) -> str:
-        return (f"final RSS of the server's process tree (after the load, engine idle, median of 7 samples over "
-                f"3 s) <= idle RSS (measured the same way after a warm-up round) + max({self.fraction:.0%} of "
-                f"idle, {self.absolute_mib:g} MiB)")
+        return (
+            f"final RSS of the server's process tree (after the load, engine idle, median of 7 samples over "
+            f"3 s) <= idle RSS (measured the same way after a warm-up round) + max({self.fraction:.0%} of "
+            f"idle, {self.absolute_mib:g} MiB)"
+        )
 
 
 def refused_as_expected(request: LoadRequest, outcome: Outcome) -> bool:
@@ -421,16 +470,28 @@ def refused_as_expected(request: LoadRequest, outcome: Outcome) -> bool:
     return refused and outcome.param == request.expect_param and request.expect_param in (outcome.error or "")
 
 
-def run_load_test(base_url: str, model: str, mix: list[LoadRequest], *, log: Path, server_pid: int,
-                  concurrency: int, warmup: list[LoadRequest], prefix: str = "load",
-                  criterion: MemoryCriterion | None = None) -> dict:
+def run_load_test(
+    base_url: str,
+    model: str,
+    mix: list[LoadRequest],
+    *,
+    log: Path,
+    server_pid: int,
+    concurrency: int,
+    warmup: list[LoadRequest],
+    prefix: str = "load",
+    criterion: MemoryCriterion | None = None,
+) -> dict:
     """Warm up, measure idle memory, run `mix` with `concurrency` in flight (sampling memory), let it settle,
     replay each distinct request alone, check; returns the summary (and per-request detail under "detail")."""
     criterion = criterion or MemoryCriterion()
     started = time.perf_counter()
     warm = drive(base_url, [(f"{prefix}-warm-{i}", r) for i, r in enumerate(warmup)], concurrency)
-    warm_failures = [asdict(o) for o, r in zip(warm, warmup)
-                     if (not refused_as_expected(r, o) if r.expect_param else o.status != 200 or o.error)]
+    warm_failures = [
+        asdict(o)
+        for o, r in zip(warm, warmup)
+        if (not refused_as_expected(r, o) if r.expect_param else o.status != 200 or o.error)
+    ]
     before = wait_idle(base_url)
     idle = settled_rss(server_pid)
 
@@ -483,20 +544,31 @@ def run_load_test(base_url: str, model: str, mix: list[LoadRequest], *, log: Pat
             mismatches.append(differs)
         mine, theirs = decided_lines(log, outcome.request_id), decided_lines(log, reference.request_id)
         if len(mine) != 1 or len(theirs) != 1 or mine[0]["decisions"] != theirs[0]["decisions"]:
-            decision_mismatches.append({"request_id": outcome.request_id, "kind": request.kind,
-                                        "loaded": [line["decisions"] for line in mine],
-                                        "alone": [line["decisions"] for line in theirs]})
+            decision_mismatches.append(
+                {
+                    "request_id": outcome.request_id,
+                    "kind": request.kind,
+                    "loaded": [line["decisions"] for line in mine],
+                    "alone": [line["decisions"] for line in theirs],
+                }
+            )
         for line in mine:
             if (line["forced"], line["threshold"]) != expected_settings(request):
-                settings_mismatches.append({"request_id": outcome.request_id, "asked": request.xargs,
-                                            "logged": {"forced": line["forced"], "threshold": line["threshold"]}})
+                settings_mismatches.append(
+                    {
+                        "request_id": outcome.request_id,
+                        "asked": request.xargs,
+                        "logged": {"forced": line["forced"], "threshold": line["threshold"]},
+                    }
+                )
     score_diffs = []
     for request, outcome in zip(mix, outcomes):
         if request.expect_param is None and outcome.status == 200 and request.key in alone:
             mine, theirs = decided_lines(log, outcome.request_id), decided_lines(log, alone[request.key].request_id)
             if len(mine) == 1 and len(theirs) == 1:
-                score_diffs += [abs(v - theirs[0]["scores"][k]) for k, v in mine[0]["scores"].items()
-                                if k in theirs[0]["scores"]]
+                score_diffs += [
+                    abs(v - theirs[0]["scores"][k]) for k, v in mine[0]["scores"].items() if k in theirs[0]["scores"]
+                ]
 
     # still serving: /health, and a normal request equal to its alone run
     health, _ = _get(base_url + "/health")
@@ -515,43 +587,79 @@ def run_load_test(base_url: str, model: str, mix: list[LoadRequest], *, log: Pat
     streamed = [r for r in mix if r.stream and r.expect_param is None]
     memory_ok = final <= idle + criterion.allowance(idle)
     return {
-        "requests": len(mix), "completed": completed, "cancelled": cancelled, "errors": len(errors),
-        "refused_400": refused, "refused_400_in_stream": refused_in_stream, "wrong_refusals": len(wrong_refusals), "mismatches_vs_alone": len(mismatches),
-        "decision_mismatches": len(decision_mismatches), "settings_mismatches": len(settings_mismatches),
-        "distinct_requests": len(distinct), "concurrency": concurrency,
+        "requests": len(mix),
+        "completed": completed,
+        "cancelled": cancelled,
+        "errors": len(errors),
+        "refused_400": refused,
+        "refused_400_in_stream": refused_in_stream,
+        "wrong_refusals": len(wrong_refusals),
+        "mismatches_vs_alone": len(mismatches),
+        "decision_mismatches": len(decision_mismatches),
+        "settings_mismatches": len(settings_mismatches),
+        "distinct_requests": len(distinct),
+        "concurrency": concurrency,
         "warmup": {"requests": len(warmup), "failures": len(warm_failures)},
-        "mix": {"settings": mix_counts, "streamed": len(streamed),
-                "cancel_requested": sum(1 for r in streamed if r.cancel_after),
-                "repeated_requests": len(mix) - len(distinct) - sum(1 for r in mix if r.expect_param),
-                "prompt_tokens": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)},
-                "max_tokens": sorted({r.body["max_tokens"] for r in mix}),
-                "thresholds": sorted({r.xargs["routertune_threshold"] for r in mix
-                                      if r.kind == "threshold"}),
-                "skip_sets": len({json.dumps(r.xargs.get("routertune_skip_layers")) for r in mix
-                                  if r.kind == "skip_set"})},
+        "mix": {
+            "settings": mix_counts,
+            "streamed": len(streamed),
+            "cancel_requested": sum(1 for r in streamed if r.cancel_after),
+            "repeated_requests": len(mix) - len(distinct) - sum(1 for r in mix if r.expect_param),
+            "prompt_tokens": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)},
+            "max_tokens": sorted({r.body["max_tokens"] for r in mix}),
+            "thresholds": sorted({r.xargs["routertune_threshold"] for r in mix if r.kind == "threshold"}),
+            "skip_sets": len({json.dumps(r.xargs.get("routertune_skip_layers")) for r in mix if r.kind == "skip_set"}),
+        },
         "generated_tokens": sum(len(o.tokens) for o in outcomes if o.status == 200),
         "router_score_max_abs_diff_vs_alone": max(score_diffs, default=0.0),
-        "engine": {"before_load": before, "after_load": after, "end": end_metrics,
-                   "generated_during_load": after["generated"] - before["generated"],
-                   "received_during_load": received,
-                   # what the engine would have generated for the cancelled streams had it not aborted them
-                   "cancelled_streams_left_unread": left_unread,
-                   "idle_after_load": after["running"] == 0 and after["waiting"] == 0},
-        "memory": {"idle_mib": idle / MIB, "peak_mib": peak / MIB, "final_mib": final / MIB,
-                   "end_mib": end_rss / MIB, "final_minus_idle_mib": (final - idle) / MIB,
-                   "samples_during_load": len(sampler.samples), "criterion": criterion.text(),
-                   "allowance_mib": criterion.allowance(idle) / MIB, "returned_to_idle": memory_ok},
-        "still_serving": {"health": health, "normal_request_equal_to_alone": probe_ok,
-                          "server_alive": None},
+        "engine": {
+            "before_load": before,
+            "after_load": after,
+            "end": end_metrics,
+            "generated_during_load": after["generated"] - before["generated"],
+            "received_during_load": received,
+            # what the engine would have generated for the cancelled streams had it not aborted them
+            "cancelled_streams_left_unread": left_unread,
+            "idle_after_load": after["running"] == 0 and after["waiting"] == 0,
+        },
+        "memory": {
+            "idle_mib": idle / MIB,
+            "peak_mib": peak / MIB,
+            "final_mib": final / MIB,
+            "end_mib": end_rss / MIB,
+            "final_minus_idle_mib": (final - idle) / MIB,
+            "samples_during_load": len(sampler.samples),
+            "criterion": criterion.text(),
+            "allowance_mib": criterion.allowance(idle) / MIB,
+            "returned_to_idle": memory_ok,
+        },
+        "still_serving": {"health": health, "normal_request_equal_to_alone": probe_ok, "server_alive": None},
         "wall_s": {"load": load_s, "alone_replay": alone_s, "total": time.perf_counter() - started},
-        "detail": {"errors": errors, "wrong_refusals": wrong_refusals, "mismatches": mismatches,
-                   "decision_mismatches": decision_mismatches, "settings_mismatches": settings_mismatches,
-                   "warmup_failures": warm_failures,
-                   "requests": [{"request_id": o.request_id, "kind": r.kind, "stream": r.stream,
-                                 "cancel_after": r.cancel_after, "prompt_tokens": len(r.body["prompt"]),
-                                 "max_tokens": r.body["max_tokens"], "xargs": r.xargs, "status": o.status,
-                                 "tokens": o.tokens, "finish_reason": o.finish_reason, "cancelled": o.cancelled,
-                                 "seconds": round(o.seconds, 3)} for r, o in zip(mix, outcomes)]},
+        "detail": {
+            "errors": errors,
+            "wrong_refusals": wrong_refusals,
+            "mismatches": mismatches,
+            "decision_mismatches": decision_mismatches,
+            "settings_mismatches": settings_mismatches,
+            "warmup_failures": warm_failures,
+            "requests": [
+                {
+                    "request_id": o.request_id,
+                    "kind": r.kind,
+                    "stream": r.stream,
+                    "cancel_after": r.cancel_after,
+                    "prompt_tokens": len(r.body["prompt"]),
+                    "max_tokens": r.body["max_tokens"],
+                    "xargs": r.xargs,
+                    "status": o.status,
+                    "tokens": o.tokens,
+                    "finish_reason": o.finish_reason,
+                    "cancelled": o.cancelled,
+                    "seconds": round(o.seconds, 3),
+                }
+                for r, o in zip(mix, outcomes)
+            ],
+        },
     }
 
 
@@ -568,8 +676,10 @@ def passed(result: dict) -> list[str]:
     engine = result["engine"]
     unread = engine["generated_during_load"] - engine["received_during_load"]
     if unread > 0.5 * engine["cancelled_streams_left_unread"]:
-        problems.append(f"the engine generated {unread:g} tokens no client read; the {result['cancelled']} cancelled "
-                        f"streams would have left {engine['cancelled_streams_left_unread']} (not aborted?)")
+        problems.append(
+            f"the engine generated {unread:g} tokens no client read; the {result['cancelled']} cancelled "
+            f"streams would have left {engine['cancelled_streams_left_unread']} (not aborted?)"
+        )
     if result["still_serving"]["health"] != 200 or not result["still_serving"]["normal_request_equal_to_alone"]:
         problems.append(f"not serving after the load: {result['still_serving']}")
     if not result["memory"]["returned_to_idle"]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import functools
 import importlib
 
-import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from routertune.routing.router import Router, load_router
 from routertune.routing.state import Forcing
+
 from .attention import RoutedAttention, RoutedLayer, has_llama_layer_forward
 from .config import ARCH_PREFIX, CONFIG_KEY, VLLM_ARCHITECTURES, ServeRouting
 
@@ -23,17 +23,22 @@ def check_engine_config(vllm_config) -> None:
     """Refuse engine settings under which a decision would not see the whole prompt, naming the fix."""
     problems = []
     if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
-        problems.append("prefix caching is on (pass enable_prefix_caching=False / --no-enable-prefix-caching): a "
-                        "prefix-cache hit prefills only the prompt's tail")
+        problems.append(
+            "prefix caching is on (pass enable_prefix_caching=False / --no-enable-prefix-caching): a "
+            "prefix-cache hit prefills only the prompt's tail"
+        )
     scheduler = vllm_config.scheduler_config
     if getattr(scheduler, "enable_chunked_prefill", False):
-        problems.append("chunked prefill is on (pass enable_chunked_prefill=False / --no-enable-chunked-prefill, "
-                        "with max_num_batched_tokens >= max_model_len): a chunk holds part of the prompt")
+        problems.append(
+            "chunked prefill is on (pass enable_chunked_prefill=False / --no-enable-chunked-prefill, "
+            "with max_num_batched_tokens >= max_model_len): a chunk holds part of the prompt"
+        )
     if getattr(vllm_config, "speculative_config", None) is not None:
         problems.append("speculative decoding is on: not supported with routed layers")
     if problems:
-        raise ValueError("routertune serving decides each request's routed layers from its whole prompt, but "
-                         + "; ".join(problems))
+        raise ValueError(
+            "routertune serving decides each request's routed layers from its whole prompt, but " + "; ".join(problems)
+        )
 
 
 class RoutedServingMixin:
@@ -46,8 +51,10 @@ class RoutedServingMixin:
         hf_config = vllm_config.model_config.hf_config
         section = getattr(hf_config, CONFIG_KEY, None)
         if section is None:
-            raise ValueError(f"{vllm_config.model_config.model} has no {CONFIG_KEY!r} section in config.json; "
-                             "make the folder with `routertune export --routers DIR --output SERVE_DIR`")
+            raise ValueError(
+                f"{vllm_config.model_config.model} has no {CONFIG_KEY!r} section in config.json; "
+                "make the folder with `routertune export --routers DIR --output SERVE_DIR`"
+            )
         self._routertune = ServeRouting.from_dict(section)
         self._routertune_dir = vllm_config.model_config.model
         static = self._routertune.static_skip
@@ -63,13 +70,18 @@ class RoutedServingMixin:
         for i in routed:
             attention = layers[i].self_attn
             attention.forward = RoutedAttention(
-                module=attention, original_forward=attention.forward, layer_idx=i,
-                router=routers[str(i)] if static is None else None, threshold=router_config.threshold_for(i),
+                module=attention,
+                original_forward=attention.forward,
+                layer_idx=i,
+                router=routers[str(i)] if static is None else None,
+                threshold=router_config.threshold_for(i),
                 dtype=vllm_config.model_config.dtype,
-                static=Forcing("skip_set", frozenset(static)) if static is not None else None)
+                static=Forcing("skip_set", frozenset(static)) if static is not None else None,
+            )
             if has_llama_layer_forward(layers[i]):  # whole-step skips also skip the input norm
-                layers[i].forward = RoutedLayer(layer=layers[i], original_forward=layers[i].forward,
-                                                attention=attention.forward)
+                layers[i].forward = RoutedLayer(
+                    layer=layers[i], original_forward=layers[i].forward, attention=attention.forward
+                )
 
     def load_weights(self, weights):
         loaded = set(super().load_weights(weights))
@@ -85,12 +97,16 @@ class RoutedServingMixin:
         trust = {f"layers.{i}.router.trust_region" for i in routers}
         # files from before routers had a trust region (none) or a bias (bias 0) load too
         if set(state) not in (weights | biases | trust, weights | biases, weights):
-            raise ValueError(f"{path} holds {sorted(state)}, the routed layers need "
-                             f"{sorted(weights | biases | trust)}")
+            raise ValueError(f"{path} holds {sorted(state)}, the routed layers need {sorted(weights | biases | trust)}")
         for i, router in routers.items():
             load_router(router, state, f"layers.{i}.router")
-            loaded.update({f"{_ROUTERS_ATTR}.{i}.proj.weight", f"{_ROUTERS_ATTR}.{i}.proj.bias",
-                           f"{_ROUTERS_ATTR}.{i}.trust_region"})
+            loaded.update(
+                {
+                    f"{_ROUTERS_ATTR}.{i}.proj.weight",
+                    f"{_ROUTERS_ATTR}.{i}.proj.bias",
+                    f"{_ROUTERS_ATTR}.{i}.trust_region",
+                }
+            )
         return loaded
 
 
@@ -100,11 +116,12 @@ def routed_class(base_arch: str) -> type:
         if arch == base_arch:
             base = getattr(importlib.import_module(module), arch)
             return type(ARCH_PREFIX + arch, (RoutedServingMixin, base), {"__module__": __name__})
-    raise ValueError(f"no routed vLLM class for {base_arch!r}; known: "
-                     f"{sorted(a for a, _ in VLLM_ARCHITECTURES.values())}")
+    raise ValueError(
+        f"no routed vLLM class for {base_arch!r}; known: {sorted(a for a, _ in VLLM_ARCHITECTURES.values())}"
+    )
 
 
 def __getattr__(name: str):
     if name.startswith(ARCH_PREFIX):
-        return routed_class(name[len(ARCH_PREFIX):])
+        return routed_class(name[len(ARCH_PREFIX) :])
     raise AttributeError(name)

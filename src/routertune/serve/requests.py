@@ -94,16 +94,29 @@ class ServeBatch:
         for i, req in enumerate(self.requests):
             if i in self.recomputed:
                 req.recomputes += 1
-                lines.append({"event": "recomputed", "req_id": self.req_ids[i], "prompt_len": req.prompt_len,
-                              "prompt_sha1": req.prompt_sha1, "recomputes": req.recomputes})
+                lines.append(
+                    {
+                        "event": "recomputed",
+                        "req_id": self.req_ids[i],
+                        "prompt_len": req.prompt_len,
+                        "prompt_sha1": req.prompt_sha1,
+                        "recomputes": req.recomputes,
+                    }
+                )
             if not req.logged and req.decisions:
                 req.logged = True
-                lines.append({"event": "decided", "req_id": self.req_ids[i], "prompt_len": req.prompt_len,
-                              "prompt_sha1": req.prompt_sha1,
-                              "forced": self.forcing[i].mode if self.forcing[i] is not None else None,
-                              "threshold": self.threshold_of(i, None),
-                              "decisions": {str(k): v for k, v in sorted(req.decisions.items())},
-                              "scores": {str(k): v for k, v in sorted(req.scores.items())}})
+                lines.append(
+                    {
+                        "event": "decided",
+                        "req_id": self.req_ids[i],
+                        "prompt_len": req.prompt_len,
+                        "prompt_sha1": req.prompt_sha1,
+                        "forced": self.forcing[i].mode if self.forcing[i] is not None else None,
+                        "threshold": self.threshold_of(i, None),
+                        "decisions": {str(k): v for k, v in sorted(req.decisions.items())},
+                        "scores": {str(k): v for k, v in sorted(req.scores.items())},
+                    }
+                )
         if path and lines:
             with open(path, "a") as handle:
                 handle.write("".join(json.dumps(line) + "\n" for line in lines))
@@ -149,20 +162,23 @@ class RequestSettings:
 def _layer_list(key: str, value, routed_layers) -> frozenset[int]:
     allowed = f"routed layers {list(routed_layers)}" if routed_layers is not None else "routed layer indices"
     if not isinstance(value, (list, tuple)):
-        raise RoutingArgsError(key, f"{key}={value!r}: expected a JSON list of layer indices, e.g. [2, 3], "
-                                    f"among the {allowed}")
+        raise RoutingArgsError(
+            key, f"{key}={value!r}: expected a JSON list of layer indices, e.g. [2, 3], among the {allowed}"
+        )
     layers = []
     for item in value:
         # integers, or strings of digits (vllm_xargs lists may carry strings); never bools, floats, words
         if isinstance(item, bool) or not (isinstance(item, int) or isinstance(item, str) and item.strip().isdigit()):
-            raise RoutingArgsError(key, f"{key}={value!r}: {item!r} is not a layer index; expected a list of "
-                                        f"integers among the {allowed}")
+            raise RoutingArgsError(
+                key, f"{key}={value!r}: {item!r} is not a layer index; expected a list of integers among the {allowed}"
+            )
         layers.append(int(item))
     if routed_layers is not None:
         unknown = sorted(set(layers) - set(routed_layers))
         if unknown:
-            raise RoutingArgsError(key, f"{key}={value!r}: layers {unknown} are not routed; this model routes "
-                                        f"layers {list(routed_layers)}")
+            raise RoutingArgsError(
+                key, f"{key}={value!r}: layers {unknown} are not routed; this model routes layers {list(routed_layers)}"
+            )
     return frozenset(layers)
 
 
@@ -178,49 +194,71 @@ def parse_settings(extra_args, routed_layers=None) -> RequestSettings | None:
     nested = extra_args.get(EXTRA_ARGS_KEY)
     unknown = sorted(set(flat) - set(FLAT_KEYS))
     if unknown:
-        raise RoutingArgsError(unknown[0], f"unknown routing argument(s) {unknown}; routertune reads "
-                                           f"{list(FLAT_KEYS)}")
+        raise RoutingArgsError(unknown[0], f"unknown routing argument(s) {unknown}; routertune reads {list(FLAT_KEYS)}")
     if nested is not None:
         if flat:
-            raise RoutingArgsError(EXTRA_ARGS_KEY, f"extra_args has both {EXTRA_ARGS_KEY!r} and {sorted(flat)}: "
-                                                   "give the flat keys or the nested dict, not both")
+            raise RoutingArgsError(
+                EXTRA_ARGS_KEY,
+                f"extra_args has both {EXTRA_ARGS_KEY!r} and {sorted(flat)}: "
+                "give the flat keys or the nested dict, not both",
+            )
         if not isinstance(nested, dict):
-            raise RoutingArgsError(EXTRA_ARGS_KEY, f"extra_args[{EXTRA_ARGS_KEY!r}]={nested!r}: expected "
-                                                   "{'force': 'run' | 'skip' | 'skip_set', 'skip_layers': [...]} "
-                                                   "or {'threshold': t}")
+            raise RoutingArgsError(
+                EXTRA_ARGS_KEY,
+                f"extra_args[{EXTRA_ARGS_KEY!r}]={nested!r}: expected "
+                "{'force': 'run' | 'skip' | 'skip_set', 'skip_layers': [...]} "
+                "or {'threshold': t}",
+            )
         names = {"force": FORCE_KEY, "skip_layers": SKIP_LAYERS_KEY, "threshold": THRESHOLD_KEY}
         extra = sorted(set(nested) - set(names))
         if extra:
-            raise RoutingArgsError(EXTRA_ARGS_KEY, f"extra_args[{EXTRA_ARGS_KEY!r}] has unknown keys {extra}; "
-                                                   f"known: {sorted(names)}")
+            raise RoutingArgsError(
+                EXTRA_ARGS_KEY, f"extra_args[{EXTRA_ARGS_KEY!r}] has unknown keys {extra}; known: {sorted(names)}"
+            )
         flat = {names[k]: v for k, v in nested.items()}
     if not flat:
         return None
     force = flat.get(FORCE_KEY)
     if force is not None and force not in FORCE_MODES:
-        raise RoutingArgsError(FORCE_KEY, f"{FORCE_KEY}={force!r}: expected one of {list(FORCE_MODES)} "
-                                          "('skip_set' with routertune_skip_layers)")
+        raise RoutingArgsError(
+            FORCE_KEY,
+            f"{FORCE_KEY}={force!r}: expected one of {list(FORCE_MODES)} ('skip_set' with routertune_skip_layers)",
+        )
     forcing = None
     if force is not None:
         skip = frozenset()
         if force == "skip_set":
             if SKIP_LAYERS_KEY not in flat:
-                raise RoutingArgsError(SKIP_LAYERS_KEY, f"{FORCE_KEY}='skip_set' needs {SKIP_LAYERS_KEY}: a JSON "
-                                                        "list of the routed layers to skip, e.g. [2, 3]")
+                raise RoutingArgsError(
+                    SKIP_LAYERS_KEY,
+                    f"{FORCE_KEY}='skip_set' needs {SKIP_LAYERS_KEY}: a JSON "
+                    "list of the routed layers to skip, e.g. [2, 3]",
+                )
             skip = _layer_list(SKIP_LAYERS_KEY, flat[SKIP_LAYERS_KEY], routed_layers)
         forcing = Forcing(force, skip)
     if SKIP_LAYERS_KEY in flat and force != "skip_set":
-        raise RoutingArgsError(SKIP_LAYERS_KEY, f"{SKIP_LAYERS_KEY} applies only with {FORCE_KEY}='skip_set' "
-                                                f"(got {FORCE_KEY}={force!r})")
+        raise RoutingArgsError(
+            SKIP_LAYERS_KEY, f"{SKIP_LAYERS_KEY} applies only with {FORCE_KEY}='skip_set' (got {FORCE_KEY}={force!r})"
+        )
     threshold = flat.get(THRESHOLD_KEY)
     if threshold is not None:
         if force is not None:
-            raise RoutingArgsError(THRESHOLD_KEY, f"{THRESHOLD_KEY} applies only when the routers decide; "
-                                                  f"{FORCE_KEY}={force!r} fixes every decision: drop one of them")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-                or not math.isfinite(threshold) or not 0 < threshold < 1:
-            raise RoutingArgsError(THRESHOLD_KEY, f"{THRESHOLD_KEY}={threshold!r}: expected a number strictly "
-                                                  "between 0 and 1 (a router runs its layer when score >= it)")
+            raise RoutingArgsError(
+                THRESHOLD_KEY,
+                f"{THRESHOLD_KEY} applies only when the routers decide; "
+                f"{FORCE_KEY}={force!r} fixes every decision: drop one of them",
+            )
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not math.isfinite(threshold)
+            or not 0 < threshold < 1
+        ):
+            raise RoutingArgsError(
+                THRESHOLD_KEY,
+                f"{THRESHOLD_KEY}={threshold!r}: expected a number strictly "
+                "between 0 and 1 (a router runs its layer when score >= it)",
+            )
         threshold = float(threshold)
     return RequestSettings(forcing, threshold)
 
@@ -236,11 +274,17 @@ def check_request_args(sampling_params, routed_layers) -> None:
     malformed settings. `routed_layers` is None for a model without routers, which takes none."""
     extra = getattr(sampling_params, "extra_args", None)
     if routed_layers is None:
-        ours = [k for k in (extra if isinstance(extra, dict) else ())
-                if isinstance(k, str) and (k.startswith(FLAT_PREFIX) or k == EXTRA_ARGS_KEY)]
+        ours = [
+            k
+            for k in (extra if isinstance(extra, dict) else ())
+            if isinstance(k, str) and (k.startswith(FLAT_PREFIX) or k == EXTRA_ARGS_KEY)
+        ]
         if ours:
-            raise RoutingArgsError(ours[0], f"{ours}: this model has no routers (not a routed `routertune export`), "
-                                            "so it takes no routing arguments")
+            raise RoutingArgsError(
+                ours[0],
+                f"{ours}: this model has no routers (not a routed `routertune export`), "
+                "so it takes no routing arguments",
+            )
         return
     parse_settings(extra, routed_layers)
 
@@ -256,8 +300,12 @@ def settings_of_runner(req_id: str, sampling_params) -> RequestSettings | None:
     except ValueError as error:
         if req_id not in _REFUSED_IN_RUNNER:
             _REFUSED_IN_RUNNER.add(req_id)
-            logger.error("routertune: request %s reached the model runner with malformed routing settings (%s); "
-                         "its routers decide instead", req_id, error)
+            logger.error(
+                "routertune: request %s reached the model runner with malformed routing settings (%s); "
+                "its routers decide instead",
+                req_id,
+                error,
+            )
         return None
 
 
@@ -270,8 +318,9 @@ def batch_of_runner(runner) -> ServeBatch:
         state = runner.requests[req_id]
         routing = getattr(state, _STATE_ATTR, None)
         if routing is None:
-            routing = RequestRouting(prompt_len=int(state.num_prompt_tokens),
-                                     prompt_sha1=prompt_sha1(state.prompt_token_ids))
+            routing = RequestRouting(
+                prompt_len=int(state.num_prompt_tokens), prompt_sha1=prompt_sha1(state.prompt_token_ids)
+            )
             setattr(state, _STATE_ATTR, routing)
         requests.append(routing)
         settings = settings_of_runner(req_id, state.sampling_params)
@@ -287,8 +336,10 @@ def install_runner_hook() -> None:
 
     original = getattr(GPUModelRunner, "_model_forward", None)
     if original is None:
-        raise RuntimeError("this vLLM has no GPUModelRunner._model_forward; routertune's serving plugin was built "
-                           "for vLLM 0.32 (pip install 'routertune[serve]' installs a matching version)")
+        raise RuntimeError(
+            "this vLLM has no GPUModelRunner._model_forward; routertune's serving plugin was built "
+            "for vLLM 0.32 (pip install 'routertune[serve]' installs a matching version)"
+        )
     if getattr(original, _HOOKED, False):
         return
 
@@ -326,8 +377,10 @@ def install_admission_check() -> None:
 
     original = getattr(InputProcessor, "_validate_params", None)
     if original is None:
-        raise RuntimeError("this vLLM has no InputProcessor._validate_params; routertune's serving plugin was "
-                           "built for vLLM 0.32 (pip install 'routertune[serve]' installs a matching version)")
+        raise RuntimeError(
+            "this vLLM has no InputProcessor._validate_params; routertune's serving plugin was "
+            "built for vLLM 0.32 (pip install 'routertune[serve]' installs a matching version)"
+        )
     if getattr(original, _HOOKED, False):
         return
 
@@ -342,8 +395,9 @@ def install_admission_check() -> None:
             try:
                 check_request_args(params, self._routertune_routed_layers)
             except RoutingArgsError as error:
-                raise RoutingArgsValidationError(str(error), parameter=error.key,
-                                                 value=(params.extra_args or {}).get(error.key)) from None
+                raise RoutingArgsValidationError(
+                    str(error), parameter=error.key, value=(params.extra_args or {}).get(error.key)
+                ) from None
         return result
 
     setattr(_validate_params, _HOOKED, True)

@@ -27,13 +27,18 @@ def _as_attributes(value):
     return value
 
 
-def block_configs(num_layers: int, dropped: list[int], num_heads: int, num_kv_heads: int,
-                  intermediate_size: int) -> list[dict]:
+def block_configs(
+    num_layers: int, dropped: list[int], num_heads: int, num_kv_heads: int, intermediate_size: int
+) -> list[dict]:
     """One block config per layer: attention no-op where dropped, else the base model's grouped attention."""
     group = num_heads // num_kv_heads
-    return [{"attention": {"no_op": i in dropped, "replace_with_linear": False, "n_heads_in_group": group},
-             "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": intermediate_size}}
-            for i in range(num_layers)]
+    return [
+        {
+            "attention": {"no_op": i in dropped, "replace_with_linear": False, "n_heads_in_group": group},
+            "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": intermediate_size},
+        }
+        for i in range(num_layers)
+    ]
 
 
 def config_class():

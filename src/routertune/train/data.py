@@ -99,8 +99,7 @@ def load_records(path: str | Path) -> list[dict]:
                 raw = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(
-                    f"{where}: not valid JSON ({error.msg} at column {error.colno}); "
-                    "expected one JSON object per line"
+                    f"{where}: not valid JSON ({error.msg} at column {error.colno}); expected one JSON object per line"
                 ) from None
             records.append(normalize_record(raw, where))
     if not records:
@@ -330,7 +329,7 @@ def _read_task_rows(task: str) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _task_records(task: str) -> tuple[tuple[str, dict], ...]:
     """All records of one task as (split key, record), deduplicated, file order."""
     build = _BUILDERS[task]

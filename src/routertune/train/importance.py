@@ -29,15 +29,14 @@ so the fit is deterministic, cannot collapse, and costs one pass over the data.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
-from routertune.routing import arch
-from routertune.routing import inject
 from routertune.calibrate import nearest_share_cut
 from routertune.model import RoutedModel
+from routertune.routing import arch, inject
 from routertune.routing.router import bounded_logit, masked_mean
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # penalty, relative to the mean feature variance x N
@@ -63,8 +62,9 @@ class ImportanceFit:
 
 
 @torch.no_grad()
-def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]],
-            progress: Callable[[int], None] | None = None) -> tuple[dict, dict]:
+def collect(
+    routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]], progress: Callable[[int], None] | None = None
+) -> tuple[dict, dict]:
     """Dense forward over `batches` (input_ids, attention_mask, optional prompt_mask). Returns, per routed
     layer, the pooled router inputs (N, H) float64 and the log importance per sequence (N,) float64:
     log of the mean over the sequence's real tokens of 1 - cos(h, h + attention(norm(h)))."""
@@ -86,6 +86,7 @@ def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]],
     def save_residual(idx):
         def hook(module, args, kwargs):
             residual[idx] = args[0] if args else kwargs["hidden_states"]
+
         return hook
 
     def record(idx):
@@ -104,6 +105,7 @@ def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]],
             mask = current["mask"]
             per_seq = (gap * mask).sum(-1) / mask.sum(-1).clamp_min(1)
             targets[idx].append(per_seq.clamp_min(1e-8).log().double().cpu())
+
         return hook
 
     handles = []
@@ -121,8 +123,13 @@ def collect(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]],
                     # the sink tokens run whatever the router says, so they are no data for the fit
                     decided = mask.bool() & (mask.cumsum(1) > routed.router_config.token_sink)
                     current["pick"] = _sample_tokens(decided, TOKENS_PER_RECORD, generator)
-                routed(input_ids=batch["input_ids"], attention_mask=mask, routing_mask=current["pool"],
-                       use_cache=False, logits_to_keep=1)
+                routed(
+                    input_ids=batch["input_ids"],
+                    attention_mask=mask,
+                    routing_mask=current["pool"],
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
                 if progress:  # records done: the pass takes minutes at ~1,000 records
                     progress(int(batch["input_ids"].shape[0]))
     finally:
@@ -183,10 +190,16 @@ def relative_to_input(y: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     return {i: y[i] - level + level.mean() for i in y}
 
 
-def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capacity: float,
-                shrink: float = 1.0, target: str = "absolute",
-                trust: tuple[float | None, float | None] = (None, None),
-                progress: Callable[[int], None] | None = None) -> ImportanceFit:
+def fit_routers(
+    routed: RoutedModel,
+    train_batches,
+    heldout_batches,
+    target_capacity: float,
+    shrink: float = 1.0,
+    target: str = "absolute",
+    trust: tuple[float | None, float | None] = (None, None),
+    progress: Callable[[int], None] | None = None,
+) -> ImportanceFit:
     """Fit every router of `routed` in place (weights, bias, trust region) and return what was chosen.
     `progress` gets the records of each batch of the dense pass (training, then held-out) as it finishes.
 
@@ -264,7 +277,17 @@ def fit_routers(routed: RoutedModel, train_batches, heldout_batches, target_capa
             else:
                 router.set_trust_region((prior - offset) / scale, low / scale, high / scale)
     capacity = float((predicted >= offset).double().mean())
-    return ImportanceFit(layers=layers, ridge=ridge, shrink=shrink, target=target, heldout_r2=r2, offset=offset, scale=scale,
-                         mean_log_importance=means, train_capacity=capacity, records=n, notes=notes,
-                         trust=tuple(trust))
-
+    return ImportanceFit(
+        layers=layers,
+        ridge=ridge,
+        shrink=shrink,
+        target=target,
+        heldout_r2=r2,
+        offset=offset,
+        scale=scale,
+        mean_log_importance=means,
+        train_capacity=capacity,
+        records=n,
+        notes=notes,
+        trust=tuple(trust),
+    )

@@ -22,17 +22,17 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from routertune.train.data import IGNORE_INDEX, Example, collate, length_batches
 from routertune.files import atomic_write
 from routertune.model import RoutedModel
+from routertune.train.data import IGNORE_INDEX, Example, collate, length_batches
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("importance", "lm", "distill")
@@ -40,7 +40,7 @@ PRECISIONS = ("fp32", "bf16")
 CHECKPOINTS = "checkpoints"
 
 
-def trust_bounds(cfg: "TrainConfig", unit: str) -> tuple[float, float]:
+def trust_bounds(cfg: TrainConfig, unit: str) -> tuple[float, float]:
     """(down, up) of the importance fit's trust region for routers of `unit`, with trust_up's default
     resolved: 0 for sequence routers, unbounded for token routers."""
     up = cfg.trust_up if cfg.trust_up is not None else (0.0 if unit == "sequence" else math.inf)
@@ -49,13 +49,40 @@ def trust_bounds(cfg: "TrainConfig", unit: str) -> tuple[float, float]:
 
 @dataclass
 class TrainConfig:
-    objective: str = field(default="importance", metadata={"help": "importance (routers fitted to each input's attention importance, on top of static drop's order; no gradient descent), lm (response cross-entropy, the paper's) or distill (KL to the dense model)"})
+    objective: str = field(
+        default="importance",
+        metadata={
+            "help": "importance (routers fitted to each input's attention importance, on top of static drop's order; no gradient descent), lm (response cross-entropy, the paper's) or distill (KL to the dense model)"
+        },
+    )
     target_capacity: float = field(default=0.75, metadata={"help": "fraction of routed sublayers to run, in [0, 1]"})
-    shrink: float = field(default=0.5, metadata={"help": "importance objective: scale of the per-input part of each router around the training mean (1: the full ridge fit, 0: a static drop ordered by mean importance)"})
-    importance_target: str = field(default="absolute", metadata={"help": "importance objective: what each router predicts per input: absolute (log importance) or relative (log importance minus the input's mean over the routed layers: layers reordered per input, about the same number skipped for every input)"})
-    trust_down: float = field(default=math.inf, metadata={"help": "importance objective: how far below its prior (the logit at the training mean input) an input may push a router's logit, in standard deviations of the per-input part over the training records (inf: unbounded)"})
-    trust_up: float | None = field(default=None, metadata={"help": "importance objective: how far above its prior an input may push a router's logit, in the same units. Default: 0 for sequence routers (an input can make a layer skip sooner than the prior would, never keep it longer; on code, far from the tuning mix, the upward moves are what lost to static drop: README, the trade-off), unbounded for token routers (not measured there)"})
-    capacity_weight: float = field(default=0.1, metadata={"help": "lambda of the capacity hinge ReLU(capacity - target)"})
+    shrink: float = field(
+        default=0.5,
+        metadata={
+            "help": "importance objective: scale of the per-input part of each router around the training mean (1: the full ridge fit, 0: a static drop ordered by mean importance)"
+        },
+    )
+    importance_target: str = field(
+        default="absolute",
+        metadata={
+            "help": "importance objective: what each router predicts per input: absolute (log importance) or relative (log importance minus the input's mean over the routed layers: layers reordered per input, about the same number skipped for every input)"
+        },
+    )
+    trust_down: float = field(
+        default=math.inf,
+        metadata={
+            "help": "importance objective: how far below its prior (the logit at the training mean input) an input may push a router's logit, in standard deviations of the per-input part over the training records (inf: unbounded)"
+        },
+    )
+    trust_up: float | None = field(
+        default=None,
+        metadata={
+            "help": "importance objective: how far above its prior an input may push a router's logit, in the same units. Default: 0 for sequence routers (an input can make a layer skip sooner than the prior would, never keep it longer; on code, far from the tuning mix, the upward moves are what lost to static drop: README, the trade-off), unbounded for token routers (not measured there)"
+        },
+    )
+    capacity_weight: float = field(
+        default=0.1, metadata={"help": "lambda of the capacity hinge ReLU(capacity - target)"}
+    )
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for the routers"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps with linear warm-up"})
@@ -64,11 +91,18 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per process per step (global batch is split)"})
     epochs: int = field(default=1, metadata={"help": "passes over the training data"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimiser steps"})
-    eval_every: int = field(default=0, metadata={"help": "held-out loss and capacity every k steps (0 = start and end only)"})
+    eval_every: int = field(
+        default=0, metadata={"help": "held-out loss and capacity every k steps (0 = start and end only)"}
+    )
     checkpoint_every: int = field(default=0, metadata={"help": "atomic checkpoint every k steps (0 = none)"})
     precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast; routers stay fp32)"})
     seed: int = field(default=0, metadata={"help": "seed of the data order"})
-    calibrate: bool = field(default=True, metadata={"help": "after training, set the threshold so the routers run exactly the target capacity on the training prompts"})
+    calibrate: bool = field(
+        default=True,
+        metadata={
+            "help": "after training, set the threshold so the routers run exactly the target capacity on the training prompts"
+        },
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -81,8 +115,10 @@ class TrainConfig:
             if value is not None and not value >= 0:
                 problems.append(f"{name}={value} must be >= 0 standard deviations (inf: unbounded)")
             elif value != default and self.objective != "importance":
-                problems.append(f"{name} bounds the importance fit's per-input part; objective "
-                                f"{self.objective!r} has no prior to bound it around (use --objective importance)")
+                problems.append(
+                    f"{name} bounds the importance fit's per-input part; objective "
+                    f"{self.objective!r} has no prior to bound it around (use --objective importance)"
+                )
         if self.importance_target not in ("absolute", "relative"):
             problems.append(f"importance_target={self.importance_target!r} is not one of absolute, relative")
         if not 0.0 <= self.target_capacity <= 1.0:
@@ -170,8 +206,7 @@ def micro_batch_loss(model, routed: RoutedModel, batch, cfg: TrainConfig, total_
         per_token = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="none").sum(-1)
         task_sum = (per_token * labelled).sum()
     else:
-        task_sum = F.cross_entropy(logits.flatten(0, 1), chosen.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
+        task_sum = F.cross_entropy(logits.flatten(0, 1), chosen.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     gates = torch.stack(list(calls[-1].gates.values()))  # (layers, B)
     capacity = gates.mean()
     hinge = torch.relu(capacity - cfg.target_capacity) * (batch["input_ids"].shape[0] / total_seqs)
@@ -190,10 +225,11 @@ def evaluate_loss(routed: RoutedModel, batches: Sequence[dict[str, torch.Tensor]
     try:
         for batch in batches:
             keep, chosen = _kept_positions(batch)
-            with routed.recording() as calls, (routed.forced("run") if dense else contextlib.nullcontext()):
+            with routed.recording() as calls, routed.forced("run") if dense else contextlib.nullcontext():
                 logits = _logits(routed, batch, keep)
-            total_loss += float(F.cross_entropy(logits.flatten(0, 1), chosen.flatten(), ignore_index=IGNORE_INDEX,
-                                                reduction="sum"))
+            total_loss += float(
+                F.cross_entropy(logits.flatten(0, 1), chosen.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            )
             total_tokens += int((chosen != IGNORE_INDEX).sum())
             for layer, decision in calls[-1].decisions.items():
                 runs.setdefault(layer, []).append(decision.float())
@@ -324,11 +360,12 @@ def train_routers(
         result.before = evaluate_loss(routed, heldout)
     routed.train()
     began = time.perf_counter()
-    bar = tqdm(total=len(plan), initial=start_step, desc="router-tuning", unit="step",
-               disable=not (progress and is_main))
+    bar = tqdm(
+        total=len(plan), initial=start_step, desc="router-tuning", unit="step", disable=not (progress and is_main)
+    )
     for step in range(start_step + 1, len(plan) + 1):
         micro = plan[step - 1]
-        mine = micro[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
+        mine = micro[rank * cfg.grad_accum : (rank + 1) * cfg.grad_accum]
         total_tokens = sum(_labelled_tokens(example) for part in micro for example in part)
         total_seqs = sum(len(part) for part in micro)
         task_sum = gate_sum = 0.0
@@ -336,7 +373,7 @@ def train_routers(
         for i, part in enumerate(mine):
             batch = collate(part, pad_token_id)
             sync = i == len(mine) - 1
-            with (contextlib.nullcontext() if sync or accelerator is None else accelerator.no_sync(model)):
+            with contextlib.nullcontext() if sync or accelerator is None else accelerator.no_sync(model):
                 loss, t, g, n = micro_batch_loss(model, routed, batch, cfg, total_tokens, total_seqs)
                 # DDP averages gradients over processes, but the losses are already shares of the global sum
                 if accelerator is None:
@@ -349,8 +386,12 @@ def train_routers(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "task_loss": task_sum / max(total_tokens, 1) * world,
-                  "capacity": gate_sum / max(gate_count, 1), "lr": scheduler.get_last_lr()[0]}
+        record = {
+            "step": step,
+            "task_loss": task_sum / max(total_tokens, 1) * world,
+            "capacity": gate_sum / max(gate_count, 1),
+            "lr": scheduler.get_last_lr()[0],
+        }
         result.history.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['task_loss']:.3f}", cap=f"{record['capacity']:.2f}")
@@ -358,12 +399,28 @@ def train_routers(
             ev = evaluate_loss(routed, heldout)
             result.evals.append({"step": step, **asdict(ev)})
             if is_main:
-                log.info("step %d: held-out loss %.4f capacity %.3f skip rates %s", step, ev.loss, ev.capacity,
-                         {k: round(v, 2) for k, v in ev.skip_rate.items()})
+                log.info(
+                    "step %d: held-out loss %.4f capacity %.3f skip rates %s",
+                    step,
+                    ev.loss,
+                    ev.capacity,
+                    {k: round(v, 2) for k, v in ev.skip_rate.items()},
+                )
         if output is not None and is_main and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_checkpoint(output, routed, optimizer, scheduler, {
-                "step": step, "history": result.history, "evals": result.evals, "config": _jsonable(asdict(cfg)),
-                "dense": result.dense and asdict(result.dense), "before": result.before and asdict(result.before)})
+            save_checkpoint(
+                output,
+                routed,
+                optimizer,
+                scheduler,
+                {
+                    "step": step,
+                    "history": result.history,
+                    "evals": result.evals,
+                    "config": _jsonable(asdict(cfg)),
+                    "dense": result.dense and asdict(result.dense),
+                    "before": result.before and asdict(result.before),
+                },
+            )
     bar.close()
     routed.eval()
     result.steps = len(plan)

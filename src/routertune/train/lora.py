@@ -22,8 +22,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=("
 
     if rank < 1:
         raise ValueError(f"lora rank {rank} must be >= 1")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
-                        target_modules=list(targets), lora_dropout=0.0, bias="none")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+    )
     inject_adapter_in_model(config, model)
     model._routertune_lora_config = config
 
@@ -56,7 +61,9 @@ def load_lora_weights(model: nn.Module, directory: Path) -> None:
     state = load_file(str(directory / ADAPTER_WEIGHTS))
     params = {name: p for name, p in model.named_parameters() if "lora_" in name}
     if set(state) != set(params):
-        raise ValueError(f"{directory / ADAPTER_WEIGHTS} does not match the model's LoRA layers: "
-                         f"{sorted(set(state) ^ set(params))[:5]}")
+        raise ValueError(
+            f"{directory / ADAPTER_WEIGHTS} does not match the model's LoRA layers: "
+            f"{sorted(set(state) ^ set(params))[:5]}"
+        )
     for name, value in state.items():
         params[name].data.copy_(value)

@@ -4,8 +4,9 @@ records of the default tuning mix, or a user's records, as the model sees them a
 from __future__ import annotations
 
 
-def chat_prompts(tokenizer, split: str = "heldout", n: int = 64, max_tokens: int = 512,
-                 records: list[dict] | None = None) -> list[list[int]]:
+def chat_prompts(
+    tokenizer, split: str = "heldout", n: int = 64, max_tokens: int = 512, records: list[dict] | None = None
+) -> list[list[int]]:
     """Prompt token ids (chat template with generation prompt) of held-out records of the default mix (or of
     `records`), longest prompts cut to their last `max_tokens` tokens."""
     from routertune.train import data

