@@ -185,3 +185,17 @@ def test_conversion_into_fresh_cache(fresh_cache, monkeypatch, caplog):
     text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.strip()
     assert "Paris" in text
+
+
+def test_portable_name_writes_home_paths_with_a_tilde(tmp_path, monkeypatch):
+    """Router files and results record the model's path without this machine's home folder."""
+    from types import SimpleNamespace
+
+    from routertune.base_model import portable_name
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    inside = SimpleNamespace(config=SimpleNamespace(_name_or_path=str(tmp_path / ".cache" / "m")))
+    assert portable_name(inside) == "~/.cache/m"
+    elsewhere = SimpleNamespace(config=SimpleNamespace(_name_or_path=str(tmp_path) + "-other/m"))
+    assert portable_name(elsewhere) == str(tmp_path) + "-other/m"  # a sibling folder is not under home
+    assert portable_name(SimpleNamespace(config=SimpleNamespace(_name_or_path="org/model"))) == "org/model"

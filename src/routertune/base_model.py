@@ -56,6 +56,17 @@ def default_cache_dir() -> Path:
     return base / "routertune"
 
 
+def portable_name(model) -> str:
+    """The model's name or path as results and router files record it: a path under the home folder is written
+    as ``~/...``, so committed files never carry one machine's absolute paths (the name is informative only;
+    identity checks use the weights' fingerprint)."""
+    name = str(getattr(getattr(model, "config", model), "_name_or_path", "") or "")
+    home = str(Path.home())
+    if name == home or name.startswith(home + os.sep):
+        return "~" + name[len(home) :]
+    return name
+
+
 def is_default_alias(name_or_path: str | None) -> bool:
     """True for ``None`` and for the default alias in any letter case."""
     return name_or_path is None or name_or_path.strip().lower() == DEFAULT_MODEL

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from routertune.base_model import portable_name
 from routertune.routing import inject
 from routertune.routing import state as routing
 from routertune.routing.cache import RoutedCache, cache_kwarg
@@ -302,5 +303,5 @@ def model_identity(model: nn.Module) -> BaseModelIdentity:
         num_hidden_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
         fingerprint=digest.hexdigest()[:16],
-        name_or_path=str(getattr(cfg, "_name_or_path", "") or ""),
+        name_or_path=portable_name(model),
     )

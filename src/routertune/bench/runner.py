@@ -38,6 +38,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from routertune.base_model import portable_name
 from routertune.bench.clocks import Clock, steady_malloc
 from routertune.bench.config import BenchConfig
 from routertune.bench.flops import FlopCounter
@@ -133,7 +134,7 @@ def model_facts(model: nn.Module) -> dict:
     cfg = model.config
     weights = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
     return {
-        "name_or_path": str(getattr(cfg, "_name_or_path", "") or ""),
+        "name_or_path": portable_name(model),
         "model_type": cfg.model_type,
         "num_hidden_layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size,
