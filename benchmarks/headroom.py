@@ -47,12 +47,18 @@ def fingerprint(lists) -> str:
 
 def oracles(args, model, tokenizer) -> dict:
     path = Path(args.output) / "oracles.json"
-    settings = {"texts": args.texts, "max_tokens": args.max_tokens, "max_count": args.max_count,
-                "domains": args.domains, "candidates": static_drop.droppable_layers(model.config.num_hidden_layers)}
+    settings = {
+        "texts": args.texts,
+        "max_tokens": args.max_tokens,
+        "max_count": args.max_count,
+        "domains": args.domains,
+        "candidates": static_drop.droppable_layers(model.config.num_hidden_layers),
+    }
     stored = json.loads(path.read_text()) if path.exists() else None
     if stored is not None and stored["settings"] != settings:
-        sys.exit(f"{path} was written with other settings ({stored['settings']}); pass the same flags or "
-                 "another --output")
+        sys.exit(
+            f"{path} was written with other settings ({stored['settings']}); pass the same flags or another --output"
+        )
     result = stored or {"settings": settings, "domains": {}}
     pad = tokenizer.pad_token_id
     # kind-major: the reachable oracle of every domain first (what the question needs), the in-sample ceiling after
@@ -65,8 +71,9 @@ def oracles(args, model, tokenizer) -> dict:
             if kind in entry:
                 continue
             texts = hr.Texts(model, make_rows(lists), pad)
-            chains, kls = hr.greedy_per_text(texts, settings["candidates"], args.max_count, mask,
-                                             lambda s: log(f"{domain}: {s}"))
+            chains, kls = hr.greedy_per_text(
+                texts, settings["candidates"], args.max_count, mask, lambda s: log(f"{domain}: {s}")
+            )
             entry[kind] = {"chains": chains, ("route_kl" if mask == "route" else "score_kl"): kls.tolist()}
             write_json(path, result)
     return result
@@ -103,11 +110,21 @@ def final(args, model, tokenizer) -> dict:
     importance = cos_importance(args, model, tokenizer)
     cos_sets = {k: importance.least_important(k, candidates) for k in ks}
     top = len(order.order)
-    out = {"settings": {**settings, "ks": ks, "calibration_samples": args.calibration_samples,
-                        "bootstrap": args.bootstrap, "order_file": str(args.order)},
-           "searched_order": order.order, "searched_order_tuning_kl": order.kl,
-           "searched_order_settings": order.settings, "cos_sets": {str(k): v for k, v in cos_sets.items()},
-           "importance": importance.scores, "domains": {}}
+    out = {
+        "settings": {
+            **settings,
+            "ks": ks,
+            "calibration_samples": args.calibration_samples,
+            "bootstrap": args.bootstrap,
+            "order_file": str(args.order),
+        },
+        "searched_order": order.order,
+        "searched_order_tuning_kl": order.kl,
+        "searched_order_settings": order.settings,
+        "cos_sets": {str(k): v for k, v in cos_sets.items()},
+        "importance": importance.scores,
+        "domains": {},
+    }
     per_domain = {}
     done = [d for d in settings["domains"] if "reachable" in found["domains"].get(d, {})]
     if not done:
@@ -128,16 +145,23 @@ def final(args, model, tokenizer) -> dict:
             prefix_route[:, m], prefix_score[:, m] = got["route"], got["score"]
             log(f"{domain}: searched order, {m} layers")
         texts.commit([[]] * n)
-        kl = {"best_static": {}, "cos_static": {}, "reachable": {}, "in_sample": {}, "budget": {},
-              "budget_in_sample": {}}
+        kl = {
+            "best_static": {},
+            "cos_static": {},
+            "reachable": {},
+            "in_sample": {},
+            "budget": {},
+            "budget_in_sample": {},
+        }
         allocations = {}
         for k in ks:
             kl["best_static"][k] = prefix_score[:, k]
             kl["cos_static"][k] = texts.evaluate([cos_sets[k]] * n)["score"]
             kl["reachable"][k] = texts.evaluate([c[:k] for c in entry["reachable"]["chains"]])["score"]
             # in-sample ceiling: NaN where that stage has not finished for the domain
-            kl["in_sample"][k] = (np.asarray(entry["in_sample"]["score_kl"])[:, k - 1] if "in_sample" in entry
-                                  else np.full(n, np.nan))
+            kl["in_sample"][k] = (
+                np.asarray(entry["in_sample"]["score_kl"])[:, k - 1] if "in_sample" in entry else np.full(n, np.nan)
+            )
             # budget oracle: expected second-half KL sum = routed half's per-token KL x scored tokens
             route_cost = prefix_route / np.maximum(route_tokens, 1)[:, None] * score_tokens[:, None]
             chosen = hr.allocate_budget(route_cost, k * n)
@@ -148,15 +172,21 @@ def final(args, model, tokenizer) -> dict:
             log(f"{domain}: k={k} done")
         per_domain[domain] = (kl, score_tokens)
         out["domains"][domain] = {
-            "texts": n, "score_tokens": score_tokens.tolist(), "route_tokens": route_tokens.tolist(),
+            "texts": n,
+            "score_tokens": score_tokens.tolist(),
+            "route_tokens": route_tokens.tolist(),
             "per_text_kl_sum": {name: {str(k): v.tolist() for k, v in values.items()} for name, values in kl.items()},
             "allocations": {str(k): v for k, v in allocations.items()},
             "reachable_sets": {str(k): [sorted(c[:k]) for c in entry["reachable"]["chains"]] for k in ks},
-            "in_sample_sets": {str(k): [sorted(c[:k]) for c in entry.get("in_sample", {}).get("chains", [])]
-                               for k in ks},
-            "summary": summary(kl, score_tokens, ks, args.bootstrap)}
-    pooled_kl = {name: {k: np.concatenate([per_domain[d][0][name][k] for d in per_domain]) for k in ks}
-                 for name in next(iter(per_domain.values()))[0]}
+            "in_sample_sets": {
+                str(k): [sorted(c[:k]) for c in entry.get("in_sample", {}).get("chains", [])] for k in ks
+            },
+            "summary": summary(kl, score_tokens, ks, args.bootstrap),
+        }
+    pooled_kl = {
+        name: {k: np.concatenate([per_domain[d][0][name][k] for d in per_domain]) for k in ks}
+        for name in next(iter(per_domain.values()))[0]
+    }
     pooled_tokens = np.concatenate([per_domain[d][1] for d in per_domain])
     out["pooled"] = {"texts": int(len(pooled_tokens)), "summary": summary(pooled_kl, pooled_tokens, ks, args.bootstrap)}
     write_json(Path(args.output) / "headroom.json", out)
@@ -175,11 +205,21 @@ def statics(args, model, tokenizer) -> dict:
         sys.exit(f"{args.order} holds {len(order.order)} layers: none of --ks {args.ks} is reached yet")
     candidates = static_drop.droppable_layers(model.config.num_hidden_layers)
     importance = cos_importance(args, model, tokenizer)
-    out = {"settings": {"texts": args.texts, "max_tokens": args.max_tokens, "ks": ks, "domains": args.domains,
-                        "bootstrap": args.bootstrap, "calibration_samples": args.calibration_samples},
-           "searched_order": order.order, "searched_order_tuning_kl": order.kl,
-           "searched_order_settings": order.settings,
-           "cos_sets": {str(k): importance.least_important(k, candidates) for k in ks}, "domains": {}}
+    out = {
+        "settings": {
+            "texts": args.texts,
+            "max_tokens": args.max_tokens,
+            "ks": ks,
+            "domains": args.domains,
+            "bootstrap": args.bootstrap,
+            "calibration_samples": args.calibration_samples,
+        },
+        "searched_order": order.order,
+        "searched_order_tuning_kl": order.kl,
+        "searched_order_settings": order.settings,
+        "cos_sets": {str(k): importance.least_important(k, candidates) for k in ks},
+        "domains": {},
+    }
     pooled: dict = {"searched": {k: [] for k in ks}, "cos": {k: [] for k in ks}, "tokens": []}
     for domain in args.domains:
         lists = token_lists(tokenizer, domain, args.texts, args.max_tokens)
@@ -197,28 +237,45 @@ def statics(args, model, tokenizer) -> dict:
         pooled["tokens"].append(tokens)
         out["domains"][domain] = entry
     tokens = np.concatenate(pooled["tokens"])
-    out["pooled"] = {"texts": int(len(tokens)), "summary": {
-        str(k): static_row(np.concatenate(pooled["searched"][k]), np.concatenate(pooled["cos"][k]), tokens,
-                           args.bootstrap) for k in ks}}
+    out["pooled"] = {
+        "texts": int(len(tokens)),
+        "summary": {
+            str(k): static_row(
+                np.concatenate(pooled["searched"][k]), np.concatenate(pooled["cos"][k]), tokens, args.bootstrap
+            )
+            for k in ks
+        },
+    }
     write_json(Path(args.output) / "statics.json", out)
-    lines = ["Searched order (tuning data) vs 1 - cos static drop, mean KL per scored token on held-out second "
-             "halves; searched minus 1-cos with a 95% paired bootstrap interval over texts.", "",
-             "| where | k | searched | 1-cos | searched - 1-cos | relative |", "|---|---|---|---|---|---|"]
+    lines = [
+        "Searched order (tuning data) vs 1 - cos static drop, mean KL per scored token on held-out second "
+        "halves; searched minus 1-cos with a 95% paired bootstrap interval over texts.",
+        "",
+        "| where | k | searched | 1-cos | searched - 1-cos | relative |",
+        "|---|---|---|---|---|---|",
+    ]
     for where, block in [*out["domains"].items(), ("pooled", out["pooled"])]:
         for k, row in block["summary"].items():
             low, high = row["interval"]
             rl, rh = row["relative_interval"]
-            lines.append(f"| {where} ({block['texts']} texts) | {k} | {row['searched']:.4f} | {row['cos']:.4f} | "
-                         f"{row['minus']:+.4f} [{low:+.4f}, {high:+.4f}] | {row['relative']:+.0%} [{rl:+.0%}, {rh:+.0%}] |")
+            lines.append(
+                f"| {where} ({block['texts']} texts) | {k} | {row['searched']:.4f} | {row['cos']:.4f} | "
+                f"{row['minus']:+.4f} [{low:+.4f}, {high:+.4f}] | {row['relative']:+.0%} [{rl:+.0%}, {rh:+.0%}] |"
+            )
     (Path(args.output) / "statics.md").write_text("\n".join(lines) + "\n")
     return out
 
 
 def static_row(searched, cos, tokens, iterations) -> dict:
     gap = hr.gap_entry(searched / tokens, cos / tokens, tokens, iterations)
-    return {"searched": float(searched.sum() / tokens.sum()), "cos": float(cos.sum() / tokens.sum()),
-            "minus": gap["minus_baseline"], "interval": gap["interval"], "relative": gap["relative"],
-            "relative_interval": gap["relative_interval"]}
+    return {
+        "searched": float(searched.sum() / tokens.sum()),
+        "cos": float(cos.sum() / tokens.sum()),
+        "minus": gap["minus_baseline"],
+        "interval": gap["interval"],
+        "relative": gap["relative"],
+        "relative_interval": gap["relative_interval"],
+    }
 
 
 METHODS = ("best_static", "cos_static", "reachable", "in_sample", "budget", "budget_in_sample")
@@ -229,18 +286,31 @@ def summary(kl: dict, tokens: np.ndarray, ks, iterations: int) -> dict:
     for k in ks:
         per_token = {name: kl[name][k] / tokens for name in METHODS}
         row = {"mean_kl": {name: float(kl[name][k].sum() / tokens.sum()) for name in METHODS}}
-        row["minus_best_static"] = {name: hr.gap_entry(per_token[name], per_token["best_static"], tokens, iterations)
-                                    for name in METHODS if name != "best_static" and not np.isnan(per_token[name]).any()}
+        row["minus_best_static"] = {
+            name: hr.gap_entry(per_token[name], per_token["best_static"], tokens, iterations)
+            for name in METHODS
+            if name != "best_static" and not np.isnan(per_token[name]).any()
+        }
         out[str(k)] = row
     return out
 
 
 def markdown(result: dict) -> str:
-    names = {"best_static": "best static", "cos_static": "1-cos static", "reachable": "reachable oracle",
-             "in_sample": "in-sample oracle", "budget": "budget oracle", "budget_in_sample": "budget in-sample"}
-    lines = ["Mean KL(dense || variant) per scored token (second halves); in brackets: minus best static "
-             "(searched order), relative, with a 95% paired bootstrap interval over texts.", "",
-             "| where | k | " + " | ".join(names.values()) + " |", "|---|---|" + "---|" * len(names)]
+    names = {
+        "best_static": "best static",
+        "cos_static": "1-cos static",
+        "reachable": "reachable oracle",
+        "in_sample": "in-sample oracle",
+        "budget": "budget oracle",
+        "budget_in_sample": "budget in-sample",
+    }
+    lines = [
+        "Mean KL(dense || variant) per scored token (second halves); in brackets: minus best static "
+        "(searched order), relative, with a 95% paired bootstrap interval over texts.",
+        "",
+        "| where | k | " + " | ".join(names.values()) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     blocks = [(d, v["summary"], v["texts"]) for d, v in result["domains"].items()]
     blocks.append(("pooled", result["pooled"]["summary"], result["pooled"]["texts"]))
     for where, rows, n in blocks:

@@ -87,8 +87,11 @@ def test_budget_allocation_equals_brute_force():
         if trial % 2:
             costs = np.cumsum(costs, axis=1)  # increasing in m, like KL along an order
         for total in range(0, n * top + 1):
-            best = min(sum(costs[i, m] for i, m in enumerate(a))
-                       for a in itertools.product(range(top + 1), repeat=n) if sum(a) == total)
+            best = min(
+                sum(costs[i, m] for i, m in enumerate(a))
+                for a in itertools.product(range(top + 1), repeat=n)
+                if sum(a) == total
+            )
             got = hr.allocate_budget(costs, total)
             assert sum(got) == total and all(0 <= m <= top for m in got)
             assert sum(costs[i, m] for i, m in enumerate(got)) == pytest.approx(best, abs=1e-12)

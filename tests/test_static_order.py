@@ -18,8 +18,12 @@ from tiny_lm import tiny_llama, tiny_tokenizer
 torch.set_num_threads(1)
 
 RECORDS = [
-    {"messages": [{"role": "user", "content": "What is two plus three?"},
-                  {"role": "assistant", "content": "Two plus three is five."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "What is two plus three?"},
+            {"role": "assistant", "content": "Two plus three is five."},
+        ]
+    },
     {"text": "The quick brown fox jumps over the lazy dog near the river bank."},
     {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue, like sky."}]},
     {"text": "def add(a, b):\n    return a + b\n"},
@@ -67,6 +71,7 @@ def reference(model, tokenizer):
                     count += float(scored.sum())
             cache[key] = total / count
         return cache[key]
+
     return kl
 
 
@@ -147,8 +152,9 @@ def test_other_settings_model_or_data_are_refused_or_recomputed(model, tokenizer
         so.searched_order(model, tokenizer, settings(max_count=1), path, records=RECORDS[:3] + RECORDS[:1])
     with pytest.raises(ValueError, match="model"):
         so.searched_order(tiny_llama(seed=4, layers=LAYERS), tokenizer, settings(max_count=1), path, records=RECORDS)
-    redone = so.searched_order(model, tokenizer, settings(max_count=1, beam=2), path, on_mismatch="recompute",
-                               records=RECORDS)
+    redone = so.searched_order(
+        model, tokenizer, settings(max_count=1, beam=2), path, on_mismatch="recompute", records=RECORDS
+    )
     assert json.loads(path.read_text())["settings"]["beam"] == 2 and redone.finished
 
 

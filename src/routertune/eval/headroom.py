@@ -21,13 +21,12 @@ bootstrap interval over texts (stats.paired_bootstrap).
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 
 from routertune.stats import paired_bootstrap
-from routertune.train.static_order import LayerEvaluator, ScoreBatch, score_batches
+from routertune.train.static_order import LayerEvaluator, score_batches
 
 
 # --- rows --------------------------------------------------------------------------------------------------------
@@ -84,8 +83,9 @@ class Texts:
 
 
 # --- per-input oracles -------------------------------------------------------------------------------------------
-def greedy_per_text(texts: Texts, candidates: Sequence[int], max_count: int, mask: str,
-                    log: Callable[[str], None] = lambda s: None) -> tuple[list[list[int]], np.ndarray]:
+def greedy_per_text(
+    texts: Texts, candidates: Sequence[int], max_count: int, mask: str, log: Callable[[str], None] = lambda s: None
+) -> tuple[list[list[int]], np.ndarray]:
     """Each text's own greedy chain: add, one at a time, the candidate whose zeroing raises that text's KL on
     `mask` the least (ties: the lower layer). Returns per text its chain (the first k layers are its k-set)
     and (texts, max_count) summed KL of each prefix on `mask`."""
@@ -111,8 +111,9 @@ def greedy_per_text(texts: Texts, candidates: Sequence[int], max_count: int, mas
     return chains, kls
 
 
-def exhaustive_per_text(texts: Texts, candidates: Sequence[int], k: int, mask: str
-                        ) -> tuple[list[list[int]], np.ndarray]:
+def exhaustive_per_text(
+    texts: Texts, candidates: Sequence[int], k: int, mask: str
+) -> tuple[list[list[int]], np.ndarray]:
     """Each text's best k-set over all C(n, k) subsets (small n only: the exact oracle the greedy one
     approximates). Ties: the lexicographically first set."""
     best = np.full(texts.n, np.inf)
@@ -155,8 +156,15 @@ def allocate_budget(costs: np.ndarray, total: int) -> list[int]:
 
 
 # --- statistics --------------------------------------------------------------------------------------------------
-def gap_share(static: np.ndarray, routers: np.ndarray, oracle: np.ndarray, weights: np.ndarray | None = None,
-              iterations: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+def gap_share(
+    static: np.ndarray,
+    routers: np.ndarray,
+    oracle: np.ndarray,
+    weights: np.ndarray | None = None,
+    iterations: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """Share of the reachable gap that routers close: (static - routers) / (static - oracle), each a
     (weighted) mean of per-text values (per-token KL per text, weights = scored tokens), with a percentile
     bootstrap interval resampling texts (the three stay paired). Resamples whose gap is <= 0 (the oracle no
@@ -168,8 +176,11 @@ def gap_share(static: np.ndarray, routers: np.ndarray, oracle: np.ndarray, weigh
 
     def means(idx):
         ww = w[idx]
-        return ((s[idx] * ww).sum(-1) / ww.sum(-1), (r[idx] * ww).sum(-1) / ww.sum(-1),
-                (o[idx] * ww).sum(-1) / ww.sum(-1))
+        return (
+            (s[idx] * ww).sum(-1) / ww.sum(-1),
+            (r[idx] * ww).sum(-1) / ww.sum(-1),
+            (o[idx] * ww).sum(-1) / ww.sum(-1),
+        )
 
     ms, mr, mo = means(np.arange(len(s)))
     gap = ms - mo
@@ -179,14 +190,25 @@ def gap_share(static: np.ndarray, routers: np.ndarray, oracle: np.ndarray, weigh
     valid = (bs - bo) > 0
     samples = (bs[valid] - br[valid]) / (bs[valid] - bo[valid])
     tail = (1 - level) / 2 * 100
-    low, high = (np.percentile(samples, [tail, 100 - tail]) if len(samples) else (float("nan"),) * 2)
-    return {"share": share, "interval": [float(low), float(high)], "static": float(ms), "routers": float(mr),
-            "oracle": float(mo), "gap": float(gap), "resamples_without_gap": int((~valid).sum())}
+    low, high = np.percentile(samples, [tail, 100 - tail]) if len(samples) else (float("nan"),) * 2
+    return {
+        "share": share,
+        "interval": [float(low), float(high)],
+        "static": float(ms),
+        "routers": float(mr),
+        "oracle": float(mo),
+        "gap": float(gap),
+        "resamples_without_gap": int((~valid).sum()),
+    }
 
 
 def gap_entry(values: np.ndarray, baseline: np.ndarray, tokens: np.ndarray, iterations: int = 2000) -> dict:
     """values - baseline in per-token KL (token-weighted), paired interval, and relative to the baseline."""
     diff, low, high = paired_bootstrap(values, baseline, tokens, iterations)
     base = float((baseline * tokens).sum() / tokens.sum())
-    return {"minus_baseline": diff, "interval": [low, high], "relative": diff / base if base > 0 else float("nan"),
-            "relative_interval": [low / base, high / base] if base > 0 else [float("nan")] * 2}
+    return {
+        "minus_baseline": diff,
+        "interval": [low, high],
+        "relative": diff / base if base > 0 else float("nan"),
+        "relative_interval": [low / base, high / base] if base > 0 else [float("nan")] * 2,
+    }

@@ -20,13 +20,11 @@ and a fingerprint of the scored tokens, so an interrupted search continues and a
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,15 +48,16 @@ class ScoreBatch:
     masks: dict[str, torch.Tensor]  # name -> (B, T) bool: position t counts (it predicts token t + 1)
 
 
-def score_batches(rows: Sequence[tuple[list[int], dict[str, list[bool]]]], pad_id: int, batch_size: int = 8
-                  ) -> tuple[list[ScoreBatch], list[list[int]]]:
+def score_batches(
+    rows: Sequence[tuple[list[int], dict[str, list[bool]]]], pad_id: int, batch_size: int = 8
+) -> tuple[list[ScoreBatch], list[list[int]]]:
     """Batches of (token ids, {mask name: per-position flags}) rows, longest first (little padding). Returns the
     batches and, per batch, the row indices it holds."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     names = sorted({name for _, masks in rows for name in masks})
     batches, index = [], []
     for start in range(0, len(order), batch_size):
-        chosen = order[start: start + batch_size]
+        chosen = order[start : start + batch_size]
         width = max(len(rows[i][0]) for i in chosen)
         ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(chosen), width), dtype=torch.long)
@@ -76,8 +75,9 @@ def score_batches(rows: Sequence[tuple[list[int], dict[str, list[bool]]]], pad_i
     return batches, index
 
 
-def tuning_rows(tokenizer, n_records: int = 32, max_length: int = 256, plain_text: float = 0.5,
-                records: list[dict] | None = None) -> list[tuple[list[int], dict[str, list[bool]]]]:
+def tuning_rows(
+    tokenizer, n_records: int = 32, max_length: int = 256, plain_text: float = 0.5, records: list[dict] | None = None
+) -> list[tuple[list[int], dict[str, list[bool]]]]:
     """The tuning data as the routers' training sees it: the default mix's training records (`plain_text` of
     them rendered as plain text, as `routertune train` does), tokenized by data.encode_record at
     `max_length`; the KL counts where the training loss does (the response tokens: position t predicts
@@ -111,8 +111,10 @@ class LayerEvaluator:
         self.norm = getattr(decoder, "norm", None)
         self.head = model.get_output_embeddings()
         if self.norm is None or self.head is None:
-            raise ValueError(f"{type(model).__name__}: no final norm / output embeddings found; the layer "
-                             "evaluator needs a decoder with `.norm` and an LM head")
+            raise ValueError(
+                f"{type(model).__name__}: no final norm / output embeddings found; the layer "
+                "evaluator needs a decoder with `.norm` and an LM head"
+            )
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.batch = batch
         rows = batch.input_ids.shape[0]
@@ -139,20 +141,27 @@ class LayerEvaluator:
             def hook(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 captured[idx] = (hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}, args[1:])
+
             return hook
 
         handles = [block.register_forward_pre_hook(capture(i), with_kwargs=True) for i, block in enumerate(self.blocks)]
         try:
-            self.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False,
-                       logits_to_keep=1)
+            self.model(
+                input_ids=self.batch.input_ids,
+                attention_mask=self.batch.attention_mask,
+                use_cache=False,
+                logits_to_keep=1,
+            )
         finally:
             for h in handles:
                 h.remove()
         for i in range(self.num_layers):
             hidden, kwargs, extra_args = captured[i]
             if extra_args:
-                raise ValueError(f"{type(self.blocks[i]).__name__} receives positional arguments besides the hidden "
-                                 "states; the layer evaluator replays keyword arguments only")
+                raise ValueError(
+                    f"{type(self.blocks[i]).__name__} receives positional arguments besides the hidden "
+                    "states; the layer evaluator replays keyword arguments only"
+                )
             self.inputs[i] = hidden.detach()
             self.kwargs[i] = kwargs
         final = self._run(0, [frozenset()] * self.rows, store=False)
@@ -171,6 +180,7 @@ class LayerEvaluator:
                 first = output[0] if isinstance(output, tuple) else output
                 first = torch.where(keep.view(-1, *([1] * (first.dim() - 1))), first, torch.zeros_like(first))
                 return (first, *output[1:]) if isinstance(output, tuple) else first
+
             self._hooks.append(attention.register_forward_hook(zero))
 
     def _remove(self) -> None:
@@ -315,15 +325,21 @@ class StaticOrder:
         return {"format": FORMAT, **asdict(self)}
 
     @classmethod
-    def from_json(cls, payload: dict) -> "StaticOrder":
+    def from_json(cls, payload: dict) -> StaticOrder:
         if payload.get("format") != FORMAT:
             raise ValueError(f"static order file format {payload.get('format')!r}, expected {FORMAT}")
         return cls(**{k: v for k, v in payload.items() if k != "format"})
 
 
-def search(scorer: Callable[[frozenset], float], candidates: Sequence[int], max_count: int, beam: int = 1,
-           commit: Callable[[frozenset], None] | None = None, previous: StaticOrder | None = None,
-           on_step: Callable[[StaticOrder], None] | None = None) -> StaticOrder:
+def search(
+    scorer: Callable[[frozenset], float],
+    candidates: Sequence[int],
+    max_count: int,
+    beam: int = 1,
+    commit: Callable[[frozenset], None] | None = None,
+    previous: StaticOrder | None = None,
+    on_step: Callable[[StaticOrder], None] | None = None,
+) -> StaticOrder:
     """Greedy (beam=1) or beam search of a nested order over `candidates`.
 
     Every set in the beam keeps its cheapest chain of nested sets (the sum of the KLs of its prefixes); the
@@ -338,7 +354,7 @@ def search(scorer: Callable[[frozenset], float], candidates: Sequence[int], max_
     if not result.beam_state:
         result.beam_state = [{"chain": [], "kls": [], "cost": 0.0}]
     start_size = len(result.beam_state[0]["chain"])
-    for size in range(start_size + 1, max_count + 1):
+    for _size in range(start_size + 1, max_count + 1):
         children: dict[frozenset, dict] = {}
         for parent in result.beam_state:
             parent_set = frozenset(parent["chain"])
@@ -352,8 +368,12 @@ def search(scorer: Callable[[frozenset], float], candidates: Sequence[int], max_
                 cost = parent["cost"] + kl
                 known = children.get(child)
                 if known is None or cost < known["cost"] - 1e-15:
-                    children[child] = {"chain": parent["chain"] + [layer], "kls": parent["kls"] + [kl],
-                                       "cost": cost, "kl": kl}
+                    children[child] = {
+                        "chain": parent["chain"] + [layer],
+                        "kls": parent["kls"] + [kl],
+                        "cost": cost,
+                        "kl": kl,
+                    }
         ranked = sorted(children.items(), key=lambda item: (item[1]["kl"], sorted(item[0])))
         best_set, best = ranked[0]
         result.best_sets.append({"layers": sorted(best_set), "kl": best["kl"]})
@@ -365,8 +385,13 @@ def search(scorer: Callable[[frozenset], float], candidates: Sequence[int], max_
     return result
 
 
-def refine_swaps(scorer: Callable[[frozenset], float], candidates: Sequence[int], result: StaticOrder,
-                 commit: Callable[[frozenset], None] | None = None, max_passes: int = 3) -> StaticOrder:
+def refine_swaps(
+    scorer: Callable[[frozenset], float],
+    candidates: Sequence[int],
+    result: StaticOrder,
+    commit: Callable[[frozenset], None] | None = None,
+    max_passes: int = 3,
+) -> StaticOrder:
     """Improve the chain by moves that make none of its nested sets worse and at least one better: swapping
     two adjacent layers (changes one set) or replacing a layer by one outside the chain (changes every set
     from its position on). Repeated until a pass finds no move (at most `max_passes`)."""
@@ -411,23 +436,41 @@ def model_identity(model: nn.Module) -> dict:
     digest = hashlib.sha256()
     for name, param in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                      if param.dtype != torch.bfloat16 else param.float().numpy().tobytes())
-    return {"name": str(getattr(model.config, "_name_or_path", "")), "model_type": model.config.model_type,
-            "num_hidden_layers": int(model.config.num_hidden_layers), "sha256": digest.hexdigest()}
+        digest.update(
+            param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            if param.dtype != torch.bfloat16
+            else param.float().numpy().tobytes()
+        )
+    return {
+        "name": str(getattr(model.config, "_name_or_path", "")),
+        "model_type": model.config.model_type,
+        "num_hidden_layers": int(model.config.num_hidden_layers),
+        "sha256": digest.hexdigest(),
+    }
 
 
 def data_fingerprint(rows: Sequence[tuple[list[int], dict[str, list[bool]]]]) -> dict:
     digest = hashlib.sha256()
     for tokens, masks in rows:
         digest.update(json.dumps([tokens, {k: [int(v) for v in m] for k, m in sorted(masks.items())}]).encode())
-    return {"rows": len(rows), "tokens": sum(len(t) for t, _ in rows),
-            "scored": sum(sum(m.get("kl", [])) for _, m in rows), "sha256": digest.hexdigest()}
+    return {
+        "rows": len(rows),
+        "tokens": sum(len(t) for t, _ in rows),
+        "scored": sum(sum(m.get("kl", [])) for _, m in rows),
+        "sha256": digest.hexdigest(),
+    }
 
 
-def searched_order(model: nn.Module, tokenizer, settings: OrderSettings | None = None, path: str | Path | None = None,
-                   on_mismatch: str = "refuse", batch_size: int = 8, records: list[dict] | None = None,
-                   log: Callable[[str], None] = lambda s: None) -> StaticOrder:
+def searched_order(
+    model: nn.Module,
+    tokenizer,
+    settings: OrderSettings | None = None,
+    path: str | Path | None = None,
+    on_mismatch: str = "refuse",
+    batch_size: int = 8,
+    records: list[dict] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> StaticOrder:
     """The searched static order of `model` on the tuning data (see tuning_rows), cached in `path` (a JSON
     file; None = no cache). A stored search with the same settings, model and data is returned, or continued
     where it stopped; one with other settings is refused (on_mismatch="refuse", the error names what
@@ -447,11 +490,15 @@ def searched_order(model: nn.Module, tokenizer, settings: OrderSettings | None =
         stored = StaticOrder.from_json(json.loads(Path(path).read_text()))
         differ = _differences(stored, settings, identity, fingerprint)
         if differ and on_mismatch == "refuse":
-            raise ValueError(f"{path} holds a search with other {'; '.join(differ)}; pass the same settings, "
-                             "another path, or on_mismatch='recompute' to replace it")
+            raise ValueError(
+                f"{path} holds a search with other {'; '.join(differ)}; pass the same settings, "
+                "another path, or on_mismatch='recompute' to replace it"
+            )
         if not differ:
             previous = stored
-    if previous is not None and (len(previous.order) >= settings.max_count and (previous.swaps_done or not settings.swaps)):
+    if previous is not None and (
+        len(previous.order) >= settings.max_count and (previous.swaps_done or not settings.swaps)
+    ):
         log(f"static order: {path} holds the finished search")
         return _truncated(previous, settings.max_count)
     if previous is not None:
@@ -464,8 +511,9 @@ def searched_order(model: nn.Module, tokenizer, settings: OrderSettings | None =
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches, _ = score_batches(rows, pad, batch_size)
     scorer = SetScorer(model, batches)
-    result = previous or StaticOrder([], [], settings=settings.key() | {"max_count": settings.max_count},
-                                     model=identity, data=fingerprint)
+    result = previous or StaticOrder(
+        [], [], settings=settings.key() | {"max_count": settings.max_count}, model=identity, data=fingerprint
+    )
     result.settings = settings.key() | {"max_count": settings.max_count}
     result.finished = False
 
@@ -496,19 +544,31 @@ def _differences(stored: StaticOrder, settings: OrderSettings, identity: dict, f
     out = []
     theirs = {k: v for k, v in stored.settings.items() if k in settings.key()}
     if theirs != settings.key():
-        out.append("settings (" + ", ".join(f"{k} {theirs.get(k)!r} there, {v!r} here"
-                                            for k, v in settings.key().items() if theirs.get(k) != v) + ")")
+        out.append(
+            "settings ("
+            + ", ".join(
+                f"{k} {theirs.get(k)!r} there, {v!r} here" for k, v in settings.key().items() if theirs.get(k) != v
+            )
+            + ")"
+        )
     if stored.model != identity:
-        out.append(f"model ({stored.model.get('name')!r} sha256 {stored.model.get('sha256', '')[:12]} there, "
-                   f"{identity['name']!r} sha256 {identity['sha256'][:12]} here)")
+        out.append(
+            f"model ({stored.model.get('name')!r} sha256 {stored.model.get('sha256', '')[:12]} there, "
+            f"{identity['name']!r} sha256 {identity['sha256'][:12]} here)"
+        )
     if stored.data != fingerprint:
         out.append(f"data (fingerprint {stored.data.get('sha256', '')[:12]} there, {fingerprint['sha256'][:12]} here)")
     return out
 
 
-def run_static_order(output: str | Path, model: str | None = None, cache_dir: str | None = None,
-                     settings: OrderSettings | None = None, on_mismatch: str = "refuse",
-                     log: Callable[[str], None] = print) -> StaticOrder:
+def run_static_order(
+    output: str | Path,
+    model: str | None = None,
+    cache_dir: str | None = None,
+    settings: OrderSettings | None = None,
+    on_mismatch: str = "refuse",
+    log: Callable[[str], None] = print,
+) -> StaticOrder:
     """CLI-free driver: load the base model (default SmolLM2-135M-Instruct) and search (or continue, or
     return) the order cached in `output` (a folder: static_order.json, or a .json path)."""
     from routertune.base_model import load_model_and_tokenizer
