@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "headroom"
 
 
+def _relative(path) -> str:
+    """A path as results record it: repository-relative when inside the repository (no machine paths)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} cpu {time.process_time():.0f}s] {message}", flush=True)
 
@@ -116,7 +122,7 @@ def final(args, model, tokenizer) -> dict:
             "ks": ks,
             "calibration_samples": args.calibration_samples,
             "bootstrap": args.bootstrap,
-            "order_file": str(args.order),
+            "order_file": _relative(args.order),
         },
         "searched_order": order.order,
         "searched_order_tuning_kl": order.kl,

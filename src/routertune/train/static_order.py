@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from routertune.base_model import portable_name
 from routertune.files import write_json
 from routertune.routing import arch
 from routertune.routing.static_drop import droppable_layers
@@ -442,7 +443,7 @@ def model_identity(model: nn.Module) -> dict:
             else param.float().numpy().tobytes()
         )
     return {
-        "name": str(getattr(model.config, "_name_or_path", "")),
+        "name": portable_name(model),
         "model_type": model.config.model_type,
         "num_hidden_layers": int(model.config.num_hidden_layers),
         "sha256": digest.hexdigest(),
