@@ -32,8 +32,10 @@ QUICK = dict(
     samples=256,
     tasks=[],
     limit=200,
-    texts=12,
-    fidelity_prompts=8,
+    texts=8,
+    fidelity_prompts=0,  # greedy agreement (3+ minutes) separates little at this size: --full
+    sweep_points=6,
+    random_seeds=1,
     bench_lengths=[512],
     bench_repeats=5,
     decode_tokens=16,
@@ -45,6 +47,8 @@ FULL = dict(
     limit=200,
     texts=16,
     fidelity_prompts=16,
+    sweep_points=8,
+    random_seeds=2,
     bench_lengths=[128, 512, 2048],
     bench_repeats=7,
     decode_tokens=32,
@@ -119,8 +123,12 @@ class DemoJob:
         default=None,
         metadata=_size_help("fidelity_prompts", "held-out prompts for greedy agreement with the dense model"),
     )
-    sweep_points: int = field(default=8, metadata={"help": "router thresholds in the trade-off's sweep"})
-    random_seeds: int = field(default=2, metadata={"help": "random-drop seeds in the trade-off"})
+    sweep_points: int | None = field(
+        default=None, metadata=_size_help("sweep_points", "router thresholds in the trade-off's sweep")
+    )
+    random_seeds: int | None = field(
+        default=None, metadata=_size_help("random_seeds", "random-drop seeds in the trade-off")
+    )
     calibration_samples: int = field(
         default=32, metadata={"help": "chat prompts for static-drop importance and the sweep's placement"}
     )
@@ -194,7 +202,6 @@ class DemoJob:
             "heldout_samples",
             "limit",
             "texts",
-            "fidelity_prompts",
             "calibration_samples",
             "searched_records",
             "decode_prompt",
@@ -205,6 +212,8 @@ class DemoJob:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.fidelity_prompts < 0:
+            problems.append(f"fidelity_prompts={self.fidelity_prompts} must be >= 0 (0: no greedy agreement)")
         if any(not 0 < t < 1 for t in self.skip_targets):
             problems.append(f"skip_targets={self.skip_targets} must lie in (0, 1)")
         if problems:
@@ -319,10 +328,15 @@ def _run_demo(job: DemoJob, announce, finished) -> DemoResult:
         if job.tasks
         else "no accuracy tasks (they do not resolve at demo size: --full or --tasks)"
     )
+    agreement = (
+        f"greedy agreement on {job.fidelity_prompts} prompts"
+        if job.fidelity_prompts
+        else "no greedy agreement (--full or --fidelity-prompts)"
+    )
     stage(
         "tradeoff",
-        f"KL to dense on {job.texts} texts x 3 held-out domains, greedy agreement on "
-        f"{job.fidelity_prompts} prompts, {accuracy}: a threshold sweep against static and random "
+        f"KL to dense on {job.texts} texts x 3 held-out domains, {agreement}, {accuracy}: a threshold sweep "
+        "against static and random "
         f"drop, compared at {targets} measured skip",
     )
     curve = tradeoff.run_tradeoff(
