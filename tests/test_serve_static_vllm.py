@@ -96,7 +96,13 @@ def _serve(folder, prompts, tmp_path) -> dict:
     return json.loads((tmp_path / "result.json").read_text())
 
 
-@pytest.mark.parametrize("family", sorted(VLLM_ARCHITECTURES))
+# One vLLM engine start per family costs about a minute here, so `make test` serves the two export forms: llama
+# (vLLM's native DeciLM no-op layers) and qwen3 (the routed class with `static_skip`, the family DeciLM failed to
+# load). ROUTERTUNE_ALL_FAMILIES=1 serves every family (all five passed when the per-family export landed).
+SERVED_FAMILIES = sorted(VLLM_ARCHITECTURES) if os.environ.get("ROUTERTUNE_ALL_FAMILIES") else ["llama", "qwen3"]
+
+
+@pytest.mark.parametrize("family", SERVED_FAMILIES)
 def test_static_export_serves_the_reference_with_those_layers_zeroed(family, tmp_path):
     tokenizer = tiny_tokenizer()
     base = tiny_family_folder(tmp_path / "base", family, layers=LAYERS)
