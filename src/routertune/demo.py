@@ -54,7 +54,8 @@ FULL = dict(
     decode_tokens=32,
     searched_records=32,
 )
-# measured (see the README's demo section): wall minutes on one CPU thread, set-up excluded
+# wall minutes on an idle 2-core machine, set-up excluded: the earlier 12-text size measured 22.5 minutes
+# (docs/demo.md); this size is estimated from that run's stage times, not yet measured end to end
 QUICK_MINUTES = "15"
 FULL_MINUTES = "40"
 FULL_COMMAND = "routertune demo --full"
@@ -62,7 +63,7 @@ FULL_DOCS = "docs/evaluation.md and docs/demo.md"
 REPO_ORDER = "benchmarks/results/static-order/static_order.json"  # the searched static order, committed  # where the measurements that decide are written up
 HELP = (
     f"main job: train, generate, trade-off vs static and random drop, benchmark, report, summary; about "
-    f"{QUICK_MINUTES} minutes on one CPU thread (`{FULL_COMMAND}`: the full settings, about {FULL_MINUTES} "
+    f"{QUICK_MINUTES} minutes on 2 CPU cores (`{FULL_COMMAND}`: the full settings, about {FULL_MINUTES} "
     "minutes)"
 )
 
@@ -230,7 +231,7 @@ def banner(job: DemoJob) -> str:
     )
     return (
         f"routertune demo on {job.model or 'the embedded SmolLM2-135M-Instruct'}: {len(STAGES)} stages "
-        f"({', '.join(STAGES)}), {size}, on one CPU thread -> {job.output}"
+        f"({', '.join(STAGES)}), {size}, on 2 CPU cores -> {job.output}"
     )
 
 
