@@ -528,6 +528,10 @@ LOAD_TEXTS = [
 
 @pytest.mark.slow
 @pytest.mark.serve
+@pytest.mark.skipif(
+    not os.environ.get("ROUTERTUNE_LOAD_TEST"),
+    reason="about a minute of load on the shared server; ROUTERTUNE_LOAD_TEST=1 runs it (suite time)",
+)
 def test_http_under_load(server, tiny_export):
     """routertune.serve.load on the module's server (the same run benchmarks/serve_load.py does on the default
     model, smaller): 70 requests, 8 in flight, mixed prompt lengths and settings, streams, cancelled streams,
