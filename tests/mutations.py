@@ -429,6 +429,15 @@ MUTANTS = [
         ("test_serve_http.py",),
         "only the nested extra_args form is read; vllm_xargs keys are ignored",
     ),
+    # --- results never record a machine path (base_model.portable_name) --------------------------------------
+    Mutant(
+        "portable_name_keeps_home",
+        "base_model.py",
+        'return "~" + name[len(home) :]',
+        "return name",
+        ("test_models.py",),
+        "router files and results carry this machine's home folder",
+    ),
     # --- serving under load: the load test's own comparisons (serve/load.py) ----------------------------------
     Mutant(
         "load_compares_lengths_only",
