@@ -799,21 +799,7 @@ def searched_static_order(
         identity = static_order.model_identity(model)
         if job.searched_order:
             path = Path(job.searched_order)
-            path = path if path.suffix == ".json" else path / static_order.RESULT_NAME
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"--searched-order {job.searched_order}: no {path}; pass the folder or file "
-                    "a static order search wrote, or drop the flag to search here"
-                )
-            found = static_order.StaticOrder.from_json(json.loads(path.read_text()))
-            if found.model.get("sha256") != identity["sha256"]:
-                raise ValueError(
-                    f"--searched-order {path} was searched on another model ({found.model.get('name')!r}, "
-                    f"sha256 {found.model.get('sha256', '')[:12]}), not this one (sha256 "
-                    f"{identity['sha256'][:12]}); pass that model's search or drop the flag"
-                )
-            if not found.order:
-                raise ValueError(f"--searched-order {path} holds no layer yet; wait for the search or drop the flag")
+            found = static_order.read_order(path, identity, flag="--searched-order")
             log(
                 f"tradeoff: searched static order read from {path}: {found.order} "
                 f"({'finished' if found.finished else 'unfinished'} search)"

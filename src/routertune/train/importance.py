@@ -59,6 +59,7 @@ class ImportanceFit:
     records: int
     notes: list[str] = field(default_factory=list)
     trust: tuple[float | None, float | None] = (None, None)  # (down, up) bound on the per-input part, in sd
+    prior_order: list[int] | None = None  # layers the prior skips first (a searched static order), if given
 
 
 @torch.no_grad()
@@ -199,6 +200,7 @@ def fit_routers(
     target: str = "absolute",
     trust: tuple[float | None, float | None] = (None, None),
     progress: Callable[[int], None] | None = None,
+    prior_order: Sequence[int] | None = None,
 ) -> ImportanceFit:
     """Fit every router of `routed` in place (weights, bias, trust region) and return what was chosen.
     `progress` gets the records of each batch of the dense pass (training, then held-out) as it finishes.
@@ -211,7 +213,13 @@ def fit_routers(
     may lower a layer's logit below the prior by at most down sd and raise it by at most up sd (None or inf:
     unbounded; unbounded both ways here, while `routertune train` defaults to (inf, 0) for sequence routers).
     The capacity offset is set on the bounded logits, so the target is still met, in steps where a bound piles
-    inputs up."""
+    inputs up.
+
+    `prior_order` (layers, first skipped first: a searched static order, routertune.train.static_order) makes
+    the prior skip in that order instead of by mean importance: the layers' prior values are handed out again,
+    the lowest to the order's first layer and so on, the layers outside it keeping their own ranking after it.
+    The per-input part and its trust region are unchanged, so with shrink 0 the routers are exactly that static
+    order, and otherwise an input moves a layer only as far as its fitted prediction says."""
     if not 0.0 <= target_capacity <= 1.0:
         raise ValueError(f"target_capacity={target_capacity} must lie in [0, 1]")
     if not 0.0 <= shrink <= 1.0:
@@ -221,6 +229,16 @@ def fit_routers(
     trust = tuple(None if k is None or math.isinf(k) else float(k) for k in trust)  # None: unbounded
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is not one of {', '.join(TARGETS)}")
+    routed_layers = sorted(routed.routers)
+    if prior_order is not None:
+        prior_order = [int(i) for i in prior_order]
+        strays = [i for i in prior_order if i not in routed_layers]
+        if strays or len(set(prior_order)) != len(prior_order):
+            raise ValueError(
+                f"prior_order={prior_order} must list distinct routed layers; {strays or 'repeats'} "
+                f"{'are' if len(strays) != 1 else 'is'} not among them (routed: {routed_layers}): search the order "
+                "over the routed layers, or route the layers it names"
+            )
     x_train, y_train = collect(routed, train_batches, progress)
     layers = sorted(x_train)
     n = int(next(iter(x_train.values())).shape[0])
@@ -256,6 +274,8 @@ def fit_routers(
         sd = float((x_train[i] @ fits[i][0] + fits[i][1] - prior).std()) if n > 1 else 0.0
         down, up = trust
         bounds[i] = (prior, -math.inf if down is None else -down * sd, math.inf if up is None else up * sd)
+    if prior_order:
+        fits, bounds = reordered_priors(fits, bounds, prior_order)
     # c: the quantile of predicted log importance over (record, layer) pairs below which (1 - target) skip
     predicted = torch.stack([bounded_logit(x_train[i] @ fits[i][0] + fits[i][1], *bounds[i]) for i in layers])
     flat = predicted.flatten()
@@ -290,4 +310,20 @@ def fit_routers(
         records=n,
         notes=notes,
         trust=tuple(trust),
+        prior_order=list(prior_order) if prior_order else None,
     )
+
+
+def reordered_priors(fits: dict, bounds: dict, order: Sequence[int]) -> tuple[dict, dict]:
+    """The fits and trust regions with each layer's prior moved so that the priors rank the layers as `order`
+    (first = lowest prior = skipped first), then the other layers in their own prior ranking. The prior values
+    themselves are kept (handed out again), so their spread, and with it the threshold's scale, is unchanged."""
+    values = sorted(bounds[i][0] for i in bounds)
+    rest = sorted((i for i in bounds if i not in order), key=lambda i: bounds[i][0])
+    new_fits, new_bounds = {}, {}
+    for value, i in zip(values, [*order, *rest]):
+        prior, low, high = bounds[i]
+        w, b = fits[i]
+        new_fits[i] = (w, b + value - prior)
+        new_bounds[i] = (value, low, high)
+    return new_fits, new_bounds

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("importance", "lm", "distill")
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINTS = "checkpoints"
+PRIORS = ("importance", "searched")  # the order of the importance fit's prior: mean 1 - cos, or a searched order
 
 
 def trust_bounds(cfg: TrainConfig, unit: str) -> tuple[float, float]:
@@ -66,6 +67,12 @@ class TrainConfig:
         default="absolute",
         metadata={
             "help": "importance objective: what each router predicts per input: absolute (log importance) or relative (log importance minus the input's mean over the routed layers: layers reordered per input, about the same number skipped for every input)"
+        },
+    )
+    prior: str = field(
+        default="importance",
+        metadata={
+            "help": "importance objective: the order in which the routers' prior (what they do for an average input) skips layers: importance (lowest mean 1 - cos first, static drop's) or searched (the static order searched on KL to the dense model: --static-order, or searched and cached on first use)"
         },
     )
     trust_down: float = field(
@@ -119,6 +126,13 @@ class TrainConfig:
                     f"{name} bounds the importance fit's per-input part; objective "
                     f"{self.objective!r} has no prior to bound it around (use --objective importance)"
                 )
+        if self.prior not in PRIORS:
+            problems.append(f"prior={self.prior!r} is not one of {', '.join(PRIORS)}")
+        elif self.prior != "importance" and self.objective != "importance":
+            problems.append(
+                f"prior={self.prior!r} orders the importance fit's prior; objective {self.objective!r} has none "
+                "(use --objective importance)"
+            )
         if self.importance_target not in ("absolute", "relative"):
             problems.append(f"importance_target={self.importance_target!r} is not one of absolute, relative")
         if not 0.0 <= self.target_capacity <= 1.0:

@@ -562,6 +562,27 @@ def _differences(stored: StaticOrder, settings: OrderSettings, identity: dict, f
     return out
 
 
+def read_order(path: str | Path, identity: dict, flag: str = "the static order file") -> StaticOrder:
+    """A stored search from `path` (a static_order.json or the folder holding one), refused unless it was
+    searched on the model whose `model_identity` is `identity` and holds at least one layer."""
+    path = Path(path)
+    path = path if path.suffix == ".json" else path / RESULT_NAME
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{flag}: no {path}; pass the folder or file a static order search wrote, or leave it out to search here"
+        )
+    found = StaticOrder.from_json(json.loads(path.read_text()))
+    if found.model.get("sha256") != identity["sha256"]:
+        raise ValueError(
+            f"{flag} {path} was searched on another model ({found.model.get('name')!r}, sha256 "
+            f"{found.model.get('sha256', '')[:12]}), not this one (sha256 {identity['sha256'][:12]}); pass that "
+            "model's search or leave it out to search here"
+        )
+    if not found.order:
+        raise ValueError(f"{flag} {path} holds no layer yet; let the search run or leave it out")
+    return found
+
+
 def run_static_order(
     output: str | Path,
     model: str | None = None,

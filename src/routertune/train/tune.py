@@ -7,6 +7,7 @@ Library functions: they take dataclasses and return dataclasses; only the CLI pr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,18 @@ class TuneJob:
             "help": "with --unit token: the first N real tokens of each sequence run every routed layer (attention sinks); 0 lets the routers decide for them too"
         },
     )
+    static_order: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --prior searched: a static_order.json (or its folder) searched on this model; default: searched on the tuning data on first use and cached under --cache-dir"
+        },
+    )
+    order_records: int = field(
+        default=16,
+        metadata={
+            "help": "with --prior searched and no --static-order: tuning records the static order is searched on"
+        },
+    )
     lora_rank: int = field(
         default=0, metadata={"help": "also train LoRA (q_proj, v_proj) of this rank with the routers (0 = off)"}
     )
@@ -144,6 +157,7 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
     model, tokenizer = load_model_and_tokenizer(job.model, cache_dir=job.cache_dir, device=device)
     examples, truncated = data.encode_records(records, tokenizer, job.max_length)
     heldout_examples, _ = data.encode_records(heldout_records, tokenizer, job.max_length)
+    order = _prior_order(job, train_cfg, model, tokenizer) if train_cfg.objective == "importance" else None
     pad = tokenizer.pad_token_id
     heldout = [
         _to(data.collate(b, pad), device) for b in data.length_batches(heldout_examples, train_cfg.batch_size, 0)
@@ -167,7 +181,7 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
     if job.overwrite:
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
     if train_cfg.objective == "importance":
-        result = _fit_importance(routed, examples, train_cfg, pad, heldout, device, show=progress)
+        result = _fit_importance(routed, examples, train_cfg, pad, heldout, device, show=progress, order=order)
     else:
         result = train_routers(
             routed,
@@ -195,7 +209,32 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
     return report
 
 
-def _fit_importance(routed, examples, cfg: TrainConfig, pad, heldout, device, show: bool = True) -> TrainResult:
+def _prior_order(job: TuneJob, cfg: TrainConfig, model, tokenizer) -> list[int] | None:
+    """The searched static order the importance fit's prior follows (--prior searched), or None (mean 1 - cos).
+    Read from --static-order, else searched on the tuning data and cached, far enough for the target capacity
+    (two layers beyond the layers an average input skips)."""
+    if cfg.prior != "searched":
+        return None
+    from routertune.base_model import default_cache_dir
+    from routertune.train import static_order
+
+    identity = static_order.model_identity(model)
+    if job.static_order:
+        found = static_order.read_order(job.static_order, identity, flag="--static-order")
+        log.info("prior: searched static order read from %s: %s", job.static_order, found.order)
+        return found.order
+    candidates = job.layers or baselines.droppable_layers(int(model.config.num_hidden_layers))
+    count = min(len(candidates), math.ceil((1 - cfg.target_capacity) * len(candidates)) + 2)
+    settings = static_order.OrderSettings(max_count=count, n_records=job.order_records, candidates=job.layers)
+    root = Path(job.cache_dir) if job.cache_dir else default_cache_dir()
+    path = root / "static_order" / f"{identity['sha256'][:16]}-{job.order_records}-train.json"
+    log.info("prior: searching the static order (%d layers, %d records; cached in %s)", count, job.order_records, path)
+    return static_order.searched_order(model, tokenizer, settings, path, on_mismatch="recompute", log=log.info).order
+
+
+def _fit_importance(
+    routed, examples, cfg: TrainConfig, pad, heldout, device, show: bool = True, order: list[int] | None = None
+) -> TrainResult:
     """The importance objective: one dense pass, a closed-form fit per router (routertune.train.importance), and the
     capacity target met by the fit itself (no threshold set afterwards)."""
     import time
@@ -222,6 +261,7 @@ def _fit_importance(routed, examples, cfg: TrainConfig, pad, heldout, device, sh
             target=cfg.importance_target,
             trust=trust_bounds(cfg, routed.router_config.unit),
             progress=bar.update,
+            prior_order=order,
         )
         result.fit = asdict(fit)
         result.seconds = time.perf_counter() - began
