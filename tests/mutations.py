@@ -563,6 +563,30 @@ MUTANTS = [
         ("test_demo.py",),
         "the training stage's dense pass (minutes at 1,000 records) shows nothing",
     ),
+    Mutant(
+        "prior_order_reversed",
+        "train/importance.py",
+        "for value, i in zip(values, [*order, *rest]):",
+        "for value, i in zip(values, [*rest, *order]):",
+        ("test_prior_order.py",),
+        "the searched order's layers get the highest priors: skipped last instead of first",
+    ),
+    Mutant(
+        "prior_order_ignored",
+        "train/importance.py",
+        "        new_fits[i] = (w, b + value - prior)\n",
+        "        new_fits[i] = (w, b)\n",
+        ("test_prior_order.py",),
+        "the trust regions follow the order but the routers' own biases keep the 1 - cos ranking",
+    ),
+    Mutant(
+        "mixed_workload_searched_against_static",
+        "eval/mixed_workload.py",
+        'for kind, prefix in (("static", "static"), ("searched", "searched static"), ("routers", "routers"))',
+        'for kind, prefix in (("static", "static"), ("searched", "static"), ("routers", "routers"))',
+        ("test_tradeoff.py::test_mixed_workload_pools_texts_and_interpolates_at_the_pooled_skip",),
+        "the mixed stream's searched-order baseline is really 1 - cos static drop",
+    ),
 ]
 
 

@@ -253,7 +253,7 @@ def test_default_recipe_and_tradeoff_end_to_end(byte_model, tmp_path, capsys):
 
 def test_default_mix_renders_an_even_share_as_plain_text():
     from routertune.train import data
-    from routertune.train import tune as pipeline
+    from routertune.train import data as pipeline
 
     records = data.default_records("train", n=10)
     mixed = pipeline.mix_forms(records, 0.5)
@@ -360,12 +360,14 @@ def test_mixed_workload_pools_texts_and_interpolates_at_the_pooled_skip():
         "a": {
             "dense": setting(0.0, [0.0, 0.0]),
             "static 3": setting(0.1, [3.0, 6.0]),
+            "searched static 3": setting(0.1, [1.0, 2.0]),
             "routers @ 0.4": setting(0.0, [0.0, 0.0]),
             "routers @ 0.5": setting(0.2, [2.0, 4.0]),
         },
         "b": {
             "dense": setting(0.0, [0.0, 0.0]),
             "static 3": setting(0.1, [1.0, 2.0]),
+            "searched static 3": setting(0.1, [0.5, 4.0]),
             "routers @ 0.4": setting(0.1, [1.0, 1.0]),
             "routers @ 0.5": setting(0.3, [3.0, 5.0]),
             "routers @ 0.45": setting(0.1, [9.0, 9.0]),
@@ -384,6 +386,14 @@ def test_mixed_workload_pools_texts_and_interpolates_at_the_pooled_skip():
     assert m["static"] == pytest.approx((static * tokens).sum() / tokens.sum())
     assert m["minus_static"] == pytest.approx(m["routers"] - m["static"])
     assert m["routers_between"] == [pytest.approx(0.05), pytest.approx(0.25)]
+    # the searched static order is a second baseline, compared on the same texts
+    searched = np.array([1.0, 2.0, 0.5, 4.0]) / tokens
+    assert out["baselines"] == ["static", "searched"]
+    assert m["searched"] == pytest.approx((searched * tokens).sum() / tokens.sum())
+    assert m["minus_searched"] == pytest.approx(m["routers"] - m["searched"])
+    low, high = m["searched_interval"]
+    assert low <= m["minus_searched"] <= high
+    assert "routers - searched static" in mixed.markdown(out)
 
 
 def _token_routed(threshold: float = 0.5, **config) -> tuple[RoutedModel, dict]:
@@ -731,3 +741,50 @@ def test_resume_keeps_what_finished_measures_the_rest_and_equals_a_full_run(byte
     save_file(weights, routers / "routers.safetensors")
     assert main(fixed + ["--resume"]) == 2
     assert "routers_sha256" in capsys.readouterr().err
+
+
+def test_router_sets_compares_two_runs_at_the_same_measured_skip():
+    """routertune.eval.router_sets against a hand computation: run A's routers reach skip 0.1 halfway between
+    two points, run B's exactly at one point; the mixed stream pools both domains; other texts are refused."""
+    from routertune.eval import router_sets
+
+    def setting(skip, kl, tokens=(10.0, 20.0)):
+        return {"skip": skip, "per_text_kl": kl, "per_text_tokens": list(tokens)}
+
+    def run(domains):
+        return {"domains": {d: {"settings": s} for d, s in domains.items()}}
+
+    a = run(
+        {
+            "x": {
+                "dense": setting(0, [0, 0]),
+                "routers @ 0.4": setting(0.0, [0, 0]),
+                "routers @ 0.5": setting(0.2, [2, 4]),
+            },
+            "y": {
+                "dense": setting(0, [0, 0]),
+                "routers @ 0.4": setting(0.0, [0, 0]),
+                "routers @ 0.5": setting(0.2, [4, 8]),
+            },
+        }
+    )
+    b = run(
+        {
+            "x": {"dense": setting(0, [0, 0]), "routers @ 0.6": setting(0.1, [2, 2]), "static 3": setting(0.1, [9, 9])},
+            "y": {"dense": setting(0, [0, 0]), "routers @ 0.6": setting(0.1, [1, 1]), "static 3": setting(0.1, [9, 9])},
+        }
+    )
+    out = router_sets.compare(a, b, [0.1, 0.5], iterations=500)
+    x = out["matched"]["x"]["rows"]["0.10"]
+    assert x["a"] == pytest.approx((1 + 2) / 30) and x["b"] == pytest.approx((2 + 2) / 30)
+    assert x["a_minus_b"] == pytest.approx(-1 / 30)
+    assert x["relative"] == pytest.approx(3 / 4 - 1)
+    assert x["relative_interval"][0] <= x["relative"] <= x["relative_interval"][1]
+    mixed = out["matched"]["mixed"]["rows"]["0.10"]
+    assert mixed["a"] == pytest.approx((1 + 2 + 2 + 4) / 60) and mixed["b"] == pytest.approx(6 / 60)
+    assert out["matched"]["x"]["rows"]["0.50"] == {"reached": False}  # no extrapolation
+    static = router_sets.compare(a, b, [0.1], b_prefix="static", iterations=100)
+    assert static["matched"]["y"]["rows"]["0.10"]["b"] == pytest.approx(18 / 30)
+    b["domains"]["y"]["settings"]["dense"]["per_text_tokens"] = [10.0, 21.0]
+    with pytest.raises(ValueError, match="different texts"):
+        router_sets.compare(a, b, [0.1])

@@ -54,8 +54,8 @@ FULL = dict(
     decode_tokens=32,
     searched_records=32,
 )
-# wall minutes on an idle 2-core machine, set-up excluded: the earlier 12-text size measured 22.5 minutes
-# (docs/demo.md); this size is estimated from that run's stage times, not yet measured end to end
+# wall minutes on an idle 2-core machine, set-up excluded: this size measured 14.2 minutes from a fresh clone
+# (docs/demo.md#measured-runs); the full size is an estimate from earlier full runs
 QUICK_MINUTES = "15"
 FULL_MINUTES = "40"
 FULL_COMMAND = "routertune demo --full"

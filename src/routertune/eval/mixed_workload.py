@@ -33,48 +33,66 @@ def mixed_workload(result: dict) -> dict:
         return skip, kl
 
     curves = {
-        kind: [pooled(n) for n in sorted(shared) if n == "dense" or n.startswith(kind)]
-        for kind in ("static", "routers")
+        kind: [pooled(n) for n in sorted(shared) if n == "dense" or n.startswith(prefix)]
+        for kind, prefix in (("static", "static"), ("searched", "searched static"), ("routers", "routers"))
     }
+    # the baselines this run traced (dense alone is no curve): 1 - cos static drop, and the searched order
+    baselines = [b for b in ("static", "searched") if len(curves[b]) > 1]
     out = {
         "domains": domains,
         "texts": int(len(tokens)),
-        "points": {k: [round(x, 4) for x, _ in sorted(v, key=lambda p: p[0])] for k, v in curves.items()},
+        "points": {k: [round(x, 4) for x, _ in sorted(v, key=lambda p: p[0])] for k, v in curves.items() if v},
+        "baselines": baselines,
         "matched": {},
     }
     for target in result["job"]["skip_targets"]:
-        static, routers = interpolate(curves["static"], target), interpolate(curves["routers"], target)
-        if static is None or routers is None:
+        routers = interpolate(curves["routers"], target)
+        at = {b: interpolate(curves[b], target) for b in baselines}
+        if routers is None or any(v is None for v in at.values()):
             out["matched"][f"{target:.2f}"] = {"reached": False}
             continue
-        diff, low, high = paired_bootstrap(routers[0], static[0], weights=tokens, iterations=result["job"]["bootstrap"])
-        out["matched"][f"{target:.2f}"] = {
+        entry = {
             "reached": True,
-            "static": float((static[0] * tokens).sum() / tokens.sum()),
             "routers": float((routers[0] * tokens).sum() / tokens.sum()),
-            "minus_static": diff,
-            "interval": [low, high],
-            "static_between": list(static[1]),
             "routers_between": list(routers[1]),
         }
+        for b, (values, between) in at.items():
+            diff, low, high = paired_bootstrap(
+                routers[0], values, weights=tokens, iterations=result["job"]["bootstrap"]
+            )
+            # 1 - cos static drop keeps its historical keys (minus_static, interval); the others are named
+            entry |= {
+                b: float((values * tokens).sum() / tokens.sum()),
+                f"minus_{b}": diff,
+                "interval" if b == "static" else f"{b}_interval": [low, high],
+                f"{b}_between": list(between),
+            }
+        out["matched"][f"{target:.2f}"] = entry
     return out
 
 
 def markdown(out: dict) -> str:
     """The markdown table of a `mixed_workload` result."""
+    baselines = out.get("baselines", ["static"])
+    names = {"static": "static (1 - cos)", "searched": "searched static"}
     lines = [
         f"Mixed workload ({', '.join(out['domains'])}; {out['texts']} texts, one threshold): KL(dense || setting) per token",
         "",
-        "| pooled measured skip | static | routers | routers - static [95% CI] | router points used |",
-        "|---|---|---|---|---|",
+        "| pooled measured skip | "
+        + " | ".join(names[b] for b in baselines)
+        + " | routers | "
+        + " | ".join(f"routers - {names[b]} [95% CI]" for b in baselines)
+        + " | router points used |",
+        "|---" * (3 + 2 * len(baselines)) + "|",
     ]
     for target, m in out["matched"].items():
         if not m["reached"]:
-            lines.append(f"| {float(target):.0%} | not reached | | | |")
+            lines.append(f"| {float(target):.0%} | not reached |" + " |" * (2 + 2 * len(baselines)))
             continue
-        lo, hi = m["interval"]
-        lines.append(
-            f"| {float(target):.0%} | {m['static']:.4f} | {m['routers']:.4f} | {m['minus_static']:+.4f} "
-            f"[{lo:+.4f}, {hi:+.4f}] | {m['routers_between'][0]:.3f}-{m['routers_between'][1]:.3f} |"
-        )
+        cells = [f"{m[b]:.4f}" for b in baselines] + [f"{m['routers']:.4f}"]
+        for b in baselines:
+            lo, hi = m["interval" if b == "static" else f"{b}_interval"]
+            cells.append(f"{m[f'minus_{b}']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        between = m["routers_between"]
+        lines.append(f"| {float(target):.0%} | " + " | ".join(cells) + f" | {between[0]:.3f}-{between[1]:.3f} |")
     return "\n".join(lines) + "\n"

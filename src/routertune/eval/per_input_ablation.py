@@ -36,7 +36,6 @@ import torch
 from routertune.eval import tradeoff
 from routertune.model import RoutedModel
 from routertune.train import data, importance
-from routertune.train.tune import mix_forms
 
 
 def part_statistics(routed: RoutedModel, tokenizer, records: int, cache: str | None = None) -> dict[int, dict]:
@@ -46,7 +45,7 @@ def part_statistics(routed: RoutedModel, tokenizer, records: int, cache: str | N
     if cache and Path(cache).is_file():
         features = torch.load(cache)
     else:
-        examples, _ = data.encode_records(mix_forms(data.default_records("train", n=records), 0.5), tokenizer, 256)
+        examples, _ = data.encode_records(data.mix_forms(data.default_records("train", n=records), 0.5), tokenizer, 256)
         batches = [data.collate(b, tokenizer.pad_token_id) for b in data.length_batches(examples, 8, 0)]
         features, _ = importance.collect(routed, batches)
         if cache:

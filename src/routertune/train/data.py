@@ -599,3 +599,16 @@ def length_batches(examples: Sequence[Example], batch_size: int, seed: int = 0) 
         batches.extend(pool[i : i + batch_size] for i in range(0, len(pool), batch_size))
     rng.shuffle(batches)
     return [[examples[index] for index in batch] for batch in batches]
+
+
+def mix_forms(records: list[dict], plain_share: float) -> list[dict]:
+    """Render a deterministic, evenly spread `plain_share` of the records as plain text (the rest stay chat)."""
+    out, owed = [], 0.0
+    for record in records:
+        owed += plain_share
+        if owed >= 1.0 - 1e-9:
+            owed -= 1.0
+            out.append(as_plain_text(record))
+        else:
+            out.append(record)
+    return out

@@ -84,10 +84,9 @@ def tuning_rows(
     `max_length`; the KL counts where the training loss does (the response tokens: position t predicts
     labelled token t + 1). Never held-out text."""
     from routertune.train import data
-    from routertune.train.tune import mix_forms
 
     if records is None:
-        records = mix_forms(data.default_records("train", n=n_records), plain_text)
+        records = data.mix_forms(data.default_records("train", n=n_records), plain_text)
     rows = []
     for example in data.encode_records(records[:n_records], tokenizer, max_length)[0]:
         labelled = [label != data.IGNORE_INDEX for label in example.labels]

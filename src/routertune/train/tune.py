@@ -321,8 +321,8 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 def _records(job: TuneJob) -> tuple[list[dict], list[dict]]:
     if job.data is None:
         return (
-            mix_forms(data.default_records("train", n=job.samples), job.plain_text),
-            mix_forms(data.default_records("heldout", n=job.heldout_samples), job.plain_text)
+            data.mix_forms(data.default_records("train", n=job.samples), job.plain_text),
+            data.mix_forms(data.default_records("heldout", n=job.heldout_samples), job.plain_text)
             if job.heldout_samples
             else [],
         )
@@ -331,16 +331,3 @@ def _records(job: TuneJob) -> tuple[list[dict], list[dict]]:
     n_heldout = min(job.heldout_samples, len(records) // 10)
     cut = len(records) - n_heldout
     return records[:cut][: job.samples], records[cut:]
-
-
-def mix_forms(records: list[dict], plain_share: float) -> list[dict]:
-    """Render a deterministic, evenly spread `plain_share` of the records as plain text (the rest stay chat)."""
-    out, owed = [], 0.0
-    for record in records:
-        owed += plain_share
-        if owed >= 1.0 - 1e-9:
-            owed -= 1.0
-            out.append(data.as_plain_text(record))
-        else:
-            out.append(record)
-    return out
