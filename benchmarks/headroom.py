@@ -113,6 +113,7 @@ def final(args, model, tokenizer) -> dict:
     ks = [k for k in args.ks if k <= min(len(order.order), settings["max_count"])]
     candidates = settings["candidates"]
     pad = tokenizer.pad_token_id
+    routers = dict(item.split("=", 1) for item in args.routers)
     importance = cos_importance(args, model, tokenizer)
     cos_sets = {k: importance.least_important(k, candidates) for k in ks}
     top = len(order.order)
@@ -123,6 +124,7 @@ def final(args, model, tokenizer) -> dict:
             "calibration_samples": args.calibration_samples,
             "bootstrap": args.bootstrap,
             "order_file": _relative(args.order),
+            "routers": {name: _relative(path) for name, path in routers.items()},
         },
         "searched_order": order.order,
         "searched_order_tuning_kl": order.kl,
@@ -159,6 +161,8 @@ def final(args, model, tokenizer) -> dict:
             "budget": {},
             "budget_in_sample": {},
         }
+        for name, path in routers.items():  # router sets: their trade-off curve at skip k / layers, per text
+            kl[name] = routers_at(path, domain, ks, model.config.num_hidden_layers, score_tokens)
         allocations = {}
         for k in ks:
             kl["best_static"][k] = prefix_score[:, k]
@@ -188,13 +192,18 @@ def final(args, model, tokenizer) -> dict:
                 str(k): [sorted(c[:k]) for c in entry.get("in_sample", {}).get("chains", [])] for k in ks
             },
             "summary": summary(kl, score_tokens, ks, args.bootstrap),
+            "gap_share": shares(kl, score_tokens, ks, routers, args.bootstrap),
         }
     pooled_kl = {
         name: {k: np.concatenate([per_domain[d][0][name][k] for d in per_domain]) for k in ks}
         for name in next(iter(per_domain.values()))[0]
     }
     pooled_tokens = np.concatenate([per_domain[d][1] for d in per_domain])
-    out["pooled"] = {"texts": int(len(pooled_tokens)), "summary": summary(pooled_kl, pooled_tokens, ks, args.bootstrap)}
+    out["pooled"] = {
+        "texts": int(len(pooled_tokens)),
+        "summary": summary(pooled_kl, pooled_tokens, ks, args.bootstrap),
+        "gap_share": shares(pooled_kl, pooled_tokens, ks, routers, args.bootstrap),
+    }
     write_json(Path(args.output) / "headroom.json", out)
     (Path(args.output) / "headroom.md").write_text(markdown(out) + "\n")
     return out
@@ -284,17 +293,49 @@ def static_row(searched, cos, tokens, iterations) -> dict:
     }
 
 
-METHODS = ("best_static", "cos_static", "reachable", "in_sample", "budget", "budget_in_sample")
+def routers_at(path: str, domain: str, ks, layers: int, score_tokens: np.ndarray) -> dict[int, np.ndarray]:
+    """A router set's per-text KL sums at measured skip k / layers, interpolated along its threshold sweep in
+    a `routertune tradeoff` result on the same texts (checked: the same scored tokens per text); NaN where the
+    sweep does not reach k."""
+    from routertune.eval.router_sets import curve
+    from routertune.stats import interpolate
+
+    result = json.loads(Path(path).read_text())
+    tokens = np.asarray(result["domains"][domain]["settings"]["dense"]["per_text_tokens"], dtype=np.float64)
+    if tokens.shape != score_tokens.shape or not np.allclose(tokens, score_tokens):
+        sys.exit(
+            f"{path}: its {domain} texts are not these (scored tokens differ); run it with --texts and --max-tokens as here"
+        )
+    points = curve(result, domain, "routers")
+    out = {}
+    for k in ks:
+        found = interpolate(points, k / layers)
+        out[k] = found[0] if found is not None else np.full(len(tokens), np.nan)
+    return out
+
+
+def shares(kl: dict, tokens: np.ndarray, ks, routers: dict, iterations: int) -> dict:
+    """Per router set and k: the share of the reachable gap (best static - reachable oracle) it closes."""
+    out = {}
+    for name in routers:
+        out[name] = {}
+        for k in ks:
+            if np.isnan(kl[name][k]).any():
+                continue
+            out[name][str(k)] = hr.gap_share(
+                kl["best_static"][k] / tokens, kl[name][k] / tokens, kl["reachable"][k] / tokens, tokens, iterations
+            )
+    return out
 
 
 def summary(kl: dict, tokens: np.ndarray, ks, iterations: int) -> dict:
     out = {}
     for k in ks:
-        per_token = {name: kl[name][k] / tokens for name in METHODS}
-        row = {"mean_kl": {name: float(kl[name][k].sum() / tokens.sum()) for name in METHODS}}
+        per_token = {name: kl[name][k] / tokens for name in kl}
+        row = {"mean_kl": {name: float(kl[name][k].sum() / tokens.sum()) for name in kl}}
         row["minus_best_static"] = {
             name: hr.gap_entry(per_token[name], per_token["best_static"], tokens, iterations)
-            for name in METHODS
+            for name in kl
             if name != "best_static" and not np.isnan(per_token[name]).any()
         }
         out[str(k)] = row
@@ -310,6 +351,7 @@ def markdown(result: dict) -> str:
         "budget": "budget oracle",
         "budget_in_sample": "budget in-sample",
     }
+    names |= {name: f"routers: {name}" for name in result["settings"].get("routers", {})}
     lines = [
         "Mean KL(dense || variant) per scored token (second halves); in brackets: minus best static "
         "(searched order), relative, with a 95% paired bootstrap interval over texts.",
@@ -332,6 +374,28 @@ def markdown(result: dict) -> str:
                     value += f" ({gap['relative']:+.0%} [{low:+.0%}, {high:+.0%}])"
                 cells.append(value)
             lines.append(f"| {where} ({n} texts) | {k} | " + " | ".join(cells) + " |")
+    share_rows = [
+        (where, name, k, entry)
+        for where, block in [*result["domains"].items(), ("pooled", result["pooled"])]
+        for name, per_k in block.get("gap_share", {}).items()
+        for k, entry in per_k.items()
+    ]
+    if share_rows:
+        lines += [
+            "",
+            "Share of the reachable gap (best static - reachable oracle) each router set closes, "
+            "(best static - routers) / (best static - reachable oracle), 95% bootstrap interval over texts "
+            "(resamples where the oracle is no better than static are left out and counted).",
+            "",
+            "| where | routers | k | gap (KL/token) | share | interval | resamples without a gap |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for where, name, k, e in share_rows:
+            low, high = e["interval"]
+            lines.append(
+                f"| {where} | {name} | {k} | {e['gap']:+.4f} | {e['share']:+.2f} | [{low:+.2f}, {high:+.2f}] | "
+                f"{e['resamples_without_gap']} |"
+            )
     return "\n".join(lines)
 
 
@@ -347,6 +411,12 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
+    parser.add_argument(
+        "--routers",
+        nargs="*",
+        default=[],
+        help="final: NAME=tradeoff.json of router sets to place in the table (a tradeoff run on the same texts)",
+    )
     parser.add_argument("--model", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

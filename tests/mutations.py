@@ -587,6 +587,14 @@ MUTANTS = [
         ("test_tradeoff.py::test_mixed_workload_pools_texts_and_interpolates_at_the_pooled_skip",),
         "the mixed stream's searched-order baseline is really 1 - cos static drop",
     ),
+    Mutant(
+        "export_static_takes_the_orders_tail",
+        "serve/export.py",
+        "    dropped = sorted(found.order[: job.static])\n",
+        "    dropped = sorted(found.order[-job.static :])\n",
+        ("test_serve.py::test_static_export_drops_the_searched_orders_first_layers_or_1_minus_cos_on_request",),
+        "export --static drops the searched order's last K layers, the costliest it found",
+    ),
 ]
 
 

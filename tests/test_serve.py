@@ -279,3 +279,50 @@ def test_a_static_drop_skips_its_layers_for_every_request_whatever_the_cache_or_
         static=Forcing("skip_set", frozenset({5})),
     )
     assert kept._decide(_batch([2]), [0, 2], [2], torch.randn(2, H)) == [True]  # a layer outside the set runs
+
+
+def test_static_export_drops_the_searched_orders_first_layers_or_1_minus_cos_on_request(routers, tmp_path):
+    """--static K takes the first K layers of the order searched on KL (by default, searched and cached; or
+    read from --static-order FILE); --static-order cos the K least important by 1 - cos. References: the search
+    run directly on the same model, and attention_importance on the export's calibration text."""
+    from routertune.base_model import load_model_and_tokenizer
+    from routertune.bench.variants import calibration_batches
+    from routertune.routing import static_drop as baselines
+    from routertune.train import static_order
+
+    folder, _, _ = routers
+    model, tokenizer = load_model_and_tokenizer(str(folder))
+    settings = static_order.OrderSettings(  # no chat template: plain text; the export's candidates
+        max_count=2, n_records=16, max_length=128, plain_text=1.0, candidates=[2, 3, 4]
+    )
+    direct = static_order.searched_order(model, tokenizer, settings, tmp_path / "direct.json")
+    report = export(ExportJob(output=str(tmp_path / "a"), model=str(folder), static=2, cache_dir=str(tmp_path / "c")))
+    assert report.dropped_layers == sorted(direct.order[:2]) and report.order == direct.order
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["routertune_static"] == {"dropped_layers": sorted(direct.order[:2]), "order": direct.order}
+    # from a file: a hand-made order of this model's weights is taken as it is
+    hand = static_order.StaticOrder(order=[4, 2], kl=[0.1, 0.2], model=static_order.model_identity(model))
+    (tmp_path / "hand.json").write_text(json.dumps(hand.to_json()))
+    read = export(
+        ExportJob(output=str(tmp_path / "b"), model=str(folder), static=2, static_order=str(tmp_path / "hand.json"))
+    )
+    assert read.dropped_layers == [2, 4]
+    first = export(
+        ExportJob(output=str(tmp_path / "b1"), model=str(folder), static=1, static_order=str(tmp_path / "hand.json"))
+    )
+    assert first.dropped_layers == [4]  # the order's first layer, not its last
+    too_far = ExportJob(
+        output=str(tmp_path / "d"), model=str(folder), static=3, static_order=str(tmp_path / "hand.json")
+    )
+    with pytest.raises(ValueError, match="holds 2 layers"):
+        export(too_far)
+    with pytest.raises(ValueError, match="only 3 candidate layers"):
+        export(
+            ExportJob(output=str(tmp_path / "e"), model=str(folder), static=4, static_order=str(tmp_path / "hand.json"))
+        )
+    with torch.no_grad():
+        importance = baselines.attention_importance(model, calibration_batches(model, tokenizer))
+    cos = export(ExportJob(output=str(tmp_path / "f"), model=str(folder), static=2, static_order="cos"))
+    assert cos.dropped_layers == importance.least_important(2, sorted(cos.importance))
+    with pytest.raises(ValueError, match="pass --static K too"):
+        ExportJob(output=str(tmp_path / "g"), routers="x", static_order="cos")
