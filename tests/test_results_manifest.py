@@ -194,3 +194,11 @@ def test_no_committed_file_holds_a_machine_path():
             if MACHINE_PATH.search(line):
                 found.append(f"{name}:{number}: {line.strip()[:120]}")
     assert not found, "absolute machine paths (use repository-relative paths):\n" + "\n".join(found)
+
+
+def test_the_shipped_static_order_is_the_committed_search():
+    """routertune ships the default model's searched order (train/orders/) for `train --prior searched` and
+    `export --static`: it must be the measured search in benchmarks/results, not a drifted copy."""
+    shipped = ROOT / "src" / "routertune" / "train" / "orders" / "SmolLM2-135M-Instruct.json"
+    committed = ROOT / "benchmarks" / "results" / "static-order" / "static_order.json"
+    assert json.loads(shipped.read_text()) == json.loads(committed.read_text())

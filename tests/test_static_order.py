@@ -165,3 +165,45 @@ def test_bad_settings_are_refused(model, tokenizer):
         so.searched_order(model, tokenizer, settings(max_count=7), records=RECORDS)
     with pytest.raises(ValueError, match="do not exist"):
         so.searched_order(model, tokenizer, settings(candidates=[1, 9]), records=RECORDS)
+
+
+def test_order_for_reads_a_file_takes_a_shipped_search_only_when_it_matches_and_else_searches(
+    model, tokenizer, tmp_path, monkeypatch
+):
+    """order_for: --static-order FILE is read; a search shipped for these weights with these settings is used
+    as it is (no search runs); one with other settings, or for other weights, is not: the search runs."""
+    identity = so.model_identity(model)
+    searches = []
+    real = so.searched_order
+
+    def counting(*args, **kwargs):
+        searches.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(so, "searched_order", counting)
+    shipped_dir = tmp_path / "orders"
+    shipped_dir.mkdir()
+    monkeypatch.setattr(so, "SHIPPED", shipped_dir)
+    # nothing shipped: searched here and cached
+    first = so.order_for(model, tokenizer, 2, cache_dir=tmp_path / "cache")
+    assert len(searches) == 1 and len(first.order) == 2
+    # shipped with these settings (the cached search itself, copied as a shipped file): used, no search
+    (cached,) = (tmp_path / "cache" / "static_order").glob("*.json")
+    shipped = so.StaticOrder.from_json(json.loads(cached.read_text()))
+    shipped.order = [first.order[1], first.order[0]]  # a different order, so its use is visible
+    (shipped_dir / "model.json").write_text(json.dumps(shipped.to_json()))
+    assert so.order_for(model, tokenizer, 2, cache_dir=tmp_path / "other").order == shipped.order
+    assert len(searches) == 1
+    # longer than shipped: searched
+    assert len(so.order_for(model, tokenizer, 3, cache_dir=tmp_path / "other").order) == 3
+    assert len(searches) == 2
+    # shipped for other weights: not used
+    shipped.model = {**shipped.model, "sha256": "0" * 64}
+    (shipped_dir / "model.json").write_text(json.dumps(shipped.to_json()))
+    assert so.order_for(model, tokenizer, 2, cache_dir=tmp_path / "third").order == first.order
+    assert len(searches) == 3
+    # a file is read as it is
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(so.StaticOrder(order=[5], kl=[0.1], model=identity).to_json()))
+    assert so.order_for(model, tokenizer, 4, path=path).order == [5]
+    assert len(searches) == 3

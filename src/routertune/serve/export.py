@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -187,28 +186,13 @@ def _static_layers(
         with torch.no_grad():
             importance = baselines.attention_importance(model, calibration_batches(model, tokenizer))
         return importance.least_important(job.static, candidates), importance.scores, None
-    from routertune.base_model import default_cache_dir
     from routertune.train import static_order
 
-    identity = static_order.model_identity(model)
-    if job.static_order is not None:
-        found = static_order.read_order(job.static_order, identity, flag="--static-order")
-    else:
-        # searched over the candidates (the routers' layers with --routers, so forced-to-static is comparable;
-        # else the layers an export routes by default);
-        # a tokenizer without a chat template (a base model) gets the tuning records as plain text only
-        plain = 0.5 if getattr(tokenizer, "chat_template", None) else 1.0
-        settings = static_order.OrderSettings(
-            max_count=job.static,
-            n_records=16,
-            max_length=128,
-            plain_text=plain,
-            candidates=list(candidates),
-        )
-        root = Path(job.cache_dir) if job.cache_dir else default_cache_dir()
-        among = hashlib.sha256(json.dumps([list(candidates), plain]).encode()).hexdigest()[:8]
-        path = root / "static_order" / f"{identity['sha256'][:16]}-export-{among}.json"
-        found = static_order.searched_order(model, tokenizer, settings, path, on_mismatch="recompute", log=print)
+    # searched over the candidates: the routers' layers with --routers (so forced-to-static is comparable), else
+    # the layers an export routes by default
+    found = static_order.order_for(
+        model, tokenizer, job.static, job.static_order, job.cache_dir, list(candidates), print
+    )
     if len(found.order) < job.static:
         raise ValueError(
             f"--static {job.static}: the searched order holds {len(found.order)} layers ({found.order}); extend "

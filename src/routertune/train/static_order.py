@@ -582,6 +582,55 @@ def read_order(path: str | Path, identity: dict, flag: str = "the static order f
     return found
 
 
+SHIPPED = Path(__file__).with_name("orders")  # searches shipped with the package (the embedded default model's)
+
+
+def shipped_order(identity: dict) -> StaticOrder | None:
+    """A search shipped with routertune for the model whose weights hash to identity["sha256"], if any."""
+    for path in sorted(SHIPPED.glob("*.json")):
+        found = StaticOrder.from_json(json.loads(path.read_text()))
+        if found.model.get("sha256") == identity["sha256"]:
+            return found
+    return None
+
+
+def order_for(
+    model: nn.Module,
+    tokenizer,
+    count: int,
+    path: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    candidates: list[int] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+    flag: str = "--static-order",
+) -> StaticOrder:
+    """The searched static order of `model`, at least `count` layers long where searched here: read from `path`
+    when given; else the search shipped with routertune for these weights when its settings are these; else
+    searched on the tuning data (16 records of at most 128 tokens, as plain text when the tokenizer has no chat
+    template) and cached under `cache_dir` (default: the routertune cache), continued there when longer is
+    needed."""
+    identity = model_identity(model)
+    if path is not None:
+        return read_order(path, identity, flag=flag)
+    if candidates is not None and list(candidates) == droppable_layers(int(model.config.num_hidden_layers)):
+        candidates = None  # the default candidates: the same search (and cache key) as passing none
+    plain = 0.5 if getattr(tokenizer, "chat_template", None) else 1.0
+    settings = OrderSettings(max_count=count, n_records=16, max_length=128, plain_text=plain, candidates=candidates)
+    shipped = shipped_order(identity)
+    if shipped is not None and len(shipped.order) >= count:
+        fingerprint = data_fingerprint(tuning_rows(tokenizer, settings.n_records, settings.max_length, plain))
+        if not _differences(shipped, settings, identity, fingerprint):
+            log(f"static order: the search shipped for this model: {shipped.order}")
+            return shipped
+    from routertune.base_model import default_cache_dir
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = hashlib.sha256(json.dumps(settings.key(), sort_keys=True).encode()).hexdigest()[:8]
+    cached = root / "static_order" / f"{identity['sha256'][:16]}-{key}.json"
+    log(f"static order: searching {count} layers on the tuning data (cached in {cached})")
+    return searched_order(model, tokenizer, settings, cached, on_mismatch="recompute", log=log)
+
+
 def run_static_order(
     output: str | Path,
     model: str | None = None,

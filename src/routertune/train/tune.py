@@ -210,26 +210,20 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
 
 
 def _prior_order(job: TuneJob, cfg: TrainConfig, model, tokenizer) -> list[int] | None:
-    """The searched static order the importance fit's prior follows (--prior searched), or None (mean 1 - cos).
-    Read from --static-order, else searched on the tuning data and cached, far enough for the target capacity
-    (two layers beyond the layers an average input skips)."""
+    """The searched static order the importance fit's prior follows (--prior searched), or None (mean 1 - cos):
+    from --static-order, else the search shipped for the model, else searched on the tuning data and cached,
+    far enough for the target capacity (two layers beyond what an average input skips)."""
     if cfg.prior != "searched":
         return None
-    from routertune.base_model import default_cache_dir
     from routertune.train import static_order
 
-    identity = static_order.model_identity(model)
-    if job.static_order:
-        found = static_order.read_order(job.static_order, identity, flag="--static-order")
-        log.info("prior: searched static order read from %s: %s", job.static_order, found.order)
-        return found.order
     candidates = job.layers or baselines.droppable_layers(int(model.config.num_hidden_layers))
     count = min(len(candidates), math.ceil((1 - cfg.target_capacity) * len(candidates)) + 2)
-    settings = static_order.OrderSettings(max_count=count, n_records=job.order_records, candidates=job.layers)
-    root = Path(job.cache_dir) if job.cache_dir else default_cache_dir()
-    path = root / "static_order" / f"{identity['sha256'][:16]}-{job.order_records}-train.json"
-    log.info("prior: searching the static order (%d layers, %d records; cached in %s)", count, job.order_records, path)
-    return static_order.searched_order(model, tokenizer, settings, path, on_mismatch="recompute", log=log.info).order
+    found = static_order.order_for(
+        model, tokenizer, count, job.static_order, job.cache_dir, candidates=job.layers, log=log.info
+    )
+    log.info("prior: the searched static order %s", found.order)
+    return found.order
 
 
 def _fit_importance(
