@@ -788,3 +788,34 @@ def test_router_sets_compares_two_runs_at_the_same_measured_skip():
     b["domains"]["y"]["settings"]["dense"]["per_text_tokens"] = [10.0, 21.0]
     with pytest.raises(ValueError, match="different texts"):
         router_sets.compare(a, b, [0.1])
+
+
+def test_router_sets_compares_runs_of_different_text_counts_on_their_common_texts():
+    """A run on 3 texts against one on the first 2: compared on those 2, a router point's skip taken as its mean
+    over them (per_text_skip); a run without per-text skips is refused rather than given the wrong skip."""
+    from routertune.eval import router_sets
+
+    def setting(skip, kl, tokens, per_text_skip=None):
+        out = {"skip": skip, "per_text_kl": kl, "per_text_tokens": tokens}
+        if per_text_skip is not None:
+            out["per_text_skip"] = per_text_skip
+        return out
+
+    three, two = [10.0, 20.0, 30.0], [10.0, 20.0]
+    a = {
+        "domains": {
+            "x": {
+                "settings": {
+                    "dense": setting(0, [0, 0, 0], three),
+                    # over all 3 texts skip 0.2; over the first two 0.1
+                    "routers @ 0.5": setting(0.2, [1, 2, 9], three, per_text_skip=[0.1, 0.1, 0.4]),
+                }
+            }
+        }
+    }
+    b = {"domains": {"x": {"settings": {"dense": setting(0, [0, 0], two), "static 3": setting(0.1, [3, 3], two)}}}}
+    row = router_sets.compare(a, b, [0.1], b_prefix="static", iterations=100)["matched"]["x"]["rows"]["0.10"]
+    assert row["a"] == pytest.approx(3 / 30) and row["b"] == pytest.approx(6 / 30)
+    del a["domains"]["x"]["settings"]["routers @ 0.5"]["per_text_skip"]
+    with pytest.raises(ValueError, match="no per-text skips"):
+        router_sets.compare(a, b, [0.1], b_prefix="static")

@@ -11,28 +11,52 @@ import numpy as np
 
 from routertune.stats import interpolate, paired_bootstrap
 
+ONE_SET = ("dense", "static ", "searched static ", "random ")  # settings that skip the same layers on every text
 
-def curve(result: dict, domain: str, prefix: str) -> list[tuple[float, np.ndarray]]:
-    """(measured skip, per-text KL sums) of the settings whose names start with `prefix`, plus dense."""
+
+def curve(result: dict, domain: str, prefix: str, texts: int | None = None) -> list[tuple[float, np.ndarray]]:
+    """(measured skip, per-text KL sums) of the settings whose names start with `prefix`, plus dense; with
+    `texts`, the first that many texts only (their skip is then the mean over those texts, where recorded)."""
     settings = result["domains"][domain]["settings"]
-    return [
-        (s["skip"], np.asarray(s["per_text_kl"], dtype=np.float64))
-        for name, s in settings.items()
-        if name == "dense" or name.startswith(prefix)
-    ]
+    out = []
+    for name, s in settings.items():
+        if name == "dense" or name.startswith(prefix):
+            kl = np.asarray(s["per_text_kl"], dtype=np.float64)[:texts]
+            skip = s["skip"]
+            if texts is not None and texts < len(s["per_text_kl"]):
+                if "per_text_skip" in s:
+                    skip = float(np.mean(s["per_text_skip"][:texts]))
+                elif not name.startswith(ONE_SET):  # a router's skip varies by text: its mean over a subset is unknown
+                    raise ValueError(
+                        f"{domain} {name!r}: this run recorded no per-text skips, so its first {texts} texts have no "
+                        "known measured skip; rerun it, or compare runs of the same --texts"
+                    )
+            out.append((skip, kl))
+    return out
 
 
-def pooled_curve(result: dict, domains: list[str], prefix: str) -> list[tuple[float, np.ndarray]]:
-    """The mixed stream's curve: settings present on every domain, skip averaged over all texts."""
-    settings = [result["domains"][d]["settings"] for d in domains]
-    shared = set(settings[0]).intersection(*settings[1:])
+def pooled_curve(
+    result: dict, domains: list[str], prefix: str, texts: dict[str, int] | None = None
+) -> list[tuple[float, np.ndarray]]:
+    """The mixed stream's curve: settings present on every domain, skip averaged over all texts (the first
+    texts[d] of each domain, when given)."""
+    shared = set(result["domains"][domains[0]]["settings"]).intersection(
+        *(result["domains"][d]["settings"] for d in domains[1:])
+    )
+    per_domain = {d: dict(curve_named(result, d, prefix, (texts or {}).get(d))) for d in domains}
     out = []
     for name in sorted(shared):
         if name == "dense" or name.startswith(prefix):
-            per_text = [np.asarray(s[name]["per_text_kl"], dtype=np.float64) for s in settings]
-            skip = sum(s[name]["skip"] * len(v) for s, v in zip(settings, per_text)) / sum(len(v) for v in per_text)
-            out.append((skip, np.concatenate(per_text)))
+            points = [per_domain[d][name] for d in domains]
+            skip = sum(x * len(v) for x, v in points) / sum(len(v) for _, v in points)
+            out.append((skip, np.concatenate([v for _, v in points])))
     return out
+
+
+def curve_named(result: dict, domain: str, prefix: str, texts: int | None = None) -> list[tuple[str, tuple]]:
+    """curve(), with each point's setting name."""
+    names = [n for n in result["domains"][domain]["settings"] if n == "dense" or n.startswith(prefix)]
+    return list(zip(names, curve(result, domain, prefix, texts)))
 
 
 def relative_interval(
@@ -60,20 +84,25 @@ def compare(
     domains = [d for d in a["domains"] if d in b["domains"]]
     if not domains:
         raise ValueError("the two tradeoff results share no domain")
+    # runs of different --texts share their first texts (the same list, cut): compare on those
+    common = {}
     for d in domains:
-        if _texts(a, d) != _texts(b, d):
+        ta, tb = _texts(a, d), _texts(b, d)
+        n = min(len(ta), len(tb))
+        if ta[:n] != tb[:n]:
             raise ValueError(
                 f"domain {d}: the two runs scored different texts (token counts differ); rerun both with the same "
                 "--texts and --max-tokens"
             )
+        common[d] = n
     out = {"domains": domains, "a": a_prefix, "b": b_prefix, "matched": {}}
     places = [(d, [d]) for d in domains] + ([("mixed", domains)] if len(domains) > 1 else [])
     for place, members in places:
-        tokens = np.concatenate([np.asarray(_texts(a, d), dtype=np.float64) for d in members])
+        tokens = np.concatenate([np.asarray(_texts(a, d)[: common[d]], dtype=np.float64) for d in members])
         if len(members) == 1:
-            curves = curve(a, place, a_prefix), curve(b, place, b_prefix)
+            curves = curve(a, place, a_prefix, common[place]), curve(b, place, b_prefix, common[place])
         else:
-            curves = pooled_curve(a, members, a_prefix), pooled_curve(b, members, b_prefix)
+            curves = pooled_curve(a, members, a_prefix, common), pooled_curve(b, members, b_prefix, common)
         rows = {}
         for target in targets:
             at_a, at_b = interpolate(curves[0], target), interpolate(curves[1], target)

@@ -676,6 +676,8 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                     **s.summary(num_layers),
                     "per_text_kl": s.kl.tolist(),
                     "per_text_tokens": s.tokens.tolist(),
+                    # each text's skipped share, so that a comparison on a subset of texts measures its own skip
+                    "per_text_skip": (s.skipped / num_layers).tolist(),
                 }
                 for v, s in scores.items()
             },
