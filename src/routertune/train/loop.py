@@ -69,10 +69,10 @@ class TrainConfig:
             "help": "importance objective: what each router predicts per input: absolute (log importance) or relative (log importance minus the input's mean over the routed layers: layers reordered per input, about the same number skipped for every input)"
         },
     )
-    prior: str = field(
-        default="importance",
+    prior: str | None = field(
+        default=None,
         metadata={
-            "help": "importance objective: the order in which the routers' prior (what they do for an average input) skips layers: importance (lowest mean 1 - cos first, static drop's) or searched (the static order searched on KL to the dense model: --static-order, or searched and cached on first use)"
+            "help": "importance objective: the order in which the routers' prior (what they do for an average input) skips layers (default: searched for sequence routers, importance for token routers, where it was not measured): searched (the static order searched on KL to the dense model over the tuning data: --static-order FILE, the search shipped for the default model, or searched on first use and cached; the default: 17%% lower held-out loss gap and closer to dense than 1 - cos at every skip, docs/evaluation.md#routers-on-the-searched-order) or importance (lowest mean 1 - cos first, the previous default)"
         },
     )
     trust_down: float = field(
@@ -126,9 +126,9 @@ class TrainConfig:
                     f"{name} bounds the importance fit's per-input part; objective "
                     f"{self.objective!r} has no prior to bound it around (use --objective importance)"
                 )
-        if self.prior not in PRIORS:
+        if self.prior is not None and self.prior not in PRIORS:
             problems.append(f"prior={self.prior!r} is not one of {', '.join(PRIORS)}")
-        elif self.prior != "importance" and self.objective != "importance":
+        elif self.prior is not None and self.objective != "importance":
             problems.append(
                 f"prior={self.prior!r} orders the importance fit's prior; objective {self.objective!r} has none "
                 "(use --objective importance)"

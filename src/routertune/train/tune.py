@@ -213,7 +213,9 @@ def _prior_order(job: TuneJob, cfg: TrainConfig, model, tokenizer) -> list[int] 
     """The searched static order the importance fit's prior follows (--prior searched), or None (mean 1 - cos):
     from --static-order, else the search shipped for the model, else searched on the tuning data and cached,
     far enough for the target capacity (two layers beyond what an average input skips)."""
-    if cfg.prior != "searched":
+    # the default follows the evidence: measured for sequence routers; token routers keep 1 - cos (not measured)
+    default = "searched" if job.unit == "sequence" else "importance"
+    if (cfg.prior or default) != "searched":
         return None
     from routertune.train import static_order
 
