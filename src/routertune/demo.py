@@ -295,7 +295,7 @@ def _run_demo(job: DemoJob, announce, finished) -> DemoResult:
     stage(
         "train",
         f"routers fitted to per-input attention importance on {job.samples} samples of the offline "
-        f"mix, capacity {job.capacity} -> {out}",
+        f"mix, their prior the searched static order, capacity {job.capacity} -> {out}",
     )
     tune = pipeline.tune(
         pipeline.TuneJob(
@@ -305,6 +305,7 @@ def _run_demo(job: DemoJob, announce, finished) -> DemoResult:
             samples=job.samples,
             heldout_samples=job.heldout_samples,
             overwrite=True,
+            static_order=job.searched_order,  # the order the trade-off compares with (None: shipped or searched)
         ),
         TrainConfig(target_capacity=job.capacity),
     )
