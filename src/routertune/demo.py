@@ -11,6 +11,7 @@ tests listen to, so that no part runs silently for minutes.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ QUICK_MINUTES = "15"
 FULL_MINUTES = "40"
 FULL_COMMAND = "routertune demo --full"
 FULL_DOCS = "docs/evaluation.md and docs/demo.md"
+REPO_HEADROOM = "benchmarks/results/headroom/headroom.json"  # the per-input oracles, measured (committed)
 REPO_ORDER = "benchmarks/results/static-order/static_order.json"  # the searched static order, committed  # where the measurements that decide are written up
 HELP = (
     f"main job: train, generate, trade-off vs static and random drop, benchmark, report, summary; about "
@@ -452,6 +454,28 @@ def _claim(out: Path, job: DemoJob) -> None:
     write_json(out / JOB_NAME, asdict(job))
 
 
+def headroom_lines(path: str) -> list[str]:
+    """The reachable oracle beside the routers and the searched order, from the repository's committed headroom
+    measurement (per-input oracles cost too much for a demo): one line, or none where the file is missing."""
+    if not Path(path).is_file():
+        return []
+    pooled = json.loads(Path(path).read_text())["pooled"]
+    cells = []
+    for k, row in pooled["summary"].items():
+        gap = row["minus_best_static"].get("reachable")
+        if gap is None:
+            continue
+        low, high = gap["relative_interval"]
+        cells.append(f"{int(k)} layers: {gap['relative']:+.0%} [{low:+.0%}, {high:+.0%}]")
+    if not cells:
+        return []
+    return [
+        "How much any router could gain (the reachable oracle: each text's own best set, chosen on the half a "
+        f"router sees, against the searched order, KL on the other half; committed measurement on "
+        f"{pooled['texts']} texts, not rerun here, {path}): " + "; ".join(cells) + "."
+    ]
+
+
 def summary_table(result: DemoResult) -> list[str]:
     """Markdown: the routers beside static drop at matched measured skip (quality, with paired intervals),
     what the routers did per prompt, and speed with its interval."""
@@ -502,6 +526,7 @@ def summary_table(result: DemoResult) -> list[str]:
             "not traced: its search takes minutes of one thread per layer. `--searched-static` searches it "
             "(cached afterwards), `--searched-order FOLDER` reads a search of this model."
         )
+    lines += headroom_lines(REPO_HEADROOM) if searched else []
     if not result.tradeoff.get("tasks"):
         lines.append(
             "Accuracy was not measured: on a few hundred items a task its intervals are several points "
