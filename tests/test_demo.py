@@ -185,13 +185,13 @@ def test_tradeoff_refuses_a_searched_order_of_another_model(tmp_path):
 
 
 def test_the_summary_quotes_the_committed_reachable_oracle_and_nothing_without_it(tmp_path):
+    import json
+
     from routertune.demo import headroom_lines
 
     assert headroom_lines(str(tmp_path / "missing.json")) == []
     gap = {"relative": -0.12, "relative_interval": [-0.3, 0.05]}
     path = tmp_path / "headroom.json"
-    path.write_text(
-        json.dumps({"pooled": {"texts": 48, "summary": {"6": {"minus_best_static": {"reachable": gap}}}}})
-    )
+    path.write_text(json.dumps({"pooled": {"texts": 48, "summary": {"6": {"minus_best_static": {"reachable": gap}}}}}))
     (line,) = headroom_lines(str(path))
     assert "6 layers: -12% [-30%, +5%]" in line and "48 texts" in line
