@@ -72,7 +72,7 @@ class TrainConfig:
     prior: str | None = field(
         default=None,
         metadata={
-            "help": "importance objective: the order in which the routers' prior (what they do for an average input) skips layers (default: searched for sequence routers, importance for token routers, where it was not measured): searched (the static order searched on KL to the dense model over the tuning data: --static-order FILE, the search shipped for the default model, or searched on first use and cached; the default: 17%% lower held-out loss gap and closer to dense than 1 - cos at every skip, docs/evaluation.md#routers-on-the-searched-order) or importance (lowest mean 1 - cos first, the previous default)"
+            "help": "importance objective: the order in which the routers' prior (what they do for an average input) skips layers (default: searched for sequence routers, importance for token routers, where it was not measured): searched (the static order searched on KL to the dense model over the tuning data: --static-order FILE, the search shipped for the default model, or searched on first use and cached; the default: never measurably further from dense than the best static order at 10-30%% skip, and closer than the previous default below about 23%%, docs/evaluation.md#routers-on-the-searched-order) or importance (lowest mean 1 - cos first, the previous default; better above about 25%% skip on mixed traffic)"
         },
     )
     trust_down: float = field(

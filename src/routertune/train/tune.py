@@ -86,7 +86,7 @@ class TuneJob:
     static_order: str | None = field(
         default=None,
         metadata={
-            "help": "with --prior searched: a static_order.json (or its folder) searched on this model; default: searched on the tuning data on first use and cached under --cache-dir"
+            "help": "with --prior searched: a static_order.json (or its folder) searched on this model; default: the search shipped for the default model, else searched on the tuning data on first use and cached under --cache-dir"
         },
     )
     order_records: int = field(
