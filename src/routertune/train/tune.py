@@ -253,7 +253,8 @@ def _fit_importance(
             batches,
             heldout,
             cfg.target_capacity,
-            shrink=cfg.shrink,
+            # the default follows the evidence for each prior (TrainConfig.shrink's help)
+            shrink=cfg.shrink if cfg.shrink is not None else (1.0 if order is not None else 0.5),
             target=cfg.importance_target,
             trust=trust_bounds(cfg, routed.router_config.unit),
             progress=bar.update,
