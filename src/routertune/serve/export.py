@@ -93,7 +93,6 @@ class ExportReport:
 
 
 def export(job: ExportJob) -> ExportReport:
-
     from routertune.base_model import load_model_and_tokenizer, resolve_model_path
 
     from ..model import RoutedModel

@@ -89,12 +89,6 @@ class TuneJob:
             "help": "with --prior searched: a static_order.json (or its folder) searched on this model; default: the search shipped for the default model, else searched on the tuning data on first use and cached under --cache-dir"
         },
     )
-    order_records: int = field(
-        default=16,
-        metadata={
-            "help": "with --prior searched and no --static-order: tuning records the static order is searched on"
-        },
-    )
     lora_rank: int = field(
         default=0, metadata={"help": "also train LoRA (q_proj, v_proj) of this rank with the routers (0 = off)"}
     )
