@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routertune.base_model import portable_name
+from routertune.base_model import default_cache_dir, portable_name
 from routertune.files import write_json
 from routertune.routing import arch
 from routertune.routing.static_drop import droppable_layers
@@ -622,8 +622,6 @@ def order_for(
         if not _differences(shipped, settings, identity, fingerprint):
             log(f"static order: the search shipped for this model: {shipped.order}")
             return shipped
-    from routertune.base_model import default_cache_dir
-
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = hashlib.sha256(json.dumps(settings.key(), sort_keys=True).encode()).hexdigest()[:8]
     cached = root / "static_order" / f"{identity['sha256'][:16]}-{key}.json"
