@@ -194,16 +194,23 @@ def test_order_for_reads_a_file_takes_a_shipped_search_only_when_it_matches_and_
     (shipped_dir / "model.json").write_text(json.dumps(shipped.to_json()))
     assert so.order_for(model, tokenizer, 2, cache_dir=tmp_path / "other").order == shipped.order
     assert len(searches) == 1
+    # shipped with other settings (fewer records): not used, searched here
+    other = so.StaticOrder.from_json(shipped.to_json())
+    other.settings = {**other.settings, "n_records": 8}
+    (shipped_dir / "model.json").write_text(json.dumps(other.to_json()))
+    assert so.order_for(model, tokenizer, 2, cache_dir=tmp_path / "other").order == first.order
+    assert len(searches) == 2
+    (shipped_dir / "model.json").write_text(json.dumps(shipped.to_json()))
     # longer than shipped: searched
     assert len(so.order_for(model, tokenizer, 3, cache_dir=tmp_path / "other").order) == 3
-    assert len(searches) == 2
+    assert len(searches) == 3
     # shipped for other weights: not used
     shipped.model = {**shipped.model, "sha256": "0" * 64}
     (shipped_dir / "model.json").write_text(json.dumps(shipped.to_json()))
     assert so.order_for(model, tokenizer, 2, cache_dir=tmp_path / "third").order == first.order
-    assert len(searches) == 3
+    assert len(searches) == 4
     # a file is read as it is
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(so.StaticOrder(order=[5], kl=[0.1], model=identity).to_json()))
     assert so.order_for(model, tokenizer, 4, path=path).order == [5]
-    assert len(searches) == 3
+    assert len(searches) == 4
