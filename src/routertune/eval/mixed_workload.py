@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from routertune.eval.router_sets import pooled_curve
 from routertune.stats import interpolate, paired_bootstrap
 
 
@@ -22,18 +23,10 @@ def mixed_workload(result: dict) -> dict:
     """The pooled comparison of a tradeoff.json result (its per-text KL and skips): curve points and, per
     skip target, both curves interpolated per text with the paired bootstrap of routers - static."""
     domains = list(result["domains"])
-    settings = [result["domains"][d]["settings"] for d in domains]
-    shared = set(settings[0]).intersection(*settings[1:])
-    tokens = np.concatenate([np.array(s["dense"]["per_text_tokens"]) for s in settings])
-
-    def pooled(name: str) -> tuple[float, np.ndarray]:
-        # skip: mean over all texts (each domain's mean weighted by its text count); KL per text per token
-        skip = sum(s[name]["skip"] * len(s[name]["per_text_kl"]) for s in settings) / len(tokens)
-        kl = np.concatenate([np.array(s[name]["per_text_kl"]) for s in settings]) / tokens
-        return skip, kl
-
+    tokens = np.concatenate([np.array(result["domains"][d]["settings"]["dense"]["per_text_tokens"]) for d in domains])
+    # pooled: skip averaged over all texts, KL per text per token (routertune.eval.router_sets.pooled_curve)
     curves = {
-        kind: [pooled(n) for n in sorted(shared) if n == "dense" or n.startswith(prefix)]
+        kind: [(x, kl / tokens) for x, kl in pooled_curve(result, domains, prefix)]
         for kind, prefix in (("static", "static"), ("searched", "searched static"), ("routers", "routers"))
     }
     # the baselines this run traced (dense alone is no curve): 1 - cos static drop, and the searched order
