@@ -531,6 +531,34 @@ def test_accuracy_settings_bracket_a_router_point_outside_the_targets_span():
     assert [v.threshold for v in chosen if v.kind == "routers"] == [0.4, 0.5]
 
 
+def test_accuracy_against_the_searched_order_alone():
+    """--accuracy-settings searched runs the searched order (no 1 - cos static drop) around each target, and
+    compares the routers with it where they measured their skip: the searched order interpolated between its
+    counts, paired per item, computed here by hand."""
+    variants = [tradeoff.Variant("static", k=k) for k in range(0, 4)]
+    variants += [tradeoff.Variant("searched", k=k, drop=tuple(range(k))) for k in range(1, 4)]
+    job = tradeoff.TradeoffJob(routers="x", skip_targets=[0.1], accuracy_settings="searched", searched_order="o")
+    chosen = tradeoff._accuracy_settings(variants, {0.4: 0.1, 0.5: 0.2}, job, 30)
+    assert {v.kind for v in chosen} == {"searched", "routers"} and [v.k for v in chosen if v.kind != "routers"] == [3]
+
+    rng = np.random.default_rng(0)
+    two, three, routers = (rng.integers(0, 2, 400).astype(float) for _ in range(3))
+    scores = {
+        tradeoff.Variant("searched", k=2, drop=(0, 1)): tradeoff.TaskScores(two, 2 / 30),
+        tradeoff.Variant("searched", k=3, drop=(0, 1, 2)): tradeoff.TaskScores(three, 3 / 30),
+        tradeoff.Variant("routers", threshold=0.5): tradeoff.TaskScores(routers, 2.5 / 30),
+    }
+    entry = tradeoff.task_matched(scores, [2.5 / 30], [0.1], iterations=200)["0.10"]
+    assert "static" not in entry and entry["at"] == pytest.approx(2.5 / 30)
+    expected = routers.mean() - (two.mean() + three.mean()) / 2  # halfway between searched 2 and 3
+    assert entry["routers"]["minus_searched"] == pytest.approx(expected)
+    low, high = entry["routers"]["interval_searched"]
+    assert low <= expected <= high
+    assert "| - |" in tradeoff.markdown_table({"matched": {"arc_easy": {"0.10": entry}}, "tasks": {"arc_easy": {}}})
+    with pytest.raises(ValueError, match="searched static order"):
+        tradeoff.TradeoffJob(routers="x", accuracy_settings="searched", searched_static=False)
+
+
 def test_static_counts_are_added_around_the_router_points_measured_skip():
     """The accuracy run's router points measure their skip on all the items, which can leave static drop's
     estimated counts on one side of it (the full demo: PIQA at 9.7% and 20.3% with static 3 and 6 run, both

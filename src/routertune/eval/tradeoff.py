@@ -416,7 +416,7 @@ class TradeoffJob:
     accuracy_settings: str = field(
         default="matched",
         metadata={
-            "help": "which settings the (costly) accuracy runs on: 'matched' (static drop at the targets and, per target, the router point nearest it on the task's contexts; dense is not run) or 'all' (every setting, dense included)"
+            "help": "which settings the (costly) accuracy runs on: 'matched' (static drop at the targets and, per target, the router point nearest it on the task's contexts; dense is not run), 'searched' (the same, with the searched static order as the only static baseline: a third fewer passes) or 'all' (every setting, dense included)"
         },
     )
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
@@ -446,8 +446,13 @@ class TradeoffJob:
             problems.append(f"skip_targets={self.skip_targets} must lie in (0, 1)")
         if self.thresholds is not None and any(not 0 < t < 1 for t in self.thresholds):
             problems.append(f"thresholds={self.thresholds} must lie in (0, 1)")
-        if self.accuracy_settings not in ("matched", "all"):
-            problems.append(f"accuracy_settings={self.accuracy_settings!r} is not one of matched, all")
+        if self.accuracy_settings not in ("matched", "searched", "all"):
+            problems.append(f"accuracy_settings={self.accuracy_settings!r} is not one of matched, searched, all")
+        if self.accuracy_settings == "searched" and not (self.searched_static or self.searched_order):
+            problems.append(
+                "accuracy_settings='searched' compares against the searched static order: keep --searched-static "
+                "on or pass --searched-order"
+            )
         if self.limit is not None and self.limit < 0:
             problems.append(f"limit={self.limit} must be >= 0 (0 = full sets)")
         if problems:
@@ -755,8 +760,8 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             missing = [
                 static_variant(k)
                 for k in static_counts_to_add(measured, have, job.skip_targets, num_layers)
-                if k <= len(candidates) and job.max_drop > 0
-            ]  # --max-drop 0: no static drop here
+                if k <= len(candidates) and job.max_drop > 0 and job.accuracy_settings != "searched"
+            ]  # --max-drop 0: no static drop here; --accuracy-settings searched: only the searched order
             if order is not None:  # the searched order too, at the same counts (dense is shared)
                 have = {v.k for v in per_task[task.name] if v.kind in ("searched", "dense")}
                 missing += [
@@ -769,16 +774,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
             for variant in missing:
                 score(variant)
             bar.close()
-            curves = _accuracy_curves(per_task[task.name])
-            result["matched"][task.name] = {}
-            for t in job.skip_targets:
-                # compared where the router point nearest the target measured its skip on the items (the
-                # accuracy runs hold one router point per target); static drop is interpolated there
-                at = min(measured, key=lambda x: abs(x - t), default=t)  # router points only, never dense's 0
-                entry = compare_curves(curves, at, iterations=job.bootstrap)
-                against_searched(entry, curves, at, iterations=job.bootstrap)
-                entry["at"] = at
-                result["matched"][task.name][f"{t:.2f}"] = entry
+            result["matched"][task.name] = task_matched(per_task[task.name], measured, job.skip_targets, job.bootstrap)
             save()
     save()
     (output / "tradeoff.md").write_text(markdown_table(result) + "\n")
@@ -974,6 +970,30 @@ def task_context_skips(
     return out
 
 
+def task_matched(scores: dict, measured: Sequence[float], targets: Sequence[float], iterations: int) -> dict:
+    """Per target, a task's curves compared where the router point nearest it measured its skip on the items
+    (the accuracy runs hold one router point per target; the static curves are interpolated there): routers
+    minus static drop, and minus the searched order when it ran; when only the searched order ran
+    (--accuracy-settings searched) it is the baseline, the routers' entry carrying minus_searched and
+    interval_searched as in the other case."""
+    curves = _accuracy_curves(scores)
+    if not curves["static"]:
+        del curves["static"]
+    out = {}
+    for t in targets:
+        at = min(measured, key=lambda x: abs(x - t), default=t)  # router points only, never dense's 0
+        if "static" in curves:
+            entry = compare_curves(curves, at, iterations=iterations)
+            against_searched(entry, curves, at, iterations=iterations)
+        else:
+            entry = compare_curves(curves, at, iterations=iterations, baseline="searched")
+            if entry["routers"].get("reached"):
+                entry["routers"]["interval_searched"] = entry["routers"].pop("interval")
+        entry["at"] = at
+        out[f"{t:.2f}"] = entry
+    return out
+
+
 def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, num_layers: int) -> list[Variant]:
     """The fewest settings a paired accuracy comparison at each target needs (each costs a pass over every
     item): static drop at the layer counts around each target, and per target the one router threshold whose
@@ -982,9 +1002,10 @@ def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, nu
     the span between two adjacent targets' layer counts."""
     chosen = []
     low, high = min(job.skip_targets), max(job.skip_targets)
+    kinds = ("searched",) if job.accuracy_settings == "searched" else ("static", "searched")
     for t in job.skip_targets:  # target by target, so that a run cut short still holds whole comparisons
         for v in variants:  # static drop and the searched order at the layer counts around the target
-            if v.kind in ("static", "searched") and v.k in (
+            if v.kind in kinds and v.k in (
                 math.floor(t * num_layers + 1e-9),
                 math.ceil(t * num_layers - 1e-9),
             ):
@@ -998,7 +1019,7 @@ def _accuracy_settings(variants, skips: dict[float, float], job: TradeoffJob, nu
         # static drop is interpolated at the router point's skip: when no point lies inside the targets' span
         # (the fallback above), also run the static k on either side of it, or the comparison is not reached
         around = {math.floor(skips[best] * num_layers + 1e-9), math.ceil(skips[best] * num_layers - 1e-9)}
-        chosen += [v for v in variants if v.kind in ("static", "searched") and v.k in around and not candidates]
+        chosen += [v for v in variants if v.kind in kinds and v.k in around and not candidates]
     return list(dict.fromkeys(chosen))
 
 
