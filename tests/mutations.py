@@ -595,6 +595,30 @@ MUTANTS = [
         ("test_serve.py::test_static_export_drops_the_searched_orders_first_layers_or_1_minus_cos_on_request",),
         "export --static drops the searched order's last K layers, the costliest it found",
     ),
+    Mutant(
+        "fixed_template_ignored_in_hf",
+        "routing/inject.py",
+        "        if fixed and past_length == 0:",
+        "        if False:",
+        ("test_template.py",),
+        "routers trained with --pool content decide from whole prompts in RoutedModel",
+    ),
+    Mutant(
+        "fixed_template_ignored_in_vllm",
+        "serve/attention.py",
+        "            spans = [batch.requests[i].pool_span(self.fixed_template) for i in pending]",
+        "            spans = [(0, batch.requests[i].prompt_len) for i in pending]",
+        ("test_serve.py::test_a_fixed_chat_template_is_pooled_without",),
+        "the served routers decide from whole prompts though trained without the template",
+    ),
+    Mutant(
+        "fixed_template_ignored_in_the_fit",
+        "train/importance.py",
+        'current["pool"] = content_mask(batch["input_ids"], pool, routed.router_config.fixed_template)',
+        'current["pool"] = pool',
+        ("test_template.py",),
+        "the importance fit regresses on whole-prompt features that the routers will not see",
+    ),
 ]
 
 

@@ -240,6 +240,21 @@ def test_prefill_decides_from_the_mean_of_its_prompt_and_decode_reuses_it():
     assert not decode.recomputed
 
 
+def test_a_fixed_chat_template_is_pooled_without():
+    """Routers trained with --pool content: a prompt that starts (ends) with the template's fixed tokens decides
+    from the mean of the rest; a prompt without them from the mean of all its tokens."""
+    attn = _attention()
+    attn.fixed_template = [[7, 8], [9]]
+    w, b = attn.router.weight.detach()[0], float(attn.router.bias)
+    hidden = torch.randn(9, H)
+    batch = _batch([5, 4])
+    batch.requests[0].prompt_ids = (7, 8, 1, 2, 9)  # head, two varying tokens, tail
+    batch.requests[1].prompt_ids = (1, 2, 3, 4)
+    attn._decide(batch, starts=[0, 5, 9], seq_lens=[5, 4], hidden_states=hidden)
+    for req, (i, j) in zip(batch.requests, ((2, 4), (5, 9))):
+        assert req.scores[5] == pytest.approx(float(torch.sigmoid(hidden[i:j].mean(0) @ w + b)), abs=1e-6)
+
+
 def test_recompute_after_preemption_keeps_the_decision_and_is_flagged():
     attn = _attention()
     batch = _batch([3], decisions=[False])

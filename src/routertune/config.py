@@ -76,6 +76,15 @@ class RouterConfig:
         },
     )
 
+    fixed_template: list[list[int]] | None = field(
+        default=None,
+        metadata={
+            "help": "sequence unit only: [head, tail], the token ids every prompt of the chat template starts and "
+            "ends with; a prompt that starts (ends) with them pools its decisions without them, so the routers "
+            "read what varies (set by `routertune train --pool content`; routertune.routing.template)"
+        },
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.base_model, dict):
             self.base_model = BaseModelIdentity(**self.base_model)
@@ -95,6 +104,22 @@ class RouterConfig:
             problems.append(
                 f"token_sink={self.token_sink!r} must be an integer >= 0: how many leading tokens always run"
             )
+        if self.fixed_template is not None:
+            ok = (
+                isinstance(self.fixed_template, (list, tuple))
+                and len(self.fixed_template) == 2
+                and all(isinstance(part, (list, tuple)) for part in self.fixed_template)
+                and all(isinstance(i, int) and not isinstance(i, bool) for part in self.fixed_template for i in part)
+            )
+            if not ok:
+                problems.append(
+                    f"fixed_template={self.fixed_template!r} must be [head token ids, tail token ids] "
+                    "(routertune.routing.template.fixed_template_ids(tokenizer) finds them)"
+                )
+            elif self.unit != "sequence":
+                problems.append("fixed_template needs unit='sequence': token routers read each token, not a mean")
+            else:
+                self.fixed_template = [list(part) for part in self.fixed_template]
         problems += _threshold_problems("threshold", self.threshold)
         for layer, value in (self.layer_thresholds or {}).items():
             problems += _threshold_problems(f"layer_thresholds[{layer}]", value)

@@ -24,6 +24,7 @@ from routertune.routing.state import (
     current_forcing,
     resolve_pool_mask,
 )
+from routertune.routing.template import content_mask
 
 # keyword arguments of a sublayer call that carry a batch dimension and must follow the row selection
 _BATCHED_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
@@ -191,7 +192,7 @@ def add_routers(
         else:
             setattr(block, name, wrapper)
         wrappers[idx] = wrapper
-    _hook_decoder(arch.decoder_of(model), model, wrappers, cache_cls)
+    _hook_decoder(arch.decoder_of(model), model, wrappers, cache_cls, config)
     return wrappers
 
 
@@ -233,9 +234,14 @@ def set_trainable(model: nn.Module) -> int:
 
 
 def _hook_decoder(
-    decoder: nn.Module, model: nn.Module, wrappers: dict[int, RoutedSublayer], cache_cls: type = RoutedCache
+    decoder: nn.Module,
+    model: nn.Module,
+    wrappers: dict[int, RoutedSublayer],
+    cache_cls: type = RoutedCache,
+    config: RouterConfig | None = None,
 ) -> None:
-    """Give every decoder call its own RoutingCall (read from the call's arguments, never stored on modules)."""
+    """Give every decoder call its own RoutingCall (read from the call's arguments, never stored on modules).
+    `config` is read at each call (its fixed_template, like its thresholds, may be set after the routers)."""
     original = decoder.forward
     signature = inspect.signature(original)
     routed_layers = frozenset(wrappers)
@@ -292,10 +298,14 @@ def _hook_decoder(
         inputs = arguments.get("input_ids")
         inputs = inputs if inputs is not None else arguments.get("inputs_embeds")
         mask = resolve_pool_mask(arguments.get("attention_mask"), inputs)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        fixed = config.fixed_template if config is not None else None
+        if fixed and past_length == 0:  # the prompt's call: pool over what varies in it
+            mask = content_mask(arguments.get("input_ids"), mask, fixed)
         call = RoutingCall(
             pool_mask=mask,
             cache=cache,
-            past_length=cache.get_seq_length() if cache is not None else 0,
+            past_length=past_length,
             training=training,
             forcing=forcing,
             attention_mask=attention_mask,

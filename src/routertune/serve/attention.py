@@ -3,7 +3,8 @@
 vLLM packs a step's requests as consecutive token segments (``query_start_loc``). At a routed layer:
 
 * every request decides once, at its prefill (no tokens in the cache yet: context 0), from the mean of the
-  layer's normed input over its prompt tokens (fp32, as ``routertune.routing.router``); the decision is stored on the
+  layer's normed input over its prompt tokens (fp32, as ``routertune.routing.router``; without the chat
+  template's fixed ends when the routers were trained so, ``routertune.routing.template``); the decision is stored on the
   request and reused by its decode steps and by the recompute after a preemption. A prefill that starts from
   cached context (chunked prefill, prefix-cache hit) is refused: the decision would see part of the prompt;
 * when some requests skip, the layer's attention metadata and slot mapping are swapped for those of the
@@ -75,6 +76,8 @@ class RoutedAttention:
     # a static-drop export's fixed decision for every request (models.py): no router, no per-request setting,
     # whatever the prompt or the cached context (so chunked prefill and prefix caching are fine)
     static: Forcing | None = None
+    # the chat template's fixed [head, tail] token ids, pooled without (RouterConfig.fixed_template)
+    fixed_template: list[list[int]] | None = None
 
     def __call__(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if not _PROFILING:
@@ -160,9 +163,11 @@ class RoutedAttention:
         """Per request: the stored decision, or (prefill from an empty cache) a new one from its prompt."""
         runs, pending = self._known(batch, starts, seq_lens)
         if pending:
-            # mean over the prompt tokens of the normed input, fp32 (routertune.routing.router.masked_mean)
+            # mean over the prompt tokens of the normed input, fp32 (routertune.routing.router.masked_mean),
+            # without the chat template's fixed ends if the routers were trained so (routing.template)
+            spans = [batch.requests[i].pool_span(self.fixed_template) for i in pending]
             pooled = torch.stack(
-                [hidden_states[starts[i] : starts[i] + batch.requests[i].prompt_len].float().mean(0) for i in pending]
+                [hidden_states[starts[i] + a : starts[i] + b].float().mean(0) for i, (a, b) in zip(pending, spans)]
             )  # (P, H)
             scores = self.router(pooled).tolist()  # (P,)
             for i, score in zip(pending, scores):

@@ -77,6 +77,7 @@ class RoutedServingMixin:
                 threshold=router_config.threshold_for(i),
                 dtype=vllm_config.model_config.dtype,
                 static=Forcing("skip_set", frozenset(static)) if static is not None else None,
+                fixed_template=router_config.fixed_template,
             )
             if has_llama_layer_forward(layers[i]):  # whole-step skips also skip the input norm
                 layers[i].forward = RoutedLayer(

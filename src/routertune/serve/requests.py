@@ -44,6 +44,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from routertune.routing.state import Forcing
+from routertune.routing.template import content_span
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,13 @@ class RequestRouting:
     scores: dict[int, float] = field(default_factory=dict)
     logged: bool = False
     recomputes: int = 0
+    prompt_ids: tuple[int, ...] = ()  # read only for a fixed chat template (pool_span)
+
+    def pool_span(self, fixed: list[list[int]] | None) -> tuple[int, int]:
+        """The prompt tokens its decisions pool over (routertune.routing.template.content_span)."""
+        if not fixed or len(self.prompt_ids) != self.prompt_len:
+            return 0, self.prompt_len
+        return content_span(self.prompt_ids, fixed)
 
 
 @dataclass
@@ -319,7 +327,9 @@ def batch_of_runner(runner) -> ServeBatch:
         routing = getattr(state, _STATE_ATTR, None)
         if routing is None:
             routing = RequestRouting(
-                prompt_len=int(state.num_prompt_tokens), prompt_sha1=prompt_sha1(state.prompt_token_ids)
+                prompt_len=int(state.num_prompt_tokens),
+                prompt_sha1=prompt_sha1(state.prompt_token_ids),
+                prompt_ids=tuple(state.prompt_token_ids or ()),
             )
             setattr(state, _STATE_ATTR, routing)
         requests.append(routing)

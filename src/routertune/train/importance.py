@@ -38,6 +38,7 @@ from routertune.calibrate import nearest_share_cut
 from routertune.model import RoutedModel
 from routertune.routing import arch, inject
 from routertune.routing.router import bounded_logit, masked_mean
+from routertune.routing.template import content_mask
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # penalty, relative to the mean feature variance x N
 TOKENS_PER_RECORD = 8  # token routers: real tokens sampled per record (the same ones at every layer)
@@ -119,7 +120,9 @@ def collect(
                 mask = batch["attention_mask"]
                 pool = batch.get("prompt_mask")
                 current["mask"] = mask.float()
-                current["pool"] = pool if pool is not None else mask
+                pool = pool if pool is not None else mask
+                # the features are what the routers will pool: without a chat template's fixed tokens, if set
+                current["pool"] = content_mask(batch["input_ids"], pool, routed.router_config.fixed_template)
                 if token:
                     # the sink tokens run whatever the router says, so they are no data for the fit
                     decided = mask.bool() & (mask.cumsum(1) > routed.router_config.token_sink)
@@ -127,7 +130,7 @@ def collect(
                 routed(
                     input_ids=batch["input_ids"],
                     attention_mask=mask,
-                    routing_mask=current["pool"],
+                    routing_mask=pool,  # the routed forward takes the template out itself
                     use_cache=False,
                     logits_to_keep=1,
                 )

@@ -22,6 +22,7 @@ from routertune.files import write_json
 from routertune.model import RoutedModel
 from routertune.progress import bar as progress_bar
 from routertune.routing import static_drop as baselines
+from routertune.routing import template
 from routertune.train import data, importance, lora
 from routertune.train.loop import CHECKPOINTS, TrainConfig, TrainResult, evaluate_loss, train_routers, trust_bounds
 
@@ -83,6 +84,12 @@ class TuneJob:
             "help": "with --unit token: the first N real tokens of each sequence run every routed layer (attention sinks); 0 lets the routers decide for them too"
         },
     )
+    pool: str = field(
+        default="prompt",
+        metadata={
+            "help": "what a sequence router's mean reads: prompt (all its tokens, the paper's) or content (without the chat template's fixed head and tail, so that decisions follow what varies; plain text is pooled whole either way)"
+        },
+    )
     static_order: str | None = field(
         default=None,
         metadata={
@@ -111,10 +118,27 @@ class TuneJob:
             RouterConfig(unit=self.unit, token_top_k=self.token_top_k, token_sink=self.token_sink)
         except ValueError as error:
             problems.append(str(error).removeprefix("Invalid RouterConfig: "))
+        if self.pool not in ("prompt", "content"):
+            problems.append(f"pool={self.pool!r} is not one of prompt, content")
+        elif self.pool == "content" and self.unit != "sequence":
+            problems.append("--pool content needs --unit sequence: token routers read each token, not a mean")
         if self.overwrite and self.resume:
             problems.append("--overwrite and --resume exclude each other")
         if problems:
             raise ValueError("Invalid training job: " + "; ".join(problems))
+
+
+def _fixed_template(job: TuneJob, tokenizer) -> list[list[int]] | None:
+    """--pool content: the chat template's fixed ends the routers pool without (refused without a template)."""
+    if job.pool != "content":
+        return None
+    fixed = template.fixed_template_ids(tokenizer)
+    if not fixed or not (fixed[0] or fixed[1]):
+        raise ValueError(
+            f"--pool content: {job.model or 'the model'}'s tokenizer has no chat template with fixed tokens to "
+            "leave out; train with --pool prompt"
+        )
+    return fixed
 
 
 @dataclass
@@ -170,6 +194,7 @@ def tune(job: TuneJob, train_cfg: TrainConfig, progress: bool = True) -> TuneRep
             unit=job.unit,
             token_top_k=job.token_top_k,
             token_sink=job.token_sink,
+            fixed_template=_fixed_template(job, tokenizer),
         ),
     )
     if job.overwrite:
