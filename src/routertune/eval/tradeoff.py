@@ -767,7 +767,7 @@ def run_tradeoff(job: TradeoffJob, progress: bool = True, log: Callable[[str], N
                 missing += [
                     searched_variant(k)
                     for k in static_counts_to_add(measured, have, job.skip_targets, num_layers)
-                    if 0 < k <= min(max_static, len(order.order))
+                    if 0 < k <= len(order.order)  # past --max-drop where a router point lands past it
                 ]
             _add_variants(result, {v: None for v in missing})
             bar.grow(len(missing) * len(task.docs))
