@@ -2,8 +2,9 @@
 
 A chat model's prompt opens with the same tokens every time (a default system prompt, the user turn's
 marker) and closes with the same ones (end of turn, the assistant's marker). Pooled into a sequence router's
-mean, those fixed tokens weigh the most in short prompts, and the decisions of different prompts crowd
-together on one pattern. With `RouterConfig.fixed_template = [head, tail]` (token ids, found from the
+mean, those fixed tokens weigh the most in short prompts, where they may pull the decisions of different
+prompts together (measured on SmolLM2: docs/evaluation.md#what-the-trust-region-costs-adaptivity-on-chat-prompts,
+where it changed little). With `RouterConfig.fixed_template = [head, tail]` (token ids, found from the
 tokenizer's chat template by `fixed_template_ids`), a prompt that starts with `head` is pooled without it,
 and one that ends with `tail` without that; a prompt without them (plain text) is pooled whole. The rule
 reads only the prompt's token ids, so the Hugging Face path and the vLLM plugin apply it alike.
