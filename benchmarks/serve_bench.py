@@ -9,7 +9,11 @@ machine drift hits every variant alike; the routed variants share one engine and
 * ``routed_static_set``  the routed export with every request forced to skip static's layers
                          (``SamplingParams.extra_args``), so its gain over dense vs static's is our overhead;
 * ``routed``             the routed export, routers taking their own per-request decisions;
-* ``routed_all_run``     the routed export forced to run every layer (routing machinery, nothing skipped).
+* ``routed_all_run``     the routed export forced to run every layer (routing machinery, nothing skipped);
+* ``dense_default``      with ``--vllm-default``: vLLM's LlamaForCausalLM on the base model as a plain ``vllm serve``
+                         runs it (prefix caching, chunked prefill and compilation on; only fp32 and the seed held
+                         equal); its prefix cache is reset before every run, so a repeat does not find the previous
+                         repeat's prompts cached.
 
 With ``--rounds N`` the engines are started afresh N times and every setting's repeats run in each round: how
 fast one engine process runs varies from process to process (here by about +-5%, as the routed engine forced to
@@ -47,7 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from routertune.serve.bench import targets_of
+from routertune.serve.bench import against_vllm_default, pooled_entry, targets_of
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE_PROMPTS, ISSUE_CONCURRENCY = (128, 512, 2048), (1, 8, 32)  # the grid the issue asks for
@@ -63,7 +67,11 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
     from routertune.serve import attention
     from routertune.serve.engine import engine_kwargs
 
-    llm = LLM(model, **engine_kwargs(**engine))
+    if engine.pop("vllm_defaults", False):
+        # what a user gets without routertune: vLLM's own defaults, dtype and seed held equal to the others
+        llm = LLM(model, dtype="float32", seed=0, **engine)
+    else:
+        llm = LLM(model, **engine_kwargs(**engine))
     counter = [0]
     conn.send("ready")
     while True:
@@ -74,6 +82,7 @@ def _worker(conn, model: str, engine: dict, env: dict) -> None:
             temperature=0.0, max_tokens=message["max_tokens"], ignore_eos=True, extra_args=message.get("extra_args")
         )
         engine = llm.llm_engine
+        llm.reset_prefix_cache()  # a repeat must not find the previous repeat's prompts cached
         ids = []
         for prompt in message["prompts"]:
             counter[0] += 1
@@ -169,6 +178,16 @@ def flops_of(counter, prompt_len: int, new_tokens: int, executed: list[int]) -> 
     return prefill, decode
 
 
+def against_default_by_setting(results: list[dict]) -> dict:
+    """Every variant against vLLM's default dense engine, per setting (runs of one setting pooled, each round
+    of each run its own engine draw); empty without --vllm-default."""
+    groups: dict[str, list[dict]] = {}
+    for e in results:
+        if "dense_default" in e["variants"]:
+            groups.setdefault(f"{e['prompt_tokens']}x{e['concurrent']}", []).append(e)
+    return {k: against_vllm_default(pooled_entry(g)) for k, g in groups.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--routers", default=str(ROOT / "benchmarks/results/routers/lm-0.5"))
@@ -187,6 +206,12 @@ def main(argv=None) -> int:
         help="start fresh engine processes this many times; every setting's repeats run in each",
     )
     parser.add_argument("--kv-space-gib", type=int, default=1)
+    parser.add_argument(
+        "--vllm-default",
+        action="store_true",
+        help="also run dense_default: the base model under vLLM's own defaults (prefix caching, chunked "
+        "prefill, compilation), the engine a user runs without routertune",
+    )
     parser.add_argument("--work-dir", default=None, help="where the exports go (default: a temporary folder)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/serve_bench.json"))
     parser.add_argument(
@@ -214,6 +239,7 @@ def main(argv=None) -> int:
             "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "settings": results,
             "targets": targets_of(results),
+            "against_vllm_default": against_default_by_setting(results),
             "not_measured": [
                 f"{p}x{c}"
                 for p in ISSUE_PROMPTS
@@ -276,6 +302,8 @@ def main(argv=None) -> int:
         "routed": ("routed", None),
         "routed_all_run": ("routed", {"routertune": {"force": "run"}}),
     }
+    if args.vllm_default:
+        variants["dense_default"] = ("dense_default", None)
     prompts_of = {
         setting: chat_prompts(tokenizer, setting[0], setting[1], offset=i * 97) for i, setting in enumerate(settings)
     }
@@ -295,6 +323,8 @@ def main(argv=None) -> int:
             "static": Engine("static", str(static_dir), engine, env),
             "routed": Engine("routed", str(routed_dir), engine, dict(env, **{LOG_ENV: str(log_path)})),
         }
+        if args.vllm_default:
+            engines["dense_default"] = Engine("dense_default", base, dict(engine, vllm_defaults=True), env)
         for e in engines.values():  # started together, loading in parallel
             e.wait_ready()
         engine_load_s.append({n: e.load_s for n, e in engines.items()})
@@ -332,6 +362,7 @@ def main(argv=None) -> int:
                 own[line["prompt_sha1"]] = {int(k): v for k, v in line["decisions"].items()}
         executed_by = {
             "dense": lambda _p: [1] * num_layers,
+            "dense_default": lambda _p: [1] * num_layers,
             "static": lambda _p: [0 if i in static_layers else 1 for i in range(num_layers)],
             "routed_static_set": lambda _p: [0 if i in static_layers else 1 for i in range(num_layers)],
             "routed_all_run": lambda _p: [1] * num_layers,
@@ -422,7 +453,8 @@ def main(argv=None) -> int:
         "command": "python benchmarks/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "engine": {
             "vllm": vllm.__version__,
-            "mode": "eager, fp32, 1 OMP thread per engine, in-process engine core",
+            "mode": "eager, fp32, 1 OMP thread per engine, in-process engine core (dense_default: vLLM's own "
+            "defaults, fp32)",
             "clock": "process CPU time of the engine process (the 2-core machine is shared: wall time there "
             "mostly measures waiting for a core); wall figures kept under 'wall'",
             "prefix_caching": False,
@@ -444,6 +476,7 @@ def main(argv=None) -> int:
         "not_measured": [f"{p}x{c}" for p in ISSUE_PROMPTS for c in ISSUE_CONCURRENCY if (p, c) not in settings],
         "settings": results,
         "targets": targets,
+        "against_vllm_default": against_default_by_setting(results),
         "seconds": time.perf_counter() - started_all,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -124,3 +124,24 @@ def test_pooling_keeps_every_draw_including_single_round_runs():
     assert out["processes"] == 5 and out["repeats"] == 28
     assert out["per_process"][-1]["repeats"] == 16
     assert out["forced_vs_static_gain"]["value"] == pytest.approx((4 * 1.0 + 0.5) / 5)
+
+
+def test_against_the_vllm_default_weighs_draws_equally_and_pairs_by_repeat():
+    # draw 0: two repeats, the default engine 12 s and 24 s (the machine drifting 2x), routed 10 and 20: 1.2x in
+    # both; draw 1: one repeat, default 9, routed 10: 0.9x. Equal weight per draw: (1.2 + 0.9) / 2, not the
+    # repeat mean (1.2 + 1.2 + 0.9) / 3, and not a ratio of medians over unpaired runs.
+    entry = _entry([10, 20, 10], [8, 16, 8], [8, 16, 8], [10, 20, 10], [10, 20, 10], rounds=[0, 0, 1])
+    entry["variants"]["dense_default"] = {"cpu_s_all": [12, 24, 9], "ideal_throughput": 1.0}
+    out = serve_bench.against_vllm_default(entry)
+    routed = out["speedup_over_vllm_default"]["routed"]
+    assert routed["per_process"] == pytest.approx([1.2, 0.9])
+    assert routed["mean"] == pytest.approx(1.05)
+    assert routed["ci"][0] == pytest.approx(0.9) and routed["ci"][1] == pytest.approx(1.2)
+    assert out["speedup_over_vllm_default"]["static"]["per_process"] == pytest.approx([1.5, 9 / 8])
+    assert "dense_default" not in out["speedup_over_vllm_default"] and out["processes"] == 2
+    # one draw: no interval across draws
+    single = _entry([10], [8], [8], [10], [10], rounds=[0])
+    single["variants"]["dense_default"] = {"cpu_s_all": [12], "ideal_throughput": 1.0}
+    assert serve_bench.against_vllm_default(single)["speedup_over_vllm_default"]["routed"]["ci"] is None
+    with pytest.raises(ValueError, match="dense_default"):
+        serve_bench.against_vllm_default(_entry([10], [8], [8], [10], [10], rounds=[0]))

@@ -58,6 +58,45 @@ def targets_of(results: list[dict]) -> dict:
     return targets
 
 
+def against_vllm_default(entry: dict, iterations: int = 4000, seed: int = 0, level: float = 0.95) -> dict:
+    """Every variant's throughput against vLLM's default dense engine (prefix caching, chunked prefill and
+    compilation on: what a user gets from a plain ``vllm serve``), with the engine draw as the bootstrap unit.
+
+    Per draw (one round of fresh processes): the mean over its repeats of the paired speed-up, the default
+    engine's CPU time over the variant's in the same repeat; pooled: the mean over draws (each draw weighs the
+    same) and a percentile bootstrap interval resampling draws. Above 1: faster than the default dense engine."""
+    v = entry["variants"]
+    if "dense_default" not in v:
+        raise ValueError("no dense_default variant in this entry: run serve_bench.py with --vllm-default")
+    reference = np.asarray(v["dense_default"]["cpu_s_all"], dtype=np.float64)
+    rounds = list(entry.get("round_of_repeat") or [0] * len(reference))
+    if len(rounds) != len(reference):
+        raise ValueError(f"dense_default has {len(reference)} repeats but round_of_repeat {len(rounds)}")
+    out = {
+        "unit": "engine draw (one round of fresh processes), repeats kept together",
+        "processes": len(set(rounds)),
+        "level": level,
+        "speedup_over_vllm_default": {},
+    }
+    for name, variant in v.items():
+        if name == "dense_default":
+            continue
+        cpu = np.asarray(variant["cpu_s_all"], dtype=np.float64)
+        if len(cpu) != len(reference):
+            raise ValueError(f"{name} has {len(cpu)} repeats, dense_default {len(reference)}")
+        ups = reference / cpu
+        draws = [float(ups[np.array([q == r for q in rounds])].mean()) for r in sorted(set(rounds))]
+        if len(draws) > 1:
+            mean, low, high = paired_bootstrap(
+                np.array(draws), np.zeros(len(draws)), iterations=iterations, seed=seed, level=level
+            )
+            ci = [low, high]
+        else:
+            mean, ci = draws[0], None
+        out["speedup_over_vllm_default"][name] = {"mean": mean, "ci": ci, "per_process": draws}
+    return out
+
+
 def time_gap(entry: dict, name: str, reference: str) -> dict:
     """Where `name` spends more CPU time than `reference` per run (medians): prefill (TTFT), decode (TPOT x
     the decode steps), and the share inside the routed layers' own code (routing_s, the plugin's Python)."""
