@@ -111,6 +111,67 @@ def test_a_model_without_routers_takes_no_routing_settings():
     assert layers({"router_config": RouterConfig(layers=LAYERS).to_dict()}) == LAYERS
 
 
+def test_free_kv_refuses_only_the_settings_that_could_run_a_never_run_layer():
+    never_run = {"layers": [2], "score_bound": 0.25}
+
+    def check(extra):
+        check_request_args(SimpleNamespace(extra_args=extra), LAYERS, never_run)
+
+    for extra, key in (
+        ({"routertune_force": "run"}, "routertune_force"),
+        ({"routertune_force": "skip_set", "routertune_skip_layers": [1]}, "routertune_skip_layers"),
+        ({"routertune_threshold": 0.25}, "routertune_threshold"),  # a score may equal the bound: it would run
+        ({"routertune_threshold": 0.1}, "routertune_threshold"),
+    ):
+        with pytest.raises(ValueError) as caught:
+            check(extra)
+        assert caught.value.key == key and "--free-kv" in str(caught.value), str(caught.value)
+    for extra in (
+        None,
+        {"routertune_force": "skip"},
+        {"routertune_force": "skip_set", "routertune_skip_layers": [2]},
+        {"routertune_force": "skip_set", "routertune_skip_layers": [1, 2]},
+        {"routertune_threshold": 0.2500001},
+    ):
+        check(extra)
+
+
+def test_free_kv_finds_the_layers_whose_trust_region_caps_the_score_below_the_threshold():
+    from routertune.serve.config import ServeRouting
+    from routertune.serve.export import NEVER_RUN_MARGIN, _never_run
+
+    def region(prior, high):
+        return torch.tensor([prior, -math.inf, high])
+
+    config = RouterConfig(layers=[1, 2, 3, 4], threshold=0.5, layer_thresholds={4: 0.9})
+    state = {
+        "layers.1.router.trust_region": region(-1.0, 0.0),  # capped at sigmoid(-1) ~ 0.27 < 0.5: never runs
+        "layers.2.router.trust_region": region(-1.0, 1.0),  # capped at exactly 0.5: a score may reach it
+        "layers.3.router.trust_region": region(-5.0, math.inf),  # no cap
+        "layers.4.router.trust_region": region(1.0, 0.0),  # capped at 0.73 < its own threshold 0.9
+    }
+    found = _never_run(state, config)
+    assert found["layers"] == [1, 4]
+    assert found["score_bound"] == pytest.approx(1 / (1 + math.exp(-1.0)) + NEVER_RUN_MARGIN, abs=1e-12)
+    # the served scores never exceed the bound: the router's own bounded logit, on inputs far outside
+    from routertune.routing.router import Router
+
+    router = Router(8)
+    with torch.no_grad():
+        router.weight.normal_(0, 10)
+    router.set_trust_region(-1.0, -math.inf, 0.0)
+    with torch.no_grad():
+        scores = router(torch.randn(1000, 8) * 100)
+    cap = 1 / (1 + math.exp(1.0))  # sigmoid(-1): layer 1's bound before the margin
+    assert cap - 1e-6 < float(scores.max()) <= cap + NEVER_RUN_MARGIN  # reached (the region binds), never passed
+    assert _never_run({k: region(0.0, math.inf) for k in state}, config) is None
+    # the section round-trips, and is refused malformed
+    serving = ServeRouting(config, never_run=found)
+    assert ServeRouting.from_dict(serving.to_dict()).no_kv_layers() == [1, 4]
+    with pytest.raises(ValueError, match="never_run"):
+        ServeRouting.from_dict({**serving.to_dict(), "never_run": {"layers": [7], "score_bound": 0.3}})
+
+
 # --- a tiny routed export ---------------------------------------------------------------------------------
 def _tiny_model() -> LlamaForCausalLM:
     """A llama small enough to serve in seconds, with heads vLLM's CPU attention takes (head size 32)."""

@@ -27,7 +27,10 @@ from routertune.serve.export import ExportJob, export  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
-ROUTED_LAYERS = [14, 17, 20, 23, 26, 28]
+ROUTED_LAYERS = [11, 14, 17, 20, 23, 26, 28]
+# a layer whose trust region caps its score below its threshold: no prompt runs it, and `export --free-kv`
+# serves it without a KV cache
+NEVER_RUN = 11
 NEW_TOKENS = 32
 BIAS = 0.75  # |bias| of every router (logit units)
 MIN_MARGIN = 2e-3  # every router score lies at least this far from its threshold (numerics differ ~1e-6)
@@ -75,9 +78,13 @@ def setup(tmp_path_factory):
     prompts = [_chat_ids(tokenizer, p) for p in PROMPTS]
     # layers not yet placed run for everyone (threshold ~0); a layer's scores depend only on earlier layers
     thresholds = {layer: 1e-6 for layer in ROUTED_LAYERS}
+    routed.routers[NEVER_RUN].set_trust_region(-2.0, -math.inf, 0.0)  # score <= sigmoid(-2) ~ 0.12
+    thresholds[NEVER_RUN] = 0.5
     margins = {}
     bias_flips = 0
     for layer in ROUTED_LAYERS:
+        if layer == NEVER_RUN:
+            continue
         routed.set_threshold(0.5, dict(thresholds))
         raw = _scores(routed, prompts, layer)
         scores = sorted(raw)
@@ -127,12 +134,18 @@ def setup(tmp_path_factory):
     decisions = {layer: cache.decisions[layer].tolist() for layer in ROUTED_LAYERS}
     serve_dir = tmp_path_factory.mktemp("serve") / "routed"
     export(ExportJob(output=str(serve_dir), routers=str(routers_dir)))
-    return dict(prompts=prompts, reference=reference, decisions=decisions, serve_dir=serve_dir, eos=eos)
+    free_kv_dir = serve_dir.parent / "free-kv"
+    report = export(ExportJob(output=str(free_kv_dir), routers=str(routers_dir), free_kv=True))
+    assert report.never_run == [NEVER_RUN]
+    return dict(
+        prompts=prompts, reference=reference, decisions=decisions, serve_dir=serve_dir, free_kv_dir=free_kv_dir, eos=eos
+    )
 
 
-def _serve(setup, tmp_path, **engine) -> dict:
+def _serve(setup, tmp_path, folder="serve_dir", refused=(), **engine) -> dict:
     request = {
-        "model": str(setup["serve_dir"]),
+        "model": str(setup[folder]),
+        "refused_extra_args": list(refused),
         "engine": engine,
         "max_tokens": NEW_TOKENS,
         "prompts": setup["prompts"],
@@ -174,10 +187,12 @@ def _check(setup, result) -> None:
         assert served == expected, (row, served, expected)
         assert result["tokens"][row] == setup["reference"][row], row
     # the batch really mixes decisions row by row, at every routed layer but the last, whose trust region
-    # runs it for every prompt
+    # runs it for every prompt, and the never-run one
     for layer in ROUTED_LAYERS[:-1]:
-        assert 0 < sum(setup["decisions"][layer]) < len(setup["prompts"]), layer
+        if layer != NEVER_RUN:
+            assert 0 < sum(setup["decisions"][layer]) < len(setup["prompts"]), layer
     assert all(setup["decisions"][ROUTED_LAYERS[-1]])
+    assert not any(setup["decisions"][NEVER_RUN])
 
 
 def test_served_tokens_and_decisions_equal_routed_generate(setup, tmp_path):
@@ -196,7 +211,21 @@ def test_preemption_keeps_decisions_and_tokens(setup, tmp_path):
 
 def test_requests_served_alone_skip_whole_layers_exactly(setup, tmp_path):
     # one request per step: every layer it skips is skipped by the whole step, which then also skips the
-    # layer's input norm (attention.RoutedLayer, vLLM's native no-op form); the tokens must not change
-    result = _serve(setup, tmp_path, max_model_len=512, max_num_seqs=1)
+    # layer's input norm (attention.RoutedLayer, vLLM's native no-op form); the tokens must not change.
+    # Served from the --free-kv export: the never-run layer has no KV cache at all, the others keep theirs,
+    # and settings that could run it are refused at admission (the engine keeps serving)
+    refused = [
+        {"routertune_force": "run"},
+        {"routertune_force": "skip_set", "routertune_skip_layers": [14]},
+        {"routertune_threshold": 0.1},
+        {"routertune_force": "skip_set", "routertune_skip_layers": [NEVER_RUN, 14]},
+        {"routertune_threshold": 0.2},
+    ]
+    result = _serve(setup, tmp_path, "free_kv_dir", refused, max_model_len=512, max_num_seqs=1)
     _check(setup, result)
     assert result["routed_layers_profile"]["layers_no_op"] > 0
+    assert [layer.split(".")[2] for layer in result["kv_cache_layers"]] == sorted(
+        str(i) for i in range(30) if i != NEVER_RUN
+    ), result["kv_cache_layers"]
+    assert [r is not None and r["value_error"] for r in result["refused"]] == [True, True, True, False, False]
+    assert "--free-kv" in result["refused"][0]["message"] and "[11]" in result["refused"][1]["message"]

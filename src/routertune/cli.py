@@ -266,6 +266,8 @@ def cmd_export(args) -> int:
         )
     else:
         print(f"routers on layers {result.routed_layers} exported as {result.architecture} to {result.output}")
+        if result.never_run:
+            print(f"--free-kv: layers {result.never_run} can never run at the routers' thresholds and hold no KV cache")
     print(f"serve it (pip install 'routertune[serve]'): routertune serve {result.output} [vLLM server flags]")
     return 0
 

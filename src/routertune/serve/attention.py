@@ -78,6 +78,9 @@ class RoutedAttention:
     static: Forcing | None = None
     # the chat template's fixed [head, tail] token ids, pooled without (RouterConfig.fixed_template)
     fixed_template: list[list[int]] | None = None
+    # no request ever runs this layer (a static drop's set, or `export --free-kv`'s capped layers): it has no KV
+    # cache and no attention metadata, so it is skipped before either is looked up
+    never_runs: bool = False
 
     def __call__(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if not _PROFILING:
@@ -111,10 +114,20 @@ class RoutedAttention:
         starts, seq_lens = _layout(batch, metadata)
         return context, metadata, starts, seq_lens
 
+    def _skip_never_run(self, batch: ServeBatch | None) -> None:
+        """Record the skip of a never-run layer for the step's requests that have not decided it yet (the
+        routing log lists it; a static drop's requests record no decisions)."""
+        if batch is not None and self.static is None:
+            for req in batch.requests:
+                req.decisions.setdefault(self.layer_idx, False)
+
     def skipped_by_all(self) -> bool:
         """Whether every request of the running step skips this layer, known without its input (stored or
         forced decisions); False outside a served step or when some request decides here from its prompt."""
         batch = current_batch()
+        if self.never_runs:
+            self._skip_never_run(batch)
+            return True
         if batch is None:
             return False
         _, _, starts, seq_lens = self._step(batch)
@@ -123,6 +136,10 @@ class RoutedAttention:
 
     def _forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         batch = current_batch()
+        if self.never_runs:
+            self._skip_never_run(batch)
+            PROFILE["calls_skipped"] += 1
+            return hidden_states.new_zeros(hidden_states.shape)
         if batch is None:
             # vLLM's own warm-up and profiling runs (no requests): the dense path, the most memory
             return self.original_forward(positions=positions, hidden_states=hidden_states, **kwargs)

@@ -11,7 +11,7 @@ from ..config import RouterConfig
 CONFIG_KEY = "routertune"
 ROUTERS_DIR = "routertune"  # a sub-folder: vLLM loads every top-level *.safetensors as model weights
 ROUTERS_FILE = f"{ROUTERS_DIR}/routers.safetensors"
-SERVE_FORMAT = 2  # the newest section this routertune reads; 2 added static_skip (static-drop exports)
+SERVE_FORMAT = 3  # the newest section this routertune reads; 2 added static_skip (static-drop exports), 3 never_run
 ARCH_PREFIX = "Routertune"
 
 # model_type of the arch table -> vLLM architecture served with routers; the exported folder names
@@ -34,6 +34,10 @@ class ServeRouting:
     routers_file: str = ROUTERS_FILE
     format_version: int = 1  # routed exports stay readable by routertune versions that know format 1 only
     static_skip: list[int] | None = None
+    # `export --free-kv`: routed layers whose routers can never reach their threshold (a trust region caps the
+    # score), served with no KV cache; {"layers": [...], "score_bound": b}: no score exceeds b, so a request's
+    # own threshold must lie above b (and no forcing may run them)
+    never_run: dict | None = None
 
     @classmethod
     def static(cls, layers: list[int]) -> ServeRouting:
@@ -48,6 +52,8 @@ class ServeRouting:
         }
         if self.static_skip is not None:
             out["static_skip"] = list(self.static_skip)
+        if self.never_run is not None:
+            out["never_run"] = {"layers": list(self.never_run["layers"]), "score_bound": self.never_run["score_bound"]}
         return out
 
     @classmethod
@@ -84,7 +90,34 @@ class ServeRouting:
                     f"({config.layers}); re-export the folder with `routertune export --static K`"
                 )
             static_skip = sorted(static_skip)
-        return cls(config, data.get("routers_file", ROUTERS_FILE), version, static_skip)
+        never_run = data.get("never_run")
+        if never_run is not None:
+            layers, bound = (
+                never_run.get(k) if isinstance(never_run, dict) else None for k in ("layers", "score_bound")
+            )
+            if (
+                static_skip is not None
+                or not isinstance(layers, list)
+                or not layers
+                or not set(layers) <= set(config.layers or [])
+                or isinstance(bound, bool)
+                or not isinstance(bound, (int, float))
+                or not 0 < bound < 1
+            ):
+                raise ValueError(
+                    f"config.json's {CONFIG_KEY!r} section: never_run={never_run!r} must be "
+                    "{'layers': [routed layer indices], 'score_bound': a number in (0, 1)} in a routed export; "
+                    "re-export the folder with `routertune export --free-kv`"
+                )
+            never_run = {"layers": sorted(layers), "score_bound": float(bound)}
+        return cls(config, data.get("routers_file", ROUTERS_FILE), version, static_skip, never_run)
+
+    def no_kv_layers(self) -> list[int]:
+        """The attention layers served with no KV cache: a static drop's set, or the routed layers the routers
+        can never run (`export --free-kv`); no request ever runs them."""
+        if self.static_skip is not None:
+            return list(self.static_skip)
+        return list(self.never_run["layers"]) if self.never_run is not None else []
 
     def routers_path(self, model_dir: str | Path) -> Path:
         return Path(model_dir) / self.routers_file

@@ -212,6 +212,7 @@ def run_request(request: dict) -> dict:
     started = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]], params, use_tqdm=False)
     generate_s = time.perf_counter() - started
+    kv = _kv_cache_layout(llm)
     log = []
     if request.get("log") and os.path.exists(request["log"]):
         with open(request["log"]) as handle:
@@ -223,6 +224,19 @@ def run_request(request: dict) -> dict:
         "generate_s": generate_s,
         "routed_layers_profile": reset_profile(),
         "refused": refused,
+        **kv,
+    }
+
+
+def _kv_cache_layout(llm) -> dict:
+    """The layers vLLM gave a KV cache and its block count (in-process engine core only, else empty)."""
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    config = getattr(getattr(core, "scheduler", None), "kv_cache_config", None)
+    if config is None:
+        return {}
+    return {
+        "kv_cache_layers": sorted(name for group in config.kv_cache_groups for name in group.layer_names),
+        "kv_cache_blocks": int(config.num_blocks),
     }
 
 

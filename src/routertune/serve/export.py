@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -67,6 +68,15 @@ class ExportJob:
     )
     cache_dir: str | None = field(default=None, metadata={"help": "cache folder of the converted default model"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing export in OUTPUT"})
+    free_kv: bool = field(
+        default=False,
+        metadata={
+            "help": "routed export: serve the routed layers the routers can never run at their thresholds (a trust "
+            "region caps the score below it, as `--trust-up 0` does for the prior's skipped layers) with no KV "
+            "cache, so the server holds more tokens, as native static drop does; requests that could run them "
+            "(routertune_force run, a skip set without them, a threshold at or below their score bound) are refused"
+        },
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,6 +86,8 @@ class ExportJob:
             problems.append("pass --routers DIR (routed export) or --static K (native static drop), or both")
         if self.static is not None and self.static < 1:
             problems.append(f"static={self.static} must be >= 1 layers")
+        if self.free_kv and (self.static is not None or self.routers is None):
+            problems.append("--free-kv applies to a routed export (--routers DIR without --static)")
         if self.static_order is not None and self.static is None:
             problems.append("--static-order chooses the layers of --static K; pass --static K too")
         if problems:
@@ -90,6 +102,7 @@ class ExportReport:
     dropped_layers: list[int] | None = None
     importance: dict[int, float] | None = None  # 1 - cos per candidate layer (--static-order cos)
     order: list[int] | None = None  # the searched static order the dropped layers were taken from
+    never_run: list[int] | None = None  # --free-kv: the routed layers served without KV cache
 
 
 def export(job: ExportJob) -> ExportReport:
@@ -167,9 +180,49 @@ def export(job: ExportJob) -> ExportReport:
     save_file(router_state, str(out / ROUTERS_FILE))
     (out / ROUTERS_DIR / CONFIG_NAME).write_text(json.dumps(router_config.to_dict(), indent=2))
     config["architectures"] = [ARCH_PREFIX + arch]
-    config[CONFIG_KEY] = ServeRouting(RouterConfig.from_dict(router_config.to_dict())).to_dict()
+    never_run = _never_run(router_state, router_config) if job.free_kv else None
+    if job.free_kv and never_run is None:
+        raise ValueError(
+            f"--free-kv: no routed layer of {job.routers} is capped below its threshold (routers without a trust "
+            "region, or one that lets every layer run); nothing to free. Export without --free-kv"
+        )
+    serving = ServeRouting(RouterConfig.from_dict(router_config.to_dict()), never_run=never_run)
+    if never_run is not None:
+        serving.format_version = 3  # older routertune versions would allocate and run these layers
+    config[CONFIG_KEY] = serving.to_dict()
     _finish(out, config, {"kind": "routed", "routers": str(job.routers), "base_model": str(source)})
-    return ExportReport(str(out), ARCH_PREFIX + arch, routed_layers=list(router_config.layers))
+    return ExportReport(
+        str(out),
+        ARCH_PREFIX + arch,
+        routed_layers=list(router_config.layers),
+        never_run=never_run["layers"] if never_run else None,
+    )
+
+
+# a layer counts as never run only if its score bound lies this far below the threshold: the served score is
+# computed in float32, the bound in float64, and the two may round apart by an ulp or so
+NEVER_RUN_MARGIN = 1e-6
+
+
+def _never_run(router_state: dict, router_config: RouterConfig) -> dict | None:
+    """{"layers", "score_bound"} of the routed layers no input can run: a router's trust region keeps its logit
+    at or below prior + high (routing.router.bounded_logit), so its score never exceeds sigmoid(prior + high);
+    a layer whose bound lies below its threshold is skipped by every request at the export's thresholds.
+    None when there is none."""
+    layers, bounds = [], []
+    for i in router_config.layers:
+        region = router_state.get(f"layers.{i}.router.trust_region")
+        if region is None:
+            continue
+        prior, _, high = (float(x) for x in region.tolist())
+        if not math.isfinite(high):
+            continue
+        logit = prior + high
+        bound = 1 / (1 + math.exp(-logit)) if logit > -700 else 0.0  # math.exp overflows past ~709
+        if bound + NEVER_RUN_MARGIN < router_config.threshold_for(i):
+            layers.append(i)
+            bounds.append(bound + NEVER_RUN_MARGIN)
+    return {"layers": layers, "score_bound": max(bounds)} if layers else None
 
 
 def _static_layers(

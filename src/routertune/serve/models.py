@@ -67,6 +67,7 @@ class RoutedServingMixin:
         # no routers, every request skips the static set
         routers = nn.ModuleDict({} if static is not None else {str(i): Router(hf_config.hidden_size) for i in routed})
         setattr(self, _ROUTERS_ATTR, routers)
+        no_kv = set(self._routertune.no_kv_layers())
         for i in routed:
             attention = layers[i].self_attn
             attention.forward = RoutedAttention(
@@ -78,7 +79,12 @@ class RoutedServingMixin:
                 dtype=vllm_config.model_config.dtype,
                 static=Forcing("skip_set", frozenset(static)) if static is not None else None,
                 fixed_template=router_config.fixed_template,
+                never_runs=i in no_kv,
             )
+            if i in no_kv:
+                # no request runs this layer: vLLM gives a layer whose KV spec is None no KV cache (its
+                # get_kv_cache_spec skips it, as for encoder-only attention), so its blocks go to the others
+                attention.attn.get_kv_cache_spec = _no_kv_cache_spec
             if has_llama_layer_forward(layers[i]):  # whole-step skips also skip the input norm
                 layers[i].forward = RoutedLayer(
                     layer=layers[i], original_forward=layers[i].forward, attention=attention.forward
@@ -109,6 +115,10 @@ class RoutedServingMixin:
                 }
             )
         return loaded
+
+
+def _no_kv_cache_spec(*_args, **_kwargs):
+    return None
 
 
 @functools.cache

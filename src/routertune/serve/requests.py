@@ -277,9 +277,11 @@ def forcing_of(sampling_params) -> Forcing | None:
     return settings.forcing if settings is not None else None
 
 
-def check_request_args(sampling_params, routed_layers) -> None:
+def check_request_args(sampling_params, routed_layers, never_run: dict | None = None) -> None:
     """The admission check (the plugin runs it where vLLM validates a request): raise RoutingArgsError for
-    malformed settings. `routed_layers` is None for a model without routers, which takes none."""
+    malformed settings. `routed_layers` is None for a model without routers, which takes none. `never_run`
+    (ServeRouting.never_run of an `export --free-kv`): layers with no KV cache, so settings that could run them
+    are refused."""
     extra = getattr(sampling_params, "extra_args", None)
     if routed_layers is None:
         ours = [
@@ -294,7 +296,35 @@ def check_request_args(sampling_params, routed_layers) -> None:
                 "so it takes no routing arguments",
             )
         return
-    parse_settings(extra, routed_layers)
+    settings = parse_settings(extra, routed_layers)
+    if settings is not None and never_run is not None:
+        _check_never_run(settings, never_run)
+
+
+def _check_never_run(settings: RequestSettings, never_run: dict) -> None:
+    layers, bound = never_run["layers"], never_run["score_bound"]
+    fix = "or serve an export made without --free-kv"
+    forcing = settings.forcing
+    if forcing is not None and forcing.mode == "run":
+        raise RoutingArgsError(
+            FORCE_KEY,
+            f"{FORCE_KEY}='run': this export (`routertune export --free-kv`) has no KV cache for layers {layers}, "
+            f"which its routers never run; use {FORCE_KEY}='skip_set' with those layers skipped, {fix}",
+        )
+    if forcing is not None and forcing.mode == "skip_set" and not set(layers) <= forcing.skip_layers:
+        missing = sorted(set(layers) - forcing.skip_layers)
+        raise RoutingArgsError(
+            SKIP_LAYERS_KEY,
+            f"{SKIP_LAYERS_KEY} must include layers {missing}: this export (`routertune export --free-kv`) has no "
+            f"KV cache for them; add them to the list, {fix}",
+        )
+    if settings.threshold is not None and settings.threshold <= bound:
+        raise RoutingArgsError(
+            THRESHOLD_KEY,
+            f"{THRESHOLD_KEY}={settings.threshold!r}: at or below {bound:.6g} the routers could run layers {layers}, "
+            f"which this export (`routertune export --free-kv`) holds no KV cache for; pass a threshold above "
+            f"{bound:.6g}, {fix}",
+        )
 
 
 _REFUSED_IN_RUNNER: set[str] = set()
@@ -376,6 +406,16 @@ def routed_layers_of(model_config) -> list[int] | None:
     return ServeRouting.from_dict(section).router_config.resolved_layers(int(text_config.num_hidden_layers))
 
 
+def never_run_of(model_config) -> dict | None:
+    """ServeRouting.never_run of the model vLLM serves (`export --free-kv`), None otherwise."""
+    from .config import CONFIG_KEY, ServeRouting
+
+    section = getattr(model_config.hf_config, CONFIG_KEY, None)
+    if section is None or isinstance(section, dict) and section.get("static_skip") is not None:
+        return None
+    return ServeRouting.from_dict(section).never_run
+
+
 def install_admission_check() -> None:
     """Wrap vLLM's InputProcessor._validate_params (where every request, from LLM.generate or the OpenAI server,
     is validated before it reaches the engine) once per process, so malformed routing settings are refused
@@ -402,8 +442,9 @@ def install_admission_check() -> None:
         if isinstance(params, SamplingParams):
             if not hasattr(self, "_routertune_routed_layers"):
                 self._routertune_routed_layers = routed_layers_of(self.model_config)
+                self._routertune_never_run = never_run_of(self.model_config)
             try:
-                check_request_args(params, self._routertune_routed_layers)
+                check_request_args(params, self._routertune_routed_layers, self._routertune_never_run)
             except RoutingArgsError as error:
                 raise RoutingArgsValidationError(
                     str(error), parameter=error.key, value=(params.extra_args or {}).get(error.key)
