@@ -619,6 +619,31 @@ MUTANTS = [
         ("test_template.py",),
         "the importance fit regresses on whole-prompt features that the routers will not see",
     ),
+    Mutant(
+        "free_kv_keeps_the_kv_cache",
+        "serve/models.py",
+        "                attention.attn.get_kv_cache_spec = _no_kv_cache_spec",
+        "                pass",
+        ("test_serve_vllm.py::test_requests_served_alone_skip_whole_layers_exactly",),
+        "--free-kv exports still give their never-run layers a KV cache (no memory saved)",
+        slow=True,
+    ),
+    Mutant(
+        "free_kv_admits_settings_that_run_a_never_run_layer",
+        "serve/requests.py",
+        "    if settings.threshold is not None and settings.threshold <= bound:",
+        "    if settings.threshold is not None and settings.threshold < 0:",
+        ("test_serve_http.py::test_free_kv_refuses_only_the_settings_that_could_run_a_never_run_layer",),
+        "a request's low threshold would run a layer that has no KV cache",
+    ),
+    Mutant(
+        "free_kv_bound_ignores_the_threshold_margin",
+        "serve/export.py",
+        "        if bound + NEVER_RUN_MARGIN < router_config.threshold_for(i):",
+        "        if bound <= router_config.threshold_for(i):",
+        ("test_serve_http.py::test_free_kv_finds_the_layers_whose_trust_region_caps_the_score_below_the_threshold",),
+        "a layer whose score can reach its threshold exactly would be served without KV cache",
+    ),
 ]
 
 
