@@ -394,26 +394,31 @@ def install_runner_hook() -> None:
     GPUModelRunner._model_forward = _model_forward
 
 
-def routed_layers_of(model_config) -> list[int] | None:
-    """The routed layers of the model vLLM serves (None: not a routed export), from its config.json section."""
-    from .config import CONFIG_KEY, ServeRouting
-
-    hf_config = model_config.hf_config
-    section = getattr(hf_config, CONFIG_KEY, None)
-    if section is None or isinstance(section, dict) and section.get("static_skip") is not None:
-        return None  # no routers: a plain model, or a static-drop export served by the routed classes
-    text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
-    return ServeRouting.from_dict(section).router_config.resolved_layers(int(text_config.num_hidden_layers))
-
-
-def never_run_of(model_config) -> dict | None:
-    """ServeRouting.never_run of the model vLLM serves (`export --free-kv`), None otherwise."""
+def _routed_section(model_config):
+    """The ServeRouting of a routed export vLLM serves; None for a plain model or a static-drop export served
+    by the routed classes (neither has routers)."""
     from .config import CONFIG_KEY, ServeRouting
 
     section = getattr(model_config.hf_config, CONFIG_KEY, None)
     if section is None or isinstance(section, dict) and section.get("static_skip") is not None:
         return None
-    return ServeRouting.from_dict(section).never_run
+    return ServeRouting.from_dict(section)
+
+
+def routed_layers_of(model_config) -> list[int] | None:
+    """The routed layers of the model vLLM serves (None: not a routed export), from its config.json section."""
+    routing = _routed_section(model_config)
+    if routing is None:
+        return None
+    hf_config = model_config.hf_config
+    text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
+    return routing.router_config.resolved_layers(int(text_config.num_hidden_layers))
+
+
+def never_run_of(model_config) -> dict | None:
+    """ServeRouting.never_run of the model vLLM serves (`export --free-kv`), None otherwise."""
+    routing = _routed_section(model_config)
+    return routing.never_run if routing is not None else None
 
 
 def install_admission_check() -> None:
