@@ -33,6 +33,9 @@ class SkipReference:
         self.regions = {i: [float(v) for v in r.trust_region] for i, r in routed.routers.items()}
         self.thresholds = {i: routed.router_config.threshold_for(i) for i in routed.routed_layers}
         self.forced: set[int] | None = None  # layers forced to skip (None: decide by the routers)
+        # decode-only routing: the layers the prompt's prefill skips too (None: decisions apply to the prefill)
+        self.decode_only: set[int] | None = None
+        self.calls: dict[int, int] = {}  # routed layer -> sublayer calls in this request (1: the prefill)
         self.prompt_mask: torch.Tensor | None = None
         self.decisions: dict[int, torch.Tensor] = {}
         self.scores: dict[int, torch.Tensor] = {}
@@ -44,22 +47,29 @@ class SkipReference:
 
     @contextlib.contextmanager
     def request(
-        self, prompt_mask: torch.Tensor, skip: set[int] | None = None, decisions: dict[int, torch.Tensor] | None = None
+        self,
+        prompt_mask: torch.Tensor,
+        skip: set[int] | None = None,
+        decisions: dict[int, torch.Tensor] | None = None,
+        decode_only: set[int] | None = None,
     ):
         """One request: decisions are taken at its prefill from `prompt_mask` (B, T0), one row per row the
         model will see (already expanded for beams / returned sequences), and reused until the block ends.
         `skip` forces those routed layers to skip and the others to run; `decisions` ({layer: (B,) bool},
-        e.g. taken by an earlier request on another text) are used as given."""
-        self.prompt_mask, self.scores, self.forced = prompt_mask, {}, skip
+        e.g. taken by an earlier request on another text) are used as given. `decode_only` (a set of layers):
+        the prefill runs every routed layer but those, and the decisions zero the generated tokens only."""
+        self.prompt_mask, self.scores, self.forced, self.decode_only = prompt_mask, {}, skip, decode_only
         self.decisions = {k: v.clone() for k, v in decisions.items()} if decisions is not None else {}
+        self.calls = {}
         try:
             yield self
         finally:
-            self.prompt_mask, self.forced = None, None
+            self.prompt_mask, self.forced, self.decode_only = None, None, None
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def _pre_hook(self, idx: int, block: nn.Module):
         def hook(module, args, kwargs):
+            self.calls[idx] = self.calls.get(idx, 0) + 1
             if idx in self.decisions:
                 return None
             x = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
@@ -68,6 +78,9 @@ class SkipReference:
             mask = self.prompt_mask
             assert mask is not None, "run the reference inside reference.request(prompt_mask)"
             assert x.shape[0] == mask.shape[0] and x.shape[1] >= mask.shape[1], "prefill must see the prompt"
+            if self.decode_only is not None and idx in self.decode_only:
+                self.decisions[idx] = torch.zeros(x.shape[0], dtype=torch.bool)  # nothing runs it
+                return None
             if self.forced is not None:
                 self.decisions[idx] = torch.full((x.shape[0],), idx not in self.forced)
                 return None
@@ -89,6 +102,8 @@ class SkipReference:
     def _post_hook(self, idx: int):
         def hook(module, args, kwargs, out):
             runs = self.decisions[idx]
+            if self.decode_only is not None and self.calls[idx] == 1 and idx not in self.decode_only:
+                return out  # decode-only: the prompt's prefill runs the layer whatever the decision
             main = out[0] if isinstance(out, tuple) else out
             keep = runs.to(main.device).view(-1, *([1] * (main.dim() - 1)))  # (B, 1, 1)
             if self.granularity == "block":
@@ -112,8 +127,16 @@ class SkipReference:
         with self.request(attention_mask, skip, decisions):
             return self.plain(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def generate(self, input_ids, attention_mask, expand: int = 1, skip: set[int] | None = None, **kwargs):
+    def generate(
+        self,
+        input_ids,
+        attention_mask,
+        expand: int = 1,
+        skip: set[int] | None = None,
+        decode_only: set[int] | None = None,
+        **kwargs,
+    ):
         """Plain Hugging Face generate with the hooks; `expand` = num_beams * num_return_sequences rows per
         prompt, as generate expands before prefill (num_beams for beam search, else num_return_sequences)."""
-        with self.request(attention_mask.repeat_interleave(expand, dim=0), skip):
+        with self.request(attention_mask.repeat_interleave(expand, dim=0), skip, decode_only=decode_only):
             return self.plain.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

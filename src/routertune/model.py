@@ -142,6 +142,14 @@ class RoutedModel(nn.Module):
         "skip_set" with `skip_layers`."""
         return routing.forced(mode, skip_layers)
 
+    @staticmethod
+    def decode_only(prefill_skip=()):
+        """Context manager for decode-only routing: generate (one prompt at a time) prefills the prompt with
+        every routed layer running except `prefill_skip`, decides from that prefill, and skips only for the
+        generated tokens. What `routertune export --decode-only` serves in vLLM (with prefix caching and
+        chunked prefill on; its `prefill_skip` is the export's never-run layers, `--free-kv`)."""
+        return routing.decode_only(prefill_skip)
+
     def set_threshold(self, threshold: float, layer_thresholds: dict[int, float] | None = None) -> None:
         """Change the decision threshold (global and optionally per layer) in place; validated like the config."""
         checked = RouterConfig(

@@ -19,6 +19,9 @@ class RoutedCache(DynamicCache):
         self.decisions: dict[int, torch.Tensor] = {}  # layer -> (B,) bool, taken at prefill
         # layer -> (the decision it was counted from, sequences that run, their rows or None)
         self._plans: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
+        # decode-only routing (routing.state.decode_only) prefilled every layer: a layer skipped in decode then
+        # holds the prompt alone, so lengths come from the longest layer of a kind
+        self.prefill_dense = False
 
     # --- decisions -------------------------------------------------------------------------------
     def decision(self, layer: int) -> torch.Tensor | None:
@@ -46,7 +49,13 @@ class RoutedCache(DynamicCache):
     # when there is one, else any. When every layer of a kind is empty, no layer of that kind runs, so the
     # other kind's sizes only shape a mask nobody reads.
     def _representative(self, layer_idx: int) -> int:
-        if layer_idx >= len(self.layers) or _holds_tokens(self.layers[layer_idx]):
+        if layer_idx >= len(self.layers):
+            return layer_idx
+        if self.prefill_dense:
+            kind = type(self.layers[layer_idx])
+            same_kind = [idx for idx, layer in enumerate(self.layers) if _holds_tokens(layer) and type(layer) is kind]
+            return max(same_kind, key=lambda idx: super(RoutedCache, self).get_seq_length(idx), default=layer_idx)
+        if _holds_tokens(self.layers[layer_idx]):
             return layer_idx
         kind = type(self.layers[layer_idx])
         holding = [idx for idx, layer in enumerate(self.layers) if _holds_tokens(layer)]

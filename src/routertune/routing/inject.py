@@ -21,6 +21,7 @@ from routertune.routing.state import (
     RoutingCall,
     active_call,
     current_call,
+    current_decode_only,
     current_forcing,
     resolve_pool_mask,
 )
@@ -93,7 +94,9 @@ class RoutedSublayer(nn.Module):
                 )
         forcing = call.forcing
         threshold = self._threshold_for(self.layer_idx)
-        if forcing is not None:
+        if call.prefill_skip is not None and self.layer_idx in call.prefill_skip:
+            runs = torch.zeros(batch, dtype=torch.bool, device=hidden_states.device)  # nothing runs it, ever
+        elif forcing is not None:
             runs = forcing.decision(self.layer_idx, batch, hidden_states.device)
         else:
             pooled = masked_mean(self._router_input(hidden_states), call.pool_mask)  # (B, H)
@@ -115,6 +118,11 @@ class RoutedSublayer(nn.Module):
         runs = self._decide(call, hidden_states)
         if call.training:
             return self._gated(hidden_states, call.gates[self.layer_idx], args, kwargs)
+        if call.prefill_skip is not None and call.past_length == 0:
+            # decode-only routing: the prompt runs the layer whatever the decision, which waits for decode
+            if self.layer_idx in call.prefill_skip:
+                return self._skipped(hidden_states)
+            return self.base_layer(hidden_states, *args, **kwargs)
         if call.cache is not None:
             # counted once per prefill decision, not once per decode step (a device sync on GPU)
             n_run, rows = call.cache.run_plan(self.layer_idx, runs)
@@ -302,6 +310,11 @@ def _hook_decoder(
         fixed = config.fixed_template if config is not None else None
         if fixed and past_length == 0:  # the prompt's call: pool over what varies in it
             mask = content_mask(arguments.get("input_ids"), mask, fixed)
+        prefill_skip = current_decode_only()
+        if prefill_skip is not None:
+            _check_decode_only(cache, inputs, training, first_wrapper, prefill_skip, routed_layers)
+            if past_length == 0:
+                cache.prefill_dense = True
         call = RoutingCall(
             pool_mask=mask,
             cache=cache,
@@ -310,12 +323,31 @@ def _hook_decoder(
             forcing=forcing,
             attention_mask=attention_mask,
             custom_mask=custom_mask,
+            prefill_skip=prefill_skip,
         )
         with active_call(call):
             return original(**arguments)
 
     decoder.__dict__[_HOOK_ATTR] = original
     decoder.forward = forward
+
+
+def _check_decode_only(cache, inputs, training: bool, wrapper, prefill_skip, routed_layers) -> None:
+    """Decode-only routing (routing.state.decode_only) needs what carries its decisions from the prompt to the
+    generated tokens: a cache, one sequence (a layer's cache holds every row of the prompt), no training."""
+    problems = []
+    if training:
+        problems.append("it is an inference mode (call routed.eval() or run under torch.no_grad())")
+    if cache is None:
+        problems.append("it needs a KV cache (use_cache=True; RoutedModel.generate makes one)")
+    if type(wrapper) is not RoutedSublayer or wrapper.granularity != "attention":
+        problems.append("it routes attention sublayers per sequence (RouterConfig unit='sequence')")
+    if inputs is not None and inputs.shape[0] != 1:
+        problems.append(f"it generates one prompt at a time (this batch has {inputs.shape[0]})")
+    if not prefill_skip <= routed_layers:
+        problems.append(f"its prefill_skip {sorted(prefill_skip - routed_layers)} must be routed layers")
+    if problems:
+        raise ValueError("decode-only routing: " + "; ".join(problems))
 
 
 # outputs Hugging Face records from a sublayer's own call: with rows skipped they would come back short (only

@@ -48,6 +48,8 @@ class RoutingCall:
     token_sinks: dict[int, torch.Tensor | None] = field(
         default_factory=dict
     )  # sink count -> (B, T) bool, once per call
+    # decode-only routing (`decode_only`): the layers this prompt's prefill skips too (None: not decode-only)
+    prefill_skip: frozenset[int] | None = None
 
     def capacity(self) -> torch.Tensor:
         """Mean executed fraction over routed sublayers and batch; differentiable in training."""
@@ -60,6 +62,7 @@ _CURRENT_CALL: ContextVar[RoutingCall | None] = ContextVar("routertune_call", de
 _FORCING: ContextVar[Forcing | None] = ContextVar("routertune_forcing", default=None)
 _POOL_MASK: ContextVar[torch.Tensor | None] = ContextVar("routertune_pool_mask", default=None)
 _RECORDERS: ContextVar[tuple[list, ...]] = ContextVar("routertune_recorders", default=())
+_DECODE_ONLY: ContextVar[frozenset[int] | None] = ContextVar("routertune_decode_only", default=None)
 
 
 def current_call() -> RoutingCall:
@@ -99,6 +102,23 @@ def forced(mode: str = "run", skip_layers=()) -> Iterator[None]:
 
 def current_forcing() -> Forcing | None:
     return _FORCING.get()
+
+
+@contextlib.contextmanager
+def decode_only(prefill_skip=()) -> Iterator[None]:
+    """Decode-only routing inside the block: the prompt is prefilled with every routed layer running (except
+    `prefill_skip`, which nothing runs), the routers decide from that prefill, and the decisions apply to the
+    generated tokens only. The semantics of `routertune export --decode-only` served in vLLM with prefix
+    caching and chunked prefill (a prompt's K/V no longer depends on the request's decisions)."""
+    token = _DECODE_ONLY.set(frozenset(int(i) for i in prefill_skip))
+    try:
+        yield
+    finally:
+        _DECODE_ONLY.reset(token)
+
+
+def current_decode_only() -> frozenset[int] | None:
+    return _DECODE_ONLY.get()
 
 
 @contextlib.contextmanager
