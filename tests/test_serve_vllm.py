@@ -138,11 +138,20 @@ def setup(tmp_path_factory):
     report = export(ExportJob(output=str(free_kv_dir), routers=str(routers_dir), free_kv=True))
     assert report.never_run == [NEVER_RUN]
     return dict(
-        prompts=prompts, reference=reference, decisions=decisions, serve_dir=serve_dir, free_kv_dir=free_kv_dir, eos=eos
+        prompts=prompts,
+        reference=reference,
+        decisions=decisions,
+        serve_dir=serve_dir,
+        free_kv_dir=free_kv_dir,
+        eos=eos,
+        routed=routed,
+        routers_dir=routers_dir,
+        tokenizer=tokenizer,
+        thresholds=thresholds,
     )
 
 
-def _serve(setup, tmp_path, folder="serve_dir", refused=(), **engine) -> dict:
+def _serve(setup, tmp_path, folder="serve_dir", refused=(), later_rounds=(), **engine) -> dict:
     request = {
         "model": str(setup[folder]),
         "refused_extra_args": list(refused),
@@ -150,6 +159,7 @@ def _serve(setup, tmp_path, folder="serve_dir", refused=(), **engine) -> dict:
         "max_tokens": NEW_TOKENS,
         "prompts": setup["prompts"],
         "log": str(tmp_path / "routing.jsonl"),
+        "later_rounds": list(later_rounds),
     }
     (tmp_path / "request.json").write_text(json.dumps(request))
     env = dict(
@@ -226,3 +236,80 @@ def test_requests_served_alone_skip_whole_layers_exactly(setup, tmp_path):
     ), result["kv_cache_layers"]
     assert [r is not None and r["value_error"] for r in result["refused"]] == [True, True, True, False, False]
     assert "--free-kv" in result["refused"][0]["message"] and "[11]" in result["refused"][1]["message"]
+
+
+def _decode_only_reference(routed, prompt: list[int], eos: int) -> tuple[list[int], dict[int, bool], dict[int, float]]:
+    """RoutedModel.generate under decode-only routing (the never-run layer skipped in the prefill too): tokens,
+    decisions and scores."""
+    cache = routed.new_cache()
+    with torch.no_grad(), routed.decode_only({NEVER_RUN}), routed.recording() as calls:
+        out = routed.generate(input_ids=torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, cache=cache)
+    row = out[0, len(prompt) :].tolist()
+    scores = {layer: float(s[0]) for layer, s in calls[0].scores.items()}
+    return row[: row.index(eos) + 1] if eos in row else row, {k: bool(v[0]) for k, v in cache.decisions.items()}, scores
+
+
+@pytest.fixture(scope="module")
+def decode_only_setup(setup):
+    """A chat's two turns: the prompts, then each prompt + its reference answer + a follow-up question (the
+    answer's blocks were computed with skips, so they must not be prefix-cache hits); the decode-only
+    reference of both, and the `--decode-only --free-kv` export of the same routers."""
+    routed, tokenizer, eos = setup["routed"], setup["tokenizer"], setup["eos"]
+    follow_up = tokenizer.encode("<|im_start|>user\nAnd why is that?<|im_end|>\n<|im_start|>assistant\n")
+    first = [_decode_only_reference(routed, p, eos) for p in setup["prompts"]]
+    second_prompts = [p + answer + follow_up for p, (answer, _, _) in zip(setup["prompts"], first)]
+    second = [_decode_only_reference(routed, p, eos) for p in second_prompts]
+    margins = [
+        abs(score - setup["thresholds"][layer]) for _, _, scores in first + second for layer, score in scores.items()
+    ]
+    assert min(margins) > 1e-4, "a decode-only score lies within float32 reach of its threshold"
+    folder = setup["serve_dir"].parent / "decode-only"
+    report = export(ExportJob(output=str(folder), routers=str(setup["routers_dir"]), free_kv=True, decode_only=True))
+    assert report.decode_only and report.never_run == [NEVER_RUN]
+    return dict(folder=folder, first=first, second_prompts=second_prompts, second=second)
+
+
+def test_decode_only_with_prefix_caching_chunked_prefill_and_preemption(setup, decode_only_setup, tmp_path):
+    """vLLM's defaults on (prefix caching, chunked prefill) with a decode-only export: a 64-token budget splits
+    the second turn's prompts (73-93 tokens) into chunks, a second turn finds its first-turn prompt in the
+    prefix cache and repeated prompts find each other, a small KV cache forces a preemption; every served token
+    and decision equals RoutedModel.generate under decode-only routing, and no second-turn prompt finds the
+    first turn's answer blocks in the cache (they were computed with skips)."""
+    ref = decode_only_setup
+    second = ref["second_prompts"]
+    repeats = [second[-1], second[-2]]  # asked again at the end of the second round: prefix-cache hits
+    result = _serve(
+        dict(setup, decode_only_dir=ref["folder"]),
+        tmp_path,
+        "decode_only_dir",
+        later_rounds=[second + repeats],
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=64,
+        max_model_len=192,
+        block_size=32,
+        num_gpu_blocks_override=10,
+    )
+    assert result["tokens"] == [answer for answer, _, _ in ref["first"]]
+    assert result["later_tokens"][0] == [answer for answer, _, _ in ref["second"] + ref["second"][::-1][:2]]
+    from routertune.serve.requests import prompt_sha1
+
+    decided: dict[str, list[dict]] = {}
+    for line in result["log"]:
+        if line["event"] == "decided":
+            decided.setdefault(line["prompt_sha1"], []).append(line)
+    for prompt, (_, decisions, _) in zip(setup["prompts"] + second, ref["first"] + ref["second"]):
+        for line in decided[prompt_sha1(prompt)]:
+            assert {int(k): v for k, v in line["decisions"].items()} == decisions
+    # a second turn hits at most its first-turn prompt's full blocks, never a block holding the answer (without
+    # the prompt-only caching rule the block of prompt tail + answer would hit too); repeats hit their twin
+    turn_hits = [decided[prompt_sha1(p)][0]["prefix_cached"] for p in second]
+    for prompt, cached in zip(setup["prompts"], turn_hits):
+        assert cached <= len(prompt) // 32 * 32, (len(prompt), turn_hits)
+    assert any(turn_hits), turn_hits
+    assert all(decided[prompt_sha1(p)][1]["prefix_cached"] >= 32 for p in repeats)
+    assert [line for line in result["log"] if line["event"] == "recomputed"], "no preemption; shrink the KV cache"
+    assert result["routed_layers_profile"]["calls_subset"] > 0
+    # decisions differ between requests at some layer
+    runs = [d for _, d, _ in ref["first"] + ref["second"]]
+    assert any(0 < sum(d[layer] for d in runs) < len(runs) for layer in ROUTED_LAYERS if layer != NEVER_RUN)

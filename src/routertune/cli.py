@@ -268,6 +268,8 @@ def cmd_export(args) -> int:
         print(f"routers on layers {result.routed_layers} exported as {result.architecture} to {result.output}")
         if result.never_run:
             print(f"--free-kv: layers {result.never_run} can never run at the routers' thresholds and hold no KV cache")
+        if result.decode_only:
+            print("--decode-only: prompts prefill densely, generated tokens are routed; prefix caching stays on")
     print(f"serve it (pip install 'routertune[serve]'): routertune serve {result.output} [vLLM server flags]")
     return 0
 

@@ -30,8 +30,10 @@ import time
 
 import torch
 
+from routertune.routing.router import bounded_logit
 from routertune.routing.state import Forcing
 
+from .decode_only import PromptProjections
 from .requests import ServeBatch, current_batch
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,10 @@ class RoutedAttention:
     # no request ever runs this layer (a static drop's set, or `export --free-kv`'s capped layers): it has no KV
     # cache and no attention metadata, so it is skipped before either is looked up
     never_runs: bool = False
+    # `export --decode-only`: prompt tokens always run (their projections go to `projections`), generated
+    # tokens follow the request's decision, taken from the whole prompt's projections (serve/decode_only.py)
+    decode_only: bool = False
+    projections: PromptProjections | None = None
 
     def __call__(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if not _PROFILING:
@@ -131,6 +137,9 @@ class RoutedAttention:
         if batch is None:
             return False
         _, _, starts, seq_lens = self._step(batch)
+        if self.decode_only:
+            runs, pending, prompt_here = self._known_decode_only(batch, starts, seq_lens)
+            return not pending and not any(prompt_here) and not any(runs)
         runs, pending = self._known(batch, starts, seq_lens)
         return not pending and not any(runs)
 
@@ -145,20 +154,24 @@ class RoutedAttention:
             return self.original_forward(positions=positions, hidden_states=hidden_states, **kwargs)
         context, metadata, starts, seq_lens = self._step(batch)
         layer_name = self.module.attn.layer_name
-        runs = self._decide(batch, starts, seq_lens, hidden_states)
-        n_run = sum(runs)
-        if n_run == len(runs):
+        queries = [starts[i + 1] - starts[i] for i in range(len(batch.requests))]
+        if self.decode_only:
+            counts = self._decide_decode_only(batch, starts, seq_lens, hidden_states, context, metadata)
+        else:
+            counts = [q if run else 0 for q, run in zip(queries, self._decide(batch, starts, seq_lens, hidden_states))]
+        n_run = sum(counts)
+        if counts == queries:
             PROFILE["calls_dense"] += 1
             return self._attention(positions=positions, hidden_states=hidden_states, **kwargs)
-        out = hidden_states.new_zeros(hidden_states.shape)  # (T, H): skipped requests add nothing
+        out = hidden_states.new_zeros(hidden_states.shape)  # (T, H): skipped tokens add nothing
         if n_run == 0:
             PROFILE["calls_skipped"] += 1
             return out
         PROFILE["calls_subset"] += 1
-        plan = _plan(batch, runs, starts, metadata, context.slot_mapping[layer_name], self.module.attn, self.dtype)
+        plan = _plan(batch, counts, starts, metadata, context.slot_mapping[layer_name], self.module.attn, self.dtype)
         if plan is None:  # a backend whose metadata we cannot subset: exact, but every request computes
             full = self._attention(positions=positions, hidden_states=hidden_states, **kwargs)
-            return full * _row_mask(runs, starts, full)
+            return full * _token_mask(counts, starts, full)
         tokens, sub_metadata, sub_slots = plan
         if positions.dim() != 1:
             raise NotImplementedError("routertune serving supports 1-D positions (no M-RoPE)")
@@ -192,6 +205,82 @@ class RoutedAttention:
                 batch.requests[i].scores[self.layer_idx] = float(score)
                 batch.requests[i].decisions[self.layer_idx] = bool(runs[i])
         return [bool(r) for r in runs]
+
+    def _known_decode_only(
+        self, batch: ServeBatch, starts: list[int], seq_lens: list[int]
+    ) -> tuple[list, list[int], list[int]]:
+        """Decode-only: per request, the decision for its generated tokens when known (stored or forced; None
+        for a request that must decide here, or one with no generated token in this step), the rows that must
+        decide, and how many of the step's tokens are prompt tokens (a prefix of its segment; they always run).
+        Memoised per step and layer."""
+        memo = batch.known.get(self.layer_idx)
+        if memo is not None:
+            return list(memo[0]), memo[1], memo[2]
+        runs: list[bool | None] = []
+        pending: list[int] = []
+        prompt_here: list[int] = []
+        for i, req in enumerate(batch.requests):
+            query = starts[i + 1] - starts[i]
+            cached = seq_lens[i] - query
+            prompt_here.append(max(0, min(query, req.prompt_len - cached)))
+            stored = req.decisions.get(self.layer_idx)
+            if stored is not None:
+                if cached == 0 and query > req.prompt_len:
+                    batch.recomputed.add(i)  # a preempted request recomputed over prompt + output
+                runs.append(stored)
+            elif cached + query <= req.prompt_len:
+                runs.append(None)  # prompt tokens only: nothing to decide yet
+            elif batch.forcing[i] is not None:
+                runs.append(batch.forcing[i].runs(self.layer_idx))
+                req.decisions[self.layer_idx] = runs[-1]
+            else:
+                runs.append(None)
+                pending.append(i)
+        batch.known[self.layer_idx] = (tuple(runs), pending, prompt_here)
+        return runs, pending, prompt_here
+
+    def _decide_decode_only(self, batch: ServeBatch, starts, seq_lens, hidden_states, context, metadata) -> list[int]:
+        """Decode-only: store the projections of this step's prompt tokens, decide for requests reaching their
+        first generated token, and return per request how many of its tokens run (a prefix of its segment: its
+        prompt tokens, then its generated ones if it runs the layer)."""
+        runs, pending, prompt_here = self._known_decode_only(batch, starts, seq_lens)
+        store = self.projections
+        store.bind(self.module.attn.kv_cache)
+        slot_mapping = context.slot_mapping[self.module.attn.layer_name]
+        prompt_rows = [i for i, n in enumerate(prompt_here) if n]
+        if prompt_rows:
+            tokens = torch.cat([torch.arange(starts[i], starts[i] + prompt_here[i]) for i in prompt_rows])
+            weight = self.router.proj.weight[0]  # (H,) float32
+            store.write(
+                self.layer_idx,
+                slot_mapping.index_select(0, tokens),
+                hidden_states.index_select(0, tokens).float() @ weight,
+            )
+            if not getattr(store, "layout_checked", False):
+                i = prompt_rows[0]
+                cached = seq_lens[i] - (starts[i + 1] - starts[i])
+                store.check_layout(
+                    metadata.block_table[i],
+                    cached,
+                    cached + prompt_here[i],
+                    slot_mapping[starts[i] : starts[i] + prompt_here[i]],
+                )
+                store.layout_checked = True
+        if pending:
+            proj = self.router.proj
+            for i in pending:
+                req = batch.requests[i]
+                a, b = req.pool_span(self.fixed_template)
+                logit = store.mean(self.layer_idx, store.slots_of(metadata.block_table[i], a, b)) + proj.bias[0]
+                score = float(torch.sigmoid(bounded_logit(logit, *self.router.trust_region)))
+                runs[i] = score >= batch.threshold_of(i, self.threshold)
+                req.scores[self.layer_idx] = score
+                req.decisions[self.layer_idx] = bool(runs[i])
+        counts = []
+        for i, run in enumerate(runs):
+            query = starts[i + 1] - starts[i]
+            counts.append(query if run or run is None else prompt_here[i])
+        return counts
 
     def _known(self, batch: ServeBatch, starts: list[int], seq_lens: list[int]) -> tuple[list, list[int]]:
         """Per request the decision known without this layer's input (stored, or forced at its prefill; None
@@ -281,11 +370,11 @@ def _layout(batch: ServeBatch, metadata) -> tuple[list[int], list[int]]:
     return layout
 
 
-def _row_mask(runs: list[bool], starts: list[int], like: torch.Tensor) -> torch.Tensor:
+def _token_mask(counts: list[int], starts: list[int], like: torch.Tensor) -> torch.Tensor:
+    """(T, 1): 1 on the first counts[i] tokens of each request's segment (those that run), 0 elsewhere."""
     mask = torch.zeros(like.shape[0], 1, dtype=like.dtype, device=like.device)
-    for i, run in enumerate(runs):
-        if run:
-            mask[starts[i] : starts[i + 1]] = 1
+    for i, count in enumerate(counts):
+        mask[starts[i] : starts[i] + count] = 1
     return mask
 
 
@@ -293,10 +382,12 @@ _WARNED: set[str] = set()
 
 
 def _plan(
-    batch: ServeBatch, runs: list[bool], starts: list[int], metadata, slot_mapping, attn_layer, dtype: torch.dtype
+    batch: ServeBatch, counts: list[int], starts: list[int], metadata, slot_mapping, attn_layer, dtype: torch.dtype
 ):
-    """(token indices, attention metadata, slot mapping) of the running requests alone; cached per step."""
-    key = (tuple(runs), id(metadata), id(slot_mapping))
+    """(token indices, attention metadata, slot mapping) of the running tokens alone: the first counts[i] tokens
+    of request i's segment (all of them, or none, unless decode-only routing runs a recompute's prompt part
+    only); cached per step."""
+    key = (tuple(counts), id(metadata), id(slot_mapping))
     if key in batch.plans:
         return batch.plans[key]
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
@@ -314,12 +405,14 @@ def _plan(
     from vllm import _custom_ops as ops
     from vllm import envs
 
-    rows = [i for i, run in enumerate(runs) if run]
-    tokens = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in rows])  # (n_tokens,)
-    query_lens = [starts[i + 1] - starts[i] for i in rows]
+    rows = [i for i, count in enumerate(counts) if count]
+    tokens = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in rows])  # (n_tokens,)
+    query_lens = [counts[i] for i in rows]
     sub_starts = torch.tensor([0] + list(_cumsum(query_lens)), dtype=metadata.query_start_loc.dtype)
     rows_t = torch.tensor(rows, dtype=torch.long)
-    seq_lens = metadata.seq_lens.index_select(0, rows_t)
+    # a request's tokens past its running prefix are not in the cache at this layer: its length stops there
+    dropped = torch.tensor([starts[i + 1] - starts[i] - counts[i] for i in rows], dtype=metadata.seq_lens.dtype)
+    seq_lens = metadata.seq_lens.index_select(0, rows_t) - dropped
     impl = attn_layer.impl
     scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=len(rows),

@@ -11,7 +11,8 @@ from ..config import RouterConfig
 CONFIG_KEY = "routertune"
 ROUTERS_DIR = "routertune"  # a sub-folder: vLLM loads every top-level *.safetensors as model weights
 ROUTERS_FILE = f"{ROUTERS_DIR}/routers.safetensors"
-SERVE_FORMAT = 3  # the newest section this routertune reads; 2 added static_skip (static-drop exports), 3 never_run
+# the newest section this routertune reads; 2 added static_skip (static-drop exports), 3 never_run, 4 decode_only
+SERVE_FORMAT = 4
 ARCH_PREFIX = "Routertune"
 
 # model_type of the arch table -> vLLM architecture served with routers; the exported folder names
@@ -38,6 +39,8 @@ class ServeRouting:
     # score), served with no KV cache; {"layers": [...], "score_bound": b}: no score exceeds b, so a request's
     # own threshold must lie above b (and no forcing may run them)
     never_run: dict | None = None
+    # `export --decode-only`: prompts prefill densely (never_run layers aside), decisions apply to generated tokens
+    decode_only: bool = False
 
     @classmethod
     def static(cls, layers: list[int]) -> ServeRouting:
@@ -54,6 +57,8 @@ class ServeRouting:
             out["static_skip"] = list(self.static_skip)
         if self.never_run is not None:
             out["never_run"] = {"layers": list(self.never_run["layers"]), "score_bound": self.never_run["score_bound"]}
+        if self.decode_only:
+            out["decode_only"] = True
         return out
 
     @classmethod
@@ -110,7 +115,13 @@ class ServeRouting:
                     "re-export the folder with `routertune export --free-kv`"
                 )
             never_run = {"layers": sorted(layers), "score_bound": float(bound)}
-        return cls(config, data.get("routers_file", ROUTERS_FILE), version, static_skip, never_run)
+        decode_only = data.get("decode_only", False)
+        if not isinstance(decode_only, bool) or decode_only and static_skip is not None:
+            raise ValueError(
+                f"config.json's {CONFIG_KEY!r} section: decode_only={decode_only!r} must be true or false, and only "
+                "in a routed export; re-export the folder with `routertune export --decode-only`"
+            )
+        return cls(config, data.get("routers_file", ROUTERS_FILE), version, static_skip, never_run, decode_only)
 
     def no_kv_layers(self) -> list[int]:
         """The attention layers served with no KV cache: a static drop's set, or the routed layers the routers

@@ -183,7 +183,11 @@ def run_request(request: dict) -> dict:
 
     request: {"model": folder, "engine": {LLM kwargs}, "max_tokens": N, "prompts": [[ids]...],
               "extra_args": {...} | None, "log": path | None,
-              "refused_extra_args": [{...}, ...] (each tried first on the first prompt; expected to be refused)}
+              "refused_extra_args": [{...}, ...] (each tried first on the first prompt; expected to be refused),
+              "later_rounds": [[[ids]...], ...] (more batches, each generated after the previous one finished,
+              on the same engine: e.g. a chat's next turns, which may find earlier blocks in the prefix cache)}
+    Returns the tokens of "prompts" ("tokens"), of each later round ("later_tokens"), and how many prompt
+    tokens vLLM found in its prefix cache, per round and prompt ("cached_tokens").
     """
     if request.get("log"):
         os.environ[LOG_ENV] = request["log"]
@@ -212,6 +216,10 @@ def run_request(request: dict) -> dict:
     started = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]], params, use_tqdm=False)
     generate_s = time.perf_counter() - started
+    rounds = [outputs] + [
+        llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+        for prompts in request.get("later_rounds", ())
+    ]
     kv = _kv_cache_layout(llm)
     log = []
     if request.get("log") and os.path.exists(request["log"]):
@@ -219,6 +227,8 @@ def run_request(request: dict) -> dict:
             log = [json.loads(line) for line in handle]
     return {
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        "later_tokens": [[list(o.outputs[0].token_ids) for o in later] for later in rounds[1:]],
+        "cached_tokens": [[int(o.num_cached_tokens or 0) for o in round_] for round_ in rounds],
         "log": log,
         "load_s": load_s,
         "generate_s": generate_s,

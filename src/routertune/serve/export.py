@@ -78,6 +78,15 @@ class ExportJob:
         },
     )
 
+    decode_only: bool = field(
+        default=False,
+        metadata={
+            "help": "routed export: prefill every prompt densely (the never-run layers of --free-kv aside) and route "
+            "only the generated tokens, deciding from that prefill; a prompt's K/V then does not depend on the "
+            "request, so vLLM's prefix caching and chunked prefill stay on (docs/serving.md#decode-only-routing)"
+        },
+    )
+
     def __post_init__(self) -> None:
         problems = []
         if not self.output:
@@ -88,6 +97,8 @@ class ExportJob:
             problems.append(f"static={self.static} must be >= 1 layers")
         if self.free_kv and (self.static is not None or self.routers is None):
             problems.append("--free-kv applies to a routed export (--routers DIR without --static)")
+        if self.decode_only and (self.static is not None or self.routers is None):
+            problems.append("--decode-only applies to a routed export (--routers DIR without --static)")
         if self.static_order is not None and self.static is None:
             problems.append("--static-order chooses the layers of --static K; pass --static K too")
         if problems:
@@ -103,6 +114,7 @@ class ExportReport:
     importance: dict[int, float] | None = None  # 1 - cos per candidate layer (--static-order cos)
     order: list[int] | None = None  # the searched static order the dropped layers were taken from
     never_run: list[int] | None = None  # --free-kv: the routed layers served without KV cache
+    decode_only: bool = False
 
 
 def export(job: ExportJob) -> ExportReport:
@@ -186,9 +198,13 @@ def export(job: ExportJob) -> ExportReport:
             f"--free-kv: no routed layer of {job.routers} is capped below its threshold (routers without a trust "
             "region, or one that lets every layer run); nothing to free. Export without --free-kv"
         )
-    serving = ServeRouting(RouterConfig.from_dict(router_config.to_dict()), never_run=never_run)
+    serving = ServeRouting(
+        RouterConfig.from_dict(router_config.to_dict()), never_run=never_run, decode_only=job.decode_only
+    )
     if never_run is not None:
         serving.format_version = 3  # older routertune versions would allocate and run these layers
+    if job.decode_only:
+        serving.format_version = 4  # older routertune versions would route the prefill
     config[CONFIG_KEY] = serving.to_dict()
     _finish(out, config, {"kind": "routed", "routers": str(job.routers), "base_model": str(source)})
     return ExportReport(
@@ -196,6 +212,7 @@ def export(job: ExportJob) -> ExportReport:
         ARCH_PREFIX + arch,
         routed_layers=list(router_config.layers),
         never_run=never_run["layers"] if never_run else None,
+        decode_only=job.decode_only,
     )
 
 

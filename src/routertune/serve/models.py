@@ -15,23 +15,27 @@ from routertune.routing.state import Forcing
 
 from .attention import RoutedAttention, RoutedLayer, has_llama_layer_forward
 from .config import ARCH_PREFIX, CONFIG_KEY, VLLM_ARCHITECTURES, ServeRouting
+from .decode_only import PromptProjections
 
 _ROUTERS_ATTR = "routertune_routers"
 
 
-def check_engine_config(vllm_config) -> None:
-    """Refuse engine settings under which a decision would not see the whole prompt, naming the fix."""
+def check_engine_config(vllm_config, decode_only: bool = False) -> None:
+    """Refuse engine settings under which a decision would not see the whole prompt, naming the fix. A
+    decode-only export (prompts prefilled densely, decisions from stored projections) takes prefix caching and
+    chunked prefill."""
     problems = []
-    if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+    if not decode_only and getattr(vllm_config.cache_config, "enable_prefix_caching", False):
         problems.append(
-            "prefix caching is on (pass enable_prefix_caching=False / --no-enable-prefix-caching): a "
-            "prefix-cache hit prefills only the prompt's tail"
+            "prefix caching is on (pass enable_prefix_caching=False / --no-enable-prefix-caching, or export "
+            "with --decode-only): a prefix-cache hit prefills only the prompt's tail"
         )
     scheduler = vllm_config.scheduler_config
-    if getattr(scheduler, "enable_chunked_prefill", False):
+    if not decode_only and getattr(scheduler, "enable_chunked_prefill", False):
         problems.append(
             "chunked prefill is on (pass enable_chunked_prefill=False / --no-enable-chunked-prefill, "
-            "with max_num_batched_tokens >= max_model_len): a chunk holds part of the prompt"
+            "with max_num_batched_tokens >= max_model_len, or export with --decode-only): a chunk holds part of "
+            "the prompt"
         )
     if getattr(vllm_config, "speculative_config", None) is not None:
         problems.append("speculative decoding is on: not supported with routed layers")
@@ -58,16 +62,19 @@ class RoutedServingMixin:
         self._routertune = ServeRouting.from_dict(section)
         self._routertune_dir = vllm_config.model_config.model
         static = self._routertune.static_skip
+        decode_only = self._routertune.decode_only
         if static is None:
-            check_engine_config(vllm_config)  # a static drop decides nothing from the prompt: any settings do
+            check_engine_config(vllm_config, decode_only)  # a static drop decides nothing from the prompt
         router_config = self._routertune.router_config
         layers = self.model.layers
         routed = router_config.resolved_layers(len(layers))
+        self.routertune_layers = list(routed)  # the runner hook reads how many decisions a request takes
         # a static-drop export (`routertune export --static K` of a family vLLM's DeciLM cannot serve exactly):
         # no routers, every request skips the static set
         routers = nn.ModuleDict({} if static is not None else {str(i): Router(hf_config.hidden_size) for i in routed})
         setattr(self, _ROUTERS_ATTR, routers)
         no_kv = set(self._routertune.no_kv_layers())
+        projections = PromptProjections([i for i in routed if i not in no_kv]) if decode_only else None
         for i in routed:
             attention = layers[i].self_attn
             attention.forward = RoutedAttention(
@@ -80,6 +87,8 @@ class RoutedServingMixin:
                 static=Forcing("skip_set", frozenset(static)) if static is not None else None,
                 fixed_template=router_config.fixed_template,
                 never_runs=i in no_kv,
+                decode_only=decode_only,
+                projections=projections,
             )
             if i in no_kv:
                 # no request runs this layer: vLLM gives a layer whose KV spec is None no KV cache (its

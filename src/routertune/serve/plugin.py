@@ -11,7 +11,7 @@ from .config import ARCH_PREFIX, VLLM_ARCHITECTURES
 def register() -> None:
     from vllm import ModelRegistry
 
-    from . import requests, static
+    from . import decode_only, requests, static
 
     supported = set(ModelRegistry.get_supported_archs())
     for arch, _module in VLLM_ARCHITECTURES.values():
@@ -21,3 +21,4 @@ def register() -> None:
     static.register_config()
     requests.install_runner_hook()
     requests.install_admission_check()  # refuse malformed routing settings before the engine sees them
+    decode_only.install_prompt_only_caching()  # a decode-only export caches prompt blocks only

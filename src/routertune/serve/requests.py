@@ -26,8 +26,9 @@ malformed is refused when vLLM admits it (``check_request_args``, run by the plu
 it. The model runner parses the settings again without raising (``settings_of_runner``).
 
 ``ROUTERTUNE_SERVE_LOG=/path/log.jsonl`` (``routertune serve --routing-log``) appends one line per decided
-request (vLLM's request id, prompt length and hash, the forcing or threshold it asked for, decision and score
-per routed layer) and one per recomputed (preempted) request. Over HTTP the id is the response's ``id``
+request (vLLM's request id, prompt length and hash, how many of its prompt tokens were prefix-cache hits, the
+forcing or threshold it asked for, decision and score per routed layer) and one per recomputed (preempted)
+request. Over HTTP the id is the response's ``id``
 (``cmpl-...``, or ``cmpl-`` + the ``X-Request-Id`` header / the body's ``request_id``) + ``-<prompt index>-``
 + 8 random characters vLLM appends.
 """
@@ -69,6 +70,8 @@ class RequestRouting:
     logged: bool = False
     recomputes: int = 0
     prompt_ids: tuple[int, ...] = ()  # read only for a fixed chat template (pool_span)
+    # prompt tokens already in the KV cache when the request first ran: its prefix-cache hit
+    prefix_cached: int = 0
 
     def pool_span(self, fixed: list[list[int]] | None) -> tuple[int, int]:
         """The prompt tokens its decisions pool over (routertune.routing.template.content_span)."""
@@ -90,6 +93,9 @@ class ServeBatch:
     plans: dict = field(default_factory=dict)  # (decisions, id(metadata)) -> subset plan, reused across layers
     known: dict = field(default_factory=dict)  # layer -> (decisions known before the layer runs, rows to decide)
     recomputed: set[int] = field(default_factory=set)
+    # how many routed layers a request decides (a request is logged once it has decided them all: at its
+    # prefill, or under decode-only routing at its first generated token); None: log at its first decision
+    layer_count: int | None = None
 
     def threshold_of(self, row: int, default: float | None) -> float | None:
         """The decision threshold of the step's `row`: its own, else `default` (the layer's)."""
@@ -111,7 +117,7 @@ class ServeBatch:
                         "recomputes": req.recomputes,
                     }
                 )
-            if not req.logged and req.decisions:
+            if not req.logged and req.decisions and len(req.decisions) >= (self.layer_count or 0):
                 req.logged = True
                 lines.append(
                     {
@@ -119,6 +125,7 @@ class ServeBatch:
                         "req_id": self.req_ids[i],
                         "prompt_len": req.prompt_len,
                         "prompt_sha1": req.prompt_sha1,
+                        "prefix_cached": req.prefix_cached,
                         "forced": self.forcing[i].mode if self.forcing[i] is not None else None,
                         "threshold": self.threshold_of(i, None),
                         "decisions": {str(k): v for k, v in sorted(req.decisions.items())},
@@ -347,8 +354,9 @@ def settings_of_runner(req_id: str, sampling_params) -> RequestSettings | None:
         return None
 
 
-def batch_of_runner(runner) -> ServeBatch:
-    """The step's requests from vLLM's model runner (GPUModelRunner and its CPU subclass)."""
+def batch_of_runner(runner, layer_count: int | None = None) -> ServeBatch:
+    """The step's requests from vLLM's model runner (GPUModelRunner and its CPU subclass); `layer_count`: how
+    many routed layers the served model has."""
     num_reqs = runner.input_batch.num_reqs
     req_ids = list(runner.input_batch.req_ids[:num_reqs])
     requests, forcing, thresholds = [], [], []
@@ -360,13 +368,14 @@ def batch_of_runner(runner) -> ServeBatch:
                 prompt_len=int(state.num_prompt_tokens),
                 prompt_sha1=prompt_sha1(state.prompt_token_ids),
                 prompt_ids=tuple(state.prompt_token_ids or ()),
+                prefix_cached=int(state.num_computed_tokens),
             )
             setattr(state, _STATE_ATTR, routing)
         requests.append(routing)
         settings = settings_of_runner(req_id, state.sampling_params)
         forcing.append(settings.forcing if settings is not None else None)
         thresholds.append(settings.threshold if settings is not None else None)
-    return ServeBatch(req_ids, requests, forcing, thresholds)
+    return ServeBatch(req_ids, requests, forcing, thresholds, layer_count=layer_count)
 
 
 def install_runner_hook() -> None:
@@ -384,9 +393,10 @@ def install_runner_hook() -> None:
         return
 
     def _model_forward(self, *args, **kwargs):
-        if not getattr(self.get_model(), "routertune_serving", False):
+        model = self.get_model()
+        if not getattr(model, "routertune_serving", False):
             return original(self, *args, **kwargs)
-        with serving(batch_of_runner(self)):
+        with serving(batch_of_runner(self, len(getattr(model, "routertune_layers", ())) or None)):
             return original(self, *args, **kwargs)
 
     setattr(_model_forward, _HOOKED, True)
