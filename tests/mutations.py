@@ -644,6 +644,41 @@ MUTANTS = [
         ("test_serve_http.py::test_free_kv_finds_the_layers_whose_trust_region_caps_the_score_below_the_threshold",),
         "a layer whose score can reach its threshold exactly would be served without KV cache",
     ),
+    Mutant(
+        "decode_only_caches_answer_blocks",
+        "serve/decode_only.py",
+        "            num_computed_tokens = min(num_computed_tokens, request.num_prompt_tokens)",
+        "            pass",
+        ("test_serve_vllm.py::test_decode_only_with_prefix_caching_chunked_prefill_and_preemption",),
+        "a chat's next turn would reuse answer blocks computed with skipped layers",
+        slow=True,
+    ),
+    Mutant(
+        "decode_only_routes_the_prompt",
+        "serve/attention.py",
+        "            counts.append(query if run or run is None else prompt_here[i])",
+        "            counts.append(query if run or run is None else 0)",
+        ("test_serve_vllm.py::test_decode_only_with_prefix_caching_chunked_prefill_and_preemption",),
+        "a recomputed (preempted) request would skip its prompt tokens too",
+        slow=True,
+    ),
+    Mutant(
+        "decode_only_pools_the_last_chunk",
+        "serve/attention.py",
+        "                a, b = req.pool_span(self.fixed_template)",
+        "                a, b = req.pool_span(self.fixed_template); a = max(a, b - 16)",
+        ("test_serve_vllm.py::test_decode_only_with_prefix_caching_chunked_prefill_and_preemption",),
+        "decisions would pool part of the prompt only",
+        slow=True,
+    ),
+    Mutant(
+        "decode_only_prefill_follows_the_decision",
+        "routing/inject.py",
+        "        if call.prefill_skip is not None and call.past_length == 0:",
+        "        if call.prefill_skip is not None and call.past_length < 0:",
+        ("test_decode_only.py",),
+        "the Hugging Face decode-only path would route the prompt's prefill",
+    ),
 ]
 
 

@@ -382,6 +382,15 @@ def test_serve_adds_what_routed_serving_needs_and_refuses_what_cannot_work(tiny_
     assert static.added == ["--enforce-eager"] and not static.routed
     with pytest.raises(ValueError, match="drop --no-enforce-eager"):
         command("--no-enforce-eager", export=str(plain))
+    # a decode-only export keeps vLLM's prefix caching and chunked prefill (and any token budget); eager still
+    (plain / "config.json").write_text(
+        json.dumps({"architectures": ["RoutertuneLlamaForCausalLM"], "routertune": {"decode_only": True}})
+    )
+    decode_only = command("--enable-prefix-caching", "--max-num-batched-tokens", "64", export=str(plain))
+    assert decode_only.added == ["--enforce-eager"] and decode_only.routed
+    assert command(export=str(plain)).added == ["--enforce-eager"]
+    with pytest.raises(ValueError, match="--no-enforce-eager"):
+        command("--no-enforce-eager", export=str(plain))
 
 
 # --- the HTTP server --------------------------------------------------------------------------------------

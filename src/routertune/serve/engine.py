@@ -26,7 +26,9 @@ from .requests import LOG_ENV
 def engine_kwargs(max_model_len: int = 2048, **overrides) -> dict:
     """Keyword arguments for ``vllm.LLM`` that routed serving needs: no prefix caching, no chunked prefill (a
     decision pools the whole prompt), a token budget that holds the longest prompt in one step, eager mode
-    (the routed layers branch per request, which torch.compile's graph capture cannot follow)."""
+    (the routed layers branch per request, which torch.compile's graph capture cannot follow). A decode-only
+    export (`export --decode-only`) may override the first three: ``enable_prefix_caching=True,
+    enable_chunked_prefill=True``."""
     kwargs = dict(
         max_model_len=max_model_len,
         max_num_batched_tokens=max_model_len,
@@ -70,9 +72,10 @@ _UNSET = object()
 
 
 def _export_kind(export: str) -> str:
-    """ "routed" (routers decide), "static_skip" (a static drop served by the routed classes: fixed skips, no
-    routers) or "plain" (vLLM's native DeciLM static drop, or any folder without a routing section); refuses a
-    folder without config.json."""
+    """ "routed" (routers decide from the whole prompt), "decode_only" (`export --decode-only`: routers decide,
+    prompts prefill densely), "static_skip" (a static drop served by the routed classes: fixed skips, no routers)
+    or "plain" (vLLM's native DeciLM static drop, or any folder without a routing section); refuses a folder
+    without config.json."""
     from .config import CONFIG_KEY
 
     config = Path(export) / "config.json"
@@ -84,7 +87,9 @@ def _export_kind(export: str) -> str:
     section = json.loads(config.read_text()).get(CONFIG_KEY)
     if section is None:
         return "plain"
-    return "static_skip" if isinstance(section, dict) and section.get("static_skip") is not None else "routed"
+    if isinstance(section, dict) and section.get("static_skip") is not None:
+        return "static_skip"
+    return "decode_only" if isinstance(section, dict) and section.get("decode_only") is True else "routed"
 
 
 def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
@@ -96,7 +101,8 @@ def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
     if not job.export:
         raise ValueError("routertune serve needs the export folder: routertune serve EXPORT [vLLM server flags]")
     kind = _export_kind(job.export)
-    routed = kind == "routed"
+    routed = kind in ("routed", "decode_only")
+    whole_prompt = kind == "routed"  # decisions from the whole prompt: no prefix caching, no chunked prefill
     env = {}
     if job.routing_log:
         if not routed:
@@ -142,16 +148,20 @@ def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
             added.append("--enforce-eager")
     if routed:
         problems = []
-        if given.enable_prefix_caching is True:
+        if whole_prompt and given.enable_prefix_caching is True:
             problems.append("--enable-prefix-caching (a prefix-cache hit prefills only the prompt's tail)")
-        if given.enable_chunked_prefill is True:
+        if whole_prompt and given.enable_chunked_prefill is True:
             problems.append("--enable-chunked-prefill (a chunk holds part of the prompt)")
         if given.enforce_eager is False:
             problems.append("--no-enforce-eager (routed layers branch per request; graph capture cannot follow)")
         if given.speculative_config not in (_UNSET, None):
             problems.append("--speculative-config (speculative decoding is not supported with routed layers)")
         max_model_len = DEFAULT_MAX_MODEL_LEN if given.max_model_len in (_UNSET, None) else int(given.max_model_len)
-        if given.max_num_batched_tokens not in (_UNSET, None) and int(given.max_num_batched_tokens) < max_model_len:
+        if (
+            whole_prompt
+            and given.max_num_batched_tokens not in (_UNSET, None)
+            and int(given.max_num_batched_tokens) < max_model_len
+        ):
             problems.append(
                 f"--max-num-batched-tokens {given.max_num_batched_tokens} below --max-model-len "
                 f"{max_model_len} (a step must hold the longest prompt whole)"
@@ -162,18 +172,20 @@ def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
                 "mode; these vLLM flags cannot work with it: "
                 + "; ".join(problems)
                 + ". Drop them (routertune serve adds --enforce-eager --no-enable-prefix-caching "
-                "--no-enable-chunked-prefill --max-num-batched-tokens >= --max-model-len)"
+                "--no-enable-chunked-prefill --max-num-batched-tokens >= --max-model-len; an export made with "
+                "--decode-only keeps prefix caching and chunked prefill)"
             )
         if given.enforce_eager is _UNSET:
             added.append("--enforce-eager")
-        if given.enable_prefix_caching is _UNSET:
-            added.append("--no-enable-prefix-caching")
-        if given.enable_chunked_prefill is _UNSET:
-            added.append("--no-enable-chunked-prefill")
-        if given.max_model_len in (_UNSET, None):
-            added += ["--max-model-len", str(max_model_len)]
-        if given.max_num_batched_tokens in (_UNSET, None):
-            added += ["--max-num-batched-tokens", str(max_model_len)]
+        if whole_prompt:
+            if given.enable_prefix_caching is _UNSET:
+                added.append("--no-enable-prefix-caching")
+            if given.enable_chunked_prefill is _UNSET:
+                added.append("--no-enable-chunked-prefill")
+            if given.max_model_len in (_UNSET, None):
+                added += ["--max-model-len", str(max_model_len)]
+            if given.max_num_batched_tokens in (_UNSET, None):
+                added += ["--max-num-batched-tokens", str(max_model_len)]
     argv = [sys.executable, "-m", SERVER_MODULE, "--model", job.export, *vllm_args, *added]
     return ServerCommand(argv, env, routed, added)
 
@@ -185,7 +197,9 @@ def run_request(request: dict) -> dict:
               "extra_args": {...} | None, "log": path | None,
               "refused_extra_args": [{...}, ...] (each tried first on the first prompt; expected to be refused),
               "later_rounds": [[[ids]...], ...] (more batches, each generated after the previous one finished,
-              on the same engine: e.g. a chat's next turns, which may find earlier blocks in the prefix cache)}
+              on the same engine: e.g. a chat's next turns, which may find earlier blocks in the prefix cache),
+              "warmup": [[ids]...] (generated for one token before the timed batch, e.g. to put a shared system
+              prompt in the prefix cache), "ignore_eos": bool}
     Returns the tokens of "prompts" ("tokens"), of each later round ("later_tokens"), and how many prompt
     tokens vLLM found in its prefix cache, per round and prompt ("cached_tokens").
     """
@@ -210,12 +224,21 @@ def run_request(request: dict) -> dict:
             refused.append(
                 {"type": type(error).__name__, "value_error": isinstance(error, ValueError), "message": str(error)}
             )
+    if request.get("warmup"):
+        llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in request["warmup"]],
+            SamplingParams(temperature=0.0, max_tokens=1),
+            use_tqdm=False,
+        )
     params = SamplingParams(
-        temperature=0.0, max_tokens=int(request["max_tokens"]), extra_args=request.get("extra_args")
+        temperature=0.0,
+        max_tokens=int(request["max_tokens"]),
+        extra_args=request.get("extra_args"),
+        ignore_eos=bool(request.get("ignore_eos", False)),
     )
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]], params, use_tqdm=False)
-    generate_s = time.perf_counter() - started
+    generate_s, generate_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     rounds = [outputs] + [
         llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
         for prompts in request.get("later_rounds", ())
@@ -232,6 +255,7 @@ def run_request(request: dict) -> dict:
         "log": log,
         "load_s": load_s,
         "generate_s": generate_s,
+        "generate_cpu_s": generate_cpu_s,  # the whole engine's CPU time when it runs in this process
         "routed_layers_profile": reset_profile(),
         "refused": refused,
         **kv,
