@@ -10,6 +10,8 @@ machine drift hits every variant alike; the routed variants share one engine and
                          (``SamplingParams.extra_args``), so its gain over dense vs static's is our overhead;
 * ``routed``             the routed export, routers taking their own per-request decisions;
 * ``routed_all_run``     the routed export forced to run every layer (routing machinery, nothing skipped);
+* ``routed_compiled``    with ``--routed-compiled``: the routed export with vLLM's compilation on (the routed
+                         layers are opaque custom ops inside the compiled graph), routers deciding;
 * ``dense_default``      with ``--vllm-default``: vLLM's LlamaForCausalLM on the base model as a plain ``vllm serve``
                          runs it (prefix caching, chunked prefill and compilation on; only fp32 and the seed held
                          equal); its prefix cache is reset before every run, so a repeat does not find the previous
@@ -212,6 +214,12 @@ def main(argv=None) -> int:
         help="also run dense_default: the base model under vLLM's own defaults (prefix caching, chunked "
         "prefill, compilation), the engine a user runs without routertune",
     )
+    parser.add_argument(
+        "--routed-compiled",
+        action="store_true",
+        help="also run routed_compiled: the routed export with vLLM's compilation on (no enforce_eager; the routed "
+        "layers are opaque custom ops in the compiled graph)",
+    )
     parser.add_argument("--work-dir", default=None, help="where the exports go (default: a temporary folder)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/serve_bench.json"))
     parser.add_argument(
@@ -304,6 +312,8 @@ def main(argv=None) -> int:
     }
     if args.vllm_default:
         variants["dense_default"] = ("dense_default", None)
+    if args.routed_compiled:
+        variants["routed_compiled"] = ("routed_compiled", None)
     prompts_of = {
         setting: chat_prompts(tokenizer, setting[0], setting[1], offset=i * 97) for i, setting in enumerate(settings)
     }
@@ -325,6 +335,13 @@ def main(argv=None) -> int:
         }
         if args.vllm_default:
             engines["dense_default"] = Engine("dense_default", base, dict(engine, vllm_defaults=True), env)
+        if args.routed_compiled:
+            engines["routed_compiled"] = Engine(
+                "routed_compiled",
+                str(routed_dir),
+                dict(engine, enforce_eager=False),
+                dict(env, **{LOG_ENV: str(log_path.with_suffix(".compiled.jsonl"))}),
+            )
         for e in engines.values():  # started together, loading in parallel
             e.wait_ready()
         engine_load_s.append({n: e.load_s for n, e in engines.items()})
@@ -368,6 +385,7 @@ def main(argv=None) -> int:
             "routed_all_run": lambda _p: [1] * num_layers,
             "routed": lambda p: [0 if own[prompt_sha1(p)].get(i, True) is False else 1 for i in range(num_layers)],
         }
+        executed_by["routed_compiled"] = executed_by["routed"]
         flops = {}
         for name in names:
             pre = dec = 0
@@ -454,7 +472,7 @@ def main(argv=None) -> int:
         "engine": {
             "vllm": vllm.__version__,
             "mode": "eager, fp32, 1 OMP thread per engine, in-process engine core (dense_default: vLLM's own "
-            "defaults, fp32)",
+            "defaults, fp32; routed_compiled: compiled, the routed layers as opaque custom ops)",
             "clock": "process CPU time of the engine process (the 2-core machine is shared: wall time there "
             "mostly measures waiting for a core); wall figures kept under 'wall'",
             "prefix_caching": False,

@@ -679,6 +679,15 @@ MUTANTS = [
         ("test_decode_only.py",),
         "the Hugging Face decode-only path would route the prompt's prefill",
     ),
+    Mutant(
+        "compiled_routed_layers_traced",
+        "serve/models.py",
+        "            if compiled:\n",
+        "            if False:\n",
+        ("test_serve_http.py",),
+        "under vLLM's compilation the routed layers' per-request Python would be traced once and baked in",
+        slow=True,
+    ),
 ]
 
 

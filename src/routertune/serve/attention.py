@@ -87,8 +87,17 @@ class RoutedAttention:
     # tokens follow the request's decision, taken from the whole prompt's projections (serve/decode_only.py)
     decode_only: bool = False
     projections: PromptProjections | None = None
+    # the engine compiles the model (no enforce_eager): the routed layer is called through an opaque custom op
+    # (`compiled_attention_op`), so the compiled graph holds a call to it and its per-request Python runs at
+    # every step, instead of being traced once and baked in
+    compiled: bool = False
 
     def __call__(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.compiled and not kwargs:
+            return getattr(torch.ops.vllm, OP_NAME)(positions, hidden_states, self.module.attn.layer_name)
+        return self.forward_eager(positions, hidden_states, **kwargs)
+
+    def forward_eager(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if not _PROFILING:
             return self._forward(positions, hidden_states, **kwargs)
         started, attention_before = time.perf_counter(), PROFILE["attention_s"]
@@ -319,6 +328,31 @@ class RoutedAttention:
                 pending.append(i)
         batch.known[self.layer_idx] = (tuple(runs), pending)
         return runs, pending
+
+
+# the routed attention layers of this process's engine by vLLM attention layer name, for the custom op
+_BY_NAME: dict[str, RoutedAttention] = {}
+OP_NAME = "routertune_routed_attention"
+
+
+def _routed_attention_op(positions: torch.Tensor, hidden_states: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return _BY_NAME[layer_name].forward_eager(positions, hidden_states)
+
+
+def _routed_attention_fake(positions: torch.Tensor, hidden_states: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
+def compiled_attention_op(routed: RoutedAttention) -> None:
+    """Serve `routed` through the opaque custom op ``torch.ops.vllm.routertune_routed_attention`` (registered once
+    per process, as vLLM registers its own attention op): under torch.compile the graph calls it like vLLM's
+    attention op, and the routing inside it (per-request decisions, subset plans) runs eagerly at every step."""
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    if not hasattr(torch.ops.vllm, OP_NAME):
+        direct_register_custom_op(OP_NAME, _routed_attention_op, mutates_args=[], fake_impl=_routed_attention_fake)
+    _BY_NAME[routed.module.attn.layer_name] = routed
+    routed.compiled = True
 
 
 @dataclasses.dataclass

@@ -137,23 +137,14 @@ def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
     if given.model is not _UNSET or getattr(given, "model_tag", None):
         raise ValueError(f"the model is EXPORT ({job.export}); drop --model / the positional model from the vLLM flags")
     added: list[str] = []
-    if kind == "static_skip":
-        # the routed classes' layers branch in Python (no graph capture), even when every request skips alike
-        if given.enforce_eager is False:
-            raise ValueError(
-                f"{job.export} is a static drop served by routertune's routed classes, which run in "
-                "eager mode only: drop --no-enforce-eager"
-            )
-        if given.enforce_eager is _UNSET:
-            added.append("--enforce-eager")
+    if kind == "static_skip" and given.enforce_eager is _UNSET:
+        added.append("--enforce-eager")  # eager unless asked: see the routed case below
     if routed:
         problems = []
         if whole_prompt and given.enable_prefix_caching is True:
             problems.append("--enable-prefix-caching (a prefix-cache hit prefills only the prompt's tail)")
         if whole_prompt and given.enable_chunked_prefill is True:
             problems.append("--enable-chunked-prefill (a chunk holds part of the prompt)")
-        if given.enforce_eager is False:
-            problems.append("--no-enforce-eager (routed layers branch per request; graph capture cannot follow)")
         if given.speculative_config not in (_UNSET, None):
             problems.append("--speculative-config (speculative decoding is not supported with routed layers)")
         max_model_len = DEFAULT_MAX_MODEL_LEN if given.max_model_len in (_UNSET, None) else int(given.max_model_len)
@@ -168,14 +159,16 @@ def server_command(job: ServeJob, vllm_args: list[str]) -> ServerCommand:
             )
         if problems:
             raise ValueError(
-                "a routed export decides each request's routed layers from its whole prompt, in eager "
-                "mode; these vLLM flags cannot work with it: "
+                "a routed export decides each request's routed layers from its whole prompt; these vLLM flags "
+                "cannot work with it: "
                 + "; ".join(problems)
-                + ". Drop them (routertune serve adds --enforce-eager --no-enable-prefix-caching "
+                + ". Drop them (routertune serve adds --no-enable-prefix-caching "
                 "--no-enable-chunked-prefill --max-num-batched-tokens >= --max-model-len; an export made with "
                 "--decode-only keeps prefix caching and chunked prefill)"
             )
         if given.enforce_eager is _UNSET:
+            # eager unless asked: --no-enforce-eager compiles the rest of the model around the routed layers
+            # (opaque custom ops, serve/attention.py), at the price of a slower start
             added.append("--enforce-eager")
         if whole_prompt:
             if given.enable_prefix_caching is _UNSET:

@@ -13,7 +13,7 @@ from torch import nn
 from routertune.routing.router import Router, load_router
 from routertune.routing.state import Forcing
 
-from .attention import RoutedAttention, RoutedLayer, has_llama_layer_forward
+from .attention import RoutedAttention, RoutedLayer, compiled_attention_op, has_llama_layer_forward
 from .config import ARCH_PREFIX, CONFIG_KEY, VLLM_ARCHITECTURES, ServeRouting
 from .decode_only import PromptProjections
 
@@ -74,6 +74,7 @@ class RoutedServingMixin:
         routers = nn.ModuleDict({} if static is not None else {str(i): Router(hf_config.hidden_size) for i in routed})
         setattr(self, _ROUTERS_ATTR, routers)
         no_kv = set(self._routertune.no_kv_layers())
+        compiled = _compiles(vllm_config)
         projections = PromptProjections([i for i in routed if i not in no_kv]) if decode_only else None
         for i in routed:
             attention = layers[i].self_attn
@@ -94,7 +95,9 @@ class RoutedServingMixin:
                 # no request runs this layer: vLLM gives a layer whose KV spec is None no KV cache (its
                 # get_kv_cache_spec skips it, as for encoder-only attention), so its blocks go to the others
                 attention.attn.get_kv_cache_spec = _no_kv_cache_spec
-            if has_llama_layer_forward(layers[i]):  # whole-step skips also skip the input norm
+            if compiled:
+                compiled_attention_op(attention.forward)  # the per-request branches stay out of the graph
+            elif has_llama_layer_forward(layers[i]):  # whole-step skips also skip the input norm (eager only)
                 layers[i].forward = RoutedLayer(
                     layer=layers[i], original_forward=layers[i].forward, attention=attention.forward
                 )
@@ -124,6 +127,14 @@ class RoutedServingMixin:
                 }
             )
         return loaded
+
+
+def _compiles(vllm_config) -> bool:
+    """Whether vLLM will torch.compile the model (no enforce_eager: on the CPU backend, one dynamo trace compiled
+    by inductor; its guards are dropped, so nothing traced may branch per step)."""
+    from vllm.config import CompilationMode
+
+    return vllm_config.compilation_config.mode != CompilationMode.NONE
 
 
 def _no_kv_cache_spec(*_args, **_kwargs):
