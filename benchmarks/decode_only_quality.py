@@ -36,7 +36,7 @@ from routertune import RoutedModel
 from routertune.base_model import load_model_and_tokenizer
 from routertune.eval.tradeoff import DOMAINS, compare_curves, domain_texts, sweep_thresholds, text_batches
 from routertune.files import write_json
-from routertune.serve.export import _never_run
+from routertune.serve.export import never_run_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROUTERS = ROOT / "benchmarks" / "results" / "routers" / "searched-prior-shrink1"
@@ -80,7 +80,7 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer()
     routed = RoutedModel.from_pretrained(model, args.routers)
     num_layers = routed.config.num_hidden_layers
-    never = _never_run(load_file(str(Path(args.routers) / "routers.safetensors")), routed.router_config)
+    never = never_run_layers(load_file(str(Path(args.routers) / "routers.safetensors")), routed.router_config)
     never_layers = frozenset(never["layers"]) if never else frozenset()
     texts = [
         (domain, ids[: args.max_tokens])

@@ -138,7 +138,7 @@ def test_free_kv_refuses_only_the_settings_that_could_run_a_never_run_layer():
 
 def test_free_kv_finds_the_layers_whose_trust_region_caps_the_score_below_the_threshold():
     from routertune.serve.config import ServeRouting
-    from routertune.serve.export import NEVER_RUN_MARGIN, _never_run
+    from routertune.serve.export import NEVER_RUN_MARGIN, never_run_layers
 
     def region(prior, high):
         return torch.tensor([prior, -math.inf, high])
@@ -150,7 +150,7 @@ def test_free_kv_finds_the_layers_whose_trust_region_caps_the_score_below_the_th
         "layers.3.router.trust_region": region(-5.0, math.inf),  # no cap
         "layers.4.router.trust_region": region(1.0, 0.0),  # capped at 0.73 < its own threshold 0.9
     }
-    found = _never_run(state, config)
+    found = never_run_layers(state, config)
     assert found["layers"] == [1, 4]
     assert found["score_bound"] == pytest.approx(1 / (1 + math.exp(-1.0)) + NEVER_RUN_MARGIN, abs=1e-12)
     # the served scores never exceed the bound: the router's own bounded logit, on inputs far outside
@@ -164,7 +164,7 @@ def test_free_kv_finds_the_layers_whose_trust_region_caps_the_score_below_the_th
         scores = router(torch.randn(1000, 8) * 100)
     cap = 1 / (1 + math.exp(1.0))  # sigmoid(-1): layer 1's bound before the margin
     assert cap - 1e-6 < float(scores.max()) <= cap + NEVER_RUN_MARGIN  # reached (the region binds), never passed
-    assert _never_run({k: region(0.0, math.inf) for k in state}, config) is None
+    assert never_run_layers({k: region(0.0, math.inf) for k in state}, config) is None
     # the section round-trips, and is refused malformed
     serving = ServeRouting(config, never_run=found)
     assert ServeRouting.from_dict(serving.to_dict()).no_kv_layers() == [1, 4]

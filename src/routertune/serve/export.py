@@ -83,7 +83,7 @@ class ExportJob:
         metadata={
             "help": "routed export: prefill every prompt densely (the never-run layers of --free-kv aside) and route "
             "only the generated tokens, deciding from that prefill; a prompt's K/V then does not depend on the "
-            "request, so vLLM's prefix caching and chunked prefill stay on (docs/serving.md#decode-only-routing)"
+            "request, so vLLM's prefix caching and chunked prefill stay on (docs/serving.md#decode-only-routing-export---decode-only)"
         },
     )
 
@@ -192,7 +192,7 @@ def export(job: ExportJob) -> ExportReport:
     save_file(router_state, str(out / ROUTERS_FILE))
     (out / ROUTERS_DIR / CONFIG_NAME).write_text(json.dumps(router_config.to_dict(), indent=2))
     config["architectures"] = [ARCH_PREFIX + arch]
-    never_run = _never_run(router_state, router_config) if job.free_kv else None
+    never_run = never_run_layers(router_state, router_config) if job.free_kv else None
     if job.free_kv and never_run is None:
         raise ValueError(
             f"--free-kv: no routed layer of {job.routers} is capped below its threshold (routers without a trust "
@@ -221,7 +221,7 @@ def export(job: ExportJob) -> ExportReport:
 NEVER_RUN_MARGIN = 1e-6
 
 
-def _never_run(router_state: dict, router_config: RouterConfig) -> dict | None:
+def never_run_layers(router_state: dict, router_config: RouterConfig) -> dict | None:
     """{"layers", "score_bound"} of the routed layers no input can run: a router's trust region keeps its logit
     at or below prior + high (routing.router.bounded_logit), so its score never exceeds sigmoid(prior + high);
     a layer whose bound lies below its threshold is skipped by every request at the export's thresholds.
