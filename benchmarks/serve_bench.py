@@ -220,6 +220,13 @@ def main(argv=None) -> int:
         help="also run routed_compiled: the routed export with vLLM's compilation on (no enforce_eager; the routed "
         "layers are opaque custom ops in the compiled graph)",
     )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="run only these variants (default: all of the above that apply), e.g. dense routed routed_compiled "
+        "dense_default",
+    )
     parser.add_argument("--work-dir", default=None, help="where the exports go (default: a temporary folder)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/serve_bench.json"))
     parser.add_argument(
@@ -314,6 +321,11 @@ def main(argv=None) -> int:
         variants["dense_default"] = ("dense_default", None)
     if args.routed_compiled:
         variants["routed_compiled"] = ("routed_compiled", None)
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; known: {sorted(variants)}")
+        variants = {name: variants[name] for name in args.variants}
     prompts_of = {
         setting: chat_prompts(tokenizer, setting[0], setting[1], offset=i * 97) for i, setting in enumerate(settings)
     }
@@ -328,20 +340,20 @@ def main(argv=None) -> int:
         # fresh engine processes each round: how fast a process runs varies from process to process by more
         # than the gaps measured here (the "forced to run all" variant against dense shows it), so the
         # rounds sample that variation instead of betting on one draw
-        engines = {
-            "dense": Engine("dense", base, engine, env),
-            "static": Engine("static", str(static_dir), engine, env),
-            "routed": Engine("routed", str(routed_dir), engine, dict(env, **{LOG_ENV: str(log_path)})),
-        }
-        if args.vllm_default:
-            engines["dense_default"] = Engine("dense_default", base, dict(engine, vllm_defaults=True), env)
-        if args.routed_compiled:
-            engines["routed_compiled"] = Engine(
+        starts = {
+            "dense": lambda: Engine("dense", base, engine, env),
+            "static": lambda: Engine("static", str(static_dir), engine, env),
+            "routed": lambda: Engine("routed", str(routed_dir), engine, dict(env, **{LOG_ENV: str(log_path)})),
+            "dense_default": lambda: Engine("dense_default", base, dict(engine, vllm_defaults=True), env),
+            "routed_compiled": lambda: Engine(
                 "routed_compiled",
                 str(routed_dir),
                 dict(engine, enforce_eager=False),
                 dict(env, **{LOG_ENV: str(log_path.with_suffix(".compiled.jsonl"))}),
-            )
+            ),
+        }
+        used = {eng for eng, _ in variants.values()}
+        engines = {name: start() for name, start in starts.items() if name in used}
         for e in engines.values():  # started together, loading in parallel
             e.wait_ready()
         engine_load_s.append({n: e.load_s for n, e in engines.items()})

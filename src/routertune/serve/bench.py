@@ -24,6 +24,8 @@ def targets_of(results: list[dict]) -> dict:
     if not long:
         return targets
     v = long[0]["variants"]
+    if not {"static", "routed_static_set", "routed"} <= set(v):
+        return targets  # a run of some variants only (serve_bench.py --variants): no targets
     targets["at"] = f"{longest} prompt tokens, 1 request"
     for metric in ("throughput", "ttft", "tpot"):
         gain_static = v["static"][f"speedup_{metric}"] - 1

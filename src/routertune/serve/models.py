@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 from safetensors.torch import load_file
 from torch import nn
@@ -75,6 +76,11 @@ class RoutedServingMixin:
         setattr(self, _ROUTERS_ATTR, routers)
         no_kv = set(self._routertune.no_kv_layers())
         compiled = _compiles(vllm_config)
+        if compiled:
+            # vLLM keys its on-disk cache of compiled graphs by the engine config and the model class's forward,
+            # not by what this plugin changes (routed layers as custom ops, the routers): a cached graph of the
+            # dense model (or of other routers) would be loaded and run as is. Read before the first forward.
+            os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
         projections = PromptProjections([i for i in routed if i not in no_kv]) if decode_only else None
         for i in routed:
             attention = layers[i].self_attn
