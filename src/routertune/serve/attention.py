@@ -6,7 +6,10 @@ vLLM packs a step's requests as consecutive token segments (``query_start_loc``)
   layer's normed input over its prompt tokens (fp32, as ``routertune.routing.router``; without the chat
   template's fixed ends when the routers were trained so, ``routertune.routing.template``); the decision is stored on the
   request and reused by its decode steps and by the recompute after a preemption. A prefill that starts from
-  cached context (chunked prefill, prefix-cache hit) is refused: the decision would see part of the prompt;
+  cached context (chunked prefill, prefix-cache hit) is refused: the decision would see part of the prompt.
+  Under decode-only routing (`export --decode-only`) prompt tokens always run, their router projections are
+  stored per KV slot, and the decision is taken at the first generated token from the whole prompt's
+  (``_decide_decode_only``, serve/decode_only.py): chunks and prefix-cache hits are fine;
 * when some requests skip, the layer's attention metadata and slot mapping are swapped for those of the
   running requests only (``dataclasses.replace`` + a fresh CPU scheduler plan), q/k/v projections, RoPE,
   attention and o_proj run on their tokens alone, and the originals are put back. Skipped requests compute
@@ -265,7 +268,7 @@ class RoutedAttention:
                 slot_mapping.index_select(0, tokens),
                 hidden_states.index_select(0, tokens).float() @ weight,
             )
-            if not getattr(store, "layout_checked", False):
+            if not store.layout_checked:
                 i = prompt_rows[0]
                 cached = seq_lens[i] - (starts[i + 1] - starts[i])
                 store.check_layout(

@@ -33,6 +33,7 @@ class PromptProjections:
         self.columns = {layer: j for j, layer in enumerate(layers)}
         self.table: torch.Tensor | None = None  # (num_blocks * block_size, len(layers))
         self.block_size = 0
+        self.layout_checked = False  # check_layout passed once (the block layout is the process's)
 
     def bind(self, kv_cache: torch.Tensor) -> None:
         """Size the table from a layer's KV cache ([num_blocks, kv_heads, block_size, 2 * head_size] on CPU)."""
