@@ -101,7 +101,7 @@ def install_prompt_only_caching() -> None:
 
 
 def is_decode_only(model_config) -> bool:
-    from .config import CONFIG_KEY
+    from .requests import routed_section
 
-    section = getattr(model_config.hf_config, CONFIG_KEY, None)
-    return isinstance(section, dict) and section.get("decode_only") is True
+    routing = routed_section(model_config)
+    return routing is not None and routing.decode_only

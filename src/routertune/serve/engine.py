@@ -193,8 +193,8 @@ def run_request(request: dict) -> dict:
               on the same engine: e.g. a chat's next turns, which may find earlier blocks in the prefix cache),
               "warmup": [[ids]...] (generated for one token before the timed batch, e.g. to put a shared system
               prompt in the prefix cache), "ignore_eos": bool}
-    Returns the tokens of "prompts" ("tokens"), of each later round ("later_tokens"), and how many prompt
-    tokens vLLM found in its prefix cache, per round and prompt ("cached_tokens").
+    Returns the tokens of "prompts" ("tokens") and of each later round ("later_tokens"); the routing log's
+    lines record each routed request's prefix-cache hit (``prefix_cached``).
     """
     if request.get("log"):
         os.environ[LOG_ENV] = request["log"]
@@ -244,7 +244,6 @@ def run_request(request: dict) -> dict:
     return {
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
         "later_tokens": [[list(o.outputs[0].token_ids) for o in later] for later in rounds[1:]],
-        "cached_tokens": [[int(o.num_cached_tokens or 0) for o in round_] for round_ in rounds],
         "log": log,
         "load_s": load_s,
         "generate_s": generate_s,

@@ -404,7 +404,7 @@ def install_runner_hook() -> None:
     GPUModelRunner._model_forward = _model_forward
 
 
-def _routed_section(model_config):
+def routed_section(model_config):
     """The ServeRouting of a routed export vLLM serves; None for a plain model or a static-drop export served
     by the routed classes (neither has routers)."""
     from .config import CONFIG_KEY, ServeRouting
@@ -417,7 +417,7 @@ def _routed_section(model_config):
 
 def routed_layers_of(model_config) -> list[int] | None:
     """The routed layers of the model vLLM serves (None: not a routed export), from its config.json section."""
-    routing = _routed_section(model_config)
+    routing = routed_section(model_config)
     if routing is None:
         return None
     hf_config = model_config.hf_config
@@ -427,7 +427,7 @@ def routed_layers_of(model_config) -> list[int] | None:
 
 def never_run_of(model_config) -> dict | None:
     """ServeRouting.never_run of the model vLLM serves (`export --free-kv`), None otherwise."""
-    routing = _routed_section(model_config)
+    routing = routed_section(model_config)
     return routing.never_run if routing is not None else None
 
 
